@@ -1,0 +1,192 @@
+//! The `baseline`: a trivial relay that speaks the same frames as the server
+//! but with no Noise, no accounts and no storage. `Auth` names a user id
+//! (no credential), `Send` is answered `SendOk` at once and its first payload
+//! is forwarded as a one-entry `Deliver` to that user's connection, acks are
+//! ignored. It does what a bare tokio relay does well (one task per
+//! connection, a bounded outbound queue, frames coalesced per write), so the
+//! server's throughput can be read as a ratio of it, measured in the same
+//! run on the same machine.
+//!
+//! It runs as a child process of the load generator (`switchboard-bench
+//! relay`), pinned like the server, and prints the same ready line.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use bytes::{Bytes, BytesMut};
+use switchboard_client::pb::{self, client_frame::Body as In, server_frame::Body as Out};
+use switchboard_proto::frame::{self, FrameDecoder};
+use switchboard_proto::limits::DEFAULT_MAX_FRAME_BYTES;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+/// Encoded frames waiting for one connection's writer.
+const OUTBOUND_FRAMES: usize = 1024;
+/// Most bytes gathered into one write.
+const WRITE_BATCH_BYTES: usize = 64 * 1024;
+
+/// Options of the relay process.
+#[derive(clap::Args, Debug)]
+pub struct RelayArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: String,
+}
+
+/// Online users: user id → that connection's outbound queue.
+type Peers = Arc<Mutex<HashMap<u64, mpsc::Sender<Bytes>>>>;
+
+/// Serves until killed.
+///
+/// # Errors
+/// If it cannot listen.
+pub async fn serve(args: RelayArgs) -> Result<bool> {
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "relay ready tcp={addr}")?;
+        out.flush()?;
+    }
+    let peers: Peers = Arc::default();
+    let seq = Arc::new(AtomicU64::new(0));
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let (peers, seq) = (peers.clone(), seq.clone());
+        tokio::spawn(async move {
+            if let Err(e) = connection(stream, peers, seq).await {
+                tracing::debug!(error = %e, "relay connection ended");
+            }
+        });
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn encode(frame: &pb::ServerFrame) -> Bytes {
+    let mut out = BytesMut::new();
+    frame::encode(frame, &mut out);
+    out.freeze()
+}
+
+async fn connection(stream: TcpStream, peers: Peers, seq: Arc<AtomicU64>) -> Result<()> {
+    stream.set_nodelay(true)?;
+    let (mut rd, wr) = stream.into_split();
+    // This connection's outbound frames: its reader (answers) and every
+    // other connection's reader (forwarded messages) hold senders; the
+    // writer task holds the receiver. When it is full, senders wait: the
+    // relay slows down like a real server's backpressure instead of
+    // dropping.
+    let (tx, rx) = mpsc::channel::<Bytes>(OUTBOUND_FRAMES);
+    tokio::spawn(writer(wr, rx));
+    let decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_BYTES);
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let mut me: Option<u64> = None;
+    let result = async {
+        loop {
+            while let Some(f) = decoder.decode_message::<pb::ClientFrame>(&mut buf)? {
+                let reply = |body| pb::ServerFrame {
+                    id: f.id,
+                    body: Some(body),
+                };
+                match f.body {
+                    Some(In::Auth(a)) => {
+                        if let Ok(mut p) = peers.lock() {
+                            p.insert(a.user_id, tx.clone());
+                        }
+                        me = Some(a.user_id);
+                        tx.send(encode(&reply(Out::AuthOk(pb::AuthOk {
+                            server_time_ms: now_ms(),
+                            ..Default::default()
+                        }))))
+                        .await?;
+                        tx.send(encode(&pb::ServerFrame {
+                            id: 0,
+                            body: Some(Out::UpToDate(pb::UpToDate::default())),
+                        }))
+                        .await?;
+                    }
+                    Some(In::Send(s)) => {
+                        let ts = now_ms();
+                        tx.send(encode(&reply(Out::SendOk(pb::SendOk {
+                            server_ts_ms: ts,
+                            duplicate: false,
+                        }))))
+                        .await?;
+                        let target = peers.lock().ok().and_then(|p| p.get(&s.to_user).cloned());
+                        if let (Some(target), Some(p)) = (target, s.payloads.into_iter().next()) {
+                            let deliver = pb::Deliver {
+                                entries: vec![pb::QueueEntry {
+                                    seq: seq.fetch_add(1, Ordering::Relaxed) + 1,
+                                    server_ts_ms: ts,
+                                    body: Some(pb::queue_entry::Body::Message(pb::Message {
+                                        from_user: me.unwrap_or_default(),
+                                        from_device: 1,
+                                        client_msg_id: s.client_msg_id,
+                                        payload: p.payload,
+                                        to_user: s.to_user,
+                                        ..Default::default()
+                                    })),
+                                }],
+                            };
+                            // A vanished peer is not the sender's problem.
+                            let _ = target
+                                .send(encode(&pb::ServerFrame {
+                                    id: 0,
+                                    body: Some(Out::Deliver(deliver)),
+                                }))
+                                .await;
+                        }
+                    }
+                    Some(In::Ping(_)) => {
+                        tx.send(encode(&reply(Out::Pong(pb::Pong {
+                            server_time_ms: now_ms(),
+                        }))))
+                        .await?;
+                    }
+                    _ => {}
+                }
+            }
+            if rd.read_buf(&mut buf).await? == 0 {
+                return Ok::<_, anyhow::Error>(());
+            }
+        }
+    }
+    .await;
+    if let (Some(me), Ok(mut p)) = (me, peers.lock())
+        && p.get(&me).is_some_and(|t| t.same_channel(&tx))
+    {
+        p.remove(&me);
+    }
+    result
+}
+
+/// Writes queued frames, as many as are waiting in one write.
+async fn writer(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>) {
+    let mut out = BytesMut::with_capacity(WRITE_BATCH_BYTES);
+    while let Some(first) = rx.recv().await {
+        out.extend_from_slice(&first);
+        while out.len() < WRITE_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(more) => out.extend_from_slice(&more),
+                Err(_) => break,
+            }
+        }
+        if wr.write_all(&out).await.is_err() {
+            return;
+        }
+        out.clear();
+    }
+}

@@ -1,0 +1,116 @@
+//! The server under test as a child process: started from the `switchboard`
+//! binary with a data dir of ours, on ephemeral ports.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// How long a server may take to print its ready line. Generous: a debug
+/// build replaying its journal on a machine busy with other work has taken
+/// over 30 s; the crash tester reports the slowest restart separately.
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Where the `switchboard` binary is: the given path, else next to this
+/// executable (both are built into the same target directory).
+pub fn locate(explicit: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p);
+    }
+    let me = std::env::current_exe().context("cannot find this executable")?;
+    let dir = me.parent().context("executable has no directory")?;
+    // Tests run from target/<profile>/deps; binaries live one level up.
+    for candidate in [dir.join("switchboard"), dir.join("../switchboard")] {
+        if candidate.exists() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "no `switchboard` binary next to {}; build it (cargo build --release --bin switchboard) or pass --server-bin",
+        me.display()
+    )
+}
+
+/// A running server process.
+pub struct ServerProc {
+    child: Child,
+    /// Its Noise/TCP address.
+    pub tcp: String,
+}
+
+impl ServerProc {
+    /// Starts the server on `data_dir` with extra `args`.
+    ///
+    /// # Errors
+    /// If it cannot be spawned or never becomes ready.
+    pub async fn start(bin: &Path, data_dir: &Path, args: &[String]) -> Result<Self> {
+        let mut cmd = Command::new(bin);
+        cmd.args([
+            "serve",
+            "--tcp-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_SERVER_LOG").unwrap_or_else(|_| "error".into()),
+        );
+        Self::spawn(cmd, &bin.display().to_string()).await
+    }
+
+    /// Spawns `cmd` and waits for its ready line (`… tcp=ADDR …` on stdout).
+    ///
+    /// # Errors
+    /// If it cannot be spawned or never becomes ready.
+    pub async fn spawn(mut cmd: Command, what: &str) -> Result<Self> {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {what}"))?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(START_TIMEOUT, lines.next_line())
+            .await
+            .with_context(|| format!("{what} did not become ready"))??
+            .with_context(|| format!("{what} exited before it was ready"))?;
+        let tcp = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("tcp="))
+            .with_context(|| format!("unexpected ready line: {line}"))?
+            .to_owned();
+        Ok(Self { child, tcp })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// SIGKILL, and wait for it to be gone.
+    pub async fn kill(mut self) -> Result<()> {
+        self.child.start_kill().context("kill")?;
+        self.child.wait().await.context("wait")?;
+        Ok(())
+    }
+
+    /// SIGTERM (a clean stop), and wait.
+    pub async fn stop(mut self) -> Result<()> {
+        if let Some(pid) = self.child.id() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+        Ok(())
+    }
+}

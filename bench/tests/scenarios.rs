@@ -1,0 +1,113 @@
+//! Smoke runs of every load scenario: the tool works end to end against the
+//! real server binary and prints its figures. Timings are not asserted here;
+//! they are measured in release builds and written to docs/BENCHMARKS.md.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+
+fn run(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_switchboard-bench"))
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("run switchboard-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).expect("one JSON report")
+}
+
+#[test]
+fn idle_reports_memory_per_connection() {
+    let r = run(&["idle", "--connections", "50", "--settle-secs", "1"]);
+    assert_eq!(r["scenario"], "idle");
+    assert_eq!(r["connections"], 50);
+    assert!(r["server_rss_per_connection_bytes"].as_f64().is_some());
+}
+
+#[test]
+fn steady_delivers_measures_latency_and_compares_with_the_baseline() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("steady.svg");
+    let r = run(&[
+        "steady",
+        "--users",
+        "20",
+        "--rate",
+        "200",
+        "--seconds",
+        "2",
+        "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    assert_eq!(r["scenario"], "steady");
+    assert_eq!(r["target"], "switchboard");
+    assert!(r["acked"].as_u64().unwrap() > 0);
+    assert!(r["delivered"].as_u64().unwrap() > 0);
+    assert!(r["send_to_ack"]["p99_ms"].as_f64().unwrap() > 0.0);
+    assert!(r["send_to_delivered"]["count"].as_u64().unwrap() > 0);
+    // The same load against the relay, in the same run.
+    assert_eq!(r["baseline"]["target"], "baseline");
+    assert!(r["baseline"]["delivered"].as_u64().unwrap() > 0);
+    assert!(r["ratio_to_baseline"].as_f64().unwrap() > 0.0);
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert!(plot.starts_with("<svg"), "{plot}");
+    assert!(
+        plot.contains("send→delivered"),
+        "the legend names each line"
+    );
+}
+
+#[test]
+fn ramp_reports_a_knee_or_its_steps() {
+    let r = run(&[
+        "ramp",
+        "--users",
+        "10",
+        "--rate",
+        "50",
+        "--seconds",
+        "1",
+        "--no-baseline",
+    ]);
+    assert_eq!(r["scenario"], "ramp");
+    assert!(!r["steps"].as_array().unwrap().is_empty());
+    assert!(r["baseline"].is_null());
+}
+
+#[test]
+fn the_baseline_relay_forwards_and_finds_a_knee() {
+    let r = run(&[
+        "baseline",
+        "--users",
+        "10",
+        "--rate",
+        "50",
+        "--seconds",
+        "1",
+    ]);
+    assert_eq!(r["scenario"], "baseline");
+    assert_eq!(r["target"], "baseline");
+    let first = &r["steps"][0];
+    assert!(first["delivered"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(first["errors"], 0);
+    // 50/s for 1 s is far below any relay's limit: the first step holds.
+    assert!(r["knee_per_sec"].as_u64().unwrap() >= 50, "{r}");
+}
+
+#[test]
+fn offline_drain_delivers_everything() {
+    let r = run(&["offline-drain", "--messages", "500"]);
+    assert_eq!(r["received"], 500);
+    assert!(r["drain_seconds"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn herd_authenticates_everyone() {
+    let r = run(&["herd", "--clients", "100"]);
+    assert_eq!(r["authenticated"], 100);
+    assert_eq!(r["failed"], 0);
+}

@@ -1,0 +1,170 @@
+//! The command line: global flags and one variant per subcommand.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+/// The default server when neither `--server`, `SBCHAT_SERVER` nor the
+/// stored account names one.
+pub const DEFAULT_SERVER: &str = "127.0.0.1:5222";
+
+/// A mistake in how sbchat was invoked (exit code 2).
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// Command-line client for a Switchboard server.
+#[derive(Debug, Parser)]
+#[command(name = "sbchat", version, about, propagate_version = true)]
+pub struct Cli {
+    /// State directory (account, pending registration, outbox)
+    /// [default: <data dir>/sbchat]
+    #[arg(long, global = true, env = "SBCHAT_HOME", value_name = "DIR")]
+    pub home: Option<PathBuf>,
+
+    /// Server address: host:port, tcp://host:port or ws://host:port/ws
+    /// [default: the registered account's server, else 127.0.0.1:5222]
+    #[arg(long, global = true, env = "SBCHAT_SERVER", value_name = "ADDR")]
+    pub server: Option<String>,
+
+    /// Print JSON lines instead of text
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// Seconds of silence after which the client pings the server (keep it
+    /// below the server's idle timeout, 75 s by default)
+    #[arg(long, global = true, env = "SBCHAT_PING_INTERVAL", value_name = "S",
+          default_value = "25", value_parser = parse_seconds)]
+    pub ping_interval: Duration,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// What to do.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Ask for a verification code for PHONE (E.164, e.g. +15550001111)
+    Register {
+        /// The phone number to register
+        phone: String,
+    },
+    /// Verify the code sent for the pending registration and store the account
+    Verify {
+        /// The code received (dev servers write it to <data>/dev-codes/<phone>)
+        code: String,
+    },
+    /// Show the stored account
+    Whoami,
+    /// Send TEXT to PHONE; exits 0 once the server stored it (✓)
+    Send {
+        /// Recipient's phone number
+        phone: String,
+        /// Message text
+        text: String,
+        /// Also wait until a device of the recipient received it (✓✓)
+        #[arg(long)]
+        wait_delivered: bool,
+        /// Give up after S seconds
+        #[arg(long, value_name = "S", default_value = "30", value_parser = parse_seconds)]
+        timeout: Duration,
+    },
+    /// Print incoming messages and receipts, acknowledging each
+    Recv {
+        /// Stop (successfully) after S seconds [default: run until Ctrl-C]
+        #[arg(long, value_name = "S", value_parser = parse_seconds)]
+        timeout: Option<Duration>,
+        /// Stop after N messages and receipts
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// Send a read receipt for each message
+        #[arg(long)]
+        read: bool,
+    },
+    /// Chat interactively with PHONE: type lines to send, /quit or EOF to exit
+    Chat {
+        /// The peer's phone number
+        phone: String,
+    },
+    /// List this account's devices
+    Devices,
+    /// Make a code to link a new device to this account (primary device only)
+    LinkCode,
+    /// Join the account that made CODE as a linked device of it
+    Link {
+        /// The code shown by `sbchat link-code` on the primary device
+        code: String,
+    },
+    /// Revoke another device of this account (primary device only)
+    Revoke {
+        /// The device id (see `sbchat devices`)
+        device: u32,
+    },
+    /// Show the safety number with PHONE, to compare with theirs
+    Safety {
+        /// The peer's phone number
+        phone: String,
+    },
+}
+
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is not a valid duration"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_send_with_flags_anywhere() {
+        let cli = Cli::try_parse_from([
+            "sbchat",
+            "send",
+            "+1555",
+            "hi there",
+            "--wait-delivered",
+            "--json",
+            "--timeout",
+            "2.5",
+        ])
+        .unwrap();
+        assert!(cli.json);
+        match cli.command {
+            Command::Send {
+                phone,
+                text,
+                wait_delivered,
+                timeout,
+            } => {
+                assert_eq!((phone.as_str(), text.as_str()), ("+1555", "hi there"));
+                assert!(wait_delivered);
+                assert_eq!(timeout, Duration::from_millis(2500));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn refuses_bad_seconds() {
+        assert!(parse_seconds("-1").is_err());
+        assert!(parse_seconds("soon").is_err());
+        assert_eq!(parse_seconds("0").unwrap(), Duration::ZERO);
+    }
+}

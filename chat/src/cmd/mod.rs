@@ -1,0 +1,340 @@
+//! One module per subcommand, plus what they share: choosing the server,
+//! starting the SDK client, and rendering events.
+
+mod chat;
+mod devices;
+mod recv;
+mod register;
+mod send;
+mod whoami;
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::json;
+use switchboard_client::{
+    Client, ClientConfig, CloseReason, ConnectOptions, Endpoint, ErrorCode, Event, Events,
+    ReceiptKind, Sent,
+};
+
+use crate::cli::{Cli, Command, DEFAULT_SERVER, UsageError};
+use crate::home::{Account, Home};
+use crate::output::Output;
+
+/// Limit on one-shot requests (register, verify) including the connect: a
+/// dead server must not make a script hang.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli, out: &Output) -> Result<()> {
+    let ctx = Ctx {
+        home: Home::resolve(cli.home)?,
+        server_flag: cli.server,
+        out: *out,
+        ping_interval: cli.ping_interval,
+    };
+    match cli.command {
+        Command::Register { phone } => register::register(&ctx, &phone).await,
+        Command::Verify { code } => register::verify(&ctx, &code).await,
+        Command::Whoami => whoami::run(&ctx),
+        Command::Send {
+            phone,
+            text,
+            wait_delivered,
+            timeout,
+        } => send::run(&ctx, &phone, text, wait_delivered, timeout).await,
+        Command::Recv {
+            timeout,
+            count,
+            read,
+        } => recv::run(&ctx, timeout, count, read).await,
+        Command::Chat { phone } => chat::run(&ctx, &phone).await,
+        Command::Devices => devices::list(&ctx).await,
+        Command::LinkCode => devices::link_code(&ctx).await,
+        Command::Link { code } => devices::link(&ctx, &code).await,
+        Command::Revoke { device } => devices::revoke(&ctx, device).await,
+        Command::Safety { phone } => devices::safety(&ctx, &phone).await,
+    }
+}
+
+/// What every subcommand needs.
+pub struct Ctx {
+    pub home: Home,
+    server_flag: Option<String>,
+    pub out: Output,
+    ping_interval: Duration,
+}
+
+impl Ctx {
+    /// The server to use: `--server`/`SBCHAT_SERVER`, else `stored` (the
+    /// account's or pending registration's), else the default.
+    fn server(&self, stored: Option<&str>) -> Result<(String, Endpoint)> {
+        let addr = self
+            .server_flag
+            .as_deref()
+            .or(stored)
+            .unwrap_or(DEFAULT_SERVER)
+            .to_owned();
+        let endpoint = addr
+            .parse::<Endpoint>()
+            .map_err(|e| anyhow!(UsageError(format!("--server: {e}"))))?;
+        Ok((addr, endpoint))
+    }
+
+    /// Starts the SDK client for the stored account, with the home's outbox.
+    async fn start_client(&self, account: &Account) -> Result<(Client, Events)> {
+        let (_, endpoint) = self.server(Some(&account.server))?;
+        let mut config = ClientConfig::new(endpoint);
+        config.connect = connect_options();
+        config.outbox_dir = Some(self.home.outbox_dir());
+        config.state_dir = Some(self.home.state_dir());
+        config.ping_interval = self.ping_interval;
+        Client::start(config, account.creds.clone())
+            .await
+            .context("cannot start the client")
+    }
+
+    /// Starts the client for `account`, waits until this device's keys are
+    /// in the server's key directory (so others can message it), and stops.
+    async fn publish_keys(&self, account: &Account) -> Result<()> {
+        let (client, mut events) = self.start_client(account).await?;
+        let published = tokio::time::timeout(REQUEST_TIMEOUT, async {
+            let keys = client.keys_published();
+            tokio::pin!(keys);
+            loop {
+                tokio::select! {
+                    done = &mut keys => return done.context("cannot publish this device's keys"),
+                    event = events.recv() => match event {
+                        Some(Event::Closed { reason }) => return Err(closed_error(&reason)),
+                        None => bail!("the client stopped unexpectedly"),
+                        // Messages wait on the server for `recv`.
+                        Some(_) => {}
+                    },
+                }
+            }
+        })
+        .await
+        .map_err(|_| anyhow!("keys not published within {REQUEST_TIMEOUT:?}"));
+        let _ = client.close().await;
+        published?
+    }
+}
+
+fn connect_options() -> ConnectOptions {
+    ConnectOptions {
+        user_agent: concat!("sbchat/", env!("CARGO_PKG_VERSION")).to_owned(),
+        ..ConnectOptions::default()
+    }
+}
+
+fn validate_phone(phone: &str) -> Result<String> {
+    let phone = phone.trim();
+    if phone.is_empty() {
+        return Err(anyhow!(UsageError("the phone number is empty".into())));
+    }
+    Ok(phone.to_owned())
+}
+
+/// Turns the client's final reason into an error with advice.
+fn closed_error(reason: &CloseReason) -> anyhow::Error {
+    let advice = match reason {
+        CloseReason::Goodbye(e) if e.code == ErrorCode::Replaced => {
+            " (this device connected from somewhere else)"
+        }
+        CloseReason::Rejected(e) if e.code == ErrorCode::Unauthenticated => {
+            " (the stored credential is no longer valid: register again)"
+        }
+        CloseReason::Goodbye(e) if e.code == ErrorCode::DeviceRevoked => {
+            " (this device was revoked: register or link again)"
+        }
+        CloseReason::Rejected(e) if e.code == ErrorCode::UnsupportedVersion => {
+            " (upgrade sbchat or the server)"
+        }
+        CloseReason::ServerKeyMismatch => " (the server's identity changed)",
+        _ => "",
+    };
+    // The SDK error stays in the chain, so `--json` reports its code.
+    anyhow::Error::new(switchboard_client::Error::Closed(reason.clone()))
+        .context(format!("session ended{advice}"))
+}
+
+/// Shows connection trouble once per outage rather than once per attempt.
+#[derive(Debug, Default)]
+struct LinkStatus {
+    /// Also announce the first connection.
+    announce: bool,
+    connected_once: bool,
+    down: bool,
+}
+
+impl LinkStatus {
+    fn announcing() -> Self {
+        Self {
+            announce: true,
+            ..Self::default()
+        }
+    }
+
+    fn connected(&mut self, out: Output, phone: &str) {
+        let was_down = std::mem::take(&mut self.down);
+        if !std::mem::replace(&mut self.connected_once, true) {
+            if self.announce {
+                out.note(&format!("connected as {phone}"));
+            }
+        } else if was_down {
+            out.note(&format!("reconnected as {phone}"));
+        }
+    }
+
+    fn disconnected(&mut self, out: Output, reason: &switchboard_client::Error) {
+        if !std::mem::replace(&mut self.down, true) {
+            out.note(&format!(
+                "connection problem: {reason}; retrying in the background"
+            ));
+        }
+    }
+}
+
+fn kind_name(kind: ReceiptKind) -> &'static str {
+    match kind {
+        ReceiptKind::Read => "read",
+        ReceiptKind::Delivered | ReceiptKind::Unspecified => "delivered",
+    }
+}
+
+/// A decrypted message, as the SDK's `Event::Message` gives it.
+pub struct Shown<'a> {
+    pub from_phone: &'a str,
+    pub from_user: u64,
+    pub from_device: u32,
+    /// For a copy sent by another device of this account: the peer.
+    pub own_copy_to: Option<u64>,
+    /// The peer's phone when `own_copy_to` is the chat's peer.
+    pub to_phone: Option<&'a str>,
+    pub client_msg_id: &'a str,
+    pub payload: &'a [u8],
+    pub server_ts_ms: u64,
+}
+
+fn print_message(out: Output, m: &Shown<'_>) {
+    let text = String::from_utf8_lossy(m.payload);
+    let shown = match m.own_copy_to {
+        Some(to_user) => {
+            let to = m
+                .to_phone
+                .map_or_else(|| format!("user {to_user}"), str::to_owned);
+            format!("→ {to}: {text} (from your other device)")
+        }
+        None => format!("{}: {text}", m.from_phone),
+    };
+    out.event(
+        &shown,
+        &json!({
+            "event": "message",
+            "from": m.from_phone,
+            "from_user": m.from_user,
+            "from_device": m.from_device,
+            "from_own_device": m.own_copy_to.is_some(),
+            "to_user": m.own_copy_to,
+            "client_msg_id": m.client_msg_id,
+            "text": text,
+            "server_ts_ms": m.server_ts_ms,
+        }),
+    );
+}
+
+/// Events about keys and devices that `recv` and `chat` show alike;
+/// returns false for other events.
+fn print_security_event(out: Output, event: &Event) -> bool {
+    match event {
+        Event::SafetyNumberChanged { user_id, phone } => {
+            let who = if phone.is_empty() {
+                format!("user {user_id}")
+            } else {
+                phone.clone()
+            };
+            out.event(
+                &format!(
+                    "⚠ the safety number with {who} changed (new or re-registered device); check it with `sbchat safety {who}`"
+                ),
+                &json!({"event": "safety_number_changed", "user_id": user_id, "phone": phone}),
+            );
+        }
+        Event::Undecryptable {
+            from_phone,
+            from_user,
+            from_device,
+            client_msg_id,
+            reason,
+            ..
+        } => {
+            out.event(
+                &format!("⚠ a message from {from_phone} (device {from_device}) could not be decrypted: {reason}"),
+                &json!({
+                    "event": "undecryptable",
+                    "from": from_phone,
+                    "from_user": from_user,
+                    "from_device": from_device,
+                    "client_msg_id": client_msg_id,
+                    "reason": reason,
+                }),
+            );
+        }
+        Event::DevicesChanged { devices } => {
+            out.event(
+                &format!("this account's devices are now {devices:?}"),
+                &json!({"event": "devices_changed", "devices": devices}),
+            );
+        }
+        _ => return false,
+    }
+    true
+}
+
+fn print_receipt(
+    out: Output,
+    kind: ReceiptKind,
+    from_phone: &str,
+    client_msg_ids: &[String],
+    server_ts_ms: u64,
+) {
+    let name = kind_name(kind);
+    let by = if kind == ReceiptKind::Read {
+        "by"
+    } else {
+        "to"
+    };
+    out.event(
+        &format!("✓✓ {name} {by} {from_phone}: {}", client_msg_ids.join(", ")),
+        &json!({
+            "event": "receipt",
+            "kind": name,
+            "from": from_phone,
+            "client_msg_ids": client_msg_ids,
+            "server_ts_ms": server_ts_ms,
+        }),
+    );
+}
+
+/// ✓ for a send; `to` is the phone when known. `recovered` marks sends
+/// left in the outbox by an earlier run.
+fn print_sent(out: Output, sent: &Sent, to: Option<&str>, recovered: bool) {
+    let whom = to.map_or_else(|| format!("user {}", sent.to_user), str::to_owned);
+    let text = if recovered {
+        format!("✓ sent earlier message {} to {whom}", sent.client_msg_id)
+    } else {
+        format!("✓ sent to {whom} ({})", sent.client_msg_id)
+    };
+    out.event(
+        &text,
+        &json!({
+            "event": "sent",
+            "client_msg_id": sent.client_msg_id,
+            "server_ts_ms": sent.server_ts_ms,
+            "to": to,
+            "to_user": sent.to_user,
+            "duplicate": sent.duplicate,
+            "recovered": recovered,
+        }),
+    );
+}

@@ -1,0 +1,76 @@
+//! `sbchat recv`: print incoming messages and receipts, acknowledging each
+//! after it is printed (so nothing is lost if sbchat dies mid-way).
+
+use std::time::Duration;
+
+use anyhow::Result;
+use serde_json::json;
+use switchboard_client::{CloseReason, Event};
+use tokio::time::{Instant, sleep_until};
+
+use super::{
+    Ctx, LinkStatus, Shown, closed_error, print_message, print_receipt, print_security_event,
+    print_sent,
+};
+
+pub async fn run(ctx: &Ctx, limit: Option<Duration>, count: Option<u64>, read: bool) -> Result<()> {
+    let account = ctx.home.require_account()?;
+    let _lock = ctx.home.lock()?;
+    let (client, mut events) = ctx.start_client(&account).await?;
+    let out = ctx.out;
+    let deadline = limit.map(|l| Instant::now() + l);
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut seen: u64 = 0;
+    let mut status = LinkStatus::announcing();
+    let result = loop {
+        if count.is_some_and(|n| seen >= n) {
+            break Ok(());
+        }
+        tokio::select! {
+            () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => break Ok(()),
+            _ = &mut ctrl_c => break Ok(()),
+            event = events.recv() => match event {
+                None => break Ok(()),
+                Some(Event::Message { seq, from_user, from_device, from_phone, to_user, from_own_device, client_msg_id, payload, server_ts_ms, .. }) => {
+                    print_message(out, &Shown {
+                        from_phone: &from_phone,
+                        from_user,
+                        from_device,
+                        own_copy_to: from_own_device.then_some(to_user),
+                        to_phone: None,
+                        client_msg_id: &client_msg_id,
+                        payload: &payload,
+                        server_ts_ms,
+                    });
+                    seen += 1;
+                    client.ack([seq]).await?;
+                    if read && !from_own_device && let Err(e) = client.send_read_receipt(from_user, vec![client_msg_id]).await {
+                        out.note(&format!("cannot send a read receipt to {from_phone}: {e}"));
+                    }
+                }
+                Some(Event::Receipt { seq, kind, from_phone, client_msg_ids, server_ts_ms, .. }) => {
+                    print_receipt(out, kind, &from_phone, &client_msg_ids, server_ts_ms);
+                    seen += 1;
+                    client.ack([seq]).await?;
+                }
+                Some(Event::UpToDate) => {
+                    out.event("— up to date —", &json!({"event": "up_to_date"}));
+                }
+                Some(Event::Sent(earlier)) => print_sent(out, &earlier, None, true),
+                Some(Event::SendFailed { client_msg_id, error, .. }) => {
+                    out.note(&format!("an earlier queued message ({client_msg_id}) failed: {error}"));
+                }
+                Some(Event::Connected { phone, .. }) => status.connected(out, &phone),
+                Some(Event::Disconnected { reason }) => status.disconnected(out, &reason),
+                Some(Event::Closed { reason: CloseReason::ByClient }) => break Ok(()),
+                Some(Event::Closed { reason }) => break Err(closed_error(&reason)),
+                Some(event) => {
+                    print_security_event(out, &event);
+                }
+            },
+        }
+    };
+    let _ = client.close().await;
+    result
+}

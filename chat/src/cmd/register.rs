@@ -1,0 +1,68 @@
+//! `sbchat register` and `sbchat verify`: phone verification.
+
+use anyhow::{Context, Result, anyhow};
+use serde_json::json;
+use switchboard_client::register;
+use tokio::time::timeout;
+
+use super::{Ctx, REQUEST_TIMEOUT, connect_options, validate_phone};
+use crate::home::{Account, Pending};
+
+pub async fn register(ctx: &Ctx, phone: &str) -> Result<()> {
+    let phone = validate_phone(phone)?;
+    let stored = ctx.home.account()?.map(|a| a.server);
+    let (addr, endpoint) = ctx.server(stored.as_deref())?;
+    let sent = timeout(
+        REQUEST_TIMEOUT,
+        register::request_code(&endpoint, &connect_options(), &phone),
+    )
+    .await
+    .map_err(|_| anyhow!("no answer from {addr} within {REQUEST_TIMEOUT:?}"))?
+    .with_context(|| format!("cannot request a code from {addr}"))?;
+    ctx.home.save_pending(&Pending {
+        server: addr,
+        phone: phone.clone(),
+        expires_at_ms: sent.expires_at_ms,
+    })?;
+    ctx.out.event(
+        &format!("code sent to {phone}; now run `sbchat verify <code>`"),
+        &json!({"event": "code_sent", "phone": phone, "expires_at_ms": sent.expires_at_ms}),
+    );
+    Ok(())
+}
+
+pub async fn verify(ctx: &Ctx, code: &str) -> Result<()> {
+    let _lock = ctx.home.lock()?;
+    let pending = ctx.home.pending()?.ok_or_else(|| {
+        anyhow!("no registration in progress: run `sbchat register <phone>` first")
+    })?;
+    let (addr, endpoint) = ctx.server(Some(&pending.server))?;
+    let creds = timeout(
+        REQUEST_TIMEOUT,
+        register::verify_code(&endpoint, &connect_options(), &pending.phone, code.trim()),
+    )
+    .await
+    .map_err(|_| anyhow!("no answer from {addr} within {REQUEST_TIMEOUT:?}"))?
+    .with_context(|| format!("cannot verify {}", pending.phone))?;
+    if let Some(old) = ctx.home.account()?
+        && old.creds.user_id != creds.user_id
+    {
+        // Messages queued by another account must not go out as this one.
+        ctx.home.clear_outbox()?;
+    }
+    let (phone, user_id, device_id) = (creds.phone.clone(), creds.user_id, creds.device_id);
+    let account = Account {
+        server: addr,
+        creds,
+    };
+    ctx.home.save_account(&account)?;
+    ctx.home.remove_pending()?;
+    // A new device has a new identity: publish its keys now, so others can
+    // message it before it ever runs `recv`.
+    ctx.publish_keys(&account).await?;
+    ctx.out.event(
+        &format!("verified {phone}: user {user_id}, device {device_id}"),
+        &json!({"event": "verified", "phone": phone, "user_id": user_id, "device_id": device_id}),
+    );
+    Ok(())
+}

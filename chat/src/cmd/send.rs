@@ -1,0 +1,125 @@
+//! `sbchat send`: one message, exit 0 on ✓ (or ✓✓ with `--wait-delivered`).
+//!
+//! The message is written to the outbox before it goes out, so if this
+//! process dies or times out before ✓, the next sbchat command sends it (with
+//! the same id, so the server stores it once). Messages and unrelated
+//! receipts that arrive meanwhile are left on the server for `sbchat recv`.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::Bytes;
+use serde_json::json;
+use switchboard_client::{Client, Event, Events, ReceiptKind, new_client_msg_id};
+
+use super::{Ctx, LinkStatus, closed_error, kind_name, print_sent, validate_phone};
+
+/// How far the send got, to explain a timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Sending,
+    WaitingForDelivery,
+}
+
+pub async fn run(
+    ctx: &Ctx,
+    phone: &str,
+    text: String,
+    wait_delivered: bool,
+    limit: Duration,
+) -> Result<()> {
+    let phone = validate_phone(phone)?;
+    let account = ctx.home.require_account()?;
+    let _lock = ctx.home.lock()?;
+    let (client, mut events) = ctx.start_client(&account).await?;
+    let mut stage = Stage::Sending;
+    let outcome = tokio::time::timeout(
+        limit,
+        drive(
+            ctx,
+            &client,
+            &mut events,
+            &phone,
+            text,
+            wait_delivered,
+            &mut stage,
+        ),
+    )
+    .await;
+    // Graceful: flushes acks and closes the link; an unsent message stays
+    // in the outbox directory.
+    let _ = client.close().await;
+    match outcome {
+        Ok(result) => result,
+        Err(_) => Err(match stage {
+            Stage::Sending => anyhow!(
+                "no ✓ from the server within {limit:?}; the message stays in the outbox and goes out with the next sbchat command"
+            ),
+            Stage::WaitingForDelivery => {
+                anyhow!("sent (✓) but not delivered (✓✓) within {limit:?}")
+            }
+        }),
+    }
+}
+
+async fn drive(
+    ctx: &Ctx,
+    client: &Client,
+    events: &mut Events,
+    phone: &str,
+    text: String,
+    wait_delivered: bool,
+    stage: &mut Stage,
+) -> Result<()> {
+    let out = ctx.out;
+    let id = new_client_msg_id();
+    let send = client.send_to_phone_with_id(id.clone(), phone, Bytes::from(text));
+    tokio::pin!(send);
+    let mut sent = false;
+    let mut delivered = false;
+    let mut status = LinkStatus::default();
+    loop {
+        if sent && (!wait_delivered || delivered) {
+            return Ok(());
+        }
+        tokio::select! {
+            result = &mut send, if !sent => {
+                let ok = result.with_context(|| format!("cannot send to {phone}"))?;
+                print_sent(out, &ok, Some(phone), false);
+                sent = true;
+                *stage = Stage::WaitingForDelivery;
+            }
+            event = events.recv() => match event {
+                None => bail!("the client stopped unexpectedly"),
+                Some(Event::Receipt { seq, kind, client_msg_ids, from_phone, from_device, server_ts_ms, .. })
+                    if wait_delivered && client_msg_ids.contains(&id) =>
+                {
+                    if kind == ReceiptKind::Delivered || kind == ReceiptKind::Read {
+                        let name = kind_name(kind);
+                        out.event(
+                            &format!("✓✓ {name} ({from_phone}, device {from_device})"),
+                            &json!({
+                                "event": name,
+                                "client_msg_id": id,
+                                "to": from_phone,
+                                "from_device": from_device,
+                                "server_ts_ms": server_ts_ms,
+                            }),
+                        );
+                        delivered = true;
+                    }
+                    client.ack([seq]).await?;
+                }
+                Some(Event::Sent(earlier)) => print_sent(out, &earlier, None, true),
+                Some(Event::SendFailed { client_msg_id, error, .. }) => {
+                    out.note(&format!("an earlier queued message ({client_msg_id}) failed: {error}"));
+                }
+                Some(Event::Connected { phone: me, .. }) => status.connected(out, &me),
+                Some(Event::Disconnected { reason }) => status.disconnected(out, &reason),
+                Some(Event::Closed { reason }) => return Err(closed_error(&reason)),
+                // Messages and other receipts wait for `sbchat recv`.
+                Some(_) => {}
+            },
+        }
+    }
+}

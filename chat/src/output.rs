@@ -1,0 +1,60 @@
+//! What sbchat prints: one line per event on stdout, as text or as a JSON
+//! object (`--json`), and diagnostics (connection state, errors) on stderr.
+
+use std::io::Write;
+
+use serde_json::{Value, json};
+use switchboard_client::Error as SdkError;
+
+/// The printer chosen by `--json`.
+#[derive(Debug, Clone, Copy)]
+pub struct Output {
+    json: bool,
+}
+
+impl Output {
+    pub fn new(json: bool) -> Self {
+        Self { json }
+    }
+
+    pub fn is_json(self) -> bool {
+        self.json
+    }
+
+    /// Prints one event: `text` in text mode, `value` as a JSON line
+    /// otherwise. Stdout is line-buffered, so each line is out before the
+    /// caller acknowledges what it shows.
+    pub fn event(self, text: &str, value: &Value) {
+        let mut stdout = std::io::stdout().lock();
+        // A closed stdout (e.g. `| head`) must not turn into a panic.
+        let _ = if self.json {
+            writeln!(stdout, "{value}")
+        } else {
+            writeln!(stdout, "{text}")
+        };
+        let _ = stdout.flush();
+    }
+
+    /// A diagnostic for humans, on stderr (both modes).
+    pub fn note(self, text: &str) {
+        let _ = writeln!(std::io::stderr().lock(), "{text}");
+    }
+
+    /// Reports a failed command: on stderr in text mode, as an `error` JSON
+    /// line on stdout in JSON mode (with the server's error code if any).
+    pub fn error(self, error: &anyhow::Error) {
+        if self.json {
+            let code = error
+                .chain()
+                .find_map(|e| e.downcast_ref::<SdkError>())
+                .and_then(SdkError::server_code)
+                .map(|c| c.as_str_name());
+            self.event(
+                "",
+                &json!({"event": "error", "error": format!("{error:#}"), "code": code}),
+            );
+        } else {
+            self.note(&format!("sbchat: error: {error:#}"));
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! The `sbchat` binary without a server: exit codes, JSON output, state
+//! files and the outbox. Flows against a real server live in `server/tests/`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // helpers fail loudly too
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn sbchat(home: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sbchat"))
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .env_remove("SBCHAT_SERVER")
+        .output()
+        .unwrap()
+}
+
+fn write_account(home: &Path, server: &str) {
+    std::fs::create_dir_all(home).unwrap();
+    std::fs::write(
+        home.join("account.json"),
+        format!(
+            r#"{{"server":"{server}","user_id":7,"device_id":1,"credential":"00ff","phone":"+15550007"}}"#
+        ),
+    )
+    .unwrap();
+}
+
+/// An address where nothing listens.
+fn dead_server() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+#[test]
+fn usage_errors_exit_2_and_missing_state_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(sbchat(dir.path(), &["bogus"]).status.code(), Some(2));
+    assert_eq!(sbchat(dir.path(), &["send", "+1"]).status.code(), Some(2));
+    let bad_server = sbchat(dir.path(), &["--server", "ws//nope::", "register", "+1"]);
+    assert_eq!(bad_server.status.code(), Some(2));
+
+    let out = sbchat(dir.path(), &["whoami"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sbchat register"));
+    let out = sbchat(dir.path(), &["verify", "123456"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no registration in progress"));
+}
+
+#[test]
+fn whoami_prints_json() {
+    let dir = tempfile::tempdir().unwrap();
+    write_account(dir.path(), "127.0.0.1:5222");
+    let out = sbchat(dir.path(), &["--json", "whoami"]);
+    assert!(out.status.success());
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["event"], "whoami");
+    assert_eq!(line["phone"], "+15550007");
+    assert_eq!(line["user_id"], 7);
+    assert_eq!(line["outbox_pending"], 0);
+}
+
+#[test]
+fn send_without_a_server_times_out_and_keeps_the_message() {
+    let dir = tempfile::tempdir().unwrap();
+    write_account(dir.path(), &dead_server());
+    let out = sbchat(
+        dir.path(),
+        &["--json", "send", "+15550008", "hello", "--timeout", "0.5"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["event"], "error");
+    assert!(line["error"].as_str().unwrap().contains("outbox"), "{line}");
+    let pending: Vec<_> = std::fs::read_dir(dir.path().join("outbox"))
+        .unwrap()
+        .collect();
+    assert_eq!(pending.len(), 1);
+
+    let out = sbchat(dir.path(), &["--json", "whoami"]);
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["outbox_pending"], 1);
+}
+
+#[test]
+fn recv_with_a_timeout_exits_0_even_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    write_account(dir.path(), &dead_server());
+    let out = sbchat(dir.path(), &["recv", "--timeout", "0.3"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

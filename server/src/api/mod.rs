@@ -1,0 +1,114 @@
+//! The HTTP side: the WebSocket endpoint for browsers (`/ws`, carrying the
+//! same Noise stream as TCP) and health checks. Accounts, keys, groups and
+//! metrics endpoints join it as their issues land.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router as HttpRouter;
+use axum::extract::State;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::gateway::{Gateway, WsLink};
+
+/// Largest HTTP request body accepted.
+const MAX_HTTP_BODY_BYTES: usize = 64 * 1024;
+
+/// Slack over the frame limit for one WebSocket message: a message carries a
+/// frame plus its record headers and tags.
+const WS_MESSAGE_OVERHEAD_BYTES: usize = 64 * 1024;
+
+/// Shared state of the HTTP handlers.
+#[derive(Clone)]
+pub struct ApiState {
+    /// Connection machinery shared with the TCP listener.
+    pub gateway: Arc<Gateway>,
+    /// Fires at shutdown; WebSocket connections watch it too.
+    pub shutdown: CancellationToken,
+    /// Tracks WebSocket connection tasks so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    /// True once the server is fully started and until it stops.
+    pub ready: Arc<AtomicBool>,
+    /// Renders the Prometheus metrics (`None` if no recorder is installed).
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+}
+
+/// The HTTP routes.
+pub fn routes(state: ApiState) -> HttpRouter {
+    HttpRouter::new()
+        .route("/ws", get(ws))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .fallback(not_found)
+        // No endpoint takes a body yet; refuse big ones before reading them.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_HTTP_BODY_BYTES))
+        .with_state(state)
+}
+
+async fn ws(State(state): State<ApiState>, upgrade: WebSocketUpgrade) -> Response {
+    let max = state.gateway.cfg.max_frame_bytes + WS_MESSAGE_OVERHEAD_BYTES;
+    let gateway = state.gateway.clone();
+    let shutdown = state.shutdown.clone();
+    let tracker = state.tracker.clone();
+    let Some(permit) = gateway.admit().await else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    };
+    upgrade
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| async move {
+            tracker
+                .spawn(gateway.serve_link(WsLink(socket), permit, shutdown))
+                .await
+                .ok();
+        })
+}
+
+async fn metrics_text(State(state): State<ApiState>) -> Response {
+    match &state.metrics {
+        Some(handle) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            handle.render(),
+        )
+            .into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics recorder not installed\n",
+        )
+            .into_response(),
+    }
+}
+
+/// Unknown paths: a JSON error body, like every future JSON endpoint.
+async fn not_found(uri: axum::http::Uri) -> Response {
+    let body = serde_json::json!({
+        "error": {"code": "NOT_FOUND", "message": format!("no such endpoint: {}", uri.path())}
+    });
+    (
+        StatusCode::NOT_FOUND,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): State<ApiState>) -> Response {
+    if state.ready.load(Ordering::Relaxed) && !state.shutdown.is_cancelled() {
+        "ready\n".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}

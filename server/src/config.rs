@@ -1,0 +1,309 @@
+//! Server configuration: built-in defaults, overridden by a TOML file,
+//! then by environment variables and flags (see `bin/switchboard.rs`).
+//!
+//! Every limit and timeout is a named field with its unit in the name.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::gateway::GatewayConfig;
+use crate::router::RouterConfig;
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Everything the server can be told.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the database, the server key and dev codes live.
+    pub data_dir: PathBuf,
+    /// Noise-over-TCP listener for native clients.
+    pub tcp_listen: SocketAddr,
+    /// HTTP listener: WebSocket (`/ws`) and health checks.
+    pub http_listen: SocketAddr,
+    /// Router shards; 0 means one per CPU core.
+    pub shards: usize,
+    /// How long undelivered queue entries are kept (default 30 days).
+    pub queue_ttl_secs: u64,
+    /// How long accepted client message ids are remembered (at least 24 h).
+    pub dedup_window_secs: u64,
+    /// How often expired entries and dedup records are swept.
+    pub sweep_interval_secs: u64,
+    /// Largest frame accepted from a client.
+    pub max_frame_bytes: usize,
+    /// Time allowed to finish the Noise handshake.
+    pub handshake_timeout_ms: u64,
+    /// A connection silent this long is closed (clients ping every 25 s).
+    pub idle_timeout_secs: u64,
+    /// A frame started must be complete within this time, however slowly
+    /// its bytes keep coming (slow-loris guard).
+    pub frame_timeout_secs: u64,
+    /// Time allowed for one socket write before the reader counts as slow.
+    pub write_timeout_ms: u64,
+    /// Pushes buffered per connection before it is disconnected as slow.
+    pub outbound_queue_frames: usize,
+    /// Entries a connection may hold pushed-but-unacked.
+    pub max_unacked: usize,
+    /// Commands buffered per shard before senders wait.
+    pub shard_inbox: usize,
+    /// Most commands per storage batch (group commit).
+    pub max_batch_commands: usize,
+    /// Entries per page when a device drains its queue (1 to 100).
+    pub drain_batch: usize,
+    /// User records cached per shard.
+    pub max_cached_users: usize,
+    /// How long a request may wait for its shard before it is answered
+    /// OVERLOADED (and is discarded if still queued).
+    pub request_deadline_ms: u64,
+    /// Handshakes in progress at once; more connections wait in the
+    /// kernel's accept queue, so a reconnect storm cannot starve live users.
+    pub max_concurrent_handshakes: usize,
+    /// New connections accepted per second (token bucket, burst of one
+    /// second's worth).
+    pub max_accepts_per_sec: u32,
+    /// Time connections get to finish at shutdown before being aborted.
+    pub shutdown_grace_ms: u64,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("switchboard-data"),
+            tcp_listen: SocketAddr::from(([127, 0, 0, 1], 5222)),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            shards: 0,
+            queue_ttl_secs: 30 * 24 * 3600,
+            dedup_window_secs: 48 * 3600,
+            sweep_interval_secs: 600,
+            max_frame_bytes: switchboard_proto::limits::DEFAULT_MAX_FRAME_BYTES,
+            handshake_timeout_ms: 10_000,
+            idle_timeout_secs: 75,
+            frame_timeout_secs: 30,
+            write_timeout_ms: 10_000,
+            outbound_queue_frames: 1024,
+            max_unacked: 8192,
+            shard_inbox: 8192,
+            max_batch_commands: 1024,
+            drain_batch: 100,
+            max_cached_users: 200_000,
+            request_deadline_ms: 5_000,
+            max_concurrent_handshakes: 512,
+            max_accepts_per_sec: 5_000,
+            shutdown_grace_ms: 5_000,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Parser message (names the offending key).
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid setting {field}: {message}")]
+    Invalid {
+        /// The setting.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Smallest frame limit that still fits one full-size payload.
+const MIN_FRAME_BYTES: usize = switchboard_proto::limits::MAX_PAYLOAD_BYTES + 4096;
+/// Largest frame limit we allow; bigger frames would let one client pin
+/// too much memory.
+const MAX_FRAME_BYTES_CEILING: usize = 16 * 1024 * 1024;
+/// Client message ids are remembered at least this long, the promise that
+/// makes a retry within a day idempotent.
+const MIN_DEDUP_WINDOW_SECS: u64 = 24 * 3600;
+/// The issue's bound on drain pages.
+const MAX_DRAIN_BATCH: usize = 100;
+
+impl Config {
+    /// Reads a TOML file; absent keys keep their defaults.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] or [`ConfigError::Parse`].
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Checks every value.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the first bad setting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field, message: String| Err(ConfigError::Invalid { field, message });
+        if !(MIN_FRAME_BYTES..=MAX_FRAME_BYTES_CEILING).contains(&self.max_frame_bytes) {
+            return bad(
+                "max_frame_bytes",
+                format!("must be {MIN_FRAME_BYTES} to {MAX_FRAME_BYTES_CEILING}"),
+            );
+        }
+        if !(1..=MAX_DRAIN_BATCH).contains(&self.drain_batch) {
+            return bad("drain_batch", format!("must be 1 to {MAX_DRAIN_BATCH}"));
+        }
+        if self.max_unacked < self.drain_batch {
+            return bad(
+                "max_unacked",
+                format!(
+                    "must be at least drain_batch ({}): a device holding one unacked page \
+                     would otherwise be cut off as a slow reader",
+                    self.drain_batch
+                ),
+            );
+        }
+        if self.dedup_window_secs < MIN_DEDUP_WINDOW_SECS {
+            return bad(
+                "dedup_window_secs",
+                format!(
+                    "must be at least {MIN_DEDUP_WINDOW_SECS} (24 h): clients retry for that long"
+                ),
+            );
+        }
+        for (field, v) in [
+            ("queue_ttl_secs", self.queue_ttl_secs),
+            ("dedup_window_secs", self.dedup_window_secs),
+            ("sweep_interval_secs", self.sweep_interval_secs),
+            ("handshake_timeout_ms", self.handshake_timeout_ms),
+            ("idle_timeout_secs", self.idle_timeout_secs),
+            ("frame_timeout_secs", self.frame_timeout_secs),
+            ("write_timeout_ms", self.write_timeout_ms),
+            ("request_deadline_ms", self.request_deadline_ms),
+            ("max_accepts_per_sec", u64::from(self.max_accepts_per_sec)),
+        ] {
+            if v == 0 {
+                return bad(field, "must be greater than 0".into());
+            }
+        }
+        for (field, v) in [
+            ("outbound_queue_frames", self.outbound_queue_frames),
+            ("max_unacked", self.max_unacked),
+            ("shard_inbox", self.shard_inbox),
+            ("max_batch_commands", self.max_batch_commands),
+            ("max_cached_users", self.max_cached_users),
+            ("max_concurrent_handshakes", self.max_concurrent_handshakes),
+        ] {
+            if v == 0 {
+                return bad(field, "must be greater than 0".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Shard count with 0 resolved to the number of cores.
+    #[must_use]
+    pub fn shard_count(&self) -> usize {
+        if self.shards > 0 {
+            self.shards
+        } else {
+            std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+        }
+    }
+
+    pub(crate) fn router(&self) -> RouterConfig {
+        RouterConfig {
+            shards: self.shard_count(),
+            inbox_capacity: self.shard_inbox,
+            max_batch_commands: self.max_batch_commands,
+            drain_batch: self.drain_batch,
+            queue_ttl_ms: self.queue_ttl_secs.saturating_mul(1000),
+            dedup_window_ms: self.dedup_window_secs.saturating_mul(1000),
+            max_cached_users: self.max_cached_users,
+            request_deadline: Duration::from_millis(self.request_deadline_ms),
+        }
+    }
+
+    pub(crate) fn gateway(&self) -> GatewayConfig {
+        GatewayConfig {
+            max_frame_bytes: self.max_frame_bytes,
+            handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+            frame_timeout: Duration::from_secs(self.frame_timeout_secs),
+            write_timeout: Duration::from_millis(self.write_timeout_ms),
+            outbound_queue_frames: self.outbound_queue_frames,
+            max_unacked: self.max_unacked,
+            max_concurrent_handshakes: self.max_concurrent_handshakes,
+            max_accepts_per_sec: self.max_accepts_per_sec,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_documented_values() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.tcp_listen.port(), 5222);
+        assert_eq!(c.http_listen.port(), 8080);
+        assert_eq!(c.queue_ttl_secs, 30 * 24 * 3600);
+        assert!(c.dedup_window_secs >= 24 * 3600);
+    }
+
+    #[test]
+    fn toml_overrides_and_rejects_unknown_keys() {
+        let c: Config = toml::from_str("tcp_listen = \"127.0.0.1:1\"\nshards = 3\n").unwrap();
+        assert_eq!(c.shards, 3);
+        assert_eq!(c.http_listen.port(), 8080);
+        let err = toml::from_str::<Config>("no_such_key = 1\n").unwrap_err();
+        assert!(err.to_string().contains("no_such_key"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let c = Config {
+            drain_batch: 500,
+            ..Config::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("drain_batch"), "{err}");
+        let c = Config {
+            max_unacked: 10,
+            drain_batch: 20,
+            ..Config::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("max_unacked"), "{err}");
+    }
+}

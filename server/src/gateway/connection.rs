@@ -1,0 +1,1138 @@
+//! One task per connection: handshake, authentication, the frame loop.
+//!
+//! The task owns the link, the Noise session and the read/write buffers. It
+//! reads frames in order and hands sends to the router in that order (so a
+//! device's messages keep their order); answers that need the router are
+//! awaited concurrently in `pending`, so a slow ✓ never blocks reading.
+//! Pushes from the owning shard arrive on a bounded channel.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
+use prost::Message;
+use switchboard_proto::noise::Handshake;
+use switchboard_proto::pb::{self, ErrorCode, client_frame::Body as In, server_frame::Body as Out};
+use switchboard_proto::{PREAMBLE, ProtoError, Session, limits, record, version};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, timeout};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::Gateway;
+use super::link::Link;
+use super::wire::{error, error_frame, kick_error, route_error};
+use crate::clock::now_ms;
+use crate::router::{ConnLink, KickReason, Notice, OwedReceipt, Push, RouteError, SendRequest};
+use crate::store::{DeviceKey, UserId};
+use crate::telemetry as tm;
+
+/// Failed authentications tolerated on one connection before it is closed,
+/// so credentials cannot be guessed at line rate.
+const MAX_AUTH_FAILURES: u32 = 3;
+
+/// Bundle fetches a connection may make at once: enough to start sessions
+/// with every device of a large group's members in one burst.
+const BUNDLE_FETCH_BURST: f64 = 200.0;
+/// Sustained bundle fetches per second per connection.
+const BUNDLE_FETCHES_PER_SEC: f64 = 10.0;
+
+/// A token bucket; single owner, so no locking.
+struct TokenBucket {
+    tokens: f64,
+    burst: f64,
+    per_sec: f64,
+    last: std::time::Instant,
+}
+
+impl TokenBucket {
+    fn new(burst: f64, per_sec: f64) -> Self {
+        Self {
+            tokens: burst,
+            burst,
+            per_sec,
+            last: std::time::Instant::now(),
+        }
+    }
+
+    /// Takes one token, or says in how many ms one will be there.
+    fn take(&mut self, now: std::time::Instant) -> Result<(), u64> {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err((((1.0 - self.tokens) / self.per_sec) * 1000.0).ceil() as u64)
+        }
+    }
+}
+
+/// Most plaintext gathered from ready answers and pushes into one write.
+const GATHER_MAX_BYTES: usize = 64 * 1024;
+
+/// How long a closed connection's in-flight router work may take to finish.
+const PENDING_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Largest `Deliver` frame the server builds: half the default client frame
+/// limit, so every client accepts it. One entry (≤ 64 KiB payload) always fits.
+const MAX_DELIVER_FRAME_BYTES: usize = limits::DEFAULT_MAX_FRAME_BYTES / 2;
+
+/// Most devices one send may address: a user has at most five devices, and
+/// 16 full payloads still fit the default frame limit.
+const MAX_PAYLOADS_PER_SEND: usize = 16;
+
+/// Why a connection ended (for logs).
+#[derive(Debug)]
+#[allow(dead_code, reason = "fields are read through Debug in logs")]
+enum End {
+    PeerClosed,
+    Io(std::io::Error),
+    Proto(ProtoError),
+    Goodbye(ErrorCode),
+    Refused(&'static str),
+    Violation(&'static str),
+}
+
+/// Who a connection is, once authenticated.
+struct Authed {
+    device: DeviceKey,
+    phone: String,
+    /// The user's other devices as this connection last heard (AuthOk, then
+    /// DevicesChanged entries), to check `self_payloads` before anything is
+    /// stored. The owning shard checks again.
+    other_devices: BTreeSet<u32>,
+}
+
+type Pending = FuturesUnordered<BoxFuture<'static, Option<pb::ServerFrame>>>;
+
+/// Runs one connection to completion.
+pub async fn run<L: Link>(
+    mut link: L,
+    gw: Arc<Gateway>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    shutdown: CancellationToken,
+) {
+    let conn_id = gw.next_conn_id();
+    let span = tracing::info_span!(
+        "conn",
+        id = conn_id,
+        kind = link.kind(),
+        user = tracing::field::Empty
+    );
+    let served = async move {
+        let transport = link.kind();
+        metrics::counter!(tm::CONNECTIONS_ACCEPTED, "transport" => transport).increment(1);
+        let open = metrics::gauge!(tm::CONNECTIONS, "transport" => transport);
+        open.increment(1.0);
+        // Decrements the gauge however this task ends (even by panic).
+        struct Open(metrics::Gauge);
+        impl Drop for Open {
+            fn drop(&mut self) {
+                self.0.decrement(1.0);
+            }
+        }
+        let _open = Open(open);
+        let mut rbuf = BytesMut::new();
+        let session = match timeout(
+            gw.cfg.handshake_timeout,
+            // Boxed: the handshake's state is large and lives only briefly;
+            // inline it would be part of every connection's future for good.
+            Box::pin(handshake(&mut link, &mut rbuf, &gw)),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(end)) => {
+                tracing::debug!(?end, "handshake failed");
+                let reason = match end {
+                    End::PeerClosed => "closed",
+                    End::Io(_) => "io",
+                    End::Proto(_) => "protocol",
+                    End::Refused(_) | End::Violation(_) | End::Goodbye(_) => "refused",
+                };
+                metrics::counter!(tm::HANDSHAKE_FAILURES, "reason" => reason).increment(1);
+                link.close().await;
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("handshake timed out");
+                metrics::counter!(tm::HANDSHAKE_FAILURES, "reason" => "timeout").increment(1);
+                link.close().await;
+                return;
+            }
+        };
+        // The handshake is done: free its admission slot.
+        drop(permit);
+        let mut conn = Conn {
+            link,
+            session,
+            rbuf,
+            wbuf: BytesMut::new(),
+            gw,
+            conn_id,
+            authed: None,
+            push_rx: None,
+            kick_rx: None,
+            auth_failures: 0,
+            bundle_budget: TokenBucket::new(BUNDLE_FETCH_BURST, BUNDLE_FETCHES_PER_SEC),
+            pending: FuturesUnordered::new(),
+            delivered: HashMap::new(),
+        };
+        let end = conn.serve(&shutdown).await;
+        tracing::debug!(?end, "connection ended");
+        // Finish what the router is already doing for this connection (acks
+        // turning into receipts and deletions), so a clean disconnect right
+        // after an ack does not cause a redelivery. Answers are dropped.
+        let _ = timeout(PENDING_GRACE, async {
+            while conn.pending.next().await.is_some() {}
+        })
+        .await;
+        if let Some(a) = &conn.authed {
+            metrics::gauge!(tm::AUTHENTICATED).decrement(1.0);
+            conn.gw.router.disconnected(a.device, conn_id).await;
+        }
+        conn.link.close().await;
+    }
+    .instrument(span);
+    // A bug while serving one connection ends that connection only.
+    if FutureExt::catch_unwind(std::panic::AssertUnwindSafe(served))
+        .await
+        .is_err()
+    {
+        metrics::counter!(tm::PANICS, "where" => "connection").increment(1);
+        tracing::error!(
+            conn = conn_id,
+            "panic while serving a connection; it was closed"
+        );
+    }
+}
+
+async fn read_record<L: Link>(link: &mut L, rbuf: &mut BytesMut) -> Result<BytesMut, End> {
+    loop {
+        if let Some(rec) = record::decode(rbuf).map_err(End::Proto)? {
+            return Ok(rec);
+        }
+        match link.read_into(rbuf).await {
+            Ok(0) => return Err(End::PeerClosed),
+            Ok(_) => {}
+            Err(e) => return Err(End::Io(e)),
+        }
+    }
+}
+
+/// The server side of the Noise XX handshake with version negotiation.
+async fn handshake<L: Link>(
+    link: &mut L,
+    rbuf: &mut BytesMut,
+    gw: &Gateway,
+) -> Result<Session, End> {
+    while rbuf.len() < PREAMBLE.len() {
+        match link.read_into(rbuf).await {
+            Ok(0) => return Err(End::PeerClosed),
+            Ok(_) => {}
+            Err(e) => return Err(End::Io(e)),
+        }
+    }
+    if rbuf.get(..PREAMBLE.len()) != Some(&PREAMBLE[..]) {
+        // Not our protocol: say nothing, close.
+        return Err(End::Refused("bad preamble"));
+    }
+    let _ = rbuf.split_to(PREAMBLE.len());
+
+    let mut hs = Handshake::responder(&gw.server_key.private).map_err(End::Proto)?;
+    let msg1 = read_record(link, rbuf).await?;
+    let payload = hs.read_message(&msg1).map_err(End::Proto)?;
+    let hello = pb::ClientHello::decode(&payload[..]).map_err(|e| End::Proto(e.into()))?;
+    let (result, accepted) = match version::negotiate(version::CURRENT, &hello.versions) {
+        Ok(v) => (pb::server_hello::Result::Version(v), true),
+        Err(msg) => (
+            pb::server_hello::Result::Error(error(ErrorCode::UnsupportedVersion, msg)),
+            false,
+        ),
+    };
+    let hello_out = pb::ServerHello {
+        result: Some(result),
+        server_time_ms: now_ms(),
+    };
+    let mut out = BytesMut::new();
+    hs.write_message(&hello_out.encode_to_vec(), &mut out)
+        .map_err(End::Proto)?;
+    link.write_all_bytes(&out).await.map_err(End::Io)?;
+    if !accepted {
+        return Err(End::Refused("no common protocol version"));
+    }
+    tracing::debug!(user_agent = %hello.user_agent, "client hello");
+    let msg3 = read_record(link, rbuf).await?;
+    hs.read_message(&msg3).map_err(End::Proto)?;
+    hs.into_session(gw.cfg.max_frame_bytes).map_err(End::Proto)
+}
+
+struct Conn<L: Link> {
+    link: L,
+    session: Session,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    gw: Arc<Gateway>,
+    conn_id: u64,
+    authed: Option<Authed>,
+    /// Pushes from the owning shard (after authentication).
+    push_rx: Option<mpsc::Receiver<Push>>,
+    /// Fired by the owning shard to end this connection.
+    kick_rx: Option<oneshot::Receiver<KickReason>>,
+    auth_failures: u32,
+    /// Bundle fetches this connection may still make.
+    bundle_budget: TokenBucket,
+    /// Answers being prepared by the router.
+    pending: Pending,
+    /// Entries pushed and not yet acked: seq → (sender, client id) for
+    /// messages from other users (a delivery receipt is owed), `None`
+    /// otherwise; with the entry's server timestamp.
+    delivered: HashMap<u64, (Option<(UserId, String)>, u64)>,
+}
+
+/// Waits on an optional receiver; never resolves when there is none.
+async fn recv_push(push: &mut Option<mpsc::Receiver<Push>>) -> Option<Push> {
+    match push {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv_kick(kick: &mut Option<oneshot::Receiver<KickReason>>) -> KickReason {
+    match kick {
+        Some(rx) => match rx.await {
+            Ok(reason) => reason,
+            // The shard dropped our registration without a reason: it is
+            // shutting down or the device went away.
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+impl<L: Link> Conn<L> {
+    fn queue(&mut self, frame: pb::ServerFrame) {
+        match &frame.body {
+            Some(Out::Error(e)) => {
+                metrics::counter!(tm::ERRORS, "code" => e.code().as_str_name()).increment(1);
+            }
+            Some(Out::Goodbye(g)) => {
+                let code = g
+                    .reason
+                    .as_ref()
+                    .map_or("UNSPECIFIED", |r| r.code().as_str_name());
+                metrics::counter!(tm::GOODBYES, "code" => code).increment(1);
+                if code == ErrorCode::SlowReader.as_str_name() {
+                    metrics::counter!(tm::SLOW_READER_DISCONNECTS).increment(1);
+                }
+            }
+            _ => {}
+        }
+        self.session.queue(&frame);
+    }
+
+    fn respond(&mut self, id: u32, body: Out) {
+        self.queue(pb::ServerFrame {
+            id,
+            body: Some(body),
+        });
+    }
+
+    fn respond_error(&mut self, id: u32, err: pb::Error) {
+        self.queue(error_frame(id, err));
+    }
+
+    async fn flush(&mut self) -> Result<(), End> {
+        if self.session.pending_bytes() == 0 {
+            return Ok(());
+        }
+        self.session.seal(&mut self.wbuf).map_err(End::Proto)?;
+        // Usually the socket takes it all at once. Only a full socket
+        // needs the (boxed: it is large and rarely alive) waiting write,
+        // which keeps every connection's future small.
+        let now = self.link.try_write_now(&self.wbuf);
+        let result = match now {
+            Ok(n) if n == self.wbuf.len() => Ok(Ok(())),
+            Ok(n) => {
+                let rest = self.wbuf.get(n..).unwrap_or_default();
+                Box::pin(timeout(
+                    self.gw.cfg.write_timeout,
+                    self.link.write_all_bytes(rest),
+                ))
+                .await
+            }
+            Err(e) => Ok(Err(e)),
+        };
+        // Free the write buffer rather than keep it for an idle connection.
+        self.wbuf = BytesMut::new();
+        match result {
+            Ok(r) => r.map_err(End::Io),
+            Err(_) => {
+                metrics::counter!(tm::SLOW_READER_DISCONNECTS).increment(1);
+                Err(End::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "write timed out: slow reader",
+                )))
+            }
+        }
+    }
+
+    /// Sends a goodbye (best effort) and ends the connection.
+    async fn goodbye(&mut self, reason: pb::Error) -> End {
+        let code = reason.code();
+        self.queue(pb::ServerFrame {
+            id: 0,
+            body: Some(Out::Goodbye(pb::Goodbye {
+                reason: Some(reason),
+            })),
+        });
+        let _ = self.flush().await;
+        End::Goodbye(code)
+    }
+
+    /// Handles every whole frame already buffered; returns how many.
+    async fn process_buffered(&mut self) -> Result<usize, End> {
+        let mut frames = 0;
+        while let Some(frame) = self
+            .session
+            .poll_frame::<pb::ClientFrame>(&mut self.rbuf)
+            .map_err(End::Proto)?
+        {
+            self.on_frame(frame).await?;
+            frames += 1;
+        }
+        if self.rbuf.is_empty() {
+            // Idle connections keep no buffers (see Link::read_into).
+            self.rbuf = BytesMut::new();
+        }
+        Ok(frames)
+    }
+
+    async fn serve(&mut self, shutdown: &CancellationToken) -> End {
+        let idle = self.gw.cfg.idle_timeout;
+        let mut deadline = Instant::now() + idle;
+        // Set while a frame is partly received: it must complete in time.
+        let mut partial_deadline: Option<Instant> = None;
+        // Frames may have arrived together with the last handshake message.
+        if let Err(end) = Box::pin(self.process_buffered()).await {
+            return self.end_with(end).await;
+        }
+        if let Err(end) = self.flush().await {
+            return end;
+        }
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => {
+                    return self.goodbye(error(ErrorCode::ShuttingDown, "server shutting down; reconnect")).await;
+                }
+                reason = recv_kick(&mut self.kick_rx) => {
+                    return self.goodbye(kick_error(reason)).await;
+                }
+                Some(answer) = self.pending.next(), if !self.pending.is_empty() => {
+                    if let Some(frame) = answer {
+                        self.queue(frame);
+                    }
+                }
+                push = recv_push(&mut self.push_rx) => {
+                    let Some(push) = push else {
+                        // The shard let go of us (shutdown or replaced).
+                        return End::PeerClosed;
+                    };
+                    if let Err(end) = self.on_push(push) {
+                        return self.end_with(end).await;
+                    }
+                }
+                read = self.link.read_into(&mut self.rbuf) => {
+                    match read {
+                        Ok(0) => return End::PeerClosed,
+                        Ok(_) => {}
+                        Err(e) => return End::Io(e),
+                    }
+                    deadline = Instant::now() + idle;
+                    // Boxed: handling a frame can await any request kind;
+                    // inline, all their states would sit in every idle
+                    // connection's future.
+                    let completed = match Box::pin(self.process_buffered()).await {
+                        Ok(n) => n,
+                        Err(end) => return self.end_with(end).await,
+                    };
+                    // The clock runs from when the frame now pending began:
+                    // a frame completed restarts it.
+                    let partial = !self.rbuf.is_empty() || self.session.partial_frame_bytes() > 0;
+                    partial_deadline = match (partial, partial_deadline) {
+                        (false, _) => None,
+                        (true, Some(d)) if completed == 0 => Some(d),
+                        (true, _) => Some(Instant::now() + self.gw.cfg.frame_timeout),
+                    };
+                }
+                () = tokio::time::sleep_until(partial_deadline.map_or(deadline, |p| p.min(deadline))) => {
+                    if partial_deadline.is_some_and(|p| p <= Instant::now()) {
+                        return self.goodbye(error(ErrorCode::IdleTimeout, "a frame was not completed in time")).await;
+                    }
+                    return self.goodbye(error(ErrorCode::IdleTimeout, "no frame within the keep-alive window")).await;
+                }
+            }
+            // Answers and pushes that are ready too go into the same write
+            // (one syscall and one Noise record for all of them).
+            if let Err(end) = self.gather_ready() {
+                return self.end_with(end).await;
+            }
+            if let Err(end) = self.flush().await {
+                return end;
+            }
+        }
+    }
+
+    /// Queues the answers and pushes that are ready now, without waiting,
+    /// up to [`GATHER_MAX_BYTES`] per write so a steady stream of pushes
+    /// cannot hold the write (and the peer's acks) back.
+    fn gather_ready(&mut self) -> Result<(), End> {
+        while self.session.pending_bytes() < GATHER_MAX_BYTES {
+            let mut more = false;
+            if !self.pending.is_empty()
+                && let Some(Some(answer)) = self.pending.next().now_or_never()
+            {
+                if let Some(frame) = answer {
+                    self.queue(frame);
+                }
+                more = true;
+            }
+            if let Some(push) = self.push_rx.as_mut().and_then(|rx| rx.try_recv().ok()) {
+                self.on_push(push)?;
+                more = true;
+            }
+            if !more {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the connection, telling the peer why when it is worth telling.
+    async fn end_with(&mut self, end: End) -> End {
+        match &end {
+            End::Proto(ProtoError::FrameTooLarge { len, max }) => {
+                self.goodbye(error(
+                    ErrorCode::FrameTooLarge,
+                    format!("frame of {len} bytes exceeds the maximum of {max}"),
+                ))
+                .await
+            }
+            End::Proto(ProtoError::Decode(e)) => {
+                self.goodbye(error(
+                    ErrorCode::ProtocolViolation,
+                    format!("undecodable frame: {e}"),
+                ))
+                .await
+            }
+            End::Proto(ProtoError::BadLength) => {
+                self.goodbye(error(ErrorCode::ProtocolViolation, "invalid frame length"))
+                    .await
+            }
+            End::Violation(what) => {
+                let what = *what;
+                self.goodbye(error(ErrorCode::ProtocolViolation, what))
+                    .await
+            }
+            End::Goodbye(code) => {
+                let code = *code;
+                self.goodbye(error(code, "closing")).await
+            }
+            // Decryption failures and I/O errors: the channel is not usable.
+            _ => end,
+        }
+    }
+
+    fn on_push(&mut self, push: Push) -> Result<(), End> {
+        match push {
+            Push::Deliver(entries) => {
+                for e in &entries {
+                    if let (Some(pb::queue_entry::Body::DevicesChanged(dc)), Some(a)) =
+                        (&e.body, self.authed.as_mut())
+                        && dc.user_id == a.device.user
+                    {
+                        a.other_devices = dc
+                            .devices
+                            .iter()
+                            .copied()
+                            .filter(|d| *d != a.device.device)
+                            .collect();
+                    }
+                    let me = self.authed.as_ref().map(|a| a.device.user);
+                    let owed = match &e.body {
+                        // A copy from one of our own devices owes no receipt.
+                        Some(pb::queue_entry::Body::Message(m)) if Some(m.from_user) != me => {
+                            Some((m.from_user, m.client_msg_id.clone()))
+                        }
+                        _ => None,
+                    };
+                    if matches!(e.body, Some(pb::queue_entry::Body::Message(_))) {
+                        metrics::counter!(tm::MESSAGES_OUT).increment(1);
+                    }
+                    self.delivered.insert(e.seq, (owed, e.server_ts_ms));
+                }
+                if self.delivered.len() > self.gw.cfg.max_unacked {
+                    return Err(End::Goodbye(ErrorCode::SlowReader));
+                }
+                // Split a page so no frame exceeds what clients accept.
+                let mut frame = Vec::new();
+                let mut frame_bytes = 0;
+                for e in entries {
+                    let len = e.encoded_len();
+                    if !frame.is_empty() && frame_bytes + len > MAX_DELIVER_FRAME_BYTES {
+                        let full = std::mem::take(&mut frame);
+                        self.respond(0, Out::Deliver(pb::Deliver { entries: full }));
+                        frame_bytes = 0;
+                    }
+                    frame_bytes += len + 8;
+                    frame.push(e);
+                }
+                if !frame.is_empty() {
+                    self.respond(0, Out::Deliver(pb::Deliver { entries: frame }));
+                }
+            }
+            Push::Notice(Notice::UpToDate) => self.respond(0, Out::UpToDate(pb::UpToDate {})),
+            Push::Notice(Notice::KeysLow(n)) => self.respond(
+                0,
+                Out::KeysLow(pb::KeysLow {
+                    one_time_keys_remaining: n,
+                }),
+            ),
+        }
+        Ok(())
+    }
+
+    async fn on_frame(&mut self, frame: pb::ClientFrame) -> Result<(), End> {
+        let id = frame.id;
+        let Some(body) = frame.body else {
+            return Err(End::Violation("a frame without a body"));
+        };
+        if id == 0 && !matches!(body, In::Ack(_)) {
+            return Err(End::Violation("requests need a nonzero id"));
+        }
+        match body {
+            // Before authentication nothing was delivered, so there is
+            // nothing to acknowledge.
+            In::Ack(_) if self.authed.is_none() => {}
+            In::Ping(_) => self.respond(
+                id,
+                Out::Pong(pb::Pong {
+                    server_time_ms: now_ms(),
+                }),
+            ),
+            In::RequestCode(req) => {
+                let gw = self.gw.clone();
+                self.pending.push(Box::pin(async move {
+                    let result = async {
+                        let issued = gw.router.request_code(req.phone.clone()).await?;
+                        gw.code_sender
+                            .send(&req.phone, &issued.code)
+                            .await
+                            .map_err(|e| RouteError::CodeDelivery(e.to_string()))?;
+                        Ok::<_, RouteError>(issued.expires_at_ms)
+                    }
+                    .await;
+                    Some(answer(id, result, |expires_at_ms| {
+                        Out::CodeSent(pb::CodeSent { expires_at_ms })
+                    }))
+                }));
+            }
+            In::VerifyCode(req) => {
+                let gw = self.gw.clone();
+                self.pending.push(Box::pin(async move {
+                    let result = gw.router.verify_code(req.phone, req.code).await;
+                    Some(answer(id, result, |r| {
+                        Out::Verified(pb::Verified {
+                            user_id: r.user,
+                            device_id: r.device,
+                            credential: r.credential.into(),
+                        })
+                    }))
+                }));
+            }
+            In::Auth(req) => self.on_auth(id, req).await?,
+            In::LinkDevice(req) => {
+                if self.authed.is_some() {
+                    self.respond_error(
+                        id,
+                        error(ErrorCode::AlreadyAuthenticated, "already authenticated"),
+                    );
+                    return Ok(());
+                }
+                match self.gw.router.link_device(&req.code).await {
+                    Ok(r) => self.respond(
+                        id,
+                        Out::Verified(pb::Verified {
+                            user_id: r.user,
+                            device_id: r.device,
+                            credential: r.credential.into(),
+                        }),
+                    ),
+                    Err(e) => {
+                        self.respond_error(id, route_error(&e));
+                        if matches!(e, RouteError::LinkCodeInvalid) {
+                            self.auth_failures += 1;
+                            if self.auth_failures >= MAX_AUTH_FAILURES {
+                                return Err(End::Goodbye(ErrorCode::LinkCodeInvalid));
+                            }
+                        }
+                    }
+                }
+            }
+            body => {
+                if self.authed.is_none() {
+                    self.respond_error(id, error(ErrorCode::Unauthenticated, "authenticate first"));
+                    return Ok(());
+                }
+                self.on_authed_frame(id, body).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_auth(&mut self, id: u32, req: pb::Auth) -> Result<(), End> {
+        if self.authed.is_some() {
+            self.respond_error(
+                id,
+                error(ErrorCode::AlreadyAuthenticated, "already authenticated"),
+            );
+            return Ok(());
+        }
+        let device = DeviceKey {
+            user: req.user_id,
+            device: req.device_id,
+        };
+        // The connection's push queue. The shard holds the sender and uses
+        // try_send; when it is full the shard kicks us as a slow reader.
+        let (push_tx, push_rx) = mpsc::channel(self.gw.cfg.outbound_queue_frames);
+        let (kick_tx, kick_rx) = oneshot::channel();
+        let link = ConnLink {
+            conn_id: self.conn_id,
+            push: push_tx,
+            kick: kick_tx,
+        };
+        match self
+            .gw
+            .router
+            .authenticate(device, req.credential.to_vec(), link)
+            .await
+        {
+            Ok(info) => {
+                tracing::Span::current().record("user", device.user);
+                tracing::debug!(user = device.user, device = device.device, "authenticated");
+                self.respond(
+                    id,
+                    Out::AuthOk(pb::AuthOk {
+                        phone: info.phone.clone(),
+                        server_time_ms: now_ms(),
+                        one_time_keys_remaining: info.one_time_keys,
+                        has_keys: info.has_keys,
+                        primary: info.primary,
+                    }),
+                );
+                metrics::gauge!(tm::AUTHENTICATED).increment(1.0);
+                self.authed = Some(Authed {
+                    device,
+                    phone: info.phone,
+                    other_devices: info
+                        .devices
+                        .into_iter()
+                        .filter(|d| *d != device.device)
+                        .collect(),
+                });
+                self.push_rx = Some(push_rx);
+                self.kick_rx = Some(kick_rx);
+            }
+            Err(e) => {
+                self.respond_error(id, route_error(&e));
+                if matches!(e, RouteError::Unauthenticated) {
+                    self.auth_failures += 1;
+                    if self.auth_failures >= MAX_AUTH_FAILURES {
+                        return Err(End::Goodbye(ErrorCode::Unauthenticated));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_authed_frame(&mut self, id: u32, body: In) -> Result<(), End> {
+        let Some(me) = self
+            .authed
+            .as_ref()
+            .map(|a| (a.device, a.phone.clone(), a.other_devices.clone()))
+        else {
+            return Ok(());
+        };
+        let (device, phone, other_devices) = me;
+        match body {
+            In::LookupUser(req) => {
+                let gw = self.gw.clone();
+                self.pending.push(Box::pin(async move {
+                    let result = gw.router.lookup_phone(req.phone).await;
+                    Some(answer(id, result, |u| {
+                        Out::UserInfo(pb::UserInfo {
+                            user_id: u.user,
+                            phone: u.phone,
+                            devices: u.devices,
+                        })
+                    }))
+                }));
+            }
+            In::Send(req) => {
+                if let Err(msg) = validate_send(&req) {
+                    self.respond_error(id, error(ErrorCode::BadRequest, msg));
+                    return Ok(());
+                }
+                if let Some(too_big) = req
+                    .payloads
+                    .iter()
+                    .chain(&req.self_payloads)
+                    .find(|p| p.payload.len() > limits::MAX_PAYLOAD_BYTES)
+                {
+                    self.respond_error(
+                        id,
+                        error(
+                            ErrorCode::PayloadTooLarge,
+                            format!(
+                                "payload for device {} is {} bytes; the maximum is {}",
+                                too_big.device_id,
+                                too_big.payload.len(),
+                                limits::MAX_PAYLOAD_BYTES
+                            ),
+                        ),
+                    );
+                    return Ok(());
+                }
+                if req.to_user == device.user && !req.self_payloads.is_empty() {
+                    self.respond_error(
+                        id,
+                        error(
+                            ErrorCode::BadRequest,
+                            "a note to self addresses the other devices in payloads; self_payloads must be empty",
+                        ),
+                    );
+                    return Ok(());
+                }
+                let to_self = req.to_user == device.user;
+                if !to_self {
+                    let addressed: BTreeSet<u32> =
+                        req.self_payloads.iter().map(|p| p.device_id).collect();
+                    if addressed != other_devices {
+                        let mismatch = RouteError::DeviceMismatch {
+                            user: device.user,
+                            missing: other_devices.difference(&addressed).copied().collect(),
+                            stale: addressed.difference(&other_devices).copied().collect(),
+                        };
+                        self.respond_error(id, route_error(&mismatch));
+                        return Ok(());
+                    }
+                }
+                let send = SendRequest {
+                    from: device,
+                    from_phone: phone.clone(),
+                    client_msg_id: req.client_msg_id.clone(),
+                    to_user: req.to_user,
+                    payloads: req.payloads,
+                };
+                // Both parts are enqueued in frame order (so each device's
+                // messages keep their order); the ✓ is awaited concurrently
+                // and means both parts are durable.
+                let peer = match self.gw.router.submit_send(send).await {
+                    Ok(rx) => rx,
+                    Err(e) => {
+                        self.respond_error(id, route_error(&e));
+                        return Ok(());
+                    }
+                };
+                let own = if to_self {
+                    None
+                } else {
+                    let copies = SendRequest {
+                        from: device,
+                        from_phone: phone,
+                        client_msg_id: req.client_msg_id,
+                        to_user: req.to_user,
+                        payloads: req.self_payloads,
+                    };
+                    match self.gw.router.submit_self_send(copies).await {
+                        Ok(rx) => Some(rx),
+                        Err(e) => {
+                            self.respond_error(id, route_error(&e));
+                            return Ok(());
+                        }
+                    }
+                };
+                let started = std::time::Instant::now();
+                self.pending.push(Box::pin(async move {
+                    let mut result = peer.await.unwrap_or(Err(RouteError::Internal));
+                    if let Some(own) = own {
+                        let own = own.await.unwrap_or(Err(RouteError::Internal));
+                        // The recipient's copy is the message of record:
+                        // its timestamp and duplicate flag are the answer.
+                        result = match (result, own) {
+                            (Ok(a), Ok(_)) => Ok(a),
+                            (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+                        };
+                    }
+                    if result.is_ok() {
+                        metrics::histogram!(tm::SEND_ACK_SECONDS)
+                            .record(started.elapsed().as_secs_f64());
+                    }
+                    Some(answer(id, result, |a| {
+                        Out::SendOk(pb::SendOk {
+                            server_ts_ms: a.server_ts_ms,
+                            duplicate: a.duplicate,
+                        })
+                    }))
+                }));
+            }
+            In::Ack(ack) => self.on_ack(device, phone, ack).await?,
+            In::SendReceipt(req) => {
+                if req.kind() != pb::ReceiptKind::Read {
+                    self.respond_error(
+                        id,
+                        error(ErrorCode::BadRequest, "clients may only send READ receipts"),
+                    );
+                    return Ok(());
+                }
+                if req.client_msg_ids.is_empty()
+                    || req.client_msg_ids.len() > limits::MAX_RECEIPT_IDS
+                    || req.client_msg_ids.iter().any(|m| !valid_msg_id(m))
+                {
+                    self.respond_error(
+                        id,
+                        error(
+                            ErrorCode::BadRequest,
+                            format!(
+                                "a receipt names 1 to {} valid message ids",
+                                limits::MAX_RECEIPT_IDS
+                            ),
+                        ),
+                    );
+                    return Ok(());
+                }
+                let receipt = pb::Receipt {
+                    from_user: device.user,
+                    from_device: device.device,
+                    from_phone: phone,
+                    kind: pb::ReceiptKind::Read as i32,
+                    client_msg_ids: req.client_msg_ids,
+                };
+                let gw = self.gw.clone();
+                self.pending.push(Box::pin(async move {
+                    let result = gw.router.enqueue_receipt(req.to_user, receipt, true).await;
+                    Some(answer(id, result, |()| Out::ReceiptOk(pb::ReceiptOk {})))
+                }));
+            }
+            In::UploadKeys(up) => {
+                if let Err(msg) = crate::keys::verify_upload(&up) {
+                    self.respond_error(id, error(ErrorCode::InvalidKeys, msg));
+                    return Ok(());
+                }
+                let gw = self.gw.clone();
+                self.pending.push(Box::pin(async move {
+                    let result = gw.router.upload_keys(device, up).await;
+                    Some(answer(id, result, |n| {
+                        Out::KeysUploaded(pb::KeysUploaded {
+                            one_time_keys_remaining: n,
+                        })
+                    }))
+                }));
+            }
+            In::FetchBundles(req) => {
+                // Each fetch consumes one of the target's one-time keys: a
+                // client that fetches without pause is draining them.
+                if let Err(retry_after_ms) = self.bundle_budget.take(std::time::Instant::now()) {
+                    self.respond_error(
+                        id,
+                        pb::Error {
+                            retry_after_ms,
+                            ..error(ErrorCode::RateLimited, "too many key bundle fetches")
+                        },
+                    );
+                    return Ok(());
+                }
+                let gw = self.gw.clone();
+                self.pending.push(Box::pin(async move {
+                    let result = gw.router.fetch_bundles(device, req.user_id).await;
+                    Some(answer(id, result, |devices| {
+                        Out::Bundles(pb::Bundles {
+                            user_id: req.user_id,
+                            devices,
+                        })
+                    }))
+                }));
+            }
+            In::CreateLinkCode(_) => {
+                let gw = self.gw.clone();
+                self.pending.push(Box::pin(async move {
+                    let result = gw.router.create_link_code(device).await;
+                    Some(answer(id, result, |(code, expires_at_ms)| {
+                        Out::LinkCode(pb::LinkCode {
+                            code,
+                            expires_at_ms,
+                        })
+                    }))
+                }));
+            }
+            In::ListDevices(_) => {
+                let gw = self.gw.clone();
+                self.pending.push(Box::pin(async move {
+                    let result = gw.router.list_devices(device.user).await;
+                    Some(answer(id, result, |devices| {
+                        Out::DeviceList(pb::DeviceList { devices })
+                    }))
+                }));
+            }
+            In::RevokeDevice(req) => {
+                let gw = self.gw.clone();
+                self.pending.push(Box::pin(async move {
+                    let result = gw.router.revoke_device(device, req.device_id).await;
+                    Some(answer(id, result, |()| {
+                        Out::DeviceRevoked(pb::DeviceRevoked {})
+                    }))
+                }));
+            }
+            In::Ping(_)
+            | In::RequestCode(_)
+            | In::VerifyCode(_)
+            | In::Auth(_)
+            | In::LinkDevice(_) => {}
+        }
+        Ok(())
+    }
+
+    /// An ack: the drain may go on at once; delivery receipts are made
+    /// durable for the senders before the entries are deleted, so a crash in
+    /// between causes a redelivery, never a lost receipt.
+    async fn on_ack(&mut self, device: DeviceKey, phone: String, ack: pb::Ack) -> Result<(), End> {
+        if ack.seqs.len() > limits::MAX_ACK_SEQS {
+            return Err(End::Goodbye(ErrorCode::ProtocolViolation));
+        }
+        let mut seqs = Vec::with_capacity(ack.seqs.len());
+        // Per sender: the acked message ids and their entries.
+        let mut owed: HashMap<UserId, (Vec<String>, Vec<u64>)> = HashMap::new();
+        let mut receipt_seqs = Vec::new();
+        for seq in ack.seqs {
+            // Only entries delivered on this connection can be acked here.
+            let Some((entry, server_ts_ms)) = self.delivered.remove(&seq) else {
+                continue;
+            };
+            seqs.push(seq);
+            if entry.is_some() {
+                let delay_ms = now_ms().saturating_sub(server_ts_ms);
+                metrics::histogram!(tm::DELIVERY_SECONDS).record(delay_ms as f64 / 1000.0);
+            }
+            match entry {
+                Some((from_user, msg_id)) => {
+                    let (ids, entries) = owed.entry(from_user).or_default();
+                    ids.push(msg_id);
+                    entries.push(seq);
+                }
+                None => receipt_seqs.push(seq),
+            }
+        }
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let owed: Vec<OwedReceipt> = owed
+            .into_iter()
+            .map(|(to_user, (ids, message_seqs))| OwedReceipt {
+                to_user,
+                receipt: pb::Receipt {
+                    from_user: device.user,
+                    from_device: device.device,
+                    from_phone: phone.clone(),
+                    kind: pb::ReceiptKind::Delivered as i32,
+                    client_msg_ids: ids,
+                },
+                message_seqs,
+            })
+            .collect();
+        let router = self.gw.router.clone();
+        let remote = router
+            .ack(device, self.conn_id, seqs, receipt_seqs, owed)
+            .await;
+        if remote.is_empty() {
+            return Ok(());
+        }
+        // Senders on other shards: queue each receipt there first, then
+        // remove the messages it covers.
+        self.pending.push(Box::pin(async move {
+            for owed in remote {
+                match router.enqueue_receipt(owed.to_user, owed.receipt, false).await {
+                    Ok(()) => router.delete(device, owed.message_seqs).await,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "delivery receipt not stored; entries kept for redelivery");
+                    }
+                }
+            }
+            None
+        }));
+        Ok(())
+    }
+}
+
+fn valid_msg_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= limits::MAX_CLIENT_MSG_ID_BYTES
+}
+
+fn validate_send(req: &pb::Send) -> Result<(), String> {
+    if !valid_msg_id(&req.client_msg_id) {
+        return Err(format!(
+            "client_msg_id must be 1 to {} bytes",
+            limits::MAX_CLIENT_MSG_ID_BYTES
+        ));
+    }
+    if req.to_user == 0 {
+        return Err("to_user is required".into());
+    }
+    if req.payloads.len() + req.self_payloads.len() > MAX_PAYLOADS_PER_SEND {
+        return Err(format!("at most {MAX_PAYLOADS_PER_SEND} payloads per send"));
+    }
+    for list in [&req.payloads, &req.self_payloads] {
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = list.iter().find(|p| !seen.insert(p.device_id)) {
+            return Err(format!("device {} addressed twice", dup.device_id));
+        }
+    }
+    Ok(())
+}
+
+/// A response frame from a router result.
+fn answer<T>(id: u32, result: Result<T, RouteError>, ok: impl FnOnce(T) -> Out) -> pb::ServerFrame {
+    match result {
+        Ok(v) => pb::ServerFrame {
+            id,
+            body: Some(ok(v)),
+        },
+        Err(e) => error_frame(id, route_error(&e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn token_bucket_allows_a_burst_then_the_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(3.0, 10.0);
+        b.last = t0;
+        assert!(b.take(t0).is_ok());
+        assert!(b.take(t0).is_ok());
+        assert!(b.take(t0).is_ok());
+        let wait = b.take(t0).unwrap_err();
+        assert!((90..=100).contains(&wait), "{wait}");
+        assert!(b.take(t0 + Duration::from_millis(100)).is_ok());
+        assert!(b.take(t0 + Duration::from_millis(100)).is_err());
+    }
+}

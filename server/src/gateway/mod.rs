@@ -1,0 +1,189 @@
+//! The gateway: listeners and one task per client connection.
+//!
+//! It owns the transport side of a connection (handshake, framing, keep-
+//! alive, the bounded push queue) and nothing else: every piece of user
+//! state lives in the router's shards.
+
+mod connection;
+mod link;
+mod wire;
+
+pub use link::{Link, TcpLink, WsLink};
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use switchboard_proto::noise::Keypair;
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::accounts::CodeSender;
+use crate::router::Router;
+
+/// Connection tuning, from the server configuration.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Largest frame accepted from a client.
+    pub max_frame_bytes: usize,
+    /// Time allowed for the whole handshake (slow-loris guard).
+    pub handshake_timeout: Duration,
+    /// A connection with no inbound frame for this long is closed.
+    pub idle_timeout: Duration,
+    /// A frame started must be complete within this time.
+    pub frame_timeout: Duration,
+    /// Time allowed for one write before the peer counts as a slow reader.
+    pub write_timeout: Duration,
+    /// Pushes a connection's queue holds before it counts as a slow reader.
+    pub outbound_queue_frames: usize,
+    /// Entries pushed but not acked a connection may have outstanding.
+    pub max_unacked: usize,
+    /// Handshakes in progress at once.
+    pub max_concurrent_handshakes: usize,
+    /// New connections admitted per second.
+    pub max_accepts_per_sec: u32,
+}
+
+/// Admission control for new connections: a token bucket on the rate and a
+/// semaphore on handshakes in progress. Connections beyond either wait (in
+/// the kernel accept queue for TCP, in the upgrade request for WebSocket)
+/// instead of competing with live users for CPU.
+struct Admission {
+    handshakes: Arc<Semaphore>,
+    rate: f64,
+    /// (tokens, last refill). A std mutex: held for a few arithmetic
+    /// operations, never across an await.
+    bucket: Mutex<(f64, Instant)>,
+}
+
+impl Admission {
+    fn new(cfg: &GatewayConfig) -> Self {
+        let rate = f64::from(cfg.max_accepts_per_sec.max(1));
+        Self {
+            handshakes: Arc::new(Semaphore::new(cfg.max_concurrent_handshakes.max(1))),
+            rate,
+            bucket: Mutex::new((rate, Instant::now())),
+        }
+    }
+
+    /// Waits for a token and a handshake slot.
+    async fn admit(&self) -> Option<OwnedSemaphorePermit> {
+        loop {
+            let wait = {
+                let mut b = self
+                    .bucket
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let now = Instant::now();
+                b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * self.rate).min(self.rate);
+                b.1 = now;
+                if b.0 >= 1.0 {
+                    b.0 -= 1.0;
+                    None
+                } else {
+                    Some(Duration::from_secs_f64((1.0 - b.0) / self.rate))
+                }
+            };
+            match wait {
+                None => break,
+                Some(d) => tokio::time::sleep(d).await,
+            }
+        }
+        self.handshakes.clone().acquire_owned().await.ok()
+    }
+}
+
+/// What every connection task shares.
+pub struct Gateway {
+    /// The shards.
+    pub router: Router,
+    /// Tuning.
+    pub cfg: GatewayConfig,
+    /// Delivers verification codes.
+    pub code_sender: Arc<dyn CodeSender>,
+    /// The server's static Noise key.
+    pub server_key: Keypair,
+    conn_ids: AtomicU64,
+    admission: Admission,
+}
+
+impl Gateway {
+    /// Bundles what connections need.
+    #[must_use]
+    pub fn new(
+        router: Router,
+        cfg: GatewayConfig,
+        code_sender: Arc<dyn CodeSender>,
+        server_key: Keypair,
+    ) -> Self {
+        Self {
+            admission: Admission::new(&cfg),
+            router,
+            cfg,
+            code_sender,
+            server_key,
+            conn_ids: AtomicU64::new(1),
+        }
+    }
+
+    fn next_conn_id(&self) -> u64 {
+        self.conn_ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Waits until a new connection may start its handshake; the permit is
+    /// held until the handshake is over. `None` once shutting down.
+    pub async fn admit(&self) -> Option<OwnedSemaphorePermit> {
+        self.admission.admit().await
+    }
+
+    /// Serves one admitted connection over `link` until it ends or
+    /// `shutdown` fires.
+    pub async fn serve_link<L: Link>(
+        self: Arc<Self>,
+        link: L,
+        permit: OwnedSemaphorePermit,
+        shutdown: CancellationToken,
+    ) {
+        connection::run(link, self, permit, shutdown).await;
+    }
+}
+
+/// Pause after a failed accept (e.g. out of file descriptors) so the loop
+/// does not spin while the condition lasts.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Accepts TCP connections until `shutdown` fires; each connection runs on
+/// its own task tracked by `tracker`.
+pub async fn serve_tcp(
+    listener: TcpListener,
+    gw: Arc<Gateway>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        // Admission first: until it allows, connections wait in the
+        // listen backlog, costing us nothing.
+        let permit = tokio::select! {
+            () = shutdown.cancelled() => break,
+            permit = gw.admit() => match permit {
+                Some(p) => p,
+                None => break,
+            },
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    tracker.spawn(gw.clone().serve_link(TcpLink(stream), permit, shutdown.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                }
+            }
+        }
+    }
+}

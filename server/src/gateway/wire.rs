@@ -1,0 +1,137 @@
+//! The one place internal errors become wire errors. Internals (storage
+//! messages, paths) are logged, never sent.
+
+use switchboard_proto::pb::{self, ErrorCode};
+
+use crate::router::{KickReason, RouteError};
+
+/// How long clients should wait before retrying after a storage failure.
+const STORAGE_RETRY_AFTER_MS: u64 = 1000;
+
+/// Builds a wire error.
+pub fn error(code: ErrorCode, message: impl Into<String>) -> pb::Error {
+    pb::Error {
+        code: code as i32,
+        message: message.into(),
+        ..Default::default()
+    }
+}
+
+/// Maps a router error to its wire form.
+pub fn route_error(err: &RouteError) -> pb::Error {
+    match err {
+        RouteError::BadRequest(m) => error(ErrorCode::BadRequest, m.clone()),
+        RouteError::Unauthenticated => error(
+            ErrorCode::Unauthenticated,
+            "unknown device or wrong credential",
+        ),
+        RouteError::UnknownUser => error(ErrorCode::UnknownUser, "no such user"),
+        RouteError::InvalidPhone => error(
+            ErrorCode::InvalidPhone,
+            "phone numbers must be E.164: '+' and 8 to 15 digits",
+        ),
+        RouteError::CodeInvalid => error(ErrorCode::CodeInvalid, "wrong code"),
+        RouteError::CodeExpired => error(
+            ErrorCode::CodeExpired,
+            "no valid code for this number; request a new one",
+        ),
+        RouteError::CodeLocked => error(
+            ErrorCode::CodeLocked,
+            "too many wrong codes; request a new one",
+        ),
+        RouteError::RateLimited { retry_after_ms } => pb::Error {
+            retry_after_ms: *retry_after_ms,
+            ..error(ErrorCode::RateLimited, "too many requests")
+        },
+        RouteError::DeviceMismatch {
+            user,
+            missing,
+            stale,
+        } => pb::Error {
+            user_id: *user,
+            missing_devices: missing.clone(),
+            stale_devices: stale.clone(),
+            ..error(
+                ErrorCode::DeviceMismatch,
+                "the send must address exactly the recipient's current devices",
+            )
+        },
+        RouteError::InvalidKeys(m) => error(ErrorCode::InvalidKeys, m.clone()),
+        RouteError::NotPrimary => {
+            error(ErrorCode::NotPrimary, "only the primary device may do this")
+        }
+        RouteError::TooManyDevices => error(
+            ErrorCode::TooManyDevices,
+            format!(
+                "a user has at most 1 primary and {} linked devices",
+                crate::accounts::MAX_LINKED_DEVICES
+            ),
+        ),
+        RouteError::LinkCodeInvalid => error(
+            ErrorCode::LinkCodeInvalid,
+            "unknown, used or expired link code",
+        ),
+        RouteError::Storage(e) => {
+            tracing::error!(error = %e, "storage failure answered as STORAGE_UNAVAILABLE");
+            pb::Error {
+                retry_after_ms: STORAGE_RETRY_AFTER_MS,
+                ..error(
+                    ErrorCode::StorageUnavailable,
+                    "storage unavailable; not acknowledged, retry with the same id",
+                )
+            }
+        }
+        RouteError::CodeDelivery(e) => {
+            tracing::error!(error = %e, "code delivery failed");
+            pb::Error {
+                retry_after_ms: STORAGE_RETRY_AFTER_MS,
+                ..error(
+                    ErrorCode::Internal,
+                    "the code could not be delivered; retry",
+                )
+            }
+        }
+        RouteError::ShuttingDown => error(ErrorCode::ShuttingDown, "server shutting down"),
+        RouteError::Overloaded { retry_after_ms } => pb::Error {
+            retry_after_ms: *retry_after_ms,
+            ..error(
+                ErrorCode::Overloaded,
+                "server overloaded; not acknowledged, retry later with the same id",
+            )
+        },
+        RouteError::Internal => pb::Error {
+            retry_after_ms: STORAGE_RETRY_AFTER_MS,
+            ..error(ErrorCode::Internal, "internal error; retry")
+        },
+    }
+}
+
+/// The goodbye for a connection the shard ended.
+pub fn kick_error(reason: KickReason) -> pb::Error {
+    match reason {
+        KickReason::Replaced => error(
+            ErrorCode::Replaced,
+            "this device connected again on another connection",
+        ),
+        KickReason::SlowReader => error(
+            ErrorCode::SlowReader,
+            "too slow to read; messages stay queued, reconnect",
+        ),
+        KickReason::Revoked => error(ErrorCode::DeviceRevoked, "this device was revoked"),
+        KickReason::Unavailable => pb::Error {
+            retry_after_ms: STORAGE_RETRY_AFTER_MS,
+            ..error(
+                ErrorCode::StorageUnavailable,
+                "queue unavailable; reconnect",
+            )
+        },
+    }
+}
+
+/// A response frame carrying an error.
+pub fn error_frame(id: u32, err: pb::Error) -> pb::ServerFrame {
+    pb::ServerFrame {
+        id,
+        body: Some(pb::server_frame::Body::Error(err)),
+    }
+}

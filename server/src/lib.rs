@@ -1,0 +1,324 @@
+//! The Switchboard server as a library: the `switchboard` binary and the
+//! integration tests both call [`run`] (or [`start`]) with listeners they
+//! bound themselves.
+//!
+//! Layout: `gateway` (connections), `router` (shards that own all user
+//! state), `store` (storage traits and the embedded fjall backend),
+//! `accounts` (phone codes, credentials), `api` (HTTP: WebSocket, health),
+//! `config`. See docs/ARCHITECTURE.md for how a message flows through them.
+
+pub mod accounts;
+pub mod api;
+pub mod clock;
+pub mod config;
+pub mod gateway;
+pub mod keys;
+pub mod router;
+pub mod store;
+pub mod telemetry;
+
+mod server_key;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{Config, ConfigError, LogFormat};
+
+use accounts::DevCodeSender;
+use gateway::Gateway;
+use router::Router;
+use store::{EmbeddedStore, Store, StoreError};
+
+/// Why the server could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The data directory or a listener could not be set up.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The store could not be opened.
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
+    /// The server key is unusable.
+    #[error("server key: {0}")]
+    Key(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError {
+    let what = what.into();
+    move |source| ServerError::Io { what, source }
+}
+
+/// Subdirectory of the data dir holding the database.
+const DB_DIR: &str = "db";
+/// Subdirectory where the development code sender writes codes.
+pub const DEV_CODES_DIR: &str = "dev-codes";
+
+/// Runs the server on already-bound listeners until `shutdown` resolves,
+/// then shuts down in order: stop accepting, tell clients to reconnect,
+/// drain the shards, flush the store.
+///
+/// `on_ready` is called once everything is listening.
+///
+/// # Errors
+/// [`ServerError`] if the data directory, key or store cannot be set up.
+pub async fn run(
+    config: Config,
+    tcp: TcpListener,
+    http: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    on_ready: impl FnOnce(&Ready) + Send,
+) -> Result<(), ServerError> {
+    config.validate()?;
+    let store = open_store(&config)?;
+    run_with_store(config, store, tcp, http, shutdown, on_ready).await
+}
+
+/// Opens the embedded store in the configured data dir.
+///
+/// # Errors
+/// [`ServerError`] if the directory or the database cannot be opened.
+pub fn open_store(config: &Config) -> Result<Arc<dyn Store>, ServerError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(io_err(format!(
+        "cannot create data dir {}",
+        config.data_dir.display()
+    )))?;
+    Ok(Arc::new(EmbeddedStore::open(
+        &config.data_dir.join(DB_DIR),
+    )?))
+}
+
+/// As [`run`], on a store the caller opened (a wrapped or other backend).
+///
+/// # Errors
+/// [`ServerError`] if the configuration, data directory or key is unusable.
+pub async fn run_with_store(
+    config: Config,
+    store: Arc<dyn Store>,
+    tcp: TcpListener,
+    http: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    on_ready: impl FnOnce(&Ready) + Send,
+) -> Result<(), ServerError> {
+    config.validate()?;
+    // First, so every handle created below records into it.
+    let metrics_handle = telemetry::install();
+    std::fs::create_dir_all(&config.data_dir).map_err(io_err(format!(
+        "cannot create data dir {}",
+        config.data_dir.display()
+    )))?;
+    let key = server_key::load_or_create(&config.data_dir)?;
+    let (router, threads) = Router::start(store.clone(), config.router())
+        .map_err(io_err("cannot start shard threads"))?;
+    let code_sender = Arc::new(DevCodeSender::new(config.data_dir.join(DEV_CODES_DIR)));
+    let public_key = key.public.clone();
+    let gw = Arc::new(Gateway::new(
+        router.clone(),
+        config.gateway(),
+        code_sender,
+        key,
+    ));
+
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let ready_flag = Arc::new(AtomicBool::new(false));
+    let ready = Ready {
+        tcp_addr: tcp.local_addr().map_err(io_err("tcp listener"))?,
+        http_addr: http.local_addr().map_err(io_err("http listener"))?,
+        server_public_key: public_key,
+    };
+
+    let tcp_task = tokio::spawn(gateway::serve_tcp(
+        tcp,
+        gw.clone(),
+        cancel.clone(),
+        tracker.clone(),
+    ));
+    let app = api::routes(api::ApiState {
+        gateway: gw.clone(),
+        shutdown: cancel.clone(),
+        tracker: tracker.clone(),
+        ready: ready_flag.clone(),
+        metrics: metrics_handle.clone(),
+    });
+    let http_cancel = cancel.clone();
+    let http_task = tokio::spawn(async move {
+        axum::serve(http, app)
+            .with_graceful_shutdown(async move { http_cancel.cancelled().await })
+            .await
+    });
+    let sweep_router = router.clone();
+    let sweep_every = Duration::from_secs(config.sweep_interval_secs);
+    let sweep_cancel = cancel.clone();
+    let gauge_store = store.clone();
+    let sweep_task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(sweep_every);
+        let mut upkeep = tokio::time::interval(telemetry::UPKEEP_INTERVAL);
+        loop {
+            tokio::select! {
+                () = sweep_cancel.cancelled() => break,
+                _ = tick.tick() => sweep_router.sweep(),
+                _ = upkeep.tick() => {
+                    if let Some(h) = &metrics_handle {
+                        h.run_upkeep();
+                    }
+                    metrics::gauge!(telemetry::QUEUED_ENTRIES)
+                        .set(gauge_store.approximate_queue_entries() as f64);
+                }
+            }
+        }
+    });
+
+    ready_flag.store(true, Ordering::Relaxed);
+    tracing::info!(
+        tcp = %ready.tcp_addr,
+        http = %ready.http_addr,
+        data_dir = %config.data_dir.display(),
+        shards = config.shard_count(),
+        "switchboard ready"
+    );
+    on_ready(&ready);
+
+    shutdown.await;
+    tracing::info!("shutting down: closing listeners and connections");
+    ready_flag.store(false, Ordering::Relaxed);
+    cancel.cancel();
+    let _ = tcp_task.await;
+    let _ = sweep_task.await;
+    tracker.close();
+    let grace = Duration::from_millis(config.shutdown_grace_ms);
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            remaining = tracker.len(),
+            "connections still open after the grace period; aborting them"
+        );
+    }
+    if tokio::time::timeout(grace, http_task).await.is_err() {
+        tracing::warn!("HTTP server did not stop within the grace period");
+    }
+    drop(gw);
+    router.shutdown(threads).await;
+    store.flush()?;
+    tracing::info!("shutdown complete");
+    Ok(())
+}
+
+/// Where a started server listens.
+#[derive(Debug, Clone)]
+pub struct Ready {
+    /// The Noise/TCP listener.
+    pub tcp_addr: SocketAddr,
+    /// The HTTP/WebSocket listener.
+    pub http_addr: SocketAddr,
+    /// The server's static Noise public key (clients may pin it).
+    pub server_public_key: Vec<u8>,
+}
+
+/// A server running in the background of this process (for tests and
+/// embedding).
+pub struct RunningServer {
+    /// Where it listens.
+    pub ready: Ready,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), ServerError>>,
+}
+
+impl RunningServer {
+    /// Shuts the server down cleanly and waits for it.
+    ///
+    /// # Errors
+    /// What [`run`] returned.
+    pub async fn stop(self) -> Result<(), ServerError> {
+        self.stop.cancel();
+        self.task.await.unwrap_or_else(|e| {
+            Err(ServerError::Io {
+                what: "server task".into(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        })
+    }
+}
+
+/// Binds the configured addresses and starts the server in the background.
+///
+/// # Errors
+/// [`ServerError`] if binding or start-up fails.
+pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
+    config.validate()?;
+    let store = open_store(&config)?;
+    start_with_store(config, store).await
+}
+
+/// Accept backlog asked of the kernel (which caps it at
+/// `net.core.somaxconn`). Tokio's default of 1,024 overflowed when 10,000
+/// clients reconnected at once: dropped SYNs are retried by the client only
+/// after 1, 3, 7 s, which stretched the herd's tail (docs/BENCHMARKS.md).
+pub const LISTEN_BACKLOG: u32 = 65_535;
+
+/// A TCP listener on `addr` with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`,
+/// so a restart does not wait for old connections' TIME_WAIT).
+///
+/// # Errors
+/// If the socket cannot be created, bound or put in listening state.
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// As [`start`], on a store the caller opened.
+///
+/// # Errors
+/// [`ServerError`] if binding or start-up fails.
+pub async fn start_with_store(
+    config: Config,
+    store: Arc<dyn Store>,
+) -> Result<RunningServer, ServerError> {
+    let tcp = listen(config.tcp_listen)
+        .map_err(io_err(format!("cannot listen on {}", config.tcp_listen)))?;
+    let http = listen(config.http_listen)
+        .map_err(io_err(format!("cannot listen on {}", config.http_listen)))?;
+    let stop = CancellationToken::new();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let stop_wait = stop.clone();
+    let task = tokio::spawn(run_with_store(
+        config,
+        store,
+        tcp,
+        http,
+        async move { stop_wait.cancelled().await },
+        move |r: &Ready| {
+            let _ = ready_tx.send(r.clone());
+        },
+    ));
+    match ready_rx.await {
+        Ok(ready) => Ok(RunningServer { ready, stop, task }),
+        Err(_) => match task.await {
+            Ok(Err(e)) => Err(e),
+            _ => Err(ServerError::Io {
+                what: "server start".into(),
+                source: std::io::Error::other("server task ended before it was ready"),
+            }),
+        },
+    }
+}

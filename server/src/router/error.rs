@@ -1,0 +1,81 @@
+//! Errors the router answers requests with. `gateway::wire_error` maps each
+//! to a wire error code; internals never reach clients.
+
+use crate::store::{DeviceId, StoreError, UserId};
+
+/// Why a request was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RouteError {
+    // ---- the caller's fault
+    /// The request is malformed.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// Wrong or revoked credential.
+    #[error("unauthenticated")]
+    Unauthenticated,
+    /// No such user or phone number.
+    #[error("unknown user")]
+    UnknownUser,
+    /// Not an E.164 phone number.
+    #[error("invalid phone number")]
+    InvalidPhone,
+    /// Wrong verification code.
+    #[error("wrong code")]
+    CodeInvalid,
+    /// No valid code outstanding.
+    #[error("code expired or never requested")]
+    CodeExpired,
+    /// Too many wrong codes.
+    #[error("too many wrong codes; request a new code")]
+    CodeLocked,
+    /// Too many requests.
+    #[error("rate limited")]
+    RateLimited {
+        /// When to try again.
+        retry_after_ms: u64,
+    },
+    /// The send did not address exactly the recipient's devices.
+    #[error("device list mismatch")]
+    DeviceMismatch {
+        /// Whose devices: the recipient's or the sender's own.
+        user: UserId,
+        /// Current devices the send left out.
+        missing: Vec<DeviceId>,
+        /// Addressed devices that do not exist (any more).
+        stale: Vec<DeviceId>,
+    },
+
+    /// Keys are malformed, badly signed or contradict the identity.
+    #[error("invalid keys: {0}")]
+    InvalidKeys(String),
+    /// Only the primary device may do this.
+    #[error("only the primary device may do this")]
+    NotPrimary,
+    /// The user has the most devices allowed.
+    #[error("too many devices")]
+    TooManyDevices,
+    /// Unknown, used or expired link code.
+    #[error("invalid link code")]
+    LinkCodeInvalid,
+
+    // ---- infrastructure
+    /// The store failed; nothing was acknowledged.
+    #[error("storage unavailable: {0}")]
+    Storage(#[from] StoreError),
+    /// The code could not be delivered.
+    #[error("could not deliver the code: {0}")]
+    CodeDelivery(String),
+    /// The shard could not take the request in time; nothing was done.
+    #[error("overloaded")]
+    Overloaded {
+        /// When to try again.
+        retry_after_ms: u64,
+    },
+    /// A bug was caught (a panic); the shard restarted from the store.
+    #[error("internal error")]
+    Internal,
+    /// The shard is gone (shutting down).
+    #[error("shutting down")]
+    ShuttingDown,
+}

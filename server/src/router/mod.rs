@@ -1,0 +1,585 @@
+//! The router: N shards, each owning the users and phone numbers that hash
+//! to it, and a cloneable [`Router`] handle that finds the right shard.
+//!
+//! A shard is an OS thread (it does blocking storage I/O) with a bounded
+//! inbox. It takes every command waiting in its inbox, applies them in order
+//! to its in-memory state and one storage batch, commits that batch with one
+//! sync (group commit), and only then answers and pushes. All state of one
+//! user (devices, queue counters, online connections, dedup) is touched by
+//! one shard only, so nothing needs a lock.
+
+mod error;
+mod shard;
+
+pub use error::RouteError;
+use shard::Queued;
+pub use shard::{KickReason, Notice, OwedReceipt, Push};
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use switchboard_proto::pb;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::store::{DeviceId, DeviceKey, Store, UserId};
+use shard::{Command, Shard};
+
+/// Router tuning, from the server configuration.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// Number of shards.
+    pub shards: usize,
+    /// Commands each shard's inbox holds before senders wait.
+    pub inbox_capacity: usize,
+    /// Most commands one shard applies per storage batch.
+    pub max_batch_commands: usize,
+    /// Entries per drain batch pushed to a reconnecting device.
+    pub drain_batch: usize,
+    /// How long queued entries live, in milliseconds.
+    pub queue_ttl_ms: u64,
+    /// How long accepted sends are remembered for deduplication, in ms.
+    pub dedup_window_ms: u64,
+    /// Most user records a shard keeps cached (online users stay regardless).
+    pub max_cached_users: usize,
+    /// How long a request may wait for its shard before it is answered
+    /// OVERLOADED instead of being done late.
+    pub request_deadline: std::time::Duration,
+}
+
+/// A verification code issued to a phone number.
+#[derive(Debug, Clone)]
+pub struct CodeIssued {
+    /// The code to deliver.
+    pub code: String,
+    /// When it expires (ms since epoch).
+    pub expires_at_ms: u64,
+}
+
+/// A device registered by phone verification.
+#[derive(Debug, Clone)]
+pub struct Registered {
+    /// The account.
+    pub user: UserId,
+    /// The new device.
+    pub device: DeviceId,
+    /// Its bearer credential (only a hash is stored).
+    pub credential: Vec<u8>,
+}
+
+/// A connection's way to receive pushes, handed to the owning shard at
+/// authentication.
+#[derive(Debug)]
+pub struct ConnLink {
+    /// Unique id of this connection.
+    pub conn_id: u64,
+    /// Pushes for the connection. Bounded: the shard uses `try_send`, and a
+    /// connection whose queue is full is kicked as a slow reader (its entries
+    /// stay in its durable queue).
+    pub push: mpsc::Sender<Push>,
+    /// Fired once if the shard ends the connection (replaced, slow, revoked).
+    pub kick: oneshot::Sender<KickReason>,
+}
+
+/// A send as submitted by the sender's connection (already validated for
+/// sizes).
+#[derive(Debug)]
+pub struct SendRequest {
+    /// The sending device.
+    pub from: DeviceKey,
+    /// The sender's phone, shown to the recipient.
+    pub from_phone: String,
+    /// The client's message id.
+    pub client_msg_id: String,
+    /// The recipient.
+    pub to_user: UserId,
+    /// One payload per recipient device.
+    pub payloads: Vec<pb::DevicePayload>,
+}
+
+/// Answer to a send: the ✓.
+#[derive(Debug, Clone, Copy)]
+pub struct SendAccepted {
+    /// Server timestamp of the message.
+    pub server_ts_ms: u64,
+    /// The send was a retry of an accepted one.
+    pub duplicate: bool,
+}
+
+/// What a connection learns when it authenticates.
+#[derive(Debug, Clone)]
+pub struct AuthInfo {
+    /// The user's phone number.
+    pub phone: String,
+    /// Whether this is the primary device.
+    pub primary: bool,
+    /// Whether the device has published identity keys.
+    pub has_keys: bool,
+    /// One-time keys in stock.
+    pub one_time_keys: u32,
+    /// The user's current devices.
+    pub devices: Vec<DeviceId>,
+}
+
+/// Public facts about a user.
+#[derive(Debug, Clone)]
+pub struct UserSummary {
+    /// The user.
+    pub user: UserId,
+    /// Phone number.
+    pub phone: String,
+    /// Current devices, ascending.
+    pub devices: Vec<DeviceId>,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, RouteError>>;
+
+/// Handle to the shards. Cloning is cheap.
+#[derive(Clone)]
+pub struct Router {
+    shards: Arc<[mpsc::Sender<Queued>]>,
+    deadline: std::time::Duration,
+}
+
+/// The shard threads, to be joined at shutdown.
+pub struct ShardThreads(Vec<JoinHandle<()>>);
+
+/// Stable 64-bit mix of a user id (splitmix64 finalizer), so shard choice
+/// does not depend on how ids were allocated.
+fn mix64(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// Stable hash of a phone number (FNV-1a), for the same reason.
+fn hash_str(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Which of `n` shards owns `user`.
+#[must_use]
+pub fn shard_of_user(user: UserId, n: usize) -> usize {
+    (mix64(user) % n.max(1) as u64) as usize
+}
+
+/// Which of `n` shards owns a string key (a phone number or a link code).
+#[must_use]
+pub fn shard_of_phone(phone: &str, n: usize) -> usize {
+    (mix64(hash_str(phone)) % n.max(1) as u64) as usize
+}
+
+impl Router {
+    /// Starts the shard threads.
+    ///
+    /// # Errors
+    /// An I/O error if a thread cannot be spawned.
+    pub fn start(
+        store: Arc<dyn Store>,
+        cfg: RouterConfig,
+    ) -> std::io::Result<(Self, ShardThreads)> {
+        let n = cfg.shards.max(1);
+        let mut senders = Vec::with_capacity(n);
+        let mut threads = Vec::with_capacity(n);
+        for id in 0..n {
+            // The shard's inbox. Held by every connection (through Router);
+            // when full, senders wait, which stops their socket reads:
+            // backpressure reaches the clients instead of memory growing.
+            let (tx, rx) = mpsc::channel(cfg.inbox_capacity.max(1));
+            let shard = Shard::new(id, n, store.clone(), cfg.clone());
+            let handle = std::thread::Builder::new()
+                .name(format!("shard-{id}"))
+                .spawn(move || shard.run(rx))?;
+            senders.push(tx);
+            threads.push(handle);
+        }
+        Ok((
+            Self {
+                shards: senders.into(),
+                deadline: cfg.request_deadline,
+            },
+            ShardThreads(threads),
+        ))
+    }
+
+    fn user_shard(&self, user: UserId) -> &mpsc::Sender<Queued> {
+        &self.shards[shard_of_user(user, self.shards.len())]
+    }
+
+    fn phone_shard(&self, phone: &str) -> &mpsc::Sender<Queued> {
+        &self.shards[shard_of_phone(phone, self.shards.len())]
+    }
+
+    /// Queues a request with this router's deadline: waits at most that
+    /// long for room in the inbox (then OVERLOADED), and the shard discards
+    /// it if it is still waiting when the deadline passes.
+    async fn enqueue(&self, shard: &mpsc::Sender<Queued>, cmd: Command) -> Result<(), RouteError> {
+        let deadline = std::time::Instant::now() + self.deadline;
+        match shard
+            .send_timeout(Queued::with_deadline(cmd, deadline), self.deadline)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                metrics::counter!(crate::telemetry::DISCARDED_REQUESTS).increment(1);
+                Err(RouteError::Overloaded {
+                    retry_after_ms: shard::OVERLOADED_RETRY_AFTER_MS,
+                })
+            }
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(RouteError::ShuttingDown),
+        }
+    }
+
+    async fn call<T>(
+        &self,
+        shard: &mpsc::Sender<Queued>,
+        make: impl FnOnce(Reply<T>) -> Command,
+    ) -> Result<T, RouteError> {
+        let (tx, rx) = oneshot::channel();
+        self.enqueue(shard, make(tx)).await?;
+        // A dropped reply means the shard restarted mid-command (a caught
+        // panic) or is shutting down.
+        rx.await.map_err(|_| RouteError::Internal)?
+    }
+
+    /// Issues a verification code for `phone` (not yet delivered).
+    ///
+    /// # Errors
+    /// [`RouteError::InvalidPhone`], [`RouteError::RateLimited`], storage.
+    pub async fn request_code(&self, phone: String) -> Result<CodeIssued, RouteError> {
+        if !crate::accounts::is_e164(&phone) {
+            return Err(RouteError::InvalidPhone);
+        }
+        self.call(self.phone_shard(&phone), |reply| Command::RequestCode {
+            phone,
+            reply,
+        })
+        .await
+    }
+
+    /// Checks a code and, if right, registers a new primary device.
+    ///
+    /// # Errors
+    /// The code errors, storage.
+    pub async fn verify_code(&self, phone: String, code: String) -> Result<Registered, RouteError> {
+        if !crate::accounts::is_e164(&phone) {
+            return Err(RouteError::InvalidPhone);
+        }
+        let user = self
+            .call(self.phone_shard(&phone), |reply| Command::VerifyCode {
+                phone: phone.clone(),
+                code,
+                reply,
+            })
+            .await?;
+        self.call(self.user_shard(user), |reply| Command::RegisterDevice {
+            user,
+            phone,
+            reply,
+        })
+        .await
+    }
+
+    /// Authenticates a connection as `device` and starts draining its queue
+    /// into `link`. Returns the user's phone.
+    ///
+    /// # Errors
+    /// [`RouteError::Unauthenticated`], storage.
+    pub async fn authenticate(
+        &self,
+        device: DeviceKey,
+        credential: Vec<u8>,
+        link: ConnLink,
+    ) -> Result<AuthInfo, RouteError> {
+        self.call(self.user_shard(device.user), |reply| {
+            Command::Authenticate {
+                device,
+                credential,
+                link,
+                reply,
+            }
+        })
+        .await
+    }
+
+    /// Looks a user up by phone number.
+    ///
+    /// # Errors
+    /// [`RouteError::UnknownUser`], storage.
+    pub async fn lookup_phone(&self, phone: String) -> Result<UserSummary, RouteError> {
+        if !crate::accounts::is_e164(&phone) {
+            return Err(RouteError::InvalidPhone);
+        }
+        let user = self
+            .call(self.phone_shard(&phone), |reply| Command::LookupPhone {
+                phone,
+                reply,
+            })
+            .await?;
+        self.call(self.user_shard(user), |reply| Command::LookupUser {
+            user,
+            reply,
+        })
+        .await
+    }
+
+    /// Hands a send to the recipient's shard. Returns once it is in the
+    /// shard's inbox (so sends from one connection keep their order); the
+    /// returned receiver yields the ✓ after the durable write.
+    ///
+    /// # Errors
+    /// [`RouteError::ShuttingDown`] if the shard is gone.
+    pub async fn submit_send(
+        &self,
+        req: SendRequest,
+    ) -> Result<oneshot::Receiver<Result<SendAccepted, RouteError>>, RouteError> {
+        let (tx, rx) = oneshot::channel();
+        let shard = self.user_shard(req.to_user);
+        self.enqueue(shard, Command::Send { req, reply: tx })
+            .await?;
+        Ok(rx)
+    }
+
+    /// Hands the sender's copies of a send (for its other devices) to the
+    /// sender's own shard; `req.to_user` names the conversation peer. Like
+    /// [`Router::submit_send`], returns once queued.
+    ///
+    /// # Errors
+    /// [`RouteError::ShuttingDown`] if the shard is gone.
+    pub async fn submit_self_send(
+        &self,
+        req: SendRequest,
+    ) -> Result<oneshot::Receiver<Result<SendAccepted, RouteError>>, RouteError> {
+        let (tx, rx) = oneshot::channel();
+        let shard = self.user_shard(req.from.user);
+        self.enqueue(shard, Command::SendSelf { req, reply: tx })
+            .await?;
+        Ok(rx)
+    }
+
+    /// Publishes a device's keys (already signature-checked). Returns the
+    /// one-time keys in stock.
+    ///
+    /// # Errors
+    /// [`RouteError::InvalidKeys`] for a changed identity or a full stock.
+    pub async fn upload_keys(
+        &self,
+        device: DeviceKey,
+        upload: pb::UploadKeys,
+    ) -> Result<u32, RouteError> {
+        self.call(self.user_shard(device.user), |reply| Command::UploadKeys {
+            device,
+            upload,
+            reply,
+        })
+        .await
+    }
+
+    /// Key bundles of every current device of `user` (but the requester),
+    /// each consuming one one-time key.
+    ///
+    /// # Errors
+    /// [`RouteError::UnknownUser`], storage.
+    pub async fn fetch_bundles(
+        &self,
+        requester: DeviceKey,
+        user: UserId,
+    ) -> Result<Vec<pb::DeviceBundle>, RouteError> {
+        self.call(self.user_shard(user), |reply| Command::FetchBundles {
+            requester,
+            user,
+            reply,
+        })
+        .await
+    }
+
+    /// A link code for the primary `device`'s account: (code, expiry).
+    ///
+    /// # Errors
+    /// [`RouteError::NotPrimary`], [`RouteError::TooManyDevices`], rate limit.
+    pub async fn create_link_code(&self, device: DeviceKey) -> Result<(String, u64), RouteError> {
+        let (code, expires_ms) = self
+            .call(self.user_shard(device.user), |reply| {
+                Command::CreateLinkCode { device, reply }
+            })
+            .await?;
+        let canonical =
+            crate::accounts::normalize_link_code(&code).ok_or(RouteError::LinkCodeInvalid)?;
+        self.call(self.phone_shard(&canonical), |reply| {
+            Command::StoreLinkCode {
+                code: canonical.clone(),
+                record: crate::store::LinkCodeRecord {
+                    user_id: device.user,
+                    expires_ms,
+                },
+                reply,
+            }
+        })
+        .await?;
+        Ok((code, expires_ms))
+    }
+
+    /// Joins the account behind `code` as a new linked device.
+    ///
+    /// # Errors
+    /// [`RouteError::LinkCodeInvalid`], [`RouteError::TooManyDevices`].
+    pub async fn link_device(&self, code: &str) -> Result<Registered, RouteError> {
+        let code = crate::accounts::normalize_link_code(code).ok_or(RouteError::LinkCodeInvalid)?;
+        let user = self
+            .call(self.phone_shard(&code), |reply| Command::TakeLinkCode {
+                code: code.clone(),
+                reply,
+            })
+            .await?;
+        self.call(self.user_shard(user), |reply| Command::AddLinkedDevice {
+            user,
+            code,
+            reply,
+        })
+        .await
+    }
+
+    /// The user's devices with their identity keys.
+    ///
+    /// # Errors
+    /// [`RouteError::UnknownUser`], storage.
+    pub async fn list_devices(&self, user: UserId) -> Result<Vec<pb::DeviceInfo>, RouteError> {
+        self.call(self.user_shard(user), |reply| Command::ListDevices {
+            user,
+            reply,
+        })
+        .await
+    }
+
+    /// The primary device `by` revokes another device of its user.
+    ///
+    /// # Errors
+    /// [`RouteError::NotPrimary`], [`RouteError::BadRequest`] for an unknown
+    /// device or the primary itself.
+    pub async fn revoke_device(&self, by: DeviceKey, target: DeviceId) -> Result<(), RouteError> {
+        self.call(self.user_shard(by.user), |reply| Command::RevokeDevice {
+            by,
+            target,
+            reply,
+        })
+        .await
+    }
+
+    /// Durably queues a receipt for every device of `to_user`. With
+    /// `must_exist`, an unknown user is an error; otherwise the receipt is
+    /// dropped (the sender's account is gone).
+    ///
+    /// # Errors
+    /// [`RouteError::UnknownUser`], storage, shutdown.
+    pub async fn enqueue_receipt(
+        &self,
+        to_user: UserId,
+        receipt: pb::Receipt,
+        must_exist: bool,
+    ) -> Result<(), RouteError> {
+        self.call(self.user_shard(to_user), |reply| Command::EnqueueReceipt {
+            to_user,
+            receipt,
+            must_exist,
+            reply,
+        })
+        .await
+    }
+
+    /// A device's ack of `seqs` on connection `conn_id`: the receipt
+    /// entries among them (`receipt_seqs`) are removed, and each sender in
+    /// `owed` gets a delivery receipt, after which the message entries it
+    /// covers are removed. For senders on the device's shard (all of them,
+    /// with one shard) this is one command and one atomic batch. The
+    /// receipts for senders on other shards come back, for the caller to
+    /// queue ([`Router::enqueue_receipt`]) and only then [`Router::delete`]
+    /// their messages.
+    pub async fn ack(
+        &self,
+        device: DeviceKey,
+        conn_id: u64,
+        seqs: Vec<u64>,
+        receipt_seqs: Vec<u64>,
+        owed: Vec<OwedReceipt>,
+    ) -> Vec<OwedReceipt> {
+        let n = self.shards.len();
+        let mine = shard_of_user(device.user, n);
+        let (local, remote): (Vec<_>, Vec<_>) = owed
+            .into_iter()
+            .partition(|o| shard_of_user(o.to_user, n) == mine);
+        let _ = self.shards[mine]
+            .send(Queued::new(Command::Ack {
+                device,
+                conn_id,
+                seqs,
+                delete: receipt_seqs,
+                receipts: local,
+            }))
+            .await;
+        remote
+    }
+
+    /// Removes entries from a device's queue.
+    pub async fn delete(&self, device: DeviceKey, seqs: Vec<u64>) {
+        let _ = self
+            .user_shard(device.user)
+            .send(Queued::new(Command::Delete { device, seqs }))
+            .await;
+    }
+
+    /// Connection `conn_id` of `device` has ended.
+    pub async fn disconnected(&self, device: DeviceKey, conn_id: u64) {
+        let _ = self
+            .user_shard(device.user)
+            .send(Queued::new(Command::Disconnected { device, conn_id }))
+            .await;
+    }
+
+    /// Asks every shard to run its expiry sweep (skipped by busy shards).
+    pub fn sweep(&self) {
+        for shard in self.shards.iter() {
+            // Overflow policy: a full inbox means the shard is busy; the
+            // sweep simply waits for the next tick.
+            let _ = shard.try_send(Queued::new(Command::Sweep));
+        }
+    }
+
+    /// Stops every shard after it has applied what is already in its inbox,
+    /// and waits for the threads.
+    pub async fn shutdown(&self, threads: ShardThreads) {
+        for shard in self.shards.iter() {
+            let _ = shard.send(Queued::new(Command::Shutdown)).await;
+        }
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads.0 {
+                if t.join().is_err() {
+                    tracing::error!("a shard thread panicked during shutdown");
+                }
+            }
+        })
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sharding_is_stable_and_spread() {
+        assert_eq!(shard_of_user(42, 8), shard_of_user(42, 8));
+        assert_eq!(
+            shard_of_phone("+15550001", 8),
+            shard_of_phone("+15550001", 8)
+        );
+        let mut counts = [0usize; 4];
+        for u in 0..4000u64 {
+            counts[shard_of_user(u, 4)] += 1;
+        }
+        assert!(counts.iter().all(|c| (800..1200).contains(c)), "{counts:?}");
+        assert_eq!(shard_of_user(7, 1), 0);
+    }
+}

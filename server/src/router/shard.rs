@@ -1,0 +1,1595 @@
+//! One shard: the single owner of the users and phone numbers that hash to
+//! it. Runs on its own thread; see the module docs of `router` for the
+//! batching discipline.
+//!
+//! Invariants:
+//! - Nothing is answered or pushed before the batch that produced it is
+//!   committed (`effects` and `live` run after `commit`).
+//! - A device's queue is read by seq cursor, so entries acked but not yet
+//!   deleted are never re-read on the same connection.
+//! - On a failed commit the caches are dropped and reloaded from the store,
+//!   so memory never runs ahead of what is durable.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use prost::Message;
+use switchboard_proto::pb;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    AuthInfo, CodeIssued, ConnLink, Registered, Reply, RouteError, RouterConfig, SendAccepted,
+    SendRequest, UserSummary, shard_of_phone, shard_of_user,
+};
+use crate::accounts;
+use crate::clock::now_ms;
+use crate::keys;
+use crate::store::{
+    CodeRecord, DedupKey, DedupRecord, DeviceId, DeviceKey, DeviceKeysRecord, DeviceRecord,
+    LinkCodeRecord, Op, Store, StoreError, StoredEntry, UserId, UserRecord,
+};
+use crate::telemetry as tm;
+
+/// Most entries the expiry sweep removes per tick, so one sweep never
+/// stalls a shard for long; the next tick continues.
+const SWEEP_LIMIT: usize = 10_000;
+
+/// What a shard pushes to a connection.
+#[derive(Debug, Clone)]
+pub enum Push {
+    /// Queue entries, in queue order. A boxed slice (and one variant for
+    /// the small notices) keeps `Push` at 16 bytes: every connection's push
+    /// channel allocates a block of 32 of them up front, so this is idle
+    /// memory per connection.
+    Deliver(Box<[pb::QueueEntry]>),
+    /// A notice with no queue entry.
+    Notice(Notice),
+}
+
+/// Pushes that are not queue entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notice {
+    /// The queue has been drained; live delivery follows.
+    UpToDate,
+    /// The device's one-time key stock is low.
+    KeysLow(u32),
+}
+
+// Kept small on purpose (see `Push::Deliver`).
+const _: () = assert!(std::mem::size_of::<Push>() <= 16);
+
+/// Why a shard ended a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KickReason {
+    /// The same device authenticated on a newer connection.
+    Replaced,
+    /// The connection's push queue overflowed.
+    SlowReader,
+    /// The device was revoked.
+    Revoked,
+    /// The queue could not be read; reconnecting retries.
+    Unavailable,
+}
+
+/// A command with the time it entered the inbox (to measure the backlog)
+/// and, for requests, the time after which it is not worth doing.
+pub(super) struct Queued {
+    at: Instant,
+    deadline: Option<Instant>,
+    cmd: Command,
+}
+
+impl Queued {
+    /// A command that must be applied however late (acks, disconnects).
+    pub(super) fn new(cmd: Command) -> Self {
+        Self {
+            at: Instant::now(),
+            deadline: None,
+            cmd,
+        }
+    }
+
+    /// A request that is discarded unprocessed after `deadline`.
+    pub(super) fn with_deadline(cmd: Command, deadline: Instant) -> Self {
+        Self {
+            at: Instant::now(),
+            deadline: Some(deadline),
+            cmd,
+        }
+    }
+}
+
+/// How long a client should wait after OVERLOADED: long enough for a
+/// backlog to drain, short enough not to be noticed by a person.
+pub(super) const OVERLOADED_RETRY_AFTER_MS: u64 = 250;
+
+impl Command {
+    /// Answers the command with `err` without doing it. Commands that carry
+    /// no answer (acks, deletes, ...) are returned: they must be applied.
+    fn reject(self, err: RouteError) -> Option<Command> {
+        match self {
+            Command::RequestCode { reply, .. } => reply_now(reply, Err(err)),
+            Command::VerifyCode { reply, .. } | Command::TakeLinkCode { reply, .. } => {
+                reply_now(reply, Err(err));
+            }
+            Command::LookupPhone { reply, .. } => reply_now(reply, Err(err)),
+            Command::RegisterDevice { reply, .. } | Command::AddLinkedDevice { reply, .. } => {
+                reply_now(reply, Err(err));
+            }
+            Command::Authenticate { reply, .. } => reply_now(reply, Err(err)),
+            Command::Send { reply, .. } | Command::SendSelf { reply, .. } => {
+                reply_now(reply, Err(err));
+            }
+            Command::UploadKeys { reply, .. } => reply_now(reply, Err(err)),
+            Command::FetchBundles { reply, .. } => reply_now(reply, Err(err)),
+            Command::CreateLinkCode { reply, .. } => reply_now(reply, Err(err)),
+            Command::StoreLinkCode { reply, .. }
+            | Command::RevokeDevice { reply, .. }
+            | Command::EnqueueReceipt { reply, .. } => reply_now(reply, Err(err)),
+            Command::ListDevices { reply, .. } => reply_now(reply, Err(err)),
+            Command::LookupUser { reply, .. } => reply_now(reply, Err(err)),
+            other @ (Command::Delete { .. }
+            | Command::Ack { .. }
+            | Command::Disconnected { .. }
+            | Command::Sweep
+            | Command::Shutdown) => return Some(other),
+        }
+        None
+    }
+}
+
+/// A delivery receipt a device's ack owes a sender, and the message
+/// entries it covers (removed once the receipt is stored).
+#[derive(Debug)]
+pub struct OwedReceipt {
+    /// The sender.
+    pub to_user: UserId,
+    /// The receipt to queue for every device of the sender.
+    pub receipt: pb::Receipt,
+    /// The acked message entries (in the acking device's queue) it covers.
+    pub message_seqs: Vec<u64>,
+}
+
+pub(super) enum Command {
+    RequestCode {
+        phone: String,
+        reply: Reply<CodeIssued>,
+    },
+    VerifyCode {
+        phone: String,
+        code: String,
+        reply: Reply<UserId>,
+    },
+    RegisterDevice {
+        user: UserId,
+        phone: String,
+        reply: Reply<Registered>,
+    },
+    Authenticate {
+        device: DeviceKey,
+        credential: Vec<u8>,
+        link: ConnLink,
+        reply: Reply<AuthInfo>,
+    },
+    SendSelf {
+        req: SendRequest,
+        reply: Reply<SendAccepted>,
+    },
+    UploadKeys {
+        device: DeviceKey,
+        upload: pb::UploadKeys,
+        reply: Reply<u32>,
+    },
+    FetchBundles {
+        requester: DeviceKey,
+        user: UserId,
+        reply: Reply<Vec<pb::DeviceBundle>>,
+    },
+    CreateLinkCode {
+        device: DeviceKey,
+        reply: Reply<(String, u64)>,
+    },
+    StoreLinkCode {
+        code: String,
+        record: LinkCodeRecord,
+        reply: Reply<()>,
+    },
+    TakeLinkCode {
+        code: String,
+        reply: Reply<UserId>,
+    },
+    AddLinkedDevice {
+        user: UserId,
+        code: String,
+        reply: Reply<Registered>,
+    },
+    ListDevices {
+        user: UserId,
+        reply: Reply<Vec<pb::DeviceInfo>>,
+    },
+    RevokeDevice {
+        by: DeviceKey,
+        target: DeviceId,
+        reply: Reply<()>,
+    },
+    LookupPhone {
+        phone: String,
+        reply: Reply<UserId>,
+    },
+    LookupUser {
+        user: UserId,
+        reply: Reply<UserSummary>,
+    },
+    Send {
+        req: SendRequest,
+        reply: Reply<SendAccepted>,
+    },
+    EnqueueReceipt {
+        to_user: UserId,
+        receipt: pb::Receipt,
+        /// Answer UNKNOWN_USER (rather than dropping it) if there is no such user.
+        must_exist: bool,
+        reply: Reply<()>,
+    },
+    Delete {
+        device: DeviceKey,
+        seqs: Vec<u64>,
+    },
+    /// A device's ack, handled in one batch: `seqs` were received on
+    /// `conn_id`; the receipt entries `delete` go; each of `receipts` is
+    /// queued for its user (who lives on this shard) and, if it could be
+    /// staged, the message entries it covers are removed in the same atomic
+    /// batch.
+    Ack {
+        device: DeviceKey,
+        conn_id: u64,
+        seqs: Vec<u64>,
+        delete: Vec<u64>,
+        receipts: Vec<OwedReceipt>,
+    },
+    Disconnected {
+        device: DeviceKey,
+        conn_id: u64,
+    },
+    Sweep,
+    Shutdown,
+}
+
+enum Drain {
+    /// Pushing stored entries page by page; the next page goes out when every
+    /// seq of the previous one has been acked.
+    Draining { cursor: u64, inflight: HashSet<u64> },
+    /// Caught up: new entries are pushed as they are committed.
+    Live,
+}
+
+struct Online {
+    conn_id: u64,
+    push: mpsc::Sender<Push>,
+    kick: Option<oneshot::Sender<KickReason>>,
+    drain: Drain,
+}
+
+impl Online {
+    fn kick(mut self, reason: KickReason) {
+        if let Some(k) = self.kick.take() {
+            let _ = k.send(reason);
+        }
+    }
+}
+
+/// Runs after the batch commits; gets the commit error if it failed.
+type Effect = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+
+pub(super) struct Shard {
+    id: usize,
+    shards: usize,
+    store: Arc<dyn Store>,
+    cfg: RouterConfig,
+    /// Cached user records (committed or staged in the current batch).
+    users: HashMap<UserId, UserRecord>,
+    /// Last used seq per device queue.
+    last_seq: HashMap<DeviceKey, u64>,
+    /// Cached key records (committed or staged).
+    keys: HashMap<DeviceKey, DeviceKeysRecord>,
+    /// Authenticated connections of this shard's devices.
+    online: HashMap<DeviceKey, Online>,
+    /// Size of `users` that triggers the next eviction.
+    evict_at: usize,
+    // ---- the batch being built
+    ops: Vec<Op>,
+    effects: Vec<Effect>,
+    live: Vec<(DeviceKey, pb::QueueEntry)>,
+    kicks: Vec<(DeviceKey, KickReason)>,
+    pushes: Vec<(DeviceKey, Push)>,
+    staged_dedup: HashMap<DedupKey, u64>,
+    staged_codes: HashMap<String, CodeRecord>,
+    staged_phones: HashMap<String, UserId>,
+}
+
+/// Checks that `payloads` address exactly `expected` (devices of `user`).
+fn check_devices(
+    user: UserId,
+    expected: &BTreeSet<u32>,
+    payloads: &[pb::DevicePayload],
+) -> Result<(), RouteError> {
+    let addressed: BTreeSet<u32> = payloads.iter().map(|p| p.device_id).collect();
+    if *expected == addressed {
+        return Ok(());
+    }
+    Err(RouteError::DeviceMismatch {
+        user,
+        missing: expected.difference(&addressed).copied().collect(),
+        stale: addressed.difference(expected).copied().collect(),
+    })
+}
+
+fn reply_now<T>(reply: Reply<T>, result: Result<T, RouteError>) {
+    // The requester may have gone away; nothing to do then.
+    let _ = reply.send(result);
+}
+
+impl Shard {
+    pub(super) fn new(id: usize, shards: usize, store: Arc<dyn Store>, cfg: RouterConfig) -> Self {
+        let evict_at = cfg.max_cached_users.max(1);
+        Self {
+            id,
+            shards,
+            store,
+            cfg,
+            users: HashMap::new(),
+            last_seq: HashMap::new(),
+            keys: HashMap::new(),
+            online: HashMap::new(),
+            evict_at,
+            ops: Vec::new(),
+            effects: Vec::new(),
+            live: Vec::new(),
+            kicks: Vec::new(),
+            pushes: Vec::new(),
+            staged_dedup: HashMap::new(),
+            staged_codes: HashMap::new(),
+            staged_phones: HashMap::new(),
+        }
+    }
+
+    /// The shard loop: take a batch of commands, apply, commit, answer.
+    pub(super) fn run(mut self, mut inbox: mpsc::Receiver<Queued>) {
+        let span = tracing::info_span!("shard", id = self.id);
+        let _enter = span.enter();
+        let shard_label = self.id.to_string();
+        let wait = metrics::histogram!(tm::SHARD_INBOX_WAIT_SECONDS);
+        let batch_size = metrics::histogram!(tm::SHARD_BATCH_COMMANDS);
+        let depth = metrics::gauge!(tm::SHARD_INBOX_DEPTH, "shard" => shard_label);
+        let mut stopping = false;
+        while !stopping {
+            let Some(first) = inbox.blocking_recv() else {
+                break;
+            };
+            let mut next = Some(first);
+            let mut applied: u32 = 0;
+            while let Some(queued) = next.take() {
+                wait.record(queued.at.elapsed().as_secs_f64());
+                if matches!(queued.cmd, Command::Shutdown) {
+                    stopping = true;
+                    break;
+                }
+                let mut cmd = Some(queued.cmd);
+                if queued.deadline.is_some_and(|d| Instant::now() > d) {
+                    // Stale work: the requester has likely given up.
+                    if let Some(c) = cmd.take() {
+                        cmd = c.reject(RouteError::Overloaded {
+                            retry_after_ms: OVERLOADED_RETRY_AFTER_MS,
+                        });
+                    }
+                    if cmd.is_none() {
+                        metrics::counter!(tm::DISCARDED_REQUESTS).increment(1);
+                    }
+                }
+                if let Some(cmd) = cmd {
+                    self.apply_contained(cmd);
+                }
+                applied += 1;
+                if applied as usize >= self.cfg.max_batch_commands {
+                    break;
+                }
+                next = inbox.try_recv().ok();
+            }
+            batch_size.record(f64::from(applied));
+            let committed =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.commit()));
+            if committed.is_err() {
+                metrics::counter!(tm::PANICS, "where" => "shard").increment(1);
+                tracing::error!(
+                    shard = self.id,
+                    "panic while committing; restarting the shard from the store"
+                );
+                self.restart();
+            }
+            depth.set(inbox.len() as f64);
+            self.maybe_evict();
+        }
+        for (_, online) in self.online.drain() {
+            drop(online);
+        }
+        if let Err(e) = self.store.flush() {
+            tracing::error!(error = %e, "final flush failed");
+        }
+    }
+
+    /// Applies one command; a panic in it is caught and the shard
+    /// restarts from the store: the batch is failed, caches are dropped and
+    /// connections are told to reconnect (they re-drain from the store).
+    fn apply_contained(&mut self, cmd: Command) {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.apply(cmd)));
+        if result.is_err() {
+            metrics::counter!(tm::PANICS, "where" => "shard").increment(1);
+            tracing::error!(
+                shard = self.id,
+                "panic in shard command; restarting the shard from the store"
+            );
+            self.restart();
+        }
+    }
+
+    /// Throws away everything not yet committed and all memory state.
+    fn restart(&mut self) {
+        self.ops.clear();
+        self.live.clear();
+        self.pushes.clear();
+        self.kicks.clear();
+        self.staged_dedup.clear();
+        self.staged_codes.clear();
+        self.staged_phones.clear();
+        for effect in std::mem::take(&mut self.effects) {
+            effect(Some(&StoreError::Engine(
+                "shard restarted after an internal error".into(),
+            )));
+        }
+        self.users.clear();
+        self.last_seq.clear();
+        self.keys.clear();
+        for (_, online) in self.online.drain() {
+            online.kick(KickReason::Unavailable);
+        }
+    }
+
+    fn owns_user(&self, user: UserId) -> bool {
+        shard_of_user(user, self.shards) == self.id
+    }
+
+    fn apply(&mut self, cmd: Command) {
+        match cmd {
+            Command::RequestCode { phone, reply } => self.request_code(phone, reply),
+            Command::VerifyCode { phone, code, reply } => self.verify_code(phone, &code, reply),
+            Command::RegisterDevice { user, phone, reply } => {
+                self.register_device(user, phone, reply);
+            }
+            Command::Authenticate {
+                device,
+                credential,
+                link,
+                reply,
+            } => self.authenticate(device, &credential, link, reply),
+            Command::LookupPhone { phone, reply } => {
+                let r = self
+                    .phone_user(&phone)
+                    .map_err(RouteError::from)
+                    .and_then(|u| u.ok_or(RouteError::UnknownUser));
+                self.after_commit(reply, r);
+            }
+            Command::LookupUser { user, reply } => {
+                let r = match self.user(user) {
+                    Ok(Some(u)) => Ok(UserSummary {
+                        user,
+                        phone: u.phone.clone(),
+                        devices: u.devices.iter().map(|d| d.device_id).collect(),
+                    }),
+                    Ok(None) => Err(RouteError::UnknownUser),
+                    Err(e) => Err(e.into()),
+                };
+                self.after_commit(reply, r);
+            }
+            Command::Send { req, reply } => self.send(req, reply),
+            Command::SendSelf { req, reply } => self.send_self(req, reply),
+            Command::UploadKeys {
+                device,
+                upload,
+                reply,
+            } => self.upload_keys(device, upload, reply),
+            Command::FetchBundles {
+                requester,
+                user,
+                reply,
+            } => self.fetch_bundles(requester, user, reply),
+            Command::CreateLinkCode { device, reply } => self.create_link_code(device, reply),
+            Command::StoreLinkCode {
+                code,
+                record,
+                reply,
+            } => {
+                self.ops.push(Op::PutLinkCode { code, record });
+                self.after_commit(reply, Ok(()));
+            }
+            Command::TakeLinkCode { code, reply } => self.take_link_code(code, reply),
+            Command::AddLinkedDevice { user, code, reply } => {
+                self.add_linked_device(user, &code, reply);
+            }
+            Command::ListDevices { user, reply } => self.list_devices(user, reply),
+            Command::RevokeDevice { by, target, reply } => self.revoke_device(by, target, reply),
+            Command::EnqueueReceipt {
+                to_user,
+                receipt,
+                must_exist,
+                reply,
+            } => self.enqueue_receipt(to_user, receipt, must_exist, reply),
+            Command::Delete { device, seqs } => {
+                self.ops
+                    .extend(seqs.into_iter().map(|seq| Op::Dequeue { device, seq }));
+            }
+            Command::Ack {
+                device,
+                conn_id,
+                seqs,
+                delete,
+                receipts,
+            } => {
+                self.acked(device, conn_id, &seqs);
+                self.ops
+                    .extend(delete.into_iter().map(|seq| Op::Dequeue { device, seq }));
+                for owed in receipts {
+                    match self.stage_receipt(owed.to_user, &owed.receipt, false) {
+                        Ok(()) => self.ops.extend(
+                            owed.message_seqs
+                                .into_iter()
+                                .map(|seq| Op::Dequeue { device, seq }),
+                        ),
+                        // The messages stay queued and are delivered again;
+                        // their receipt is owed until then.
+                        Err(e) => tracing::warn!(
+                            error = %e,
+                            "delivery receipt not stored; entries kept for redelivery"
+                        ),
+                    }
+                }
+            }
+            Command::Disconnected { device, conn_id } => {
+                if self
+                    .online
+                    .get(&device)
+                    .is_some_and(|o| o.conn_id == conn_id)
+                {
+                    self.online.remove(&device);
+                }
+            }
+            Command::Sweep => self.sweep(),
+            Command::Shutdown => {}
+        }
+    }
+
+    // ------------------------------------------------------------ batching
+
+    /// Answers `reply` with `result` once the current batch is committed (or
+    /// with the storage error if it is not).
+    fn after_commit<T: Send + 'static>(&mut self, reply: Reply<T>, result: Result<T, RouteError>) {
+        self.effects.push(Box::new(move |err| {
+            let result = match err {
+                Some(e) if result.is_ok() => Err(RouteError::Storage(e.clone())),
+                _ => result,
+            };
+            reply_now(reply, result);
+        }));
+    }
+
+    fn commit(&mut self) {
+        let ops = std::mem::take(&mut self.ops);
+        let sync = ops.iter().any(Op::needs_sync);
+        let started = Instant::now();
+        let op_count = ops.len();
+        let result = self.store.commit(ops, sync);
+        if op_count > 0 {
+            metrics::histogram!(tm::STORE_BATCH_OPS).record(op_count as f64);
+            metrics::histogram!(tm::STORE_COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+        }
+        if let Err(e) = &result {
+            metrics::counter!(tm::STORE_COMMIT_FAILURES).increment(1);
+            tracing::error!(error = %e, "batch commit failed; answering with STORAGE_UNAVAILABLE");
+            // Memory may be ahead of the store now: reload from it.
+            self.users.clear();
+            self.last_seq.clear();
+            self.keys.clear();
+        }
+        self.staged_dedup.clear();
+        self.staged_codes.clear();
+        self.staged_phones.clear();
+        let err = result.err();
+        for effect in std::mem::take(&mut self.effects) {
+            effect(err.as_ref());
+        }
+        let live = std::mem::take(&mut self.live);
+        let kicks = std::mem::take(&mut self.kicks);
+        let pushes = std::mem::take(&mut self.pushes);
+        if err.is_some() {
+            return;
+        }
+        for (device, push) in pushes {
+            self.push(device, push);
+        }
+        // Coalesce consecutive entries for the same device into one frame.
+        let mut run: Option<(DeviceKey, Vec<pb::QueueEntry>)> = None;
+        for (device, entry) in live {
+            match &mut run {
+                Some((d, entries)) if *d == device => entries.push(entry),
+                _ => {
+                    if let Some((d, entries)) = run.take() {
+                        self.push_live(d, entries);
+                    }
+                    run = Some((device, vec![entry]));
+                }
+            }
+        }
+        if let Some((d, entries)) = run {
+            self.push_live(d, entries);
+        }
+        for (device, reason) in kicks {
+            if let Some(online) = self.online.remove(&device) {
+                online.kick(reason);
+            }
+        }
+    }
+
+    fn maybe_evict(&mut self) {
+        if self.users.len() <= self.evict_at {
+            return;
+        }
+        let online_users: HashSet<UserId> = self.online.keys().map(|d| d.user).collect();
+        self.users.retain(|u, _| online_users.contains(u));
+        self.last_seq.retain(|d, _| online_users.contains(&d.user));
+        self.keys.retain(|d, _| online_users.contains(&d.user));
+        self.evict_at = self.cfg.max_cached_users.max(self.users.len() * 2).max(1);
+    }
+
+    // ------------------------------------------------------------ state access
+
+    fn user(&mut self, user: UserId) -> Result<Option<&UserRecord>, StoreError> {
+        if !self.users.contains_key(&user) {
+            match self.store.user(user)? {
+                Some(rec) => {
+                    self.users.insert(user, rec);
+                }
+                None => return Ok(None),
+            }
+        }
+        Ok(self.users.get(&user))
+    }
+
+    fn phone_user(&self, phone: &str) -> Result<Option<UserId>, StoreError> {
+        if let Some(u) = self.staged_phones.get(phone) {
+            return Ok(Some(*u));
+        }
+        self.store.phone(phone)
+    }
+
+    fn code_record(&self, phone: &str) -> Result<Option<CodeRecord>, StoreError> {
+        if let Some(r) = self.staged_codes.get(phone) {
+            return Ok(Some(r.clone()));
+        }
+        self.store.code(phone)
+    }
+
+    fn stage_code(&mut self, phone: &str, record: CodeRecord) {
+        self.staged_codes.insert(phone.to_owned(), record.clone());
+        self.ops.push(Op::PutCode {
+            phone: phone.to_owned(),
+            record,
+        });
+    }
+
+    /// Reserves the next seq of `device`'s queue.
+    fn next_seq(&mut self, device: DeviceKey) -> Result<u64, StoreError> {
+        let last = match self.last_seq.get(&device) {
+            Some(s) => *s,
+            None => self.store.last_seq(device)?,
+        };
+        let next = last.saturating_add(1);
+        self.last_seq.insert(device, next);
+        Ok(next)
+    }
+
+    /// Stages an entry for `device` and its live push.
+    fn stage_entry(&mut self, device: DeviceKey, seq: u64, ts: u64, body: pb::queue_entry::Body) {
+        let entry = pb::QueueEntry {
+            seq,
+            server_ts_ms: ts,
+            body: Some(body),
+        };
+        self.ops.push(Op::Enqueue {
+            device,
+            entry: StoredEntry {
+                seq,
+                bytes: entry.encode_to_vec().into(),
+            },
+        });
+        self.live.push((device, entry));
+    }
+
+    // ------------------------------------------------------------ accounts
+
+    fn request_code(&mut self, phone: String, reply: Reply<CodeIssued>) {
+        let now = now_ms();
+        let mut rec = match self.code_record(&phone) {
+            Ok(r) => r.unwrap_or_default(),
+            Err(e) => return reply_now(reply, Err(e.into())),
+        };
+        rec.requested_ms
+            .retain(|t| now.saturating_sub(*t) < accounts::CODE_REQUEST_WINDOW_MS);
+        if rec.requested_ms.len() >= accounts::MAX_CODE_REQUESTS_PER_HOUR {
+            let oldest = rec.requested_ms.iter().copied().min().unwrap_or(now);
+            let retry_after_ms = (oldest + accounts::CODE_REQUEST_WINDOW_MS).saturating_sub(now);
+            return reply_now(reply, Err(RouteError::RateLimited { retry_after_ms }));
+        }
+        let code = accounts::new_code();
+        rec.code_hash = accounts::code_hash(&phone, &code);
+        rec.expires_ms = now + accounts::CODE_TTL_MS;
+        rec.wrong_attempts = 0;
+        rec.requested_ms.push(now);
+        let expires_at_ms = rec.expires_ms;
+        self.stage_code(&phone, rec);
+        self.after_commit(
+            reply,
+            Ok(CodeIssued {
+                code,
+                expires_at_ms,
+            }),
+        );
+    }
+
+    fn verify_code(&mut self, phone: String, code: &str, reply: Reply<UserId>) {
+        let now = now_ms();
+        let mut rec = match self.code_record(&phone) {
+            Ok(Some(r)) => r,
+            Ok(None) => return reply_now(reply, Err(RouteError::CodeExpired)),
+            Err(e) => return reply_now(reply, Err(e.into())),
+        };
+        if rec.wrong_attempts >= accounts::MAX_WRONG_CODE_ATTEMPTS {
+            return reply_now(reply, Err(RouteError::CodeLocked));
+        }
+        if rec.code_hash.is_empty() || now >= rec.expires_ms {
+            return reply_now(reply, Err(RouteError::CodeExpired));
+        }
+        if !accounts::hashes_equal(&accounts::code_hash(&phone, code), &rec.code_hash) {
+            rec.wrong_attempts += 1;
+            let err = if rec.wrong_attempts >= accounts::MAX_WRONG_CODE_ATTEMPTS {
+                RouteError::CodeLocked
+            } else {
+                RouteError::CodeInvalid
+            };
+            self.stage_code(&phone, rec);
+            return self.after_commit(reply, Err(err));
+        }
+        // Right code: consume it (the request history stays for the limit).
+        rec.code_hash.clear();
+        rec.wrong_attempts = 0;
+        self.stage_code(&phone, rec);
+        let user = match self.phone_user(&phone) {
+            Ok(Some(u)) => u,
+            Ok(None) => match self.allocate_user_id() {
+                Ok(u) => {
+                    self.staged_phones.insert(phone.clone(), u);
+                    self.ops.push(Op::PutPhone { phone, user: u });
+                    u
+                }
+                Err(e) => return reply_now(reply, Err(e.into())),
+            },
+            Err(e) => return reply_now(reply, Err(e.into())),
+        };
+        self.after_commit(reply, Ok(user));
+    }
+
+    /// A random, unused, non-zero user id (ids are not sequential, so they
+    /// reveal nothing about the number of users).
+    fn allocate_user_id(&self) -> Result<UserId, StoreError> {
+        loop {
+            let id: u64 = rand::random();
+            if id != 0 && self.store.user(id)?.is_none() {
+                return Ok(id);
+            }
+        }
+    }
+
+    fn register_device(&mut self, user: UserId, phone: String, reply: Reply<Registered>) {
+        let now = now_ms();
+        let mut rec = match self.user(user) {
+            Ok(Some(r)) => r.clone(),
+            Ok(None) => UserRecord {
+                user_id: user,
+                phone: phone.clone(),
+                devices: Vec::new(),
+                next_device_id: 1,
+                created_ms: now,
+                ..Default::default()
+            },
+            Err(e) => return reply_now(reply, Err(e.into())),
+        };
+        rec.phone = phone;
+        // Re-registering the phone number starts the account's devices over,
+        // as on WhatsApp: every previous device (primary and linked) is
+        // revoked, and the new primary brings a new identity.
+        let revoked: Vec<u32> = rec.devices.iter().map(|d| d.device_id).collect();
+        rec.devices.clear();
+        rec.link_code.clear();
+        let device_id = rec.next_device_id.max(1);
+        rec.next_device_id = device_id + 1;
+        let credential = accounts::new_credential();
+        rec.devices.push(DeviceRecord {
+            device_id,
+            credential_hash: accounts::credential_hash(&credential),
+            created_ms: now,
+            primary: true,
+        });
+        rec.devices.sort_by_key(|d| d.device_id);
+        self.revoke(user, &revoked);
+        self.ops.push(Op::PutUser(rec.clone()));
+        self.users.insert(user, rec);
+        self.after_commit(
+            reply,
+            Ok(Registered {
+                user,
+                device: device_id,
+                credential,
+            }),
+        );
+    }
+
+    fn authenticate(
+        &mut self,
+        device: DeviceKey,
+        credential: &[u8],
+        link: ConnLink,
+        reply: Reply<AuthInfo>,
+    ) {
+        let (phone, primary, devices) = match self.user(device.user) {
+            Ok(Some(u)) => {
+                let found = u.devices.iter().find(|d| {
+                    d.device_id == device.device
+                        && accounts::hashes_equal(
+                            &accounts::credential_hash(credential),
+                            &d.credential_hash,
+                        )
+                });
+                let devices = u.devices.iter().map(|d| d.device_id).collect();
+                match found {
+                    Some(d) => (u.phone.clone(), d.primary, devices),
+                    None => return reply_now(reply, Err(RouteError::Unauthenticated)),
+                }
+            }
+            Ok(None) => return reply_now(reply, Err(RouteError::Unauthenticated)),
+            Err(e) => return reply_now(reply, Err(e.into())),
+        };
+        let (has_keys, one_time_keys) = match self.device_keys(device) {
+            Ok(Some(k)) => (k.identity.is_some(), k.one_time_keys),
+            Ok(None) => (false, 0),
+            Err(e) => return reply_now(reply, Err(e.into())),
+        };
+        if let Some(old) = self.online.remove(&device) {
+            old.kick(KickReason::Replaced);
+        }
+        self.online.insert(
+            device,
+            Online {
+                conn_id: link.conn_id,
+                push: link.push,
+                kick: Some(link.kick),
+                drain: Drain::Draining {
+                    cursor: 0,
+                    inflight: HashSet::new(),
+                },
+            },
+        );
+        reply_now(
+            reply,
+            Ok(AuthInfo {
+                phone,
+                primary,
+                has_keys,
+                one_time_keys,
+                devices,
+            }),
+        );
+        self.drain_next(device);
+    }
+
+    // ------------------------------------------------------------ messages
+
+    fn send(&mut self, req: SendRequest, reply: Reply<SendAccepted>) {
+        let key = DedupKey {
+            to_user: req.to_user,
+            from: req.from,
+            client_msg_id: req.client_msg_id.clone(),
+        };
+        let Some(reply) = self.answer_duplicate(&key, reply) else {
+            return;
+        };
+        let mut current: BTreeSet<u32> = match self.user(req.to_user) {
+            Ok(Some(u)) => u.devices.iter().map(|d| d.device_id).collect(),
+            Ok(None) => return reply_now(reply, Err(RouteError::UnknownUser)),
+            Err(e) => return reply_now(reply, Err(e.into())),
+        };
+        if req.to_user == req.from.user {
+            // A note to self goes to the sender's other devices.
+            current.remove(&req.from.device);
+        }
+        if let Err(e) = check_devices(req.to_user, &current, &req.payloads) {
+            return reply_now(reply, Err(e));
+        }
+        self.store_send(&req, req.to_user, key, true, reply);
+    }
+
+    /// The sender's copies of a send for its other devices; `req.to_user`
+    /// is the conversation peer.
+    fn send_self(&mut self, req: SendRequest, reply: Reply<SendAccepted>) {
+        let me = req.from.user;
+        let key = DedupKey {
+            to_user: me,
+            from: req.from,
+            client_msg_id: req.client_msg_id.clone(),
+        };
+        let Some(reply) = self.answer_duplicate(&key, reply) else {
+            return;
+        };
+        let mut mine: BTreeSet<u32> = match self.user(me) {
+            Ok(Some(u)) => u.devices.iter().map(|d| d.device_id).collect(),
+            // The sender's own account vanished (re-registered meanwhile).
+            Ok(None) => return reply_now(reply, Err(RouteError::Unauthenticated)),
+            Err(e) => return reply_now(reply, Err(e.into())),
+        };
+        mine.remove(&req.from.device);
+        if let Err(e) = check_devices(me, &mine, &req.payloads) {
+            return reply_now(reply, Err(e));
+        }
+        if req.payloads.is_empty() {
+            // A single-device user: nothing to store.
+            let accepted = SendAccepted {
+                server_ts_ms: now_ms(),
+                duplicate: false,
+            };
+            return reply_now(reply, Ok(accepted));
+        }
+        self.store_send(&req, me, key, false, reply);
+    }
+
+    /// Answers a retry of an accepted send (after the commit if the original
+    /// is in this batch). Gives the reply back when the send is new.
+    fn answer_duplicate(
+        &mut self,
+        key: &DedupKey,
+        reply: Reply<SendAccepted>,
+    ) -> Option<Reply<SendAccepted>> {
+        let (server_ts_ms, staged) = if let Some(ts) = self.staged_dedup.get(key) {
+            (*ts, true)
+        } else {
+            match self.store.dedup(key) {
+                Ok(Some(rec)) => (rec.server_ts_ms, false),
+                Ok(None) => return Some(reply),
+                Err(e) => {
+                    reply_now(reply, Err(e.into()));
+                    return None;
+                }
+            }
+        };
+        let accepted = SendAccepted {
+            server_ts_ms,
+            duplicate: true,
+        };
+        if staged {
+            self.after_commit(reply, Ok(accepted));
+        } else {
+            reply_now(reply, Ok(accepted));
+        }
+        None
+    }
+
+    /// Stages a validated send: one entry per payload for the devices of
+    /// `owner`, the dedup record, and the ✓ once committed.
+    fn store_send(
+        &mut self,
+        req: &SendRequest,
+        owner: UserId,
+        key: DedupKey,
+        count_in: bool,
+        reply: Reply<SendAccepted>,
+    ) {
+        let now = now_ms();
+        // Reserve every seq first (fallible), then stage (infallible), so a
+        // storage error never leaves half a send staged.
+        let mut seqs = Vec::with_capacity(req.payloads.len());
+        for p in &req.payloads {
+            let device = DeviceKey {
+                user: owner,
+                device: p.device_id,
+            };
+            match self.next_seq(device) {
+                Ok(seq) => seqs.push((device, seq)),
+                Err(e) => return reply_now(reply, Err(e.into())),
+            }
+        }
+        for ((device, seq), p) in seqs.into_iter().zip(&req.payloads) {
+            let body = pb::queue_entry::Body::Message(pb::Message {
+                from_user: req.from.user,
+                from_device: req.from.device,
+                from_phone: req.from_phone.clone(),
+                client_msg_id: req.client_msg_id.clone(),
+                payload: p.payload.clone(),
+                to_user: req.to_user,
+            });
+            self.stage_entry(device, seq, now, body);
+        }
+        self.staged_dedup.insert(key.clone(), now);
+        self.ops.push(Op::PutDedup {
+            key,
+            record: DedupRecord {
+                server_ts_ms: now,
+                accepted_ms: now,
+            },
+        });
+        if count_in {
+            self.effects.push(Box::new(|err| {
+                if err.is_none() {
+                    metrics::counter!(tm::MESSAGES_IN).increment(1);
+                }
+            }));
+        }
+        let accepted = SendAccepted {
+            server_ts_ms: now,
+            duplicate: false,
+        };
+        self.after_commit(reply, Ok(accepted));
+    }
+
+    // ------------------------------------------------------------ keys
+
+    fn device_keys(&mut self, device: DeviceKey) -> Result<Option<&DeviceKeysRecord>, StoreError> {
+        if !self.keys.contains_key(&device) {
+            match self.store.device_keys(device)? {
+                Some(rec) => {
+                    self.keys.insert(device, rec);
+                }
+                None => return Ok(None),
+            }
+        }
+        Ok(self.keys.get(&device))
+    }
+
+    fn stage_device_keys(&mut self, device: DeviceKey, record: DeviceKeysRecord) {
+        self.keys.insert(device, record.clone());
+        self.ops.push(Op::PutDeviceKeys { device, record });
+    }
+
+    /// True if `device` is a current device of its user.
+    fn is_current(&mut self, device: DeviceKey) -> Result<bool, StoreError> {
+        Ok(self
+            .user(device.user)?
+            .is_some_and(|u| u.devices.iter().any(|d| d.device_id == device.device)))
+    }
+
+    fn upload_keys(&mut self, device: DeviceKey, up: pb::UploadKeys, reply: Reply<u32>) {
+        match self.is_current(device) {
+            Ok(true) => {}
+            Ok(false) => return reply_now(reply, Err(RouteError::Unauthenticated)),
+            Err(e) => return reply_now(reply, Err(e.into())),
+        }
+        let mut rec = match self.device_keys(device) {
+            Ok(r) => r.cloned().unwrap_or_default(),
+            Err(e) => return reply_now(reply, Err(e.into())),
+        };
+        if let (Some(old), Some(new)) = (&rec.identity, &up.identity)
+            && (old.curve25519 != new.curve25519 || old.ed25519 != new.ed25519)
+        {
+            return reply_now(
+                reply,
+                Err(RouteError::InvalidKeys(
+                    "identity keys differ from the ones this device published; a new identity needs a new device".into(),
+                )),
+            );
+        }
+        let room = keys::MAX_STOCK_ONE_TIME_KEYS.saturating_sub(rec.one_time_keys);
+        if up.one_time_keys.len() > room as usize {
+            return reply_now(
+                reply,
+                Err(RouteError::InvalidKeys(format!(
+                    "the stock is limited to {} one-time keys; {room} more accepted",
+                    keys::MAX_STOCK_ONE_TIME_KEYS
+                ))),
+            );
+        }
+        if rec.identity.is_none() {
+            rec.identity = up.identity;
+        }
+        if let Some(fb) = up.fallback_key {
+            rec.fallback = Some(fb);
+        }
+        for key in up.one_time_keys {
+            let index = rec.next_index;
+            rec.next_index += 1;
+            rec.one_time_keys += 1;
+            self.ops.push(Op::PutOneTimeKey {
+                device,
+                index,
+                key: key.encode_to_vec().into(),
+            });
+        }
+        let remaining = rec.one_time_keys;
+        self.stage_device_keys(device, rec);
+        self.after_commit(reply, Ok(remaining));
+    }
+
+    fn fetch_bundles(
+        &mut self,
+        requester: DeviceKey,
+        user: UserId,
+        reply: Reply<Vec<pb::DeviceBundle>>,
+    ) {
+        let devices: Vec<u32> = match self.user(user) {
+            Ok(Some(u)) => u
+                .devices
+                .iter()
+                .map(|d| d.device_id)
+                .filter(|d| !(user == requester.user && *d == requester.device))
+                .collect(),
+            Ok(None) => return reply_now(reply, Err(RouteError::UnknownUser)),
+            Err(e) => return reply_now(reply, Err(e.into())),
+        };
+        let mut bundles = Vec::with_capacity(devices.len());
+        for device_id in devices {
+            let device = DeviceKey {
+                user,
+                device: device_id,
+            };
+            match self.take_bundle(device) {
+                Ok(b) => bundles.push(b),
+                Err(e) => return reply_now(reply, Err(e.into())),
+            }
+        }
+        self.after_commit(reply, Ok(bundles));
+    }
+
+    /// One device's bundle, consuming a one-time key (or falling back).
+    fn take_bundle(&mut self, device: DeviceKey) -> Result<pb::DeviceBundle, StoreError> {
+        let mut bundle = pb::DeviceBundle {
+            device_id: device.device,
+            ..Default::default()
+        };
+        let Some(mut rec) = self.device_keys(device)?.cloned() else {
+            return Ok(bundle);
+        };
+        if rec.identity.is_none() {
+            return Ok(bundle);
+        }
+        bundle.identity = rec.identity.clone();
+        match self.store.first_one_time_key(device, rec.consumed_below)? {
+            Some((index, bytes)) => {
+                let key = pb::SignedKey::decode(bytes).map_err(|e| StoreError::Corrupt {
+                    what: "one-time key",
+                    detail: e.to_string(),
+                })?;
+                bundle.key = Some(pb::device_bundle::Key::OneTimeKey(key));
+                self.ops.push(Op::DeleteOneTimeKey { device, index });
+                rec.consumed_below = index + 1;
+                rec.one_time_keys = rec.one_time_keys.saturating_sub(1);
+                if rec.one_time_keys < keys::LOW_STOCK_ONE_TIME_KEYS {
+                    self.pushes
+                        .push((device, Push::Notice(Notice::KeysLow(rec.one_time_keys))));
+                }
+                self.stage_device_keys(device, rec);
+            }
+            None => {
+                bundle.key = rec
+                    .fallback
+                    .clone()
+                    .map(pb::device_bundle::Key::FallbackKey);
+                self.pushes.push((device, Push::Notice(Notice::KeysLow(0))));
+            }
+        }
+        Ok(bundle)
+    }
+
+    // ------------------------------------------------------------ linked devices
+
+    fn create_link_code(&mut self, device: DeviceKey, reply: Reply<(String, u64)>) {
+        let now = now_ms();
+        let mut rec = match self.user(device.user) {
+            Ok(Some(u)) => u.clone(),
+            Ok(None) => return reply_now(reply, Err(RouteError::Unauthenticated)),
+            Err(e) => return reply_now(reply, Err(e.into())),
+        };
+        if !rec
+            .devices
+            .iter()
+            .any(|d| d.device_id == device.device && d.primary)
+        {
+            return reply_now(reply, Err(RouteError::NotPrimary));
+        }
+        if rec.devices.len() > accounts::MAX_LINKED_DEVICES {
+            return reply_now(reply, Err(RouteError::TooManyDevices));
+        }
+        rec.link_codes_created_ms
+            .retain(|t| now.saturating_sub(*t) < accounts::CODE_REQUEST_WINDOW_MS);
+        if rec.link_codes_created_ms.len() >= accounts::MAX_LINK_CODES_PER_HOUR {
+            let oldest = rec
+                .link_codes_created_ms
+                .iter()
+                .copied()
+                .min()
+                .unwrap_or(now);
+            let retry_after_ms = (oldest + accounts::CODE_REQUEST_WINDOW_MS).saturating_sub(now);
+            return reply_now(reply, Err(RouteError::RateLimited { retry_after_ms }));
+        }
+        let code = accounts::new_link_code();
+        let Some(canonical) = accounts::normalize_link_code(&code) else {
+            return reply_now(reply, Err(RouteError::LinkCodeInvalid));
+        };
+        rec.link_code = canonical;
+        rec.link_codes_created_ms.push(now);
+        self.ops.push(Op::PutUser(rec.clone()));
+        self.users.insert(device.user, rec);
+        self.after_commit(reply, Ok((code, now + accounts::LINK_CODE_TTL_MS)));
+    }
+
+    fn take_link_code(&mut self, code: String, reply: Reply<UserId>) {
+        match self.store.link_code(&code) {
+            Ok(Some(rec)) if rec.expires_ms > now_ms() => {
+                self.ops.push(Op::DeleteLinkCode(code));
+                self.after_commit(reply, Ok(rec.user_id));
+            }
+            Ok(_) => reply_now(reply, Err(RouteError::LinkCodeInvalid)),
+            Err(e) => reply_now(reply, Err(e.into())),
+        }
+    }
+
+    fn add_linked_device(&mut self, user: UserId, code: &str, reply: Reply<Registered>) {
+        let now = now_ms();
+        let mut rec = match self.user(user) {
+            Ok(Some(u)) => u.clone(),
+            Ok(None) => return reply_now(reply, Err(RouteError::LinkCodeInvalid)),
+            Err(e) => return reply_now(reply, Err(e.into())),
+        };
+        // Only the newest code of the account works, and only once.
+        if rec.link_code.is_empty() || rec.link_code != code {
+            return reply_now(reply, Err(RouteError::LinkCodeInvalid));
+        }
+        if rec.devices.len() > accounts::MAX_LINKED_DEVICES {
+            return reply_now(reply, Err(RouteError::TooManyDevices));
+        }
+        rec.link_code.clear();
+        let device_id = rec.next_device_id.max(1);
+        rec.next_device_id = device_id + 1;
+        let credential = accounts::new_credential();
+        rec.devices.push(DeviceRecord {
+            device_id,
+            credential_hash: accounts::credential_hash(&credential),
+            created_ms: now,
+            primary: false,
+        });
+        rec.devices.sort_by_key(|d| d.device_id);
+        if let Err(e) = self.announce_devices(&rec, Some(device_id)) {
+            return reply_now(reply, Err(e.into()));
+        }
+        self.ops.push(Op::PutUser(rec.clone()));
+        self.users.insert(user, rec);
+        self.after_commit(
+            reply,
+            Ok(Registered {
+                user,
+                device: device_id,
+                credential,
+            }),
+        );
+    }
+
+    fn list_devices(&mut self, user: UserId, reply: Reply<Vec<pb::DeviceInfo>>) {
+        let devices: Vec<(u32, bool, u64)> = match self.user(user) {
+            Ok(Some(u)) => u
+                .devices
+                .iter()
+                .map(|d| (d.device_id, d.primary, d.created_ms))
+                .collect(),
+            Ok(None) => return reply_now(reply, Err(RouteError::UnknownUser)),
+            Err(e) => return reply_now(reply, Err(e.into())),
+        };
+        let mut out = Vec::with_capacity(devices.len());
+        for (device_id, primary, created_ms) in devices {
+            let identity = match self.device_keys(DeviceKey {
+                user,
+                device: device_id,
+            }) {
+                Ok(k) => k.and_then(|k| k.identity.clone()),
+                Err(e) => return reply_now(reply, Err(e.into())),
+            };
+            out.push(pb::DeviceInfo {
+                device_id,
+                primary,
+                created_ms,
+                identity,
+            });
+        }
+        self.after_commit(reply, Ok(out));
+    }
+
+    fn revoke_device(&mut self, by: DeviceKey, target: DeviceId, reply: Reply<()>) {
+        let mut rec = match self.user(by.user) {
+            Ok(Some(u)) => u.clone(),
+            Ok(None) => return reply_now(reply, Err(RouteError::Unauthenticated)),
+            Err(e) => return reply_now(reply, Err(e.into())),
+        };
+        if !rec
+            .devices
+            .iter()
+            .any(|d| d.device_id == by.device && d.primary)
+        {
+            return reply_now(reply, Err(RouteError::NotPrimary));
+        }
+        if target == by.device {
+            return reply_now(
+                reply,
+                Err(RouteError::BadRequest(
+                    "the primary device cannot revoke itself; register the phone number again instead".into(),
+                )),
+            );
+        }
+        if !rec.devices.iter().any(|d| d.device_id == target) {
+            return reply_now(
+                reply,
+                Err(RouteError::BadRequest(format!("no device {target}"))),
+            );
+        }
+        rec.devices.retain(|d| d.device_id != target);
+        if let Err(e) = self.announce_devices(&rec, None) {
+            return reply_now(reply, Err(e.into()));
+        }
+        self.revoke(by.user, &[target]);
+        self.ops.push(Op::PutUser(rec.clone()));
+        self.users.insert(by.user, rec);
+        self.after_commit(reply, Ok(()));
+    }
+
+    /// Stages the removal of devices: queue, keys, connection.
+    fn revoke(&mut self, user: UserId, devices: &[DeviceId]) {
+        for &d in devices {
+            let device = DeviceKey { user, device: d };
+            self.ops.push(Op::DropQueue(device));
+            self.ops.push(Op::DropDeviceKeys(device));
+            self.last_seq.remove(&device);
+            self.keys.remove(&device);
+            self.kicks.push((device, KickReason::Revoked));
+        }
+    }
+
+    /// Queues `DevicesChanged` for every device of `rec` except `skip`.
+    fn announce_devices(
+        &mut self,
+        rec: &UserRecord,
+        skip: Option<DeviceId>,
+    ) -> Result<(), StoreError> {
+        let now = now_ms();
+        let ids: Vec<u32> = rec.devices.iter().map(|d| d.device_id).collect();
+        let mut seqs = Vec::new();
+        for &d in &ids {
+            if Some(d) == skip {
+                continue;
+            }
+            let device = DeviceKey {
+                user: rec.user_id,
+                device: d,
+            };
+            seqs.push((device, self.next_seq(device)?));
+        }
+        for (device, seq) in seqs {
+            let body = pb::queue_entry::Body::DevicesChanged(pb::DevicesChanged {
+                user_id: rec.user_id,
+                devices: ids.clone(),
+            });
+            self.stage_entry(device, seq, now, body);
+        }
+        Ok(())
+    }
+
+    fn enqueue_receipt(
+        &mut self,
+        to_user: UserId,
+        receipt: pb::Receipt,
+        must_exist: bool,
+        reply: Reply<()>,
+    ) {
+        match self.stage_receipt(to_user, &receipt, must_exist) {
+            Ok(()) => self.after_commit(reply, Ok(())),
+            Err(e) => reply_now(reply, Err(e)),
+        }
+    }
+
+    /// Stages `receipt` in the queue of every device of `to_user`. An
+    /// unknown user is an error with `must_exist`, else nothing to do (the
+    /// account is gone).
+    fn stage_receipt(
+        &mut self,
+        to_user: UserId,
+        receipt: &pb::Receipt,
+        must_exist: bool,
+    ) -> Result<(), RouteError> {
+        let now = now_ms();
+        let devices: Vec<u32> = match self.user(to_user)? {
+            Some(u) => u.devices.iter().map(|d| d.device_id).collect(),
+            None if must_exist => return Err(RouteError::UnknownUser),
+            None => return Ok(()),
+        };
+        let mut seqs = Vec::with_capacity(devices.len());
+        for d in devices {
+            let device = DeviceKey {
+                user: to_user,
+                device: d,
+            };
+            seqs.push((device, self.next_seq(device)?));
+        }
+        for (device, seq) in seqs {
+            self.stage_entry(
+                device,
+                seq,
+                now,
+                pb::queue_entry::Body::Receipt(receipt.clone()),
+            );
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ delivery
+
+    fn acked(&mut self, device: DeviceKey, conn_id: u64, seqs: &[u64]) {
+        let Some(online) = self.online.get_mut(&device) else {
+            return;
+        };
+        if online.conn_id != conn_id {
+            return;
+        }
+        if let Drain::Draining { inflight, .. } = &mut online.drain {
+            for s in seqs {
+                inflight.remove(s);
+            }
+            if inflight.is_empty() {
+                self.drain_next(device);
+            }
+        }
+    }
+
+    /// Pushes the next page of a draining device's queue, or `UpToDate`.
+    fn drain_next(&mut self, device: DeviceKey) {
+        let cursor = match self.online.get(&device) {
+            Some(Online {
+                drain: Drain::Draining { cursor, inflight },
+                ..
+            }) if inflight.is_empty() => *cursor,
+            _ => return,
+        };
+        let cutoff = now_ms().saturating_sub(self.cfg.queue_ttl_ms);
+        let mut cursor = cursor;
+        let mut page = Vec::new();
+        // Skip pages that held only expired entries (they are deleted in this
+        // batch) until a live entry or the end of the queue: declaring the
+        // device up to date early would let newer entries overtake older ones.
+        loop {
+            let stored = match self.store.read_queue(device, cursor, self.cfg.drain_batch) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, ?device, "queue read failed; closing connection");
+                    if let Some(online) = self.online.remove(&device) {
+                        online.kick(KickReason::Unavailable);
+                    }
+                    return;
+                }
+            };
+            let Some(last) = stored.last() else {
+                break;
+            };
+            cursor = last.seq;
+            for s in stored {
+                match pb::QueueEntry::decode(s.bytes) {
+                    Ok(e) if e.server_ts_ms >= cutoff => page.push(e),
+                    Ok(_) => self.ops.push(Op::Dequeue { device, seq: s.seq }),
+                    Err(e) => {
+                        tracing::error!(error = %e, ?device, seq = s.seq, "corrupt queue entry dropped");
+                        self.ops.push(Op::Dequeue { device, seq: s.seq });
+                    }
+                }
+            }
+            if !page.is_empty() {
+                break;
+            }
+        }
+        let Some(online) = self.online.get_mut(&device) else {
+            return;
+        };
+        if page.is_empty() {
+            online.drain = Drain::Live;
+            self.push(device, Push::Notice(Notice::UpToDate));
+        } else {
+            online.drain = Drain::Draining {
+                cursor,
+                inflight: page.iter().map(|e| e.seq).collect(),
+            };
+            self.push(device, Push::Deliver(page.into_boxed_slice()));
+        }
+    }
+
+    fn push_live(&mut self, device: DeviceKey, entries: Vec<pb::QueueEntry>) {
+        if matches!(
+            self.online.get(&device),
+            Some(Online {
+                drain: Drain::Live,
+                ..
+            })
+        ) {
+            self.push(device, Push::Deliver(entries.into_boxed_slice()));
+        }
+    }
+
+    fn push(&mut self, device: DeviceKey, push: Push) {
+        let Some(online) = self.online.get(&device) else {
+            return;
+        };
+        match online.push.try_send(push) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                tracing::info!(?device, "push queue full; disconnecting slow reader");
+                metrics::counter!(tm::SLOW_READER_DISCONNECTS).increment(1);
+                if let Some(online) = self.online.remove(&device) {
+                    online.kick(KickReason::SlowReader);
+                }
+            }
+            Err(TrySendError::Closed(_)) => {
+                self.online.remove(&device);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ expiry
+
+    fn sweep(&mut self) {
+        let now = now_ms();
+        match self
+            .store
+            .expired_dedup(now.saturating_sub(self.cfg.dedup_window_ms), SWEEP_LIMIT)
+        {
+            Ok(list) => {
+                for (key, accepted_ms) in list {
+                    if self.owns_user(key.to_user) {
+                        self.ops.push(Op::DeleteDedup { key, accepted_ms });
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "dedup sweep failed"),
+        }
+        match self
+            .store
+            .expired_entries(now.saturating_sub(self.cfg.queue_ttl_ms), SWEEP_LIMIT)
+        {
+            Ok(list) => {
+                for (device, seq) in list {
+                    if self.owns_user(device.user) {
+                        self.ops.push(Op::Dequeue { device, seq });
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "queue expiry sweep failed"),
+        }
+        match self.store.expired_link_codes(now, SWEEP_LIMIT) {
+            Ok(codes) => {
+                for code in codes {
+                    if shard_of_phone(&code, self.shards) == self.id {
+                        self.ops.push(Op::DeleteLinkCode(code));
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "link code sweep failed"),
+        }
+    }
+}

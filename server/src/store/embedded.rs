@@ -1,0 +1,666 @@
+//! The embedded backend: one fjall database in the data directory.
+//!
+//! fjall is a crash-safe LSM engine with a write-ahead journal and atomic
+//! batches across keyspaces: a batch committed with `SyncAll` is on disk when
+//! `commit` returns, which is what a ✓ promises. Keyspaces:
+//!
+//! | keyspace     | key                              | value            |
+//! |--------------|----------------------------------|------------------|
+//! | `users`      | user id                          | `UserRecord`     |
+//! | `phones`     | E.164 phone                      | user id          |
+//! | `codes`      | E.164 phone                      | `CodeRecord`     |
+//! | `queues`     | user, device, seq                | `pb::QueueEntry` |
+//! | `queue_meta` | user, device                     | last seq (u64)   |
+//! | `dedup`      | to user, from device, client id  | `DedupRecord`    |
+//! | `dedup_time` | accepted ms, dedup key           | empty            |
+//! | `device_keys`| user, device                     | `DeviceKeysRecord` |
+//! | `otks`       | user, device, index              | `pb::SignedKey`  |
+//! | `link_codes` | code                             | `LinkCodeRecord` |
+
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use prost::Message;
+use switchboard_proto::pb;
+
+use super::keys;
+use super::{
+    CodeRecord, DedupKey, DedupRecord, DeviceKey, DeviceKeysRecord, LinkCodeRecord, Op, Store,
+    StoreError, StoredEntry, UserId, UserRecord,
+};
+
+/// The embedded store.
+///
+/// fjall refuses every write after a failed journal write or sync (it
+/// "poisons" the database), as it must: the journal's tail is unknown. The
+/// store recovers by reopening the database, which replays the journal and
+/// drops the torn tail, once the disk accepts writes again (e.g. space was
+/// freed). Until then every call fails with [`StoreError::Engine`] and
+/// nothing is acknowledged.
+pub struct EmbeddedStore {
+    dir: std::path::PathBuf,
+    /// The open database. Writers of this lock are the reopen path only.
+    state: RwLock<State>,
+}
+
+struct State {
+    db: Option<Arc<Db>>,
+    /// Last failed reopen, to retry at most every [`REOPEN_INTERVAL`].
+    last_attempt: Option<Instant>,
+}
+
+/// Journal kept before memtables are flushed to tables. Recovery after a
+/// crash replays the journal, so this bounds restart time (fjall's default
+/// of 512 MiB made restarts take many seconds).
+const MAX_JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
+/// Memtable size per keyspace before it is flushed to a table (fjall's
+/// default is 64 MiB). Queue entries are written and deleted soon after, so
+/// a memtable is mostly dead entries; a smaller one keeps the skiplist
+/// shallow (inserts were the largest store cost at 16 MiB: saturation 9.9k
+/// → 11.3k msgs/s at 4 MiB). At 1 MiB the frequent memtable and journal
+/// rotations stalled a few commits for 250–500 ms (p99 at 4,500 msgs/s:
+/// 320 ms against 18 ms at 4 MiB). See docs/BENCHMARKS.md.
+const MAX_MEMTABLE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Time between attempts to reopen a failed database.
+const REOPEN_INTERVAL: Duration = Duration::from_millis(500);
+/// How long a reopen waits for in-flight calls to let go of the old handle.
+const REOPEN_DRAIN: Duration = Duration::from_secs(2);
+
+/// One open fjall database and its keyspaces.
+struct Db {
+    db: Database,
+    users: Keyspace,
+    phones: Keyspace,
+    codes: Keyspace,
+    queues: Keyspace,
+    queue_meta: Keyspace,
+    dedup: Keyspace,
+    dedup_time: Keyspace,
+    device_keys: Keyspace,
+    otks: Keyspace,
+    link_codes: Keyspace,
+}
+
+fn engine(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Engine(e.to_string())
+}
+
+fn decode<M: Message + Default>(what: &'static str, bytes: &[u8]) -> Result<M, StoreError> {
+    M::decode(bytes).map_err(|e| StoreError::Corrupt {
+        what,
+        detail: e.to_string(),
+    })
+}
+
+fn u64_value(what: &'static str, bytes: &[u8]) -> Result<u64, StoreError> {
+    <[u8; 8]>::try_from(bytes)
+        .map(u64::from_be_bytes)
+        .map_err(|_| StoreError::Corrupt {
+            what,
+            detail: format!("expected 8 bytes, got {}", bytes.len()),
+        })
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the database under `dir`.
+    ///
+    /// # Errors
+    /// [`StoreError::Engine`] if the directory cannot be opened or recovered.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = Db::open(dir)?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            state: RwLock::new(State {
+                db: Some(Arc::new(db)),
+                last_attempt: None,
+            }),
+        })
+    }
+
+    /// The open database, reopening a failed one when it is time to try.
+    fn db(&self) -> Result<Arc<Db>, StoreError> {
+        {
+            let state = self
+                .state
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(db) = &state.db {
+                return Ok(db.clone());
+            }
+            if state
+                .last_attempt
+                .is_some_and(|t| t.elapsed() < REOPEN_INTERVAL)
+            {
+                return Err(StoreError::Engine("store unavailable; reopening".into()));
+            }
+        }
+        let mut state = self
+            .state
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(db) = &state.db {
+            return Ok(db.clone());
+        }
+        state.last_attempt = Some(Instant::now());
+        let db = Arc::new(Db::open(&self.dir)?);
+        tracing::warn!(dir = %self.dir.display(), "store reopened after a failure");
+        state.db = Some(db.clone());
+        Ok(db)
+    }
+
+    /// Takes a database whose writes failed out of service; the next call
+    /// reopens it.
+    fn retire(&self, failed: Arc<Db>) {
+        let mut state = self
+            .state
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !state.db.as_ref().is_some_and(|db| Arc::ptr_eq(db, &failed)) {
+            return; // another thread already did
+        }
+        state.db = None;
+        state.last_attempt = None;
+        drop(state);
+        // Reopening needs the old handle gone (it holds the directory lock);
+        // other threads drop their clones as their calls finish.
+        let started = Instant::now();
+        while Arc::strong_count(&failed) > 1 && started.elapsed() < REOPEN_DRAIN {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(failed);
+    }
+}
+
+impl Db {
+    fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = Database::builder(dir)
+            .max_journaling_size(MAX_JOURNAL_BYTES)
+            .open()
+            .map_err(engine)?;
+        let ks = |name: &str| {
+            db.keyspace(name, || {
+                KeyspaceCreateOptions::default().max_memtable_size(MAX_MEMTABLE_BYTES)
+            })
+            .map_err(engine)
+        };
+        Ok(Self {
+            users: ks("users")?,
+            phones: ks("phones")?,
+            codes: ks("codes")?,
+            queues: ks("queues")?,
+            queue_meta: ks("queue_meta")?,
+            dedup: ks("dedup")?,
+            dedup_time: ks("dedup_time")?,
+            device_keys: ks("device_keys")?,
+            otks: ks("otks")?,
+            link_codes: ks("link_codes")?,
+            db,
+        })
+    }
+}
+
+impl Db {
+    fn user(&self, user: UserId) -> Result<Option<UserRecord>, StoreError> {
+        match self.users.get(user.to_be_bytes()).map_err(engine)? {
+            Some(v) => Ok(Some(decode("user", &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn phone(&self, phone: &str) -> Result<Option<UserId>, StoreError> {
+        match self.phones.get(phone).map_err(engine)? {
+            Some(v) => Ok(Some(u64_value("phone", &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn code(&self, phone: &str) -> Result<Option<CodeRecord>, StoreError> {
+        match self.codes.get(phone).map_err(engine)? {
+            Some(v) => Ok(Some(decode("code", &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn dedup(&self, key: &DedupKey) -> Result<Option<DedupRecord>, StoreError> {
+        match self.dedup.get(keys::dedup(key)).map_err(engine)? {
+            Some(v) => Ok(Some(decode("dedup", &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn last_seq(&self, device: DeviceKey) -> Result<u64, StoreError> {
+        match self.queue_meta.get(keys::device(device)).map_err(engine)? {
+            Some(v) => u64_value("queue_meta", &v),
+            None => Ok(0),
+        }
+    }
+
+    fn read_queue(
+        &self,
+        device: DeviceKey,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEntry>, StoreError> {
+        let Some(start_seq) = after.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        let start = keys::queue_entry(device, start_seq);
+        let end = keys::queue_entry(device, u64::MAX);
+        let mut out = Vec::with_capacity(limit.min(128));
+        for guard in self.queues.range(start..=end).take(limit) {
+            let (k, v) = guard.into_inner().map_err(engine)?;
+            let (_, seq) = keys::parse_queue_entry(&k).ok_or(StoreError::Corrupt {
+                what: "queue key",
+                detail: format!("{} bytes", k.len()),
+            })?;
+            out.push(StoredEntry {
+                seq,
+                bytes: Bytes::copy_from_slice(&v),
+            });
+        }
+        Ok(out)
+    }
+
+    fn expired_dedup(
+        &self,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(DedupKey, u64)>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.dedup_time.range(..before_ms.to_be_bytes()).take(limit) {
+            let k = guard.key().map_err(engine)?;
+            let accepted = k
+                .get(..8)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes);
+            let key = k.get(8..).and_then(keys::parse_dedup);
+            match (accepted, key) {
+                (Some(a), Some(key)) => out.push((key, a)),
+                _ => {
+                    return Err(StoreError::Corrupt {
+                        what: "dedup_time key",
+                        detail: format!("{} bytes", k.len()),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn expired_entries(
+        &self,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(DeviceKey, u64)>, StoreError> {
+        // Each queue is ordered by seq, hence by time: look at the head of
+        // each device's queue and skip to the next device at the first entry
+        // that has not expired. Cost: one seek per queue, plus the expired.
+        let mut out = Vec::new();
+        let mut from: Vec<u8> = Vec::new();
+        'devices: loop {
+            let mut iter = self.queues.range(from.clone()..);
+            loop {
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+                let Some(guard) = iter.next() else {
+                    return Ok(out);
+                };
+                let (k, v) = guard.into_inner().map_err(engine)?;
+                let (device, seq) = keys::parse_queue_entry(&k).ok_or(StoreError::Corrupt {
+                    what: "queue key",
+                    detail: format!("{} bytes", k.len()),
+                })?;
+                let entry: pb::QueueEntry = decode("queue entry", &v)?;
+                if entry.server_ts_ms < before_ms {
+                    out.push((device, seq));
+                    continue;
+                }
+                // Skip the rest of this device's queue.
+                from = keys::queue_entry(device, u64::MAX).to_vec();
+                from.push(0);
+                continue 'devices;
+            }
+        }
+    }
+
+    fn device_keys(&self, device: DeviceKey) -> Result<Option<DeviceKeysRecord>, StoreError> {
+        match self.device_keys.get(keys::device(device)).map_err(engine)? {
+            Some(v) => Ok(Some(decode("device keys", &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn first_one_time_key(
+        &self,
+        device: DeviceKey,
+        from: u64,
+    ) -> Result<Option<(u64, Bytes)>, StoreError> {
+        let start = keys::queue_entry(device, from);
+        let end = keys::queue_entry(device, u64::MAX);
+        match self.otks.range(start..=end).next() {
+            Some(guard) => {
+                let (k, v) = guard.into_inner().map_err(engine)?;
+                let (_, index) = keys::parse_queue_entry(&k).ok_or(StoreError::Corrupt {
+                    what: "one-time key",
+                    detail: format!("{} bytes", k.len()),
+                })?;
+                Ok(Some((index, Bytes::copy_from_slice(&v))))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn link_code(&self, code: &str) -> Result<Option<LinkCodeRecord>, StoreError> {
+        match self.link_codes.get(code).map_err(engine)? {
+            Some(v) => Ok(Some(decode("link code", &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn expired_link_codes(&self, before_ms: u64, limit: usize) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.link_codes.iter() {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = guard.into_inner().map_err(engine)?;
+            let rec: LinkCodeRecord = decode("link code", &v)?;
+            if rec.expires_ms < before_ms {
+                out.push(String::from_utf8_lossy(&k).into_owned());
+            }
+        }
+        Ok(out)
+    }
+
+    fn commit(&self, ops: Vec<Op>, sync: bool) -> Result<(), StoreError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let mut batch = self.db.batch();
+        for op in ops {
+            match op {
+                Op::PutUser(u) => {
+                    batch.insert(&self.users, u.user_id.to_be_bytes(), u.encode_to_vec());
+                }
+                Op::PutPhone { phone, user } => {
+                    batch.insert(&self.phones, phone.as_bytes(), user.to_be_bytes());
+                }
+                Op::PutCode { phone, record } => {
+                    batch.insert(&self.codes, phone.as_bytes(), record.encode_to_vec());
+                }
+                Op::Enqueue { device, entry } => {
+                    batch.insert(
+                        &self.queues,
+                        keys::queue_entry(device, entry.seq),
+                        entry.bytes.as_ref(),
+                    );
+                    batch.insert(
+                        &self.queue_meta,
+                        keys::device(device),
+                        entry.seq.to_be_bytes(),
+                    );
+                }
+                Op::Dequeue { device, seq } => {
+                    batch.remove(&self.queues, keys::queue_entry(device, seq));
+                }
+                Op::DropQueue(device) => {
+                    for guard in self.queues.prefix(keys::device(device)) {
+                        let k = guard.key().map_err(engine)?;
+                        batch.remove(&self.queues, k);
+                    }
+                    batch.remove(&self.queue_meta, keys::device(device));
+                }
+                Op::PutDedup { key, record } => {
+                    batch.insert(
+                        &self.dedup_time,
+                        keys::dedup_by_time(record.accepted_ms, &key),
+                        [],
+                    );
+                    batch.insert(&self.dedup, keys::dedup(&key), record.encode_to_vec());
+                }
+                Op::PutDeviceKeys { device, record } => {
+                    batch.insert(
+                        &self.device_keys,
+                        keys::device(device),
+                        record.encode_to_vec(),
+                    );
+                }
+                Op::PutOneTimeKey { device, index, key } => {
+                    batch.insert(&self.otks, keys::queue_entry(device, index), key.as_ref());
+                }
+                Op::DeleteOneTimeKey { device, index } => {
+                    batch.remove(&self.otks, keys::queue_entry(device, index));
+                }
+                Op::DropDeviceKeys(device) => {
+                    for guard in self.otks.prefix(keys::device(device)) {
+                        let k = guard.key().map_err(engine)?;
+                        batch.remove(&self.otks, k);
+                    }
+                    batch.remove(&self.device_keys, keys::device(device));
+                }
+                Op::PutLinkCode { code, record } => {
+                    batch.insert(&self.link_codes, code.as_bytes(), record.encode_to_vec());
+                }
+                Op::DeleteLinkCode(code) => {
+                    batch.remove(&self.link_codes, code.as_bytes());
+                }
+                Op::DeleteDedup { key, accepted_ms } => {
+                    batch.remove(&self.dedup_time, keys::dedup_by_time(accepted_ms, &key));
+                    batch.remove(&self.dedup, keys::dedup(&key));
+                }
+            }
+        }
+        let batch = if sync {
+            batch.durability(Some(PersistMode::SyncAll))
+        } else {
+            batch
+        };
+        batch.commit().map_err(engine)
+    }
+
+    fn approximate_queue_entries(&self) -> u64 {
+        self.queues.approximate_len() as u64
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.persist(PersistMode::SyncAll).map_err(engine)
+    }
+}
+
+impl Store for EmbeddedStore {
+    fn user(&self, user: UserId) -> Result<Option<UserRecord>, StoreError> {
+        self.db()?.user(user)
+    }
+
+    fn phone(&self, phone: &str) -> Result<Option<UserId>, StoreError> {
+        self.db()?.phone(phone)
+    }
+
+    fn code(&self, phone: &str) -> Result<Option<CodeRecord>, StoreError> {
+        self.db()?.code(phone)
+    }
+
+    fn dedup(&self, key: &DedupKey) -> Result<Option<DedupRecord>, StoreError> {
+        self.db()?.dedup(key)
+    }
+
+    fn last_seq(&self, device: DeviceKey) -> Result<u64, StoreError> {
+        self.db()?.last_seq(device)
+    }
+
+    fn read_queue(
+        &self,
+        device: DeviceKey,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEntry>, StoreError> {
+        self.db()?.read_queue(device, after, limit)
+    }
+
+    fn expired_dedup(
+        &self,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(DedupKey, u64)>, StoreError> {
+        self.db()?.expired_dedup(before_ms, limit)
+    }
+
+    fn expired_entries(
+        &self,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(DeviceKey, u64)>, StoreError> {
+        self.db()?.expired_entries(before_ms, limit)
+    }
+
+    fn device_keys(&self, device: DeviceKey) -> Result<Option<DeviceKeysRecord>, StoreError> {
+        self.db()?.device_keys(device)
+    }
+
+    fn first_one_time_key(
+        &self,
+        device: DeviceKey,
+        from: u64,
+    ) -> Result<Option<(u64, Bytes)>, StoreError> {
+        self.db()?.first_one_time_key(device, from)
+    }
+
+    fn link_code(&self, code: &str) -> Result<Option<LinkCodeRecord>, StoreError> {
+        self.db()?.link_code(code)
+    }
+
+    fn expired_link_codes(&self, before_ms: u64, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.db()?.expired_link_codes(before_ms, limit)
+    }
+
+    fn commit(&self, ops: Vec<Op>, sync: bool) -> Result<(), StoreError> {
+        let db = self.db()?;
+        let result = db.commit(ops, sync);
+        if result.is_err() {
+            // The journal's tail is unknown now (fjall poisons itself):
+            // retire this handle; the next call reopens and recovers.
+            self.retire(db);
+        }
+        result
+    }
+
+    fn approximate_queue_entries(&self) -> u64 {
+        self.db().map_or(0, |db| db.approximate_queue_entries())
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        let db = self.db()?;
+        let result = db.flush();
+        if result.is_err() {
+            self.retire(db);
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(seq: u64, ts: u64) -> StoredEntry {
+        let e = pb::QueueEntry {
+            seq,
+            server_ts_ms: ts,
+            body: None,
+        };
+        StoredEntry {
+            seq,
+            bytes: e.encode_to_vec().into(),
+        }
+    }
+
+    #[test]
+    fn queue_roundtrip_and_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let a = DeviceKey { user: 1, device: 1 };
+        let b = DeviceKey { user: 2, device: 1 };
+        let ops = vec![
+            Op::Enqueue {
+                device: a,
+                entry: entry(1, 10),
+            },
+            Op::Enqueue {
+                device: a,
+                entry: entry(2, 20),
+            },
+            Op::Enqueue {
+                device: a,
+                entry: entry(3, 30),
+            },
+            Op::Enqueue {
+                device: b,
+                entry: entry(1, 5),
+            },
+        ];
+        store.commit(ops, true).unwrap();
+        assert_eq!(store.last_seq(a).unwrap(), 3);
+        let got: Vec<u64> = store
+            .read_queue(a, 1, 10)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(got, vec![2, 3]);
+        let expired = store.expired_entries(25, 100).unwrap();
+        assert_eq!(expired, vec![(a, 1), (a, 2), (b, 1)]);
+        store
+            .commit(vec![Op::Dequeue { device: a, seq: 2 }], false)
+            .unwrap();
+        assert_eq!(store.read_queue(a, 0, 10).unwrap().len(), 2);
+        store.commit(vec![Op::DropQueue(a)], true).unwrap();
+        assert!(store.read_queue(a, 0, 10).unwrap().is_empty());
+        assert_eq!(store.last_seq(a).unwrap(), 0);
+    }
+
+    #[test]
+    fn dedup_expiry_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let key = DedupKey {
+            to_user: 1,
+            from: DeviceKey { user: 2, device: 1 },
+            client_msg_id: "x".into(),
+        };
+        let record = DedupRecord {
+            server_ts_ms: 7,
+            accepted_ms: 100,
+        };
+        store
+            .commit(
+                vec![Op::PutDedup {
+                    key: key.clone(),
+                    record: record.clone(),
+                }],
+                true,
+            )
+            .unwrap();
+        assert_eq!(store.dedup(&key).unwrap(), Some(record));
+        assert!(store.expired_dedup(100, 10).unwrap().is_empty());
+        assert_eq!(
+            store.expired_dedup(101, 10).unwrap(),
+            vec![(key.clone(), 100)]
+        );
+        store
+            .commit(
+                vec![Op::DeleteDedup {
+                    key: key.clone(),
+                    accepted_ms: 100,
+                }],
+                true,
+            )
+            .unwrap();
+        assert_eq!(store.dedup(&key).unwrap(), None);
+        assert!(store.expired_dedup(u64::MAX, 10).unwrap().is_empty());
+    }
+}

@@ -1,0 +1,80 @@
+//! Key layouts of the embedded store. Integers are big-endian so byte order
+//! is numeric order and a device's queue is one contiguous, ordered range.
+
+use super::{DedupKey, DeviceKey};
+
+/// `user (8) | device (4)`: the prefix of a device's queue.
+pub fn device(d: DeviceKey) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..8].copy_from_slice(&d.user.to_be_bytes());
+    k[8..].copy_from_slice(&d.device.to_be_bytes());
+    k
+}
+
+/// `user (8) | device (4) | seq (8)`: one queue entry.
+pub fn queue_entry(d: DeviceKey, seq: u64) -> [u8; 20] {
+    let mut k = [0u8; 20];
+    k[..12].copy_from_slice(&device(d));
+    k[12..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// Splits a queue entry key back into device and seq.
+pub fn parse_queue_entry(k: &[u8]) -> Option<(DeviceKey, u64)> {
+    let user = u64::from_be_bytes(k.get(..8)?.try_into().ok()?);
+    let device = u32::from_be_bytes(k.get(8..12)?.try_into().ok()?);
+    let seq = u64::from_be_bytes(k.get(12..20)?.try_into().ok()?);
+    Some((DeviceKey { user, device }, seq))
+}
+
+/// `to_user (8) | from_user (8) | from_device (4) | client_msg_id`.
+pub fn dedup(k: &DedupKey) -> Vec<u8> {
+    let mut v = Vec::with_capacity(20 + k.client_msg_id.len());
+    v.extend_from_slice(&k.to_user.to_be_bytes());
+    v.extend_from_slice(&k.from.user.to_be_bytes());
+    v.extend_from_slice(&k.from.device.to_be_bytes());
+    v.extend_from_slice(k.client_msg_id.as_bytes());
+    v
+}
+
+/// Parses [`dedup`] back.
+pub fn parse_dedup(k: &[u8]) -> Option<DedupKey> {
+    Some(DedupKey {
+        to_user: u64::from_be_bytes(k.get(..8)?.try_into().ok()?),
+        from: DeviceKey {
+            user: u64::from_be_bytes(k.get(8..16)?.try_into().ok()?),
+            device: u32::from_be_bytes(k.get(16..20)?.try_into().ok()?),
+        },
+        client_msg_id: String::from_utf8(k.get(20..)?.to_vec()).ok()?,
+    })
+}
+
+/// `accepted_ms (8) | dedup key`: the time index used for expiry.
+pub fn dedup_by_time(accepted_ms: u64, k: &DedupKey) -> Vec<u8> {
+    let mut v = accepted_ms.to_be_bytes().to_vec();
+    v.extend_from_slice(&dedup(k));
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_keys_sort_by_seq_and_roundtrip() {
+        let d = DeviceKey { user: 7, device: 2 };
+        assert!(queue_entry(d, 255) < queue_entry(d, 256));
+        assert_eq!(parse_queue_entry(&queue_entry(d, 99)), Some((d, 99)));
+    }
+
+    #[test]
+    fn dedup_keys_roundtrip() {
+        let k = DedupKey {
+            to_user: 1,
+            from: DeviceKey { user: 2, device: 3 },
+            client_msg_id: "abc".into(),
+        };
+        assert_eq!(parse_dedup(&dedup(&k)), Some(k.clone()));
+        assert_eq!(&dedup_by_time(5, &k)[8..], &dedup(&k)[..]);
+    }
+}

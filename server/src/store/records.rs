@@ -1,0 +1,107 @@
+//! Records as stored, encoded with protobuf (prost derive) so fields can be
+//! added later without a migration.
+
+use prost::Message;
+use switchboard_proto::pb;
+
+/// A user account.
+#[derive(Clone, PartialEq, Message)]
+pub struct UserRecord {
+    /// The user's id.
+    #[prost(uint64, tag = "1")]
+    pub user_id: u64,
+    /// The verified E.164 phone number.
+    #[prost(string, tag = "2")]
+    pub phone: String,
+    /// Current devices, ascending by id.
+    #[prost(message, repeated, tag = "3")]
+    pub devices: Vec<DeviceRecord>,
+    /// The id the next device will get.
+    #[prost(uint32, tag = "4")]
+    pub next_device_id: u32,
+    /// When the account was created (ms since epoch).
+    #[prost(uint64, tag = "5")]
+    pub created_ms: u64,
+    /// The one link code that may currently join this account.
+    #[prost(string, tag = "6")]
+    pub link_code: String,
+    /// When link codes were created, for the hourly limit (ms since epoch).
+    #[prost(uint64, repeated, tag = "7")]
+    pub link_codes_created_ms: Vec<u64>,
+}
+
+/// One device of a user.
+#[derive(Clone, PartialEq, Message)]
+pub struct DeviceRecord {
+    /// The device id.
+    #[prost(uint32, tag = "1")]
+    pub device_id: u32,
+    /// SHA-256 of the device's bearer credential.
+    #[prost(bytes = "vec", tag = "2")]
+    pub credential_hash: Vec<u8>,
+    /// When the device was added (ms since epoch).
+    #[prost(uint64, tag = "3")]
+    pub created_ms: u64,
+    /// The primary device (registered by phone) as opposed to a linked one.
+    #[prost(bool, tag = "4")]
+    pub primary: bool,
+}
+
+/// Verification-code state of one phone number.
+#[derive(Clone, PartialEq, Message)]
+pub struct CodeRecord {
+    /// SHA-256 of phone and code; empty when no code is outstanding.
+    #[prost(bytes = "vec", tag = "1")]
+    pub code_hash: Vec<u8>,
+    /// When the outstanding code expires (ms since epoch).
+    #[prost(uint64, tag = "2")]
+    pub expires_ms: u64,
+    /// Wrong attempts against the outstanding code.
+    #[prost(uint32, tag = "3")]
+    pub wrong_attempts: u32,
+    /// When codes were requested, for the hourly limit (ms since epoch).
+    #[prost(uint64, repeated, tag = "4")]
+    pub requested_ms: Vec<u64>,
+}
+
+/// An accepted send, remembered for deduplication.
+#[derive(Clone, PartialEq, Message)]
+pub struct DedupRecord {
+    /// The timestamp the send was acknowledged with.
+    #[prost(uint64, tag = "1")]
+    pub server_ts_ms: u64,
+    /// When it was accepted (ms since epoch); drives expiry.
+    #[prost(uint64, tag = "2")]
+    pub accepted_ms: u64,
+}
+
+/// The public keys a device has published.
+#[derive(Clone, PartialEq, Message)]
+pub struct DeviceKeysRecord {
+    /// Identity keys (immutable once set).
+    #[prost(message, optional, tag = "1")]
+    pub identity: Option<pb::IdentityKeys>,
+    /// The current fallback key.
+    #[prost(message, optional, tag = "2")]
+    pub fallback: Option<pb::SignedKey>,
+    /// One-time keys in stock.
+    #[prost(uint32, tag = "3")]
+    pub one_time_keys: u32,
+    /// Index the next uploaded one-time key gets.
+    #[prost(uint64, tag = "4")]
+    pub next_index: u64,
+    /// Every one-time key below this index has been handed out.
+    #[prost(uint64, tag = "5")]
+    pub consumed_below: u64,
+}
+
+/// An outstanding link code.
+#[derive(Clone, PartialEq, Message)]
+pub struct LinkCodeRecord {
+    /// The account the code joins.
+    #[prost(uint64, tag = "1")]
+    pub user_id: u64,
+    /// When it stops working (ms since epoch).
+    #[prost(uint64, tag = "2")]
+    pub expires_ms: u64,
+}

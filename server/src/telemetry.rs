@@ -1,0 +1,166 @@
+//! Metrics: the names, their descriptions, and the Prometheus recorder.
+//!
+//! Code records through the `metrics` facade (`counter!`, `gauge!`,
+//! `histogram!`); [`install`] puts one Prometheus recorder behind it for the
+//! process and `/metrics` renders it. docs/OPERATIONS.md explains each metric
+//! and what to do when it rises.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Open sockets (handshaking or authenticated), by transport.
+pub const CONNECTIONS: &str = "switchboard_connections";
+/// Authenticated connections.
+pub const AUTHENTICATED: &str = "switchboard_authenticated_connections";
+/// Connections accepted, by transport; `rate()` gives connects/s.
+pub const CONNECTIONS_ACCEPTED: &str = "switchboard_connections_accepted_total";
+/// Handshakes that failed or timed out, by reason.
+pub const HANDSHAKE_FAILURES: &str = "switchboard_handshake_failures_total";
+/// Sends stored (new, not retries).
+pub const MESSAGES_IN: &str = "switchboard_messages_in_total";
+/// Message entries pushed to devices.
+pub const MESSAGES_OUT: &str = "switchboard_messages_out_total";
+/// Time from a Send frame to its ✓ (durable), in seconds.
+pub const SEND_ACK_SECONDS: &str = "switchboard_send_ack_seconds";
+/// Time from a message's acceptance to the recipient device's ack, seconds.
+pub const DELIVERY_SECONDS: &str = "switchboard_delivery_seconds";
+/// Errors answered to clients, by wire code.
+pub const ERRORS: &str = "switchboard_errors_total";
+/// Goodbyes sent before closing, by wire code.
+pub const GOODBYES: &str = "switchboard_goodbyes_total";
+/// Commands waiting in a shard's inbox, by shard.
+pub const SHARD_INBOX_DEPTH: &str = "switchboard_shard_inbox_depth";
+/// Time a command waited in a shard's inbox (the backlog's age), seconds.
+pub const SHARD_INBOX_WAIT_SECONDS: &str = "switchboard_shard_inbox_wait_seconds";
+/// Commands applied per storage batch.
+pub const SHARD_BATCH_COMMANDS: &str = "switchboard_shard_batch_commands";
+/// Writes per storage batch.
+pub const STORE_BATCH_OPS: &str = "switchboard_store_batch_ops";
+/// Time to commit a batch (including fsync when durable), seconds.
+pub const STORE_COMMIT_SECONDS: &str = "switchboard_store_commit_seconds";
+/// Batches the store failed to commit.
+pub const STORE_COMMIT_FAILURES: &str = "switchboard_store_commit_failures_total";
+/// Queue entries stored for offline devices (approximate).
+pub const QUEUED_ENTRIES: &str = "switchboard_queued_entries";
+/// Requests dropped unprocessed because their deadline had passed.
+pub const DISCARDED_REQUESTS: &str = "switchboard_discarded_requests_total";
+/// Connections closed because the client read too slowly.
+pub const SLOW_READER_DISCONNECTS: &str = "switchboard_slow_reader_disconnects_total";
+/// Panics caught and contained, by where they happened.
+pub const PANICS: &str = "switchboard_panics_total";
+
+/// Latency buckets (seconds) for the ✓, delivery, wait and commit histograms:
+/// fine below 10 ms where a healthy server lives, coarse up to a minute.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+/// Buckets for batch sizes.
+const SIZE_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
+
+/// How often the recorder folds histogram samples.
+pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (once; later calls return
+/// the same handle). `None` if another recorder was installed first.
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(SHARD_BATCH_COMMANDS.into()),
+                        SIZE_BUCKETS,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(STORE_BATCH_OPS.into()), SIZE_BUCKETS)
+                });
+            let handle = match builder.and_then(PrometheusBuilder::install_recorder) {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics recorder not installed");
+                    return None;
+                }
+            };
+            describe();
+            // Register the unlabelled series at zero so they are on /metrics
+            // from the start, not only after their first event.
+            for name in [
+                MESSAGES_IN,
+                MESSAGES_OUT,
+                STORE_COMMIT_FAILURES,
+                DISCARDED_REQUESTS,
+                SLOW_READER_DISCONNECTS,
+            ] {
+                metrics::counter!(name).increment(0);
+            }
+            metrics::gauge!(AUTHENTICATED).increment(0.0);
+            metrics::gauge!(QUEUED_ENTRIES).set(0.0);
+            Some(handle)
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(CONNECTIONS, "Open client sockets, by transport.");
+    describe_gauge!(AUTHENTICATED, "Authenticated client connections.");
+    describe_counter!(
+        CONNECTIONS_ACCEPTED,
+        "Client connections accepted, by transport."
+    );
+    describe_counter!(
+        HANDSHAKE_FAILURES,
+        "Failed or timed-out handshakes, by reason."
+    );
+    describe_counter!(MESSAGES_IN, "Messages stored (retries not counted).");
+    describe_counter!(MESSAGES_OUT, "Message entries pushed to devices.");
+    describe_histogram!(
+        SEND_ACK_SECONDS,
+        "Send frame to durable acknowledgement (✓)."
+    );
+    describe_histogram!(
+        DELIVERY_SECONDS,
+        "Message accepted to recipient device ack (✓✓)."
+    );
+    describe_counter!(ERRORS, "Errors answered to clients, by code.");
+    describe_counter!(GOODBYES, "Connections closed with a Goodbye, by code.");
+    describe_gauge!(SHARD_INBOX_DEPTH, "Commands waiting in a shard inbox.");
+    describe_histogram!(
+        SHARD_INBOX_WAIT_SECONDS,
+        "Time commands waited in a shard inbox."
+    );
+    describe_histogram!(
+        SHARD_BATCH_COMMANDS,
+        "Commands per shard batch (group commit)."
+    );
+    describe_histogram!(STORE_BATCH_OPS, "Writes per storage batch.");
+    describe_histogram!(
+        STORE_COMMIT_SECONDS,
+        "Storage batch commit time, fsync included."
+    );
+    describe_counter!(
+        STORE_COMMIT_FAILURES,
+        "Storage batches that failed to commit."
+    );
+    describe_gauge!(
+        QUEUED_ENTRIES,
+        "Queue entries stored for devices (approximate)."
+    );
+    describe_counter!(
+        DISCARDED_REQUESTS,
+        "Requests discarded after their deadline."
+    );
+    describe_counter!(
+        SLOW_READER_DISCONNECTS,
+        "Connections dropped as slow readers."
+    );
+    describe_counter!(PANICS, "Panics caught and contained, by location.");
+}

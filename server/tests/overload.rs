@@ -1,0 +1,190 @@
+//! Overload: with tight limits and a slow disk, flooding senders get
+//! OVERLOADED, a stalled reader is disconnected, memory stays bounded, and
+//! every ✓ is delivered later.
+//!
+//! The overload is made certain rather than hoped for: a fault-injecting
+//! store makes every commit take longer than the request deadline (a
+//! stalled disk), so the shard inboxes fill on any machine, however fast.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use switchboard_proto::pb::{self, ErrorCode, client_frame::Body as In, server_frame::Body as Out};
+use switchboard_server::store::faults::FaultyStore;
+
+/// The stated bound: resident memory of this whole process (server and the
+/// test's few clients) under the flood.
+const RSS_BOUND_BYTES: u64 = 256 * 1024 * 1024;
+/// Longer than the request deadline below: while it is on, no shard can
+/// take a command off its inbox in time.
+const SLOW_COMMIT: Duration = Duration::from_millis(40);
+
+async fn start_tight() -> (TestServer, Arc<FaultyStore>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.shard_inbox = 8;
+    cfg.request_deadline_ms = 20;
+    cfg.outbound_queue_frames = 8;
+    cfg.write_timeout_ms = 500;
+    cfg.max_unacked = 32;
+    cfg.drain_batch = 16;
+    cfg.shards = 2;
+    let inner = switchboard_server::open_store(&cfg).unwrap();
+    let faulty = Arc::new(FaultyStore::new(inner));
+    let server = switchboard_server::start_with_store(cfg, faulty.clone())
+        .await
+        .unwrap();
+    (
+        TestServer {
+            dir,
+            server: Some(server),
+        },
+        faulty,
+    )
+}
+
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flood_is_refused_cleanly_and_nothing_acknowledged_is_lost() {
+    let (server, faulty) = start_tight().await;
+    let bob = register(&server, "+15550000701").await;
+    let carol = register(&server, "+15550000702").await;
+
+    // Carol authenticates and then never reads again: a stalled reader.
+    let mut stalled = raw_tcp(&server.tcp()).await;
+    assert!(matches!(stalled.auth(&carol).await, Out::AuthOk(_)));
+
+    // 16 flooders, registered and connected first, then released together
+    // to pipeline 300 sends each to Bob (offline) and Carol (stalled).
+    let mut ready = Vec::new();
+    for f in 0..16u32 {
+        let acct = register(&server, &format!("+155500008{f:02}")).await;
+        let mut c = raw_tcp(&server.tcp()).await;
+        assert!(matches!(c.auth(&acct).await, Out::AuthOk(_)));
+        ready.push(c);
+    }
+    // From here on the disk is slow: every commit outlasts the deadline.
+    faulty.set_commit_delay(SLOW_COMMIT);
+    let mut flooders = Vec::new();
+    for (f, mut c) in ready.into_iter().enumerate() {
+        let (bob, carol) = (bob.clone(), carol.clone());
+        let n = f;
+        flooders.push(tokio::spawn(async move {
+            let payload = vec![0x5a_u8; 4 * 1024];
+            for i in 0..300u32 {
+                let to = if i % 4 == 0 { &carol } else { &bob };
+                c.send_frame(&pb::ClientFrame {
+                    id: i + 1,
+                    body: Some(In::Send(pb::Send {
+                        client_msg_id: format!("f{n}-{i}"),
+                        to_user: to.user_id,
+                        payloads: vec![pb::DevicePayload {
+                            device_id: to.device_id,
+                            payload: payload.clone().into(),
+                        }],
+                        ..Default::default()
+                    })),
+                })
+                .await;
+            }
+            let (mut acked, mut overloaded) = (Vec::new(), 0u32);
+            let mut answered = 0;
+            while answered < 300 {
+                let Some(f) = c.next().await else { break };
+                match f.body {
+                    Some(Out::SendOk(_)) => {
+                        let i = f.id - 1;
+                        if i % 4 != 0 {
+                            acked.push(format!("f{n}-{i}"));
+                        }
+                        answered += 1;
+                    }
+                    Some(Out::Error(e)) => {
+                        assert_eq!(e.code(), ErrorCode::Overloaded, "{e:?}");
+                        assert!(e.retry_after_ms > 0);
+                        overloaded += 1;
+                        answered += 1;
+                    }
+                    Some(Out::UpToDate(_) | Out::Deliver(_)) => {}
+                    other => panic!("{other:?}"),
+                }
+            }
+            (acked, overloaded)
+        }));
+    }
+    let mut peak_rss = 0;
+    let mut acked = Vec::new();
+    let mut overloaded = 0;
+    // The backlog gauge: the deepest shard inbox seen during the flood.
+    let mut peak_depth: f64 = 0.0;
+    for f in flooders {
+        while !f.is_finished() {
+            peak_rss = peak_rss.max(rss_bytes());
+            let (_, m) = http_get(&server.http(), "/metrics").await;
+            for shard in ["0", "1"] {
+                let series = format!("switchboard_shard_inbox_depth{{shard=\"{shard}\"}}");
+                peak_depth = peak_depth.max(metric(&m, &series).unwrap_or(0.0));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (a, o) = f.await.unwrap();
+        acked.extend(a);
+        overloaded += o;
+    }
+    peak_rss = peak_rss.max(rss_bytes());
+    assert!(overloaded > 0, "tight limits must refuse some of the flood");
+    assert!(peak_depth > 0.0, "the inbox depth gauge never moved");
+    assert!(!acked.is_empty(), "and still accept some");
+    assert!(
+        peak_rss > 0 && peak_rss < RSS_BOUND_BYTES,
+        "peak RSS {peak_rss} bytes"
+    );
+
+    // The stalled reader was disconnected: the server counted it, and the
+    // connection ends once the client reads what was buffered.
+    let (_, metrics_text) = http_get(&server.http(), "/metrics").await;
+    let slow = metric(&metrics_text, "switchboard_slow_reader_disconnects_total").unwrap();
+    assert!(
+        slow >= 1.0,
+        "stalled reader was never cut off:\n{metrics_text}"
+    );
+    let discarded = metric(&metrics_text, "switchboard_discarded_requests_total").unwrap();
+    assert!(discarded >= 1.0);
+    stalled.until_closed().await;
+    faulty.set_commit_delay(Duration::ZERO);
+
+    // Every ✓ is delivered to Bob, exactly once.
+    let mut b = raw_tcp(&server.tcp()).await;
+    assert!(matches!(b.auth(&bob).await, Out::AuthOk(_)));
+    let got = b.drain().await;
+    let ids: Vec<String> = got
+        .iter()
+        .filter_map(|e| match &e.body {
+            Some(pb::queue_entry::Body::Message(m)) => Some(m.client_msg_id.clone()),
+            _ => None,
+        })
+        .collect();
+    let unique: HashSet<&String> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len(), "duplicates delivered");
+    for id in &acked {
+        assert!(unique.contains(id), "acknowledged {id} was lost");
+    }
+    eprintln!(
+        "flood: {} acked to bob, {overloaded} overloaded, peak server RSS {} MiB",
+        acked.len(),
+        peak_rss / (1024 * 1024)
+    );
+}
