@@ -25,6 +25,7 @@ pub mod noise;
 pub mod record;
 pub mod session;
 pub mod version;
+mod x25519;
 
 mod error;
 

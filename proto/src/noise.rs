@@ -39,7 +39,15 @@ fn builder() -> Result<snow::Builder<'static>, ProtoError> {
     let params = PATTERN
         .parse()
         .map_err(|_| ProtoError::Internal("noise pattern does not parse"))?;
-    Ok(snow::Builder::new(params))
+    // X25519 from aws-lc-rs (twice as fast, see `x25519`), the rest from
+    // snow's default resolver.
+    Ok(snow::Builder::with_resolver(
+        params,
+        Box::new(snow::resolvers::FallbackResolver::new(
+            Box::new(crate::x25519::Resolver),
+            Box::new(snow::resolvers::DefaultResolver),
+        )),
+    ))
 }
 
 /// Generates a fresh static key pair from the OS random source.
