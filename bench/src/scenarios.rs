@@ -146,6 +146,12 @@ pub struct SteadyArgs {
     /// server's throughput as a ratio of it.
     #[arg(long)]
     no_baseline: bool,
+    /// `ramp`, `baseline`: extra steps after the first failed one, each
+    /// halving (on a log scale) the gap between the highest rate that held
+    /// and the lowest that failed, so the knee is found within a factor of
+    /// 1.5^(1/2^N) instead of 1.5.
+    #[arg(long, default_value_t = 2)]
+    refine: u32,
 }
 
 #[derive(Serialize, Clone)]
@@ -543,8 +549,6 @@ async fn ramp_on(
     a: &SteadyArgs,
     scenario: &'static str,
 ) -> Result<(RampReport, Vec<Step>)> {
-    const P99_LIMIT_MS: f64 = 100.0;
-    const KEEP_UP: f64 = 0.95;
     const STEP: f64 = 1.5;
     const MAX_STEPS: usize = 12;
     let mut rate = a.rate;
@@ -556,24 +560,58 @@ async fn ramp_on(
         steps: Vec::new(),
     };
     let mut steps = Vec::new();
+    let mut failed = None;
     for i in 0..MAX_STEPS {
-        let step = steady_step(driver, rate, a.seconds, a.size, scenario).await?;
-        if !a.target.json {
-            print_steady(&step.report);
-        }
-        let r = &step.report;
-        let ok = r.send_to_delivered.p99_ms <= P99_LIMIT_MS
-            && r.delivered_per_sec >= KEEP_UP * rate as f64;
-        report.steps.push(r.clone());
+        let (ok, step) = ramp_step(driver, a, rate, scenario).await?;
+        report.steps.push(step.report.clone());
         steps.push(step);
         if !ok {
+            failed = Some(rate);
             break;
         }
         report.knee_per_sec = Some(rate);
         report.knee_is_lower_bound = i + 1 == MAX_STEPS;
         rate = (rate as f64 * STEP) as u64;
     }
+    // Bisect (geometrically) between the knee and the first failed rate.
+    if let (Some(mut good), Some(mut bad)) = (report.knee_per_sec, failed) {
+        for _ in 0..a.refine {
+            let mid = ((good as f64) * (bad as f64)).sqrt() as u64;
+            if mid <= good || mid >= bad {
+                break;
+            }
+            let (ok, step) = ramp_step(driver, a, mid, scenario).await?;
+            report.steps.push(step.report.clone());
+            steps.push(step);
+            if ok {
+                good = mid;
+            } else {
+                bad = mid;
+            }
+        }
+        report.knee_per_sec = Some(good);
+    }
     Ok((report, steps))
+}
+
+/// One ramp step: whether the rate held (p99 send→delivered within the
+/// limit and delivery keeping up), and its report.
+async fn ramp_step(
+    driver: &Driver,
+    a: &SteadyArgs,
+    rate: u64,
+    scenario: &'static str,
+) -> Result<(bool, Step)> {
+    const P99_LIMIT_MS: f64 = 100.0;
+    const KEEP_UP: f64 = 0.95;
+    let step = steady_step(driver, rate, a.seconds, a.size, scenario).await?;
+    if !a.target.json {
+        print_steady(&step.report);
+    }
+    let r = &step.report;
+    let ok =
+        r.send_to_delivered.p99_ms <= P99_LIMIT_MS && r.delivered_per_sec >= KEEP_UP * rate as f64;
+    Ok((ok, step))
 }
 
 fn plot_ramp(path: &std::path::Path, title: &str, steps: &[Step]) -> Result<()> {

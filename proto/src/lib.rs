@@ -19,13 +19,13 @@
 //! ```
 #![deny(missing_docs)]
 
+mod aws_lc;
 pub mod frame;
 pub mod limits;
 pub mod noise;
 pub mod record;
 pub mod session;
 pub mod version;
-mod x25519;
 
 mod error;
 

@@ -5,11 +5,11 @@
 //! Buffers start empty and are released when drained, so an idle session
 //! holds only the cipher state.
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use prost::Message;
 
 use crate::frame::{self, FrameDecoder};
-use crate::limits::{MAX_NOISE_MESSAGE_BYTES, MAX_RECORD_PLAINTEXT_BYTES, NOISE_TAG_BYTES};
+use crate::limits::{MAX_RECORD_PLAINTEXT_BYTES, NOISE_TAG_BYTES};
 use crate::{ProtoError, record};
 
 /// Buffers larger than this are freed, not kept, once empty. Zero: an idle
@@ -163,16 +163,26 @@ impl Session {
     ///
     /// [`ProtoError::Noise`] if the cipher fails (nonce exhaustion).
     pub fn seal(&mut self, out: &mut BytesMut) -> Result<(), ProtoError> {
-        let mut scratch = [0u8; MAX_NOISE_MESSAGE_BYTES];
+        // Each record is encrypted straight into `out` behind its length
+        // (no scratch buffer: zeroing 64 KiB per write was 2% of a busy
+        // server's CPU).
         for chunk in self.plain_out.chunks(MAX_RECORD_PLAINTEXT_BYTES) {
-            let n = self.transport.write_message(chunk, &mut scratch)?;
-            debug_assert_eq!(n, chunk.len() + NOISE_TAG_BYTES);
-            record::encode(
-                scratch
-                    .get(..n)
-                    .ok_or(ProtoError::Internal("noise overran"))?,
-                out,
-            )?;
+            let n = chunk.len() + NOISE_TAG_BYTES;
+            let len = u16::try_from(n).map_err(|_| ProtoError::Internal("record too long"))?;
+            let start = out.len();
+            out.reserve(record::HEADER_BYTES + n);
+            out.put_u16(len);
+            out.resize(start + record::HEADER_BYTES + n, 0);
+            let body = out
+                .get_mut(start + record::HEADER_BYTES..)
+                .ok_or(ProtoError::Internal("record buffer"))?;
+            let written = self.transport.write_message(chunk, body);
+            if !matches!(written, Ok(w) if w == n) {
+                // Leave no half-written record behind.
+                out.truncate(start);
+                written?;
+                return Err(ProtoError::Internal("noise wrote an unexpected length"));
+            }
         }
         self.plain_out.clear();
         if self.plain_out.capacity() > KEEP_BUFFER_BYTES {

@@ -322,11 +322,32 @@ async fn linking_listing_and_revoking_devices() {
     assert_eq!(error_code(&out), ErrorCode::BadRequest);
 }
 
+/// With the sender and the recipient on one shard the two parts of a send
+/// travel as one command; on two shards, as two. Both must behave alike.
 #[tokio::test]
-async fn sends_fan_out_to_the_senders_other_devices() {
-    let server = TestServer::start().await;
+async fn sends_fan_out_to_the_senders_other_devices_on_one_shard() {
+    fan_out_to_own_devices(true).await;
+}
+
+#[tokio::test]
+async fn sends_fan_out_to_the_senders_other_devices_across_shards() {
+    fan_out_to_own_devices(false).await;
+}
+
+async fn fan_out_to_own_devices(same_shard: bool) {
+    use switchboard_server::router::shard_of_user;
+    let server = TestServer::start().await; // two shards
     let alice = register(&server, "+15550000331").await;
-    let bob = register(&server, "+15550000332").await;
+    let alice_shard = shard_of_user(alice.user_id, 2);
+    let mut bob = None;
+    for i in 0..40 {
+        let acct = register(&server, &format!("+155500004{i:02}")).await;
+        if (shard_of_user(acct.user_id, 2) == alice_shard) == same_shard {
+            bob = Some(acct);
+            break;
+        }
+    }
+    let bob = bob.expect("a recipient on the wanted shard");
     let mut a = online(&server, &alice).await;
     a.drain().await;
     let laptop = link(&server, &mut a).await;

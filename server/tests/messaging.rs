@@ -145,14 +145,24 @@ async fn clean_restart_keeps_accounts_and_queues() {
         }
     }
     server.restart().await;
+    // Seqs handed out after the restart must not reuse any stored before
+    // it (that would overwrite queued messages).
+    {
+        let mut a = online(&server, &alice).await;
+        let bob_info = a.lookup(&bob.phone).await;
+        let out = a.send_text(&bob_info, "r50", "msg 50").await;
+        assert!(matches!(out, Out::SendOk(_)), "{out:?}");
+    }
     let mut b = online(&server, &bob).await;
     let got = b.drain().await;
     let ids: Vec<_> = got
         .iter()
         .map(|e| message(e).client_msg_id.clone())
         .collect();
-    let want: Vec<_> = (0..50).map(|i| format!("r{i}")).collect();
+    let want: Vec<_> = (0..51).map(|i| format!("r{i}")).collect();
     assert_eq!(ids, want);
+    let seqs: Vec<u64> = got.iter().map(|e| e.seq).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
     // Alice's credential survived too.
     let mut a = online(&server, &alice).await;
     a.drain().await;

@@ -75,6 +75,9 @@ struct ServeArgs {
     /// Commands buffered per shard before senders wait.
     #[arg(long, env = "SWITCHBOARD_SHARD_INBOX")]
     shard_inbox: Option<usize>,
+    /// Least microseconds between two synced commits of a shard (0 = none).
+    #[arg(long, env = "SWITCHBOARD_GROUP_COMMIT_INTERVAL_US")]
+    group_commit_interval_us: Option<u64>,
     /// Log format.
     #[arg(long, env = "SWITCHBOARD_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
@@ -102,6 +105,7 @@ impl ServeArgs {
             idle_timeout_secs,
             outbound_queue_frames,
             shard_inbox,
+            group_commit_interval_us,
             log_format
         );
         c.validate()?;

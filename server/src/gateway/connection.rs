@@ -841,46 +841,26 @@ impl<L: Link> Conn<L> {
                     to_user: req.to_user,
                     payloads: req.payloads,
                 };
+                let copies = (!to_self).then(|| SendRequest {
+                    from: device,
+                    from_phone: phone,
+                    client_msg_id: req.client_msg_id,
+                    to_user: req.to_user,
+                    payloads: req.self_payloads,
+                });
                 // Both parts are enqueued in frame order (so each device's
                 // messages keep their order); the ✓ is awaited concurrently
                 // and means both parts are durable.
-                let peer = match self.gw.router.submit_send(send).await {
-                    Ok(rx) => rx,
+                let ticket = match self.gw.router.submit_send(send, copies).await {
+                    Ok(t) => t,
                     Err(e) => {
                         self.respond_error(id, route_error(&e));
                         return Ok(());
                     }
                 };
-                let own = if to_self {
-                    None
-                } else {
-                    let copies = SendRequest {
-                        from: device,
-                        from_phone: phone,
-                        client_msg_id: req.client_msg_id,
-                        to_user: req.to_user,
-                        payloads: req.self_payloads,
-                    };
-                    match self.gw.router.submit_self_send(copies).await {
-                        Ok(rx) => Some(rx),
-                        Err(e) => {
-                            self.respond_error(id, route_error(&e));
-                            return Ok(());
-                        }
-                    }
-                };
                 let started = std::time::Instant::now();
                 self.pending.push(Box::pin(async move {
-                    let mut result = peer.await.unwrap_or(Err(RouteError::Internal));
-                    if let Some(own) = own {
-                        let own = own.await.unwrap_or(Err(RouteError::Internal));
-                        // The recipient's copy is the message of record:
-                        // its timestamp and duplicate flag are the answer.
-                        result = match (result, own) {
-                            (Ok(a), Ok(_)) => Ok(a),
-                            (Err(e), _) | (Ok(_), Err(e)) => Err(e),
-                        };
-                    }
+                    let result = ticket.accepted().await;
                     if result.is_ok() {
                         metrics::histogram!(tm::SEND_ACK_SECONDS)
                             .record(started.elapsed().as_secs_f64());

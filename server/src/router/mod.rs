@@ -33,6 +33,9 @@ pub struct RouterConfig {
     pub inbox_capacity: usize,
     /// Most commands one shard applies per storage batch.
     pub max_batch_commands: usize,
+    /// Least time between the starts of two synced commits of a shard
+    /// (group commit pacing; zero disables it).
+    pub group_commit_interval: std::time::Duration,
     /// Entries per drain batch pushed to a reconnecting device.
     pub drain_batch: usize,
     /// How long queued entries live, in milliseconds.
@@ -132,6 +135,43 @@ pub struct UserSummary {
 }
 
 type Reply<T> = oneshot::Sender<Result<T, RouteError>>;
+
+/// The pending ✓ of a submitted send: the recipient's part and, when the
+/// sender's copies went to another shard, theirs.
+#[derive(Debug)]
+pub struct SendTicket {
+    peer: oneshot::Receiver<Result<SendAccepted, RouteError>>,
+    own: Option<oneshot::Receiver<Result<SendAccepted, RouteError>>>,
+}
+
+impl SendTicket {
+    /// Waits for the ✓.
+    ///
+    /// # Errors
+    /// The first part's error; [`RouteError::Internal`] if a shard dropped
+    /// the request (it restarted after an internal error).
+    pub async fn accepted(self) -> Result<SendAccepted, RouteError> {
+        let peer = self.peer.await.unwrap_or(Err(RouteError::Internal));
+        let own = match self.own {
+            Some(own) => Some(own.await.unwrap_or(Err(RouteError::Internal))),
+            None => None,
+        };
+        joint_answer(peer, own)
+    }
+}
+
+/// The answer to a send from the answers to its two parts: the recipient's
+/// copy is the message of record (its timestamp and duplicate flag are the
+/// answer), but either part's failure fails the send.
+pub(super) fn joint_answer(
+    peer: Result<SendAccepted, RouteError>,
+    own: Option<Result<SendAccepted, RouteError>>,
+) -> Result<SendAccepted, RouteError> {
+    match (peer, own) {
+        (Ok(a), None | Some(Ok(_))) => Ok(a),
+        (Err(e), _) | (Ok(_), Some(Err(e))) => Err(e),
+    }
+}
 
 /// Handle to the shards. Cloning is cheap.
 #[derive(Clone)]
@@ -326,38 +366,66 @@ impl Router {
         .await
     }
 
-    /// Hands a send to the recipient's shard. Returns once it is in the
-    /// shard's inbox (so sends from one connection keep their order); the
-    /// returned receiver yields the ✓ after the durable write.
+    /// Hands a send to the recipient's shard and the sender's copies for its
+    /// other devices (`copies`, whose `to_user` names the conversation
+    /// peer) to the sender's shard. Returns once both are in their inboxes
+    /// (so sends from one connection keep their order); the returned
+    /// [`SendTicket`] yields the ✓ once both parts are durable.
+    ///
+    /// When both users live on the same shard the two parts travel as one
+    /// command and are stored in one batch.
     ///
     /// # Errors
-    /// [`RouteError::ShuttingDown`] if the shard is gone.
+    /// [`RouteError::Overloaded`] or [`RouteError::ShuttingDown`]. If the
+    /// copies could not be queued, the recipient's part may still be
+    /// stored; a retry of the send is answered as a duplicate.
     pub async fn submit_send(
         &self,
         req: SendRequest,
-    ) -> Result<oneshot::Receiver<Result<SendAccepted, RouteError>>, RouteError> {
-        let (tx, rx) = oneshot::channel();
+        copies: Option<SendRequest>,
+    ) -> Result<SendTicket, RouteError> {
+        let (tx, peer) = oneshot::channel();
+        let n = self.shards.len();
         let shard = self.user_shard(req.to_user);
-        self.enqueue(shard, Command::Send { req, reply: tx })
-            .await?;
-        Ok(rx)
-    }
-
-    /// Hands the sender's copies of a send (for its other devices) to the
-    /// sender's own shard; `req.to_user` names the conversation peer. Like
-    /// [`Router::submit_send`], returns once queued.
-    ///
-    /// # Errors
-    /// [`RouteError::ShuttingDown`] if the shard is gone.
-    pub async fn submit_self_send(
-        &self,
-        req: SendRequest,
-    ) -> Result<oneshot::Receiver<Result<SendAccepted, RouteError>>, RouteError> {
-        let (tx, rx) = oneshot::channel();
-        let shard = self.user_shard(req.from.user);
-        self.enqueue(shard, Command::SendSelf { req, reply: tx })
-            .await?;
-        Ok(rx)
+        match copies {
+            Some(copies) if shard_of_user(copies.from.user, n) != shard_of_user(req.to_user, n) => {
+                self.enqueue(
+                    shard,
+                    Command::Send {
+                        req,
+                        copies: None,
+                        reply: tx,
+                    },
+                )
+                .await?;
+                let (own_tx, own) = oneshot::channel();
+                let own_shard = self.user_shard(copies.from.user);
+                self.enqueue(
+                    own_shard,
+                    Command::SendSelf {
+                        req: copies,
+                        reply: own_tx,
+                    },
+                )
+                .await?;
+                Ok(SendTicket {
+                    peer,
+                    own: Some(own),
+                })
+            }
+            copies => {
+                self.enqueue(
+                    shard,
+                    Command::Send {
+                        req,
+                        copies,
+                        reply: tx,
+                    },
+                )
+                .await?;
+                Ok(SendTicket { peer, own: None })
+            }
+        }
     }
 
     /// Publishes a device's keys (already signature-checked). Returns the

@@ -10,7 +10,7 @@
 //! | `phones`     | E.164 phone                      | user id          |
 //! | `codes`      | E.164 phone                      | `CodeRecord`     |
 //! | `queues`     | user, device, seq                | `pb::QueueEntry` |
-//! | `queue_meta` | user, device                     | last seq (u64)   |
+//! | `queue_meta` | user, device                     | highest reserved seq (u64) |
 //! | `dedup`      | to user, from device, client id  | `DedupRecord`    |
 //! | `dedup_time` | accepted ms, dedup key           | empty            |
 //! | `device_keys`| user, device                     | `DeviceKeysRecord` |
@@ -232,7 +232,7 @@ impl Db {
         }
     }
 
-    fn last_seq(&self, device: DeviceKey) -> Result<u64, StoreError> {
+    fn reserved_seq(&self, device: DeviceKey) -> Result<u64, StoreError> {
         match self.queue_meta.get(keys::device(device)).map_err(engine)? {
             Some(v) => u64_value("queue_meta", &v),
             None => Ok(0),
@@ -399,11 +399,9 @@ impl Db {
                         keys::queue_entry(device, entry.seq),
                         entry.bytes.as_ref(),
                     );
-                    batch.insert(
-                        &self.queue_meta,
-                        keys::device(device),
-                        entry.seq.to_be_bytes(),
-                    );
+                }
+                Op::ReserveSeqs { device, upto } => {
+                    batch.insert(&self.queue_meta, keys::device(device), upto.to_be_bytes());
                 }
                 Op::Dequeue { device, seq } => {
                     batch.remove(&self.queues, keys::queue_entry(device, seq));
@@ -489,8 +487,8 @@ impl Store for EmbeddedStore {
         self.db()?.dedup(key)
     }
 
-    fn last_seq(&self, device: DeviceKey) -> Result<u64, StoreError> {
-        self.db()?.last_seq(device)
+    fn reserved_seq(&self, device: DeviceKey) -> Result<u64, StoreError> {
+        self.db()?.reserved_seq(device)
     }
 
     fn read_queue(
@@ -604,7 +602,17 @@ mod tests {
             },
         ];
         store.commit(ops, true).unwrap();
-        assert_eq!(store.last_seq(a).unwrap(), 3);
+        assert_eq!(store.reserved_seq(a).unwrap(), 0, "entries reserve nothing");
+        store
+            .commit(
+                vec![Op::ReserveSeqs {
+                    device: a,
+                    upto: 64,
+                }],
+                true,
+            )
+            .unwrap();
+        assert_eq!(store.reserved_seq(a).unwrap(), 64);
         let got: Vec<u64> = store
             .read_queue(a, 1, 10)
             .unwrap()
@@ -620,7 +628,7 @@ mod tests {
         assert_eq!(store.read_queue(a, 0, 10).unwrap().len(), 2);
         store.commit(vec![Op::DropQueue(a)], true).unwrap();
         assert!(store.read_queue(a, 0, 10).unwrap().is_empty());
-        assert_eq!(store.last_seq(a).unwrap(), 0);
+        assert_eq!(store.reserved_seq(a).unwrap(), 0);
     }
 
     #[test]

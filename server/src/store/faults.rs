@@ -19,6 +19,8 @@ pub struct FaultyStore {
     panic_next_commit: AtomicBool,
     failed_commits: AtomicU64,
     commit_delay_us: AtomicU64,
+    synced_commits: AtomicU64,
+    seq_reservations: AtomicU64,
 }
 
 impl FaultyStore {
@@ -31,6 +33,8 @@ impl FaultyStore {
             panic_next_commit: AtomicBool::new(false),
             failed_commits: AtomicU64::new(0),
             commit_delay_us: AtomicU64::new(0),
+            synced_commits: AtomicU64::new(0),
+            seq_reservations: AtomicU64::new(0),
         }
     }
 
@@ -59,6 +63,17 @@ impl FaultyStore {
     pub fn failed_commits(&self) -> u64 {
         self.failed_commits.load(Ordering::SeqCst)
     }
+
+    /// Successful commits with writes that were synced to disk (each one
+    /// fsync), to observe group commit.
+    pub fn synced_commits(&self) -> u64 {
+        self.synced_commits.load(Ordering::SeqCst)
+    }
+
+    /// Queue seq reservations ([`Op::ReserveSeqs`]) committed so far.
+    pub fn seq_reservations(&self) -> u64 {
+        self.seq_reservations.load(Ordering::SeqCst)
+    }
 }
 
 impl Store for FaultyStore {
@@ -74,8 +89,8 @@ impl Store for FaultyStore {
     fn dedup(&self, key: &DedupKey) -> Result<Option<DedupRecord>, StoreError> {
         self.inner.dedup(key)
     }
-    fn last_seq(&self, device: DeviceKey) -> Result<u64, StoreError> {
-        self.inner.last_seq(device)
+    fn reserved_seq(&self, device: DeviceKey) -> Result<u64, StoreError> {
+        self.inner.reserved_seq(device)
     }
     fn read_queue(
         &self,
@@ -131,7 +146,18 @@ impl Store for FaultyStore {
                 "injected fault: No space left on device (os error 28)".into(),
             ));
         }
-        self.inner.commit(ops, sync)
+        let reservations = ops
+            .iter()
+            .filter(|op| matches!(op, Op::ReserveSeqs { .. }))
+            .count() as u64;
+        let synced = sync && !ops.is_empty();
+        self.inner.commit(ops, sync)?;
+        if synced {
+            self.synced_commits.fetch_add(1, Ordering::SeqCst);
+        }
+        self.seq_reservations
+            .fetch_add(reservations, Ordering::SeqCst);
+        Ok(())
     }
     fn approximate_queue_entries(&self) -> u64 {
         self.inner.approximate_queue_entries()

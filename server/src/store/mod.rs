@@ -72,12 +72,22 @@ pub enum Op {
         /// The state.
         record: CodeRecord,
     },
-    /// Append an entry to a device's queue and advance its sequence counter.
+    /// Append an entry to a device's queue. Its seq must have been
+    /// reserved (see [`Op::ReserveSeqs`]) in this batch or an earlier one.
     Enqueue {
         /// The queue.
         device: DeviceKey,
-        /// The entry (its `seq` is the new counter value).
+        /// The entry.
         entry: StoredEntry,
+    },
+    /// Reserve the seqs of a device's queue up to `upto`, so none of them is
+    /// handed out again after a restart. Shards reserve a block at a time:
+    /// one counter write per block of entries instead of one per entry.
+    ReserveSeqs {
+        /// The queue.
+        device: DeviceKey,
+        /// The highest seq reserved.
+        upto: u64,
     },
     /// Remove an entry from a device's queue.
     Dequeue {
@@ -195,11 +205,12 @@ pub trait Store: Send + Sync + 'static {
     /// [`StoreError`] on engine failure or corruption.
     fn dedup(&self, key: &DedupKey) -> Result<Option<DedupRecord>, StoreError>;
 
-    /// The last sequence number ever used in a device's queue (0 if none).
+    /// The highest sequence number ever reserved for a device's queue (0 if
+    /// none): every seq used so far is at or below it.
     ///
     /// # Errors
     /// [`StoreError`] on engine failure or corruption.
-    fn last_seq(&self, device: DeviceKey) -> Result<u64, StoreError>;
+    fn reserved_seq(&self, device: DeviceKey) -> Result<u64, StoreError>;
 
     /// Up to `limit` entries of a device's queue with `seq > after`, in order.
     ///
