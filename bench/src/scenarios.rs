@@ -574,12 +574,17 @@ async fn ramp_on(
         rate = (rate as f64 * STEP) as u64;
     }
     // Bisect (geometrically) between the knee and the first failed rate.
+    // Each step follows an overloaded one: a pause first lets the target
+    // work off that step's debt (queued entries, receipts, compaction) so
+    // it is not charged to the next rate.
+    const SETTLE: Duration = Duration::from_secs(5);
     if let (Some(mut good), Some(mut bad)) = (report.knee_per_sec, failed) {
         for _ in 0..a.refine {
             let mid = ((good as f64) * (bad as f64)).sqrt() as u64;
             if mid <= good || mid >= bad {
                 break;
             }
+            tokio::time::sleep(SETTLE).await;
             let (ok, step) = ramp_step(driver, a, mid, scenario).await?;
             report.steps.push(step.report.clone());
             steps.push(step);
