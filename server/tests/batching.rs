@@ -29,6 +29,13 @@ async fn start_on(
         .unwrap()
 }
 
+/// A temporary data dir and a store on it that counts commits.
+fn open_store() -> (tempfile::TempDir, Arc<FaultyStore>) {
+    let dir = tempfile::tempdir().unwrap();
+    let inner = switchboard_server::open_store(&test_config(dir.path())).unwrap();
+    (dir, Arc::new(FaultyStore::new(inner)))
+}
+
 fn send(to: &pb::UserInfo, id: &str) -> pb::ClientFrame {
     pb::ClientFrame {
         id: 7,
@@ -46,11 +53,7 @@ fn send(to: &pb::UserInfo, id: &str) -> pb::ClientFrame {
 
 #[tokio::test]
 async fn a_busy_shard_commits_many_sends_with_one_sync() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = test_config(dir.path());
-    let store = Arc::new(FaultyStore::new(
-        switchboard_server::open_store(&cfg).unwrap(),
-    ));
+    let (dir, store) = open_store();
     // Accounts are made without pacing (registration is a chain of
     // commits, each waiting for the one before).
     let server = start_on(dir.path(), &store, 0).await;
@@ -114,11 +117,7 @@ async fn a_busy_shard_commits_many_sends_with_one_sync() {
 
 #[tokio::test]
 async fn a_queue_counter_is_written_once_per_block_of_entries() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = test_config(dir.path());
-    let store = Arc::new(FaultyStore::new(
-        switchboard_server::open_store(&cfg).unwrap(),
-    ));
+    let (dir, store) = open_store();
     let server = start_on(dir.path(), &store, 0).await;
     let tcp = server.ready.tcp_addr.to_string();
     let alice = register_at(&tcp, dir.path(), "+15550007100").await;
