@@ -23,6 +23,19 @@ const MAX_HTTP_BODY_BYTES: usize = 64 * 1024;
 /// frame plus its record headers and tags.
 const WS_MESSAGE_OVERHEAD_BYTES: usize = 64 * 1024;
 
+/// The WebSocket codec's read buffer. tungstenite allocates (and zeroes) it
+/// up front for every connection, 128 KiB by default: 130 KiB of RSS per
+/// idle browser connection against 4 KiB for TCP. Larger messages still
+/// arrive whole; the buffer only grows while one does.
+const WS_READ_BUFFER_BYTES: usize = 4 * 1024;
+
+/// Hard cap on the WebSocket codec's write buffer (tungstenite's default is
+/// unbounded). Each write is flushed before the next (`write_buffer_size` 0),
+/// so it holds at most one message: one gathered write of at most 64 KiB
+/// plus one `Deliver` frame of at most 512 KiB, sealed. A slow reader is cut
+/// off by the write timeout long before this matters.
+const WS_MAX_WRITE_BUFFER_BYTES: usize = 2 * 1024 * 1024;
+
 /// Shared state of the HTTP handlers.
 #[derive(Clone)]
 pub struct ApiState {
@@ -62,6 +75,9 @@ async fn ws(State(state): State<ApiState>, upgrade: WebSocketUpgrade) -> Respons
     upgrade
         .max_message_size(max)
         .max_frame_size(max)
+        .read_buffer_size(WS_READ_BUFFER_BYTES)
+        .write_buffer_size(0)
+        .max_write_buffer_size(WS_MAX_WRITE_BUFFER_BYTES)
         .on_upgrade(move |socket| async move {
             tracker
                 .spawn(gateway.serve_link(WsLink(socket), permit, shutdown))

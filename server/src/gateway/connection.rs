@@ -425,10 +425,14 @@ impl<L: Link> Conn<L> {
         if let Err(end) = self.flush().await {
             return end;
         }
+        // Made once: a new one per turn of the loop would register with
+        // (and leave) the token's waiter list every time.
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
         loop {
             tokio::select! {
                 biased;
-                () = shutdown.cancelled() => {
+                () = &mut cancelled => {
                     return self.goodbye(error(ErrorCode::ShuttingDown, "server shutting down; reconnect")).await;
                 }
                 reason = recv_kick(&mut self.kick_rx) => {

@@ -258,10 +258,13 @@ impl Router {
     /// it if it is still waiting when the deadline passes.
     async fn enqueue(&self, shard: &mpsc::Sender<Queued>, cmd: Command) -> Result<(), RouteError> {
         let deadline = std::time::Instant::now() + self.deadline;
-        match shard
-            .send_timeout(Queued::with_deadline(cmd, deadline), self.deadline)
-            .await
-        {
+        // Usually there is room: take it without arming a timer.
+        let queued = match shard.try_send(Queued::with_deadline(cmd, deadline)) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(RouteError::ShuttingDown),
+            Err(mpsc::error::TrySendError::Full(queued)) => queued,
+        };
+        match shard.send_timeout(queued, self.deadline).await {
             Ok(()) => Ok(()),
             Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
                 metrics::counter!(crate::telemetry::DISCARDED_REQUESTS).increment(1);
