@@ -48,7 +48,8 @@ pub struct GatewayConfig {
 
 /// Admission control for new connections: a token bucket on the rate and a
 /// semaphore on handshakes in progress. Connections beyond either wait (in
-/// the kernel accept queue for TCP, in the upgrade request for WebSocket)
+/// [`ACCEPT_QUEUE_CONNECTIONS`], then the kernel's listen backlog, for TCP;
+/// in the upgrade request for WebSocket)
 /// instead of competing with live users for CPU.
 struct Admission {
     handshakes: Arc<Semaphore>,
@@ -154,36 +155,70 @@ impl Gateway {
 /// does not spin while the condition lasts.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Accepts TCP connections until `shutdown` fires; each connection runs on
-/// its own task tracked by `tracker`.
+/// Connections accepted from the listen backlog but not yet admitted. The
+/// kernel's backlog is capped by `net.core.somaxconn` (4,096 on many
+/// systems); in a mass reconnect the SYNs beyond it are dropped and clients
+/// retry only after 1 s, then 3 s. Taking connections off the backlog at
+/// once (cheap: no handshake until admitted) makes room for 8,192 more
+/// without a sysctl. Beyond it, connections wait in the backlog as before.
+/// Each holds a file descriptor while it waits.
+pub const ACCEPT_QUEUE_CONNECTIONS: usize = 8192;
+
+/// Accepts TCP connections until `shutdown` fires; each admitted connection
+/// runs on its own task tracked by `tracker`.
 pub async fn serve_tcp(
     listener: TcpListener,
     gw: Arc<Gateway>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    loop {
-        // Admission first: until it allows, connections wait in the
-        // listen backlog, costing us nothing.
-        let permit = tokio::select! {
-            () = shutdown.cancelled() => break,
-            permit = gw.admit() => match permit {
-                Some(p) => p,
-                None => break,
-            },
-        };
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    tracker.spawn(gw.clone().serve_link(TcpLink(stream), permit, shutdown.clone()));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
-                }
+    // Accepted connections waiting for admission, oldest first. The accept
+    // loop holds the sender; when the queue is full it stops accepting.
+    // Dropped (closing what is still queued) at shutdown.
+    let (queue, mut waiting) = tokio::sync::mpsc::channel(ACCEPT_QUEUE_CONNECTIONS);
+    let accept = async {
+        loop {
+            let stream = tokio::select! {
+                () = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _peer)) => stream,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                        continue;
+                    }
+                },
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                sent = queue.send(stream) => if sent.is_err() { break },
             }
         }
-    }
+    };
+    let admit = async {
+        loop {
+            let stream: tokio::net::TcpStream = tokio::select! {
+                () = shutdown.cancelled() => break,
+                next = waiting.recv() => match next {
+                    Some(s) => s,
+                    None => break,
+                },
+            };
+            // Admission: until it allows, the connection waits here (and
+            // the ones after it in the queue or the listen backlog).
+            let permit = tokio::select! {
+                () = shutdown.cancelled() => break,
+                permit = gw.admit() => match permit {
+                    Some(p) => p,
+                    None => break,
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            tracker.spawn(
+                gw.clone()
+                    .serve_link(TcpLink(stream), permit, shutdown.clone()),
+            );
+        }
+    };
+    tokio::join!(accept, admit);
 }
