@@ -57,8 +57,9 @@ async fn idle_websocket_connections_hold_no_full_size_buffers() {
     drop((warm, conns));
 }
 
-/// The small read buffer grows for a large message, and many queued
-/// entries leave in large writes: both arrive whole over WebSocket.
+/// The small read buffer grows for a large message, and a full drain page
+/// of the largest entries (100 × 64 KiB, one write of 6.5 MB, more than
+/// the codec's write buffer cap) arrives whole over WebSocket.
 #[tokio::test]
 async fn large_messages_and_drains_cross_websocket_whole() {
     let server = TestServer::start().await;
@@ -71,7 +72,7 @@ async fn large_messages_and_drains_cross_websocket_whole() {
     let big: Vec<u8> = (0..switchboard_proto::limits::MAX_PAYLOAD_BYTES)
         .map(|i| (i % 251) as u8)
         .collect();
-    for i in 0..20 {
+    for i in 0..100 {
         let out = a
             .request(In::Send(pb::Send {
                 client_msg_id: format!("big-{i}"),
@@ -88,7 +89,7 @@ async fn large_messages_and_drains_cross_websocket_whole() {
     let mut b = raw_ws(&server.ws()).await;
     assert!(matches!(b.auth(&bob).await, Out::AuthOk(_)));
     let got = b.drain().await;
-    assert_eq!(got.len(), 20);
+    assert_eq!(got.len(), 100);
     for e in &got {
         let Some(pb::queue_entry::Body::Message(m)) = &e.body else {
             panic!("{e:?}")

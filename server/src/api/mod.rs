@@ -14,7 +14,7 @@ use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::gateway::{Gateway, WsLink};
+use crate::gateway::{Gateway, WS_MAX_OUT_MESSAGE_BYTES, WsLink};
 
 /// Largest HTTP request body accepted.
 const MAX_HTTP_BODY_BYTES: usize = 64 * 1024;
@@ -30,11 +30,11 @@ const WS_MESSAGE_OVERHEAD_BYTES: usize = 64 * 1024;
 const WS_READ_BUFFER_BYTES: usize = 4 * 1024;
 
 /// Hard cap on the WebSocket codec's write buffer (tungstenite's default is
-/// unbounded). Each write is flushed before the next (`write_buffer_size` 0),
-/// so it holds at most one message: one gathered write of at most 64 KiB
-/// plus one `Deliver` frame of at most 512 KiB, sealed. A slow reader is cut
-/// off by the write timeout long before this matters.
-const WS_MAX_WRITE_BUFFER_BYTES: usize = 2 * 1024 * 1024;
+/// unbounded). Every message is flushed before the next (`write_buffer_size`
+/// 0) and none is larger than [`WS_MAX_OUT_MESSAGE_BYTES`], so the buffer
+/// holds at most one message and its header; the cap leaves room to spare.
+/// A slow reader is cut off by the write timeout, not by this.
+const WS_MAX_WRITE_BUFFER_BYTES: usize = 4 * WS_MAX_OUT_MESSAGE_BYTES;
 
 /// Shared state of the HTTP handlers.
 #[derive(Clone)]

@@ -93,6 +93,12 @@ impl Link for TcpLink {
     }
 }
 
+/// Largest WebSocket message the server sends. The stream may be split
+/// across messages anywhere, so a large write (a drain page of big entries
+/// can be megabytes) goes out as several messages and the codec's write
+/// buffer never has to hold more than one of these.
+pub const WS_MAX_OUT_MESSAGE_BYTES: usize = 256 * 1024;
+
 /// A WebSocket connection (server side, from axum).
 pub struct WsLink(pub WebSocket);
 
@@ -118,10 +124,13 @@ impl Link for WsLink {
     }
 
     async fn write_all_bytes(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.0
-            .send(Message::Binary(Bytes::copy_from_slice(bytes)))
-            .await
-            .map_err(io::Error::other)
+        for chunk in bytes.chunks(WS_MAX_OUT_MESSAGE_BYTES) {
+            self.0
+                .send(Message::Binary(Bytes::copy_from_slice(chunk)))
+                .await
+                .map_err(io::Error::other)?;
+        }
+        Ok(())
     }
 
     async fn close(&mut self) {

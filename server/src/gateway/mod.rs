@@ -8,7 +8,7 @@ mod connection;
 mod link;
 mod wire;
 
-pub use link::{Link, TcpLink, WsLink};
+pub use link::{Link, TcpLink, WS_MAX_OUT_MESSAGE_BYTES, WsLink};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
