@@ -157,6 +157,9 @@ const MAX_FRAME_BYTES_CEILING: usize = 16 * 1024 * 1024;
 const MIN_DEDUP_WINDOW_SECS: u64 = 24 * 3600;
 /// The issue's bound on drain pages.
 const MAX_DRAIN_BATCH: usize = 100;
+/// Longest group commit pacing allowed: every ✓ may wait this long, and a
+/// second is already far past what a person tolerates.
+const MAX_GROUP_COMMIT_INTERVAL_US: u64 = 1_000_000;
 
 impl Config {
     /// Reads a TOML file; absent keys keep their defaults.
@@ -196,6 +199,14 @@ impl Config {
                     "must be at least drain_batch ({}): a device holding one unacked page \
                      would otherwise be cut off as a slow reader",
                     self.drain_batch
+                ),
+            );
+        }
+        if self.group_commit_interval_us > MAX_GROUP_COMMIT_INTERVAL_US {
+            return bad(
+                "group_commit_interval_us",
+                format!(
+                    "must be at most {MAX_GROUP_COMMIT_INTERVAL_US} (1 s): every ✓ may wait that long"
                 ),
             );
         }
@@ -314,5 +325,11 @@ mod tests {
         };
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("max_unacked"), "{err}");
+        let c = Config {
+            group_commit_interval_us: 5_000_000,
+            ..Config::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("group_commit_interval_us"), "{err}");
     }
 }
