@@ -127,8 +127,6 @@ pub async fn run<L: Link>(
     let served = async move {
         let transport = link.kind();
         metrics::counter!(tm::CONNECTIONS_ACCEPTED, "transport" => transport).increment(1);
-        let open = metrics::gauge!(tm::CONNECTIONS, "transport" => transport);
-        open.increment(1.0);
         // Decrements the gauge however this task ends (even by panic).
         struct Open(metrics::Gauge);
         impl Drop for Open {
@@ -136,32 +134,23 @@ pub async fn run<L: Link>(
                 self.0.decrement(1.0);
             }
         }
-        let _open = Open(open);
-        let mut rbuf = BytesMut::new();
-        let session = match timeout(
+        let _open = Open(metrics::gauge!(tm::CONNECTIONS, "transport" => transport));
+        _open.0.increment(1.0);
+        // Every local alive across an await below is part of every
+        // connection's future for its whole life, so the handshake's
+        // buffer and outcome are moved, never borrowed or named (a failed
+        // outcome is consumed before the close is awaited).
+        let (session, rbuf) = match timeout(
             gw.cfg.handshake_timeout,
             // Boxed: the handshake's state is large and lives only briefly;
             // inline it would be part of every connection's future for good.
-            Box::pin(handshake(&mut link, &mut rbuf, &gw)),
+            Box::pin(handshake(&mut link, BytesMut::new(), &gw)),
         )
         .await
         {
-            Ok(Ok(s)) => s,
-            Ok(Err(end)) => {
-                tracing::debug!(?end, "handshake failed");
-                let reason = match end {
-                    End::PeerClosed => "closed",
-                    End::Io(_) => "io",
-                    End::Proto(_) => "protocol",
-                    End::Refused(_) | End::Violation(_) | End::Goodbye(_) => "refused",
-                };
-                metrics::counter!(tm::HANDSHAKE_FAILURES, "reason" => reason).increment(1);
-                link.close().await;
-                return;
-            }
-            Err(_) => {
-                tracing::debug!("handshake timed out");
-                metrics::counter!(tm::HANDSHAKE_FAILURES, "reason" => "timeout").increment(1);
+            Ok(Ok(done)) => done,
+            failed => {
+                count_handshake_failure(failed);
                 link.close().await;
                 return;
             }
@@ -226,13 +215,38 @@ async fn read_record<L: Link>(link: &mut L, rbuf: &mut BytesMut) -> Result<Bytes
 }
 
 /// The server side of the Noise XX handshake with version negotiation.
+/// Logs and counts a handshake that did not complete.
+fn count_handshake_failure(
+    failed: Result<Result<(Session, BytesMut), End>, tokio::time::error::Elapsed>,
+) {
+    let reason = match failed {
+        Ok(Ok(_)) => return,
+        Ok(Err(end)) => {
+            tracing::debug!(?end, "handshake failed");
+            match end {
+                End::PeerClosed => "closed",
+                End::Io(_) => "io",
+                End::Proto(_) => "protocol",
+                End::Refused(_) | End::Violation(_) | End::Goodbye(_) => "refused",
+            }
+        }
+        Err(_) => {
+            tracing::debug!("handshake timed out");
+            "timeout"
+        }
+    };
+    metrics::counter!(tm::HANDSHAKE_FAILURES, "reason" => reason).increment(1);
+}
+
+/// Runs the server side of the Noise handshake; gives back the session and
+/// the bytes already read past it (frames may follow the last message).
 async fn handshake<L: Link>(
     link: &mut L,
-    rbuf: &mut BytesMut,
+    mut rbuf: BytesMut,
     gw: &Gateway,
-) -> Result<Session, End> {
+) -> Result<(Session, BytesMut), End> {
     while rbuf.len() < PREAMBLE.len() {
-        match link.read_into(rbuf).await {
+        match link.read_into(&mut rbuf).await {
             Ok(0) => return Err(End::PeerClosed),
             Ok(_) => {}
             Err(e) => return Err(End::Io(e)),
@@ -245,7 +259,7 @@ async fn handshake<L: Link>(
     let _ = rbuf.split_to(PREAMBLE.len());
 
     let mut hs = Handshake::responder(&gw.server_key.private).map_err(End::Proto)?;
-    let msg1 = read_record(link, rbuf).await?;
+    let msg1 = read_record(link, &mut rbuf).await?;
     let payload = hs.read_message(&msg1).map_err(End::Proto)?;
     let hello = pb::ClientHello::decode(&payload[..]).map_err(|e| End::Proto(e.into()))?;
     let (result, accepted) = match version::negotiate(version::CURRENT, &hello.versions) {
@@ -267,9 +281,12 @@ async fn handshake<L: Link>(
         return Err(End::Refused("no common protocol version"));
     }
     tracing::debug!(user_agent = %hello.user_agent, "client hello");
-    let msg3 = read_record(link, rbuf).await?;
+    let msg3 = read_record(link, &mut rbuf).await?;
     hs.read_message(&msg3).map_err(End::Proto)?;
-    hs.into_session(gw.cfg.max_frame_bytes).map_err(End::Proto)
+    let session = hs
+        .into_session(gw.cfg.max_frame_bytes)
+        .map_err(End::Proto)?;
+    Ok((session, rbuf))
 }
 
 struct Conn<L: Link> {
