@@ -48,15 +48,6 @@ async fn start_tight() -> (TestServer, Arc<FaultyStore>) {
     )
 }
 
-fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flood_is_refused_cleanly_and_nothing_acknowledged_is_lost() {
     let (server, faulty) = start_tight().await;
@@ -132,7 +123,7 @@ async fn flood_is_refused_cleanly_and_nothing_acknowledged_is_lost() {
     let mut peak_depth: f64 = 0.0;
     for f in flooders {
         while !f.is_finished() {
-            peak_rss = peak_rss.max(rss_bytes());
+            peak_rss = peak_rss.max(rss_bytes("self"));
             let (_, m) = http_get(&server.http(), "/metrics").await;
             for shard in ["0", "1"] {
                 let series = format!("switchboard_shard_inbox_depth{{shard=\"{shard}\"}}");
@@ -144,7 +135,7 @@ async fn flood_is_refused_cleanly_and_nothing_acknowledged_is_lost() {
         acked.extend(a);
         overloaded += o;
     }
-    peak_rss = peak_rss.max(rss_bytes());
+    peak_rss = peak_rss.max(rss_bytes("self"));
     assert!(overloaded > 0, "tight limits must refuse some of the flood");
     assert!(peak_depth > 0.0, "the inbox depth gauge never moved");
     assert!(!acked.is_empty(), "and still accept some");

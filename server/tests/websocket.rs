@@ -7,17 +7,6 @@ mod common;
 use common::*;
 use switchboard_proto::pb::{self, client_frame::Body as In, server_frame::Body as Out};
 
-/// Resident memory of a process, from /proc.
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmRSS in /proc/PID/status")
-        * 1024
-}
-
 /// Opens `n` WebSocket connections that have each completed a request
 /// (so the server has read from every one of them).
 async fn open(url: &str, n: usize) -> Vec<Raw> {
@@ -41,13 +30,14 @@ async fn idle_websocket_connections_hold_no_full_size_buffers() {
     const BOUND_BYTES_PER_CONNECTION: u64 = 24 * 1024;
     let dir = tempfile::tempdir().unwrap();
     let server = spawn_server(dir.path(), &[]).await;
-    let pid = server.child.id().expect("server pid");
+    let pid = server.child.id().expect("server pid").to_string();
     let url = format!("ws://{}/ws", server.http);
     // Warm up: one-time allocations (runtime, pools) are not per connection.
     let warm = open(&url, 20).await;
-    let before = rss_bytes(pid);
+    let before = rss_bytes(&pid);
     let conns = open(&url, CONNECTIONS).await;
-    let after = rss_bytes(pid);
+    let after = rss_bytes(&pid);
+    assert!(before > 0 && after > 0, "server RSS unreadable");
     let per_connection = after.saturating_sub(before) / CONNECTIONS as u64;
     println!("{per_connection} bytes of server RSS per idle WebSocket connection");
     assert!(
