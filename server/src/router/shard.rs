@@ -1657,18 +1657,17 @@ impl Shard {
 
     fn sweep(&mut self) {
         let now = now_ms();
-        match self
-            .store
-            .expired_dedup(now.saturating_sub(self.cfg.dedup_window_ms), SWEEP_LIMIT)
-        {
-            Ok(list) => {
-                for (key, accepted_ms) in list {
-                    if self.owns_user(key.to_user) {
-                        self.ops.push(Op::DeleteDedup { key, accepted_ms });
-                    }
-                }
+        // Dedup records expire in whole day keyspaces shared by all
+        // shards; one shard drops them.
+        if self.id == 0 {
+            match self
+                .store
+                .expire_dedup(now.saturating_sub(self.cfg.dedup_window_ms))
+            {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(buckets = n, "expired dedup records dropped"),
+                Err(e) => tracing::warn!(error = %e, "dedup sweep failed"),
             }
-            Err(e) => tracing::warn!(error = %e, "dedup sweep failed"),
         }
         match self
             .store

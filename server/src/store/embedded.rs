@@ -11,12 +11,19 @@
 //! | `codes`      | E.164 phone                      | `CodeRecord`     |
 //! | `queues`     | user, device, seq                | `pb::QueueEntry` |
 //! | `queue_meta` | user, device                     | highest reserved seq (u64) |
-//! | `dedup`      | to user, from device, client id  | `DedupRecord`    |
-//! | `dedup_time` | accepted ms, dedup key           | empty            |
+//! | `dedup-<day>`| to user, from device, client id  | `DedupRecord`    |
 //! | `device_keys`| user, device                     | `DeviceKeysRecord` |
 //! | `otks`       | user, device, index              | `pb::SignedKey`  |
 //! | `link_codes` | code                             | `LinkCodeRecord` |
+//!
+//! Dedup records live in one keyspace per UTC day of their `accepted_ms`
+//! (`dedup-20786`). Expiry drops whole keyspaces once their last possible
+//! record is older than the window: no per-record time index and no
+//! tombstones, which cost two inserts and two deletions per message before.
+//! A lookup asks the day keyspaces newest first (a miss in an older day is
+//! mostly a bloom filter check).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -65,6 +72,16 @@ const MAX_JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
 /// 320 ms against 18 ms at 4 MiB). See docs/BENCHMARKS.md.
 const MAX_MEMTABLE_BYTES: u64 = 4 * 1024 * 1024;
 
+/// The span of one dedup keyspace: a UTC day.
+pub const DEDUP_BUCKET_MS: u64 = 86_400_000;
+/// Name prefix of the dedup day keyspaces.
+const DEDUP_PREFIX: &str = "dedup-";
+/// Keyspaces of the layout before day buckets, migrated on open.
+const LEGACY_DEDUP: &str = "dedup";
+const LEGACY_DEDUP_TIME: &str = "dedup_time";
+/// Records moved per batch when migrating the legacy dedup keyspaces.
+const MIGRATE_BATCH: usize = 4096;
+
 /// Time between attempts to reopen a failed database.
 const REOPEN_INTERVAL: Duration = Duration::from_millis(500);
 /// How long a reopen waits for in-flight calls to let go of the old handle.
@@ -78,8 +95,8 @@ struct Db {
     codes: Keyspace,
     queues: Keyspace,
     queue_meta: Keyspace,
-    dedup: Keyspace,
-    dedup_time: Keyspace,
+    /// Dedup records by day of acceptance (`accepted_ms / DEDUP_BUCKET_MS`).
+    dedup_days: RwLock<BTreeMap<u64, Keyspace>>,
     device_keys: Keyspace,
     otks: Keyspace,
     link_codes: Keyspace,
@@ -181,26 +198,97 @@ impl Db {
             .max_journaling_size(MAX_JOURNAL_BYTES)
             .open()
             .map_err(engine)?;
-        let ks = |name: &str| {
-            db.keyspace(name, || {
-                KeyspaceCreateOptions::default().max_memtable_size(MAX_MEMTABLE_BYTES)
-            })
-            .map_err(engine)
-        };
-        Ok(Self {
+        let ks = |name: &str| open_keyspace(&db, name);
+        let mut dedup_days = BTreeMap::new();
+        for name in db.list_keyspace_names() {
+            if let Some(day) = name
+                .strip_prefix(DEDUP_PREFIX)
+                .and_then(|d| d.parse::<u64>().ok())
+            {
+                dedup_days.insert(day, ks(&name)?);
+            }
+        }
+        let this = Self {
             users: ks("users")?,
             phones: ks("phones")?,
             codes: ks("codes")?,
             queues: ks("queues")?,
             queue_meta: ks("queue_meta")?,
-            dedup: ks("dedup")?,
-            dedup_time: ks("dedup_time")?,
+            dedup_days: RwLock::new(dedup_days),
             device_keys: ks("device_keys")?,
             otks: ks("otks")?,
             link_codes: ks("link_codes")?,
             db,
-        })
+        };
+        this.migrate_legacy_dedup()?;
+        Ok(this)
     }
+
+    /// Moves the records of the single `dedup` keyspace of earlier versions
+    /// into day keyspaces, then deletes it and its time index. Each batch
+    /// is durable before the next, and a record is only ever copied, so a
+    /// crash midway just repeats the move on the next open.
+    fn migrate_legacy_dedup(&self) -> Result<(), StoreError> {
+        if !self.db.keyspace_exists(LEGACY_DEDUP) {
+            return Ok(());
+        }
+        let legacy = open_keyspace(&self.db, LEGACY_DEDUP)?;
+        let mut moved = 0usize;
+        let mut batch = Vec::with_capacity(MIGRATE_BATCH);
+        for guard in legacy.iter() {
+            let (k, v) = guard.into_inner().map_err(engine)?;
+            let record: DedupRecord = decode("dedup", &v)?;
+            let key = keys::parse_dedup(&k).ok_or(StoreError::Corrupt {
+                what: "dedup key",
+                detail: format!("{} bytes", k.len()),
+            })?;
+            batch.push(Op::PutDedup { key, record });
+            if batch.len() == MIGRATE_BATCH {
+                moved += batch.len();
+                self.commit(std::mem::take(&mut batch), true)?;
+            }
+        }
+        moved += batch.len();
+        self.commit(batch, true)?;
+        self.db.delete_keyspace(legacy).map_err(engine)?;
+        if self.db.keyspace_exists(LEGACY_DEDUP_TIME) {
+            let index = open_keyspace(&self.db, LEGACY_DEDUP_TIME)?;
+            self.db.delete_keyspace(index).map_err(engine)?;
+        }
+        tracing::info!(records = moved, "dedup records moved to day keyspaces");
+        Ok(())
+    }
+
+    /// The day keyspace for records accepted at `accepted_ms`, created on
+    /// first use.
+    fn dedup_day(&self, accepted_ms: u64) -> Result<Keyspace, StoreError> {
+        let day = accepted_ms / DEDUP_BUCKET_MS;
+        if let Some(ks) = self
+            .dedup_days
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&day)
+        {
+            return Ok(ks.clone());
+        }
+        let mut days = self
+            .dedup_days
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(ks) = days.get(&day) {
+            return Ok(ks.clone());
+        }
+        let ks = open_keyspace(&self.db, &format!("{DEDUP_PREFIX}{day}"))?;
+        days.insert(day, ks.clone());
+        Ok(ks)
+    }
+}
+
+fn open_keyspace(db: &Database, name: &str) -> Result<Keyspace, StoreError> {
+    db.keyspace(name, || {
+        KeyspaceCreateOptions::default().max_memtable_size(MAX_MEMTABLE_BYTES)
+    })
+    .map_err(engine)
 }
 
 impl Db {
@@ -226,10 +314,38 @@ impl Db {
     }
 
     fn dedup(&self, key: &DedupKey) -> Result<Option<DedupRecord>, StoreError> {
-        match self.dedup.get(keys::dedup(key)).map_err(engine)? {
-            Some(v) => Ok(Some(decode("dedup", &v)?)),
-            None => Ok(None),
+        let k = keys::dedup(key);
+        let days = self
+            .dedup_days
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Newest first: a retry usually follows its original closely.
+        for ks in days.values().rev() {
+            if let Some(v) = ks.get(&k).map_err(engine)? {
+                return Ok(Some(decode("dedup", &v)?));
+            }
         }
+        Ok(None)
+    }
+
+    /// Drops the day keyspaces whose every record was accepted before
+    /// `before_ms`; says how many.
+    fn expire_dedup(&self, before_ms: u64) -> Result<usize, StoreError> {
+        let expired: Vec<Keyspace> = {
+            let mut days = self
+                .dedup_days
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Day d holds accepted_ms < (d + 1) * DEDUP_BUCKET_MS.
+            let keep_from = before_ms / DEDUP_BUCKET_MS;
+            let kept = days.split_off(&keep_from);
+            std::mem::replace(&mut *days, kept).into_values().collect()
+        };
+        let n = expired.len();
+        for ks in expired {
+            self.db.delete_keyspace(ks).map_err(engine)?;
+        }
+        Ok(n)
     }
 
     fn reserved_seq(&self, device: DeviceKey) -> Result<u64, StoreError> {
@@ -261,32 +377,6 @@ impl Db {
                 seq,
                 bytes: Bytes::copy_from_slice(&v),
             });
-        }
-        Ok(out)
-    }
-
-    fn expired_dedup(
-        &self,
-        before_ms: u64,
-        limit: usize,
-    ) -> Result<Vec<(DedupKey, u64)>, StoreError> {
-        let mut out = Vec::new();
-        for guard in self.dedup_time.range(..before_ms.to_be_bytes()).take(limit) {
-            let k = guard.key().map_err(engine)?;
-            let accepted = k
-                .get(..8)
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map(u64::from_be_bytes);
-            let key = k.get(8..).and_then(keys::parse_dedup);
-            match (accepted, key) {
-                (Some(a), Some(key)) => out.push((key, a)),
-                _ => {
-                    return Err(StoreError::Corrupt {
-                        what: "dedup_time key",
-                        detail: format!("{} bytes", k.len()),
-                    });
-                }
-            }
         }
         Ok(out)
     }
@@ -414,12 +504,8 @@ impl Db {
                     batch.remove(&self.queue_meta, keys::device(device));
                 }
                 Op::PutDedup { key, record } => {
-                    batch.insert(
-                        &self.dedup_time,
-                        keys::dedup_by_time(record.accepted_ms, &key),
-                        [],
-                    );
-                    batch.insert(&self.dedup, keys::dedup(&key), record.encode_to_vec());
+                    let day = self.dedup_day(record.accepted_ms)?;
+                    batch.insert(&day, keys::dedup(&key), record.encode_to_vec());
                 }
                 Op::PutDeviceKeys { device, record } => {
                     batch.insert(
@@ -446,10 +532,6 @@ impl Db {
                 }
                 Op::DeleteLinkCode(code) => {
                     batch.remove(&self.link_codes, code.as_bytes());
-                }
-                Op::DeleteDedup { key, accepted_ms } => {
-                    batch.remove(&self.dedup_time, keys::dedup_by_time(accepted_ms, &key));
-                    batch.remove(&self.dedup, keys::dedup(&key));
                 }
             }
         }
@@ -500,12 +582,8 @@ impl Store for EmbeddedStore {
         self.db()?.read_queue(device, after, limit)
     }
 
-    fn expired_dedup(
-        &self,
-        before_ms: u64,
-        limit: usize,
-    ) -> Result<Vec<(DedupKey, u64)>, StoreError> {
-        self.db()?.expired_dedup(before_ms, limit)
+    fn expire_dedup(&self, before_ms: u64) -> Result<usize, StoreError> {
+        self.db()?.expire_dedup(before_ms)
     }
 
     fn expired_entries(
@@ -631,44 +709,98 @@ mod tests {
         assert_eq!(store.reserved_seq(a).unwrap(), 0);
     }
 
-    #[test]
-    fn dedup_expiry_index() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = EmbeddedStore::open(dir.path()).unwrap();
-        let key = DedupKey {
+    fn dedup_key(id: &str) -> DedupKey {
+        DedupKey {
             to_user: 1,
             from: DeviceKey { user: 2, device: 1 },
-            client_msg_id: "x".into(),
-        };
+            client_msg_id: id.into(),
+        }
+    }
+
+    fn put_dedup(store: &EmbeddedStore, id: &str, accepted_ms: u64) -> DedupRecord {
         let record = DedupRecord {
-            server_ts_ms: 7,
-            accepted_ms: 100,
+            server_ts_ms: accepted_ms + 1,
+            accepted_ms,
         };
         store
             .commit(
                 vec![Op::PutDedup {
-                    key: key.clone(),
+                    key: dedup_key(id),
                     record: record.clone(),
                 }],
                 true,
             )
             .unwrap();
-        assert_eq!(store.dedup(&key).unwrap(), Some(record));
-        assert!(store.expired_dedup(100, 10).unwrap().is_empty());
-        assert_eq!(
-            store.expired_dedup(101, 10).unwrap(),
-            vec![(key.clone(), 100)]
-        );
-        store
-            .commit(
-                vec![Op::DeleteDedup {
-                    key: key.clone(),
-                    accepted_ms: 100,
-                }],
-                true,
-            )
-            .unwrap();
-        assert_eq!(store.dedup(&key).unwrap(), None);
-        assert!(store.expired_dedup(u64::MAX, 10).unwrap().is_empty());
+        record
+    }
+
+    #[test]
+    fn dedup_records_expire_by_whole_days() {
+        const DAY: u64 = DEDUP_BUCKET_MS;
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let old = put_dedup(&store, "old", 10 * DAY + 5);
+        let new = put_dedup(&store, "new", 12 * DAY + 7);
+        assert_eq!(store.dedup(&dedup_key("old")).unwrap(), Some(old.clone()));
+        assert_eq!(store.dedup(&dedup_key("new")).unwrap(), Some(new.clone()));
+        assert_eq!(store.dedup(&dedup_key("none")).unwrap(), None);
+
+        // A day goes only once all of it is before the cutoff.
+        assert_eq!(store.expire_dedup(10 * DAY + 6).unwrap(), 0);
+        assert_eq!(store.expire_dedup(11 * DAY - 1).unwrap(), 0);
+        assert_eq!(store.dedup(&dedup_key("old")).unwrap(), Some(old));
+
+        // Day keyspaces survive a reopen.
+        drop(store);
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(store.expire_dedup(11 * DAY).unwrap(), 1);
+        assert_eq!(store.dedup(&dedup_key("old")).unwrap(), None);
+        assert_eq!(store.dedup(&dedup_key("new")).unwrap(), Some(new.clone()));
+        drop(store);
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(store.dedup(&dedup_key("old")).unwrap(), None);
+        assert_eq!(store.dedup(&dedup_key("new")).unwrap(), Some(new));
+        assert_eq!(store.expire_dedup(u64::MAX).unwrap(), 1);
+        assert_eq!(store.dedup(&dedup_key("new")).unwrap(), None);
+    }
+
+    #[test]
+    fn legacy_dedup_keyspace_is_migrated_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = DedupRecord {
+            server_ts_ms: 8,
+            accepted_ms: 3 * DEDUP_BUCKET_MS + 1,
+        };
+        {
+            // The layout before day keyspaces: one `dedup` keyspace and a
+            // time index.
+            let db = Database::builder(dir.path()).open().unwrap();
+            let dedup = open_keyspace(&db, LEGACY_DEDUP).unwrap();
+            let index = open_keyspace(&db, LEGACY_DEDUP_TIME).unwrap();
+            for i in 0..(MIGRATE_BATCH + 10) {
+                let key = dedup_key(&format!("m{i}"));
+                dedup
+                    .insert(keys::dedup(&key), record.encode_to_vec())
+                    .unwrap();
+                let mut t = record.accepted_ms.to_be_bytes().to_vec();
+                t.extend_from_slice(&keys::dedup(&key));
+                index.insert(t, []).unwrap();
+            }
+            db.persist(PersistMode::SyncAll).unwrap();
+        }
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let db = store.db().unwrap();
+        assert!(!db.db.keyspace_exists(LEGACY_DEDUP));
+        assert!(!db.db.keyspace_exists(LEGACY_DEDUP_TIME));
+        drop(db);
+        for i in [0, MIGRATE_BATCH - 1, MIGRATE_BATCH, MIGRATE_BATCH + 9] {
+            assert_eq!(
+                store.dedup(&dedup_key(&format!("m{i}"))).unwrap(),
+                Some(record.clone()),
+                "record m{i}"
+            );
+        }
+        assert_eq!(store.expire_dedup(4 * DEDUP_BUCKET_MS).unwrap(), 1);
+        assert_eq!(store.dedup(&dedup_key("m0")).unwrap(), None);
     }
 }

@@ -100,12 +100,8 @@ impl Store for FaultyStore {
     ) -> Result<Vec<StoredEntry>, StoreError> {
         self.inner.read_queue(device, after, limit)
     }
-    fn expired_dedup(
-        &self,
-        before_ms: u64,
-        limit: usize,
-    ) -> Result<Vec<(DedupKey, u64)>, StoreError> {
-        self.inner.expired_dedup(before_ms, limit)
+    fn expire_dedup(&self, before_ms: u64) -> Result<usize, StoreError> {
+        self.inner.expire_dedup(before_ms)
     }
     fn expired_entries(
         &self,

@@ -49,13 +49,6 @@ pub fn parse_dedup(k: &[u8]) -> Option<DedupKey> {
     })
 }
 
-/// `accepted_ms (8) | dedup key`: the time index used for expiry.
-pub fn dedup_by_time(accepted_ms: u64, k: &DedupKey) -> Vec<u8> {
-    let mut v = accepted_ms.to_be_bytes().to_vec();
-    v.extend_from_slice(&dedup(k));
-    v
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,7 +67,6 @@ mod tests {
             from: DeviceKey { user: 2, device: 3 },
             client_msg_id: "abc".into(),
         };
-        assert_eq!(parse_dedup(&dedup(&k)), Some(k.clone()));
-        assert_eq!(&dedup_by_time(5, &k)[8..], &dedup(&k)[..]);
+        assert_eq!(parse_dedup(&dedup(&k)), Some(k));
     }
 }

@@ -139,13 +139,6 @@ pub enum Op {
     },
     /// Remove a link code (used or expired).
     DeleteLinkCode(String),
-    /// Forget an accepted send (its window has passed).
-    DeleteDedup {
-        /// Which send.
-        key: DedupKey,
-        /// Its `accepted_ms`, to find the time index entry.
-        accepted_ms: u64,
-    },
 }
 
 impl Op {
@@ -155,7 +148,7 @@ impl Op {
     pub fn needs_sync(&self) -> bool {
         !matches!(
             self,
-            Op::Dequeue { .. } | Op::DeleteDedup { .. } | Op::DropQueue(_) | Op::DeleteLinkCode(_)
+            Op::Dequeue { .. } | Op::DropQueue(_) | Op::DeleteLinkCode(_)
         )
     }
 }
@@ -223,15 +216,14 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<StoredEntry>, StoreError>;
 
-    /// Dedup records accepted before `before_ms`, oldest first, at most `limit`.
+    /// Forgets dedup records accepted before `before_ms`, in whole time
+    /// buckets: a record is remembered at least until `before_ms` passes
+    /// its `accepted_ms`, and at most one bucket longer. Says how many
+    /// buckets were dropped.
     ///
     /// # Errors
-    /// [`StoreError`] on engine failure or corruption.
-    fn expired_dedup(
-        &self,
-        before_ms: u64,
-        limit: usize,
-    ) -> Result<Vec<(DedupKey, u64)>, StoreError>;
+    /// [`StoreError`] on engine failure.
+    fn expire_dedup(&self, before_ms: u64) -> Result<usize, StoreError>;
 
     /// Queue entries anywhere whose timestamp is before `before_ms`, for the
     /// TTL sweep: `(device, seq)` pairs, at most `limit`, scanning from `from`.
