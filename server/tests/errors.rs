@@ -290,6 +290,37 @@ async fn idle_connection_is_closed_after_the_keepalive_window() {
 }
 
 #[tokio::test]
+async fn frames_keep_a_connection_past_the_keepalive_window() {
+    let server = TestServer::start_with(|c| c.idle_timeout_secs = 1).await;
+    let alice = register(&server, "+15550000142").await;
+    let mut a = online(&server, &alice).await;
+    a.drain().await;
+    // A ping every 400 ms for 3.2 s: each one moves the 1 s window on.
+    let started = std::time::Instant::now();
+    for i in 0..8u32 {
+        let ping = a.seal_frame(&pb::ClientFrame {
+            id: 200 + i,
+            body: Some(In::Ping(pb::Ping {})),
+        });
+        a.send_raw_bytes(&ping).await.unwrap();
+        match a.next().await.expect("closed while active").body {
+            Some(Out::Pong(_)) => {}
+            other => panic!("{other:?}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    }
+    assert!(started.elapsed() > std::time::Duration::from_secs(3));
+    // Then silence: the window closes.
+    let frames = a.until_closed().await;
+    match &frames.last().unwrap().body {
+        Some(Out::Goodbye(g)) => {
+            assert_eq!(g.reason.as_ref().unwrap().code(), ErrorCode::IdleTimeout);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
 async fn a_frame_trickled_in_byte_by_byte_is_cut_off() {
     let server = TestServer::start_with(|c| c.frame_timeout_secs = 1).await;
     let alice = register(&server, "+15550000151").await;

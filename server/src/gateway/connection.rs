@@ -446,6 +446,13 @@ impl<L: Link> Conn<L> {
         // (and leave) the token's waiter list every time.
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
+        // One timer for both deadlines, also made once. It is moved only
+        // when a deadline comes earlier than it; a deadline pushed later
+        // (every read moves the idle one) is looked at when the timer
+        // fires. A timer set per turn cost a wheel insert and removal per
+        // frame (about 1% of the server's CPU at 7,000 msgs/s).
+        let timer = tokio::time::sleep_until(deadline);
+        tokio::pin!(timer);
         loop {
             tokio::select! {
                 biased;
@@ -491,8 +498,18 @@ impl<L: Link> Conn<L> {
                         (true, Some(d)) if completed == 0 => Some(d),
                         (true, _) => Some(Instant::now() + self.gw.cfg.frame_timeout),
                     };
+                    if let Some(p) = partial_deadline
+                        && p < timer.deadline()
+                    {
+                        timer.as_mut().reset(p);
+                    }
                 }
-                () = tokio::time::sleep_until(partial_deadline.map_or(deadline, |p| p.min(deadline))) => {
+                () = &mut timer => {
+                    let due = partial_deadline.map_or(deadline, |p| p.min(deadline));
+                    if due > Instant::now() {
+                        timer.as_mut().reset(due);
+                        continue;
+                    }
                     if partial_deadline.is_some_and(|p| p <= Instant::now()) {
                         return self.goodbye(error(ErrorCode::IdleTimeout, "a frame was not completed in time")).await;
                     }
