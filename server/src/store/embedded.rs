@@ -16,6 +16,19 @@
 //! | `otks`       | user, device, index              | `pb::SignedKey`  |
 //! | `link_codes` | code                             | `LinkCodeRecord` |
 //!
+//! Every batch is first appended to the store's own log (`log/` in the
+//! database directory, see `store/log.rs`), and a synced batch is durable
+//! once that log is synced: one fsync per batch, as before. Queue entries
+//! then live in memory (`hot`) until they are acked, which for an online
+//! device is milliseconds later, so most never reach the LSM: no memtable
+//! insert, no tombstone, no flush or compaction. Everything else is applied
+//! to fjall without a sync of its own, and only after the log's sync, so
+//! fjall never holds a write the log lacks. A checkpoint (log segment full,
+//! expiry sweep, shutdown) moves the entries still in memory into fjall,
+//! persists fjall and deletes the old log segments. Opening replays the
+//! segments left (every logged write is a put or a removal, so replaying
+//! one twice is harmless) and checkpoints at once.
+//!
 //! Dedup records live in one keyspace per UTC day of their `accepted_ms`
 //! (`dedup-20786`). Expiry drops whole keyspaces once their last possible
 //! record is older than the window: no per-record time index and no
@@ -25,7 +38,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -34,6 +47,7 @@ use prost::Message;
 use switchboard_proto::pb;
 
 use super::keys;
+use super::log::{self as wal, Kind, Log, RawOp};
 use super::{
     CodeRecord, DedupKey, DedupRecord, DeviceKey, DeviceKeysRecord, LinkCodeRecord, Op, Store,
     StoreError, StoredEntry, UserId, UserRecord,
@@ -82,6 +96,23 @@ const LEGACY_DEDUP_TIME: &str = "dedup_time";
 /// Records moved per batch when migrating the legacy dedup keyspaces.
 const MIGRATE_BATCH: usize = 4096;
 
+/// Log bytes after which a checkpoint starts a new segment. Bounds both
+/// the memory of the entries held in memory and the replay at startup.
+const LOG_SEGMENT_BYTES: u64 = 32 * 1024 * 1024;
+/// Directory of the log inside the database directory.
+const LOG_DIR: &str = "log";
+
+/// Keyspaces as logged (`RawOp::target`).
+const T_USERS: u8 = 0;
+const T_PHONES: u8 = 1;
+const T_CODES: u8 = 2;
+const T_QUEUES: u8 = 3;
+const T_QUEUE_META: u8 = 4;
+const T_DEDUP: u8 = 5;
+const T_DEVICE_KEYS: u8 = 6;
+const T_OTKS: u8 = 7;
+const T_LINK_CODES: u8 = 8;
+
 /// Time between attempts to reopen a failed database.
 const REOPEN_INTERVAL: Duration = Duration::from_millis(500);
 /// How long a reopen waits for in-flight calls to let go of the old handle.
@@ -100,6 +131,17 @@ struct Db {
     device_keys: Keyspace,
     otks: Keyspace,
     link_codes: Keyspace,
+    /// The log and the queue entries that are only in it.
+    log: Mutex<LogState>,
+}
+
+/// Queue key (`keys::queue_entry`) → encoded entry.
+type Hot = BTreeMap<[u8; 20], Bytes>;
+
+struct LogState {
+    log: Log,
+    /// Queue entries logged since the last checkpoint and not removed.
+    hot: Hot,
 }
 
 fn engine(e: impl std::fmt::Display) -> StoreError {
@@ -198,6 +240,7 @@ impl Db {
             .max_journaling_size(MAX_JOURNAL_BYTES)
             .open()
             .map_err(engine)?;
+        let (log, recovered) = Log::open(&dir.join(LOG_DIR)).map_err(engine)?;
         let ks = |name: &str| open_keyspace(&db, name);
         let mut dedup_days = BTreeMap::new();
         for name in db.list_keyspace_names() {
@@ -218,10 +261,127 @@ impl Db {
             device_keys: ks("device_keys")?,
             otks: ks("otks")?,
             link_codes: ks("link_codes")?,
+            log: Mutex::new(LogState {
+                log,
+                hot: Hot::new(),
+            }),
             db,
         };
+        if recovered.torn {
+            tracing::warn!(
+                "the store log ended in a torn record (a write cut by a crash); it was ignored"
+            );
+        }
+        {
+            let mut st = this.lock_log();
+            let records = recovered.records.len();
+            for record in recovered.records {
+                let ops = wal::decode(&record).ok_or(StoreError::Corrupt {
+                    what: "log record",
+                    detail: format!("{} bytes", record.len()),
+                })?;
+                this.apply(&mut st.hot, ops, true)?;
+            }
+            this.checkpoint(&mut st)?;
+            if records > 0 {
+                tracing::info!(records, "store log replayed");
+            }
+        }
         this.migrate_legacy_dedup()?;
         Ok(this)
+    }
+
+    fn lock_log(&self) -> MutexGuard<'_, LogState> {
+        self.log
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The keyspace a logged write goes to.
+    fn target(&self, target: u8, day: u64) -> Result<Keyspace, StoreError> {
+        Ok(match target {
+            T_USERS => self.users.clone(),
+            T_PHONES => self.phones.clone(),
+            T_CODES => self.codes.clone(),
+            T_QUEUES => self.queues.clone(),
+            T_QUEUE_META => self.queue_meta.clone(),
+            T_DEDUP => return self.dedup_day(day.saturating_mul(DEDUP_BUCKET_MS)),
+            T_DEVICE_KEYS => self.device_keys.clone(),
+            T_OTKS => self.otks.clone(),
+            T_LINK_CODES => self.link_codes.clone(),
+            other => {
+                return Err(StoreError::Corrupt {
+                    what: "log record",
+                    detail: format!("unknown keyspace {other}"),
+                });
+            }
+        })
+    }
+
+    /// Applies logged writes: queue entries to `hot`, the rest to fjall
+    /// (without a sync: the log has them). In `replay`, a removed queue
+    /// entry is also removed from fjall, where a checkpoint cut short by a
+    /// crash may have put it.
+    fn apply(&self, hot: &mut Hot, ops: Vec<RawOp>, replay: bool) -> Result<(), StoreError> {
+        let mut batch = self.db.batch();
+        for op in ops {
+            if op.target == T_QUEUES
+                && let Ok(key) = <[u8; 20]>::try_from(op.key.as_slice())
+            {
+                match op.kind {
+                    Kind::Put => {
+                        hot.insert(key, op.value);
+                        continue;
+                    }
+                    Kind::Remove => {
+                        if hot.remove(&key).is_some() && !replay {
+                            continue;
+                        }
+                    }
+                    Kind::RemovePrefix => {}
+                }
+            }
+            let ks = self.target(op.target, op.day)?;
+            match op.kind {
+                Kind::Put => batch.insert(&ks, op.key, op.value.as_ref()),
+                Kind::Remove => batch.remove(&ks, op.key),
+                Kind::RemovePrefix => {
+                    if op.target == T_QUEUES {
+                        let doomed: Vec<[u8; 20]> = hot
+                            .keys()
+                            .filter(|k| k.starts_with(&op.key))
+                            .copied()
+                            .collect();
+                        for k in doomed {
+                            hot.remove(&k);
+                        }
+                    }
+                    for guard in ks.prefix(&op.key) {
+                        let k = guard.key().map_err(engine)?;
+                        batch.remove(&ks, k);
+                    }
+                }
+            }
+        }
+        if !batch.is_empty() {
+            batch.commit().map_err(engine)?;
+        }
+        Ok(())
+    }
+
+    /// Moves the queue entries held in memory into fjall, makes fjall
+    /// durable and deletes the log segments written so far.
+    fn checkpoint(&self, st: &mut LogState) -> Result<(), StoreError> {
+        if !st.hot.is_empty() {
+            let mut batch = self.db.batch();
+            for (k, v) in &st.hot {
+                batch.insert(&self.queues, &k[..], v.as_ref());
+            }
+            batch.commit().map_err(engine)?;
+        }
+        self.db.persist(PersistMode::SyncAll).map_err(engine)?;
+        st.hot.clear();
+        st.log.retire_older().map_err(engine)
     }
 
     /// Moves the records of the single `dedup` keyspace of earlier versions
@@ -282,6 +442,96 @@ impl Db {
         days.insert(day, ks.clone());
         Ok(ks)
     }
+}
+
+/// A batch's writes as logged, in the batch's order.
+fn to_raw(ops: Vec<Op>) -> Vec<RawOp> {
+    fn w(target: u8, day: u64, kind: Kind, key: Vec<u8>, value: Bytes) -> RawOp {
+        RawOp {
+            target,
+            day,
+            kind,
+            key,
+            value,
+        }
+    }
+    let put = |target, key, value| w(target, 0, Kind::Put, key, value);
+    let remove = |target, kind, key| w(target, 0, kind, key, Bytes::new());
+    let device = |d: DeviceKey| keys::device(d).to_vec();
+    let mut raw = Vec::with_capacity(ops.len() + 1);
+    for op in ops {
+        match op {
+            Op::PutUser(u) => raw.push(put(
+                T_USERS,
+                u.user_id.to_be_bytes().to_vec(),
+                u.encode_to_vec().into(),
+            )),
+            Op::PutPhone { phone, user } => raw.push(put(
+                T_PHONES,
+                phone.into_bytes(),
+                user.to_be_bytes().to_vec().into(),
+            )),
+            Op::PutCode { phone, record } => {
+                raw.push(put(
+                    T_CODES,
+                    phone.into_bytes(),
+                    record.encode_to_vec().into(),
+                ));
+            }
+            Op::Enqueue { device, entry } => raw.push(put(
+                T_QUEUES,
+                keys::queue_entry(device, entry.seq).to_vec(),
+                entry.bytes,
+            )),
+            Op::ReserveSeqs { device: d, upto } => raw.push(put(
+                T_QUEUE_META,
+                device(d),
+                upto.to_be_bytes().to_vec().into(),
+            )),
+            Op::PutDedup { key, record } => raw.push(w(
+                T_DEDUP,
+                record.accepted_ms / DEDUP_BUCKET_MS,
+                Kind::Put,
+                keys::dedup(&key),
+                record.encode_to_vec().into(),
+            )),
+            Op::PutDeviceKeys { device: d, record } => {
+                raw.push(put(T_DEVICE_KEYS, device(d), record.encode_to_vec().into()));
+            }
+            Op::PutOneTimeKey { device, index, key } => {
+                raw.push(put(T_OTKS, keys::queue_entry(device, index).to_vec(), key))
+            }
+            Op::PutLinkCode { code, record } => {
+                raw.push(put(
+                    T_LINK_CODES,
+                    code.into_bytes(),
+                    record.encode_to_vec().into(),
+                ));
+            }
+            Op::Dequeue { device, seq } => raw.push(remove(
+                T_QUEUES,
+                Kind::Remove,
+                keys::queue_entry(device, seq).to_vec(),
+            )),
+            Op::DropQueue(d) => {
+                raw.push(remove(T_QUEUES, Kind::RemovePrefix, device(d)));
+                raw.push(remove(T_QUEUE_META, Kind::Remove, device(d)));
+            }
+            Op::DeleteOneTimeKey { device, index } => raw.push(remove(
+                T_OTKS,
+                Kind::Remove,
+                keys::queue_entry(device, index).to_vec(),
+            )),
+            Op::DropDeviceKeys(d) => {
+                raw.push(remove(T_OTKS, Kind::RemovePrefix, device(d)));
+                raw.push(remove(T_DEVICE_KEYS, Kind::Remove, device(d)));
+            }
+            Op::DeleteLinkCode(code) => {
+                raw.push(remove(T_LINK_CODES, Kind::Remove, code.into_bytes()));
+            }
+        }
+    }
+    raw
 }
 
 fn open_keyspace(db: &Database, name: &str) -> Result<Keyspace, StoreError> {
@@ -366,6 +616,20 @@ impl Db {
         };
         let start = keys::queue_entry(device, start_seq);
         let end = keys::queue_entry(device, u64::MAX);
+        // Entries logged since the last checkpoint are in memory, older
+        // ones in fjall; a queue can have both. Merge by seq.
+        let hot: Vec<StoredEntry> = self
+            .lock_log()
+            .hot
+            .range(start..=end)
+            .take(limit)
+            .filter_map(|(k, v)| {
+                keys::parse_queue_entry(k).map(|(_, seq)| StoredEntry {
+                    seq,
+                    bytes: v.clone(),
+                })
+            })
+            .collect();
         let mut out = Vec::with_capacity(limit.min(128));
         for guard in self.queues.range(start..=end).take(limit) {
             let (k, v) = guard.into_inner().map_err(engine)?;
@@ -378,6 +642,12 @@ impl Db {
                 bytes: Bytes::copy_from_slice(&v),
             });
         }
+        if !hot.is_empty() {
+            out.extend(hot);
+            out.sort_by_key(|e| e.seq);
+            out.dedup_by_key(|e| e.seq);
+            out.truncate(limit);
+        }
         Ok(out)
     }
 
@@ -386,6 +656,8 @@ impl Db {
         before_ms: u64,
         limit: usize,
     ) -> Result<Vec<(DeviceKey, u64)>, StoreError> {
+        // The sweep sees fjall only: move what is in memory there first.
+        self.checkpoint(&mut self.lock_log())?;
         // Each queue is ordered by seq, hence by time: look at the head of
         // each device's queue and skip to the next device at the first entry
         // that has not expired. Cost: one seek per queue, plus the expired.
@@ -471,84 +743,25 @@ impl Db {
         if ops.is_empty() {
             return Ok(());
         }
-        let mut batch = self.db.batch();
-        for op in ops {
-            match op {
-                Op::PutUser(u) => {
-                    batch.insert(&self.users, u.user_id.to_be_bytes(), u.encode_to_vec());
-                }
-                Op::PutPhone { phone, user } => {
-                    batch.insert(&self.phones, phone.as_bytes(), user.to_be_bytes());
-                }
-                Op::PutCode { phone, record } => {
-                    batch.insert(&self.codes, phone.as_bytes(), record.encode_to_vec());
-                }
-                Op::Enqueue { device, entry } => {
-                    batch.insert(
-                        &self.queues,
-                        keys::queue_entry(device, entry.seq),
-                        entry.bytes.as_ref(),
-                    );
-                }
-                Op::ReserveSeqs { device, upto } => {
-                    batch.insert(&self.queue_meta, keys::device(device), upto.to_be_bytes());
-                }
-                Op::Dequeue { device, seq } => {
-                    batch.remove(&self.queues, keys::queue_entry(device, seq));
-                }
-                Op::DropQueue(device) => {
-                    for guard in self.queues.prefix(keys::device(device)) {
-                        let k = guard.key().map_err(engine)?;
-                        batch.remove(&self.queues, k);
-                    }
-                    batch.remove(&self.queue_meta, keys::device(device));
-                }
-                Op::PutDedup { key, record } => {
-                    let day = self.dedup_day(record.accepted_ms)?;
-                    batch.insert(&day, keys::dedup(&key), record.encode_to_vec());
-                }
-                Op::PutDeviceKeys { device, record } => {
-                    batch.insert(
-                        &self.device_keys,
-                        keys::device(device),
-                        record.encode_to_vec(),
-                    );
-                }
-                Op::PutOneTimeKey { device, index, key } => {
-                    batch.insert(&self.otks, keys::queue_entry(device, index), key.as_ref());
-                }
-                Op::DeleteOneTimeKey { device, index } => {
-                    batch.remove(&self.otks, keys::queue_entry(device, index));
-                }
-                Op::DropDeviceKeys(device) => {
-                    for guard in self.otks.prefix(keys::device(device)) {
-                        let k = guard.key().map_err(engine)?;
-                        batch.remove(&self.otks, k);
-                    }
-                    batch.remove(&self.device_keys, keys::device(device));
-                }
-                Op::PutLinkCode { code, record } => {
-                    batch.insert(&self.link_codes, code.as_bytes(), record.encode_to_vec());
-                }
-                Op::DeleteLinkCode(code) => {
-                    batch.remove(&self.link_codes, code.as_bytes());
-                }
-            }
+        let raw = to_raw(ops);
+        let mut st = self.lock_log();
+        st.log.append(&raw).map_err(engine)?;
+        if sync {
+            st.log.sync().map_err(engine)?;
         }
-        let batch = if sync {
-            batch.durability(Some(PersistMode::SyncAll))
-        } else {
-            batch
-        };
-        batch.commit().map_err(engine)
+        self.apply(&mut st.hot, raw, false)?;
+        if st.log.len() >= LOG_SEGMENT_BYTES {
+            self.checkpoint(&mut st)?;
+        }
+        Ok(())
     }
 
     fn approximate_queue_entries(&self) -> u64 {
-        self.queues.approximate_len() as u64
+        self.queues.approximate_len() as u64 + self.lock_log().hot.len() as u64
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.db.persist(PersistMode::SyncAll).map_err(engine)
+        self.checkpoint(&mut self.lock_log())
     }
 }
 
@@ -707,6 +920,75 @@ mod tests {
         store.commit(vec![Op::DropQueue(a)], true).unwrap();
         assert!(store.read_queue(a, 0, 10).unwrap().is_empty());
         assert_eq!(store.reserved_seq(a).unwrap(), 0);
+    }
+
+    /// Queue entries that only the log holds (no checkpoint since) are
+    /// back after a restart, without the ones removed since, and a torn
+    /// record at the log's end is ignored.
+    #[test]
+    fn queue_entries_come_back_from_the_log_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = DeviceKey { user: 1, device: 1 };
+        let seqs = |store: &EmbeddedStore| -> Vec<u64> {
+            store
+                .read_queue(a, 0, 10)
+                .unwrap()
+                .iter()
+                .map(|e| e.seq)
+                .collect()
+        };
+        {
+            let store = EmbeddedStore::open(dir.path()).unwrap();
+            let ops = (1..=4)
+                .map(|seq| Op::Enqueue {
+                    device: a,
+                    entry: entry(seq, 1_000),
+                })
+                .collect();
+            store.commit(ops, true).unwrap();
+            store
+                .commit(vec![Op::Dequeue { device: a, seq: 2 }], false)
+                .unwrap();
+            assert_eq!(seqs(&store), vec![1, 3, 4]);
+            // Dropped without a checkpoint, as by a crash: fjall has none
+            // of these entries, the log has all.
+            assert_eq!(store.db().unwrap().queues.len().unwrap(), 0);
+        }
+        let segment = std::fs::read_dir(dir.path().join(LOG_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .max()
+            .unwrap();
+        assert!(std::fs::metadata(&segment).unwrap().len() > 0);
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&segment)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, &[77, 0, 0, 0, 1]))
+            .unwrap();
+
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(seqs(&store), vec![1, 3, 4]);
+        // Opening checkpointed: the entries are in fjall now, and acking one
+        // removes it there.
+        store
+            .commit(vec![Op::Dequeue { device: a, seq: 3 }], false)
+            .unwrap();
+        drop(store);
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(seqs(&store), vec![1, 4]);
+        // Entries in fjall and in memory merge in seq order.
+        store
+            .commit(
+                vec![Op::Enqueue {
+                    device: a,
+                    entry: entry(5, 1_000),
+                }],
+                true,
+            )
+            .unwrap();
+        assert_eq!(seqs(&store), vec![1, 4, 5]);
+        assert_eq!(store.read_queue(a, 1, 1).unwrap()[0].seq, 4);
+        assert!(store.approximate_queue_entries() >= 3);
     }
 
     fn dedup_key(id: &str) -> DedupKey {

@@ -8,6 +8,7 @@
 mod embedded;
 pub mod faults;
 mod keys;
+mod log;
 pub mod records;
 
 pub use embedded::EmbeddedStore;
