@@ -38,6 +38,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
@@ -131,18 +132,18 @@ struct Db {
     device_keys: Keyspace,
     otks: Keyspace,
     link_codes: Keyspace,
-    /// The log and the queue entries that are only in it.
-    log: Mutex<LogState>,
+    /// The log. Held from a batch's append until it is applied, and by
+    /// checkpoints, so a checkpoint never retires a batch not yet applied.
+    log: Mutex<Log>,
+    /// Queue entries logged since the last checkpoint and not removed. A
+    /// lock of its own, held briefly: reads never wait for a log fsync.
+    hot: Mutex<Hot>,
+    /// `hot.len()`, for the gauge read from the async runtime.
+    hot_len: AtomicU64,
 }
 
 /// Queue key (`keys::queue_entry`) → encoded entry.
 type Hot = BTreeMap<[u8; 20], Bytes>;
-
-struct LogState {
-    log: Log,
-    /// Queue entries logged since the last checkpoint and not removed.
-    hot: Hot,
-}
 
 fn engine(e: impl std::fmt::Display) -> StoreError {
     StoreError::Engine(e.to_string())
@@ -261,10 +262,9 @@ impl Db {
             device_keys: ks("device_keys")?,
             otks: ks("otks")?,
             link_codes: ks("link_codes")?,
-            log: Mutex::new(LogState {
-                log,
-                hot: Hot::new(),
-            }),
+            log: Mutex::new(log),
+            hot: Mutex::new(Hot::new()),
+            hot_len: AtomicU64::new(0),
             db,
         };
         if recovered.torn {
@@ -273,16 +273,16 @@ impl Db {
             );
         }
         {
-            let mut st = this.lock_log();
+            let mut log = this.lock_log();
             let records = recovered.records.len();
             for record in recovered.records {
                 let ops = wal::decode(&record).ok_or(StoreError::Corrupt {
                     what: "log record",
                     detail: format!("{} bytes", record.len()),
                 })?;
-                this.apply(&mut st.hot, ops, true)?;
+                this.apply(ops, true)?;
             }
-            this.checkpoint(&mut st)?;
+            this.checkpoint(&mut log)?;
             if records > 0 {
                 tracing::info!(records, "store log replayed");
             }
@@ -291,8 +291,14 @@ impl Db {
         Ok(this)
     }
 
-    fn lock_log(&self) -> MutexGuard<'_, LogState> {
+    fn lock_log(&self) -> MutexGuard<'_, Log> {
         self.log
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn lock_hot(&self) -> MutexGuard<'_, Hot> {
+        self.hot
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -322,8 +328,9 @@ impl Db {
     /// (without a sync: the log has them). In `replay`, a removed queue
     /// entry is also removed from fjall, where a checkpoint cut short by a
     /// crash may have put it.
-    fn apply(&self, hot: &mut Hot, ops: Vec<RawOp>, replay: bool) -> Result<(), StoreError> {
+    fn apply(&self, ops: Vec<RawOp>, replay: bool) -> Result<(), StoreError> {
         let mut batch = self.db.batch();
+        let mut hot = self.lock_hot();
         for op in ops {
             if op.target == T_QUEUES
                 && let Ok(key) = <[u8; 20]>::try_from(op.key.as_slice())
@@ -363,6 +370,8 @@ impl Db {
                 }
             }
         }
+        self.hot_len.store(hot.len() as u64, Ordering::Relaxed);
+        drop(hot);
         if !batch.is_empty() {
             batch.commit().map_err(engine)?;
         }
@@ -371,17 +380,26 @@ impl Db {
 
     /// Moves the queue entries held in memory into fjall, makes fjall
     /// durable and deletes the log segments written so far.
-    fn checkpoint(&self, st: &mut LogState) -> Result<(), StoreError> {
-        if !st.hot.is_empty() {
+    fn checkpoint(&self, log: &mut Log) -> Result<(), StoreError> {
+        // Only batches change `hot`, and they wait for the log lock the
+        // caller holds: the copy stays exact until it is cleared below.
+        // Reads meanwhile find entries in both places and merge them.
+        let moved: Vec<([u8; 20], Bytes)> = self
+            .lock_hot()
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        if !moved.is_empty() {
             let mut batch = self.db.batch();
-            for (k, v) in &st.hot {
+            for (k, v) in &moved {
                 batch.insert(&self.queues, &k[..], v.as_ref());
             }
             batch.commit().map_err(engine)?;
         }
         self.db.persist(PersistMode::SyncAll).map_err(engine)?;
-        st.hot.clear();
-        st.log.retire_older().map_err(engine)
+        self.lock_hot().clear();
+        self.hot_len.store(0, Ordering::Relaxed);
+        log.retire_older().map_err(engine)
     }
 
     /// Moves the records of the single `dedup` keyspace of earlier versions
@@ -619,8 +637,7 @@ impl Db {
         // Entries logged since the last checkpoint are in memory, older
         // ones in fjall; a queue can have both. Merge by seq.
         let hot: Vec<StoredEntry> = self
-            .lock_log()
-            .hot
+            .lock_hot()
             .range(start..=end)
             .take(limit)
             .filter_map(|(k, v)| {
@@ -744,20 +761,22 @@ impl Db {
             return Ok(());
         }
         let raw = to_raw(ops);
-        let mut st = self.lock_log();
-        st.log.append(&raw).map_err(engine)?;
+        let mut log = self.lock_log();
+        log.append(&raw).map_err(engine)?;
         if sync {
-            st.log.sync().map_err(engine)?;
+            log.sync().map_err(engine)?;
         }
-        self.apply(&mut st.hot, raw, false)?;
-        if st.log.len() >= LOG_SEGMENT_BYTES {
-            self.checkpoint(&mut st)?;
+        self.apply(raw, false)?;
+        if log.len() >= LOG_SEGMENT_BYTES {
+            self.checkpoint(&mut log)?;
         }
         Ok(())
     }
 
     fn approximate_queue_entries(&self) -> u64 {
-        self.queues.approximate_len() as u64 + self.lock_log().hot.len() as u64
+        // No lock: this is read from the async runtime, and the log lock is
+        // held across fsyncs.
+        self.queues.approximate_len() as u64 + self.hot_len.load(Ordering::Relaxed)
     }
 
     fn flush(&self) -> Result<(), StoreError> {
