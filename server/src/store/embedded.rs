@@ -268,8 +268,11 @@ impl Db {
             db,
         };
         if recovered.torn {
-            tracing::warn!(
-                "the store log ended in a torn record (a write cut by a crash); it was ignored"
+            // After a clean stop too: a reused segment file keeps its older
+            // records behind the new ones.
+            tracing::debug!(
+                "the store log had bytes after its last intact record \
+                 (a write cut by a crash, or a reused file's older records); ignored"
             );
         }
         {
