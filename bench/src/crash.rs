@@ -139,7 +139,9 @@ async fn sender(
     let mut next: u64 = 0;
     let mut pending: BTreeSet<u64> = BTreeSet::new();
     let mut acked = Vec::new();
-    let send = |seq: u64| pb::ClientFrame {
+    // `first` for a number's first frame; resends after a reconnect are not
+    // (the server then looks for the original).
+    let send = |seq: u64, first: bool| pb::ClientFrame {
         id: 0,
         body: Some(In::Send(pb::Send {
             client_msg_id: msg_id(pair, seq),
@@ -148,6 +150,7 @@ async fn sender(
                 device_id: to.device_id,
                 payload: seq.to_be_bytes().to_vec().into(),
             }],
+            first_attempt: first,
             ..Default::default()
         })),
     };
@@ -169,7 +172,7 @@ async fn sender(
         let mut inflight: HashMap<u32, u64> = HashMap::new();
         let resend: Vec<u64> = pending.iter().copied().collect();
         for seq in resend {
-            let mut f = send(seq);
+            let mut f = send(seq, false);
             f.id = conn.next_request_id();
             inflight.insert(f.id, seq);
             if conn.send_frame(&f).await.is_err() {
@@ -181,7 +184,7 @@ async fn sender(
                 let seq = next;
                 next += 1;
                 pending.insert(seq);
-                let mut f = send(seq);
+                let mut f = send(seq, true);
                 f.id = conn.next_request_id();
                 inflight.insert(f.id, seq);
                 if conn.send_frame(&f).await.is_err() {

@@ -315,6 +315,8 @@ async fn user_loop(
                         client_msg_id: format!("{me}-{counter}"),
                         to_user,
                         payloads: vec![pb::DevicePayload { device_id: to_device, payload: payload.into() }],
+                        // Each id goes out once, as from the SDK.
+                        first_attempt: true,
                         ..Default::default()
                     })),
                 }).await?;
@@ -772,6 +774,7 @@ pub async fn offline_drain(a: DrainArgs) -> Result<bool> {
                         device_id: bob.device_id,
                         payload: vec![7u8; a.size].into(),
                     }],
+                    first_attempt: true,
                     ..Default::default()
                 })),
             })

@@ -309,6 +309,8 @@ type Reply<T> = oneshot::Sender<Result<T, Error>>;
 enum Command {
     Send {
         client_msg_id: String,
+        /// The id was made here by `new_client_msg_id` for this send.
+        fresh_id: bool,
         to_user: Option<u64>,
         to_phone: Option<String>,
         content: Content,
@@ -629,7 +631,7 @@ impl Client {
     /// [`Error::Closed`] if the client stops first (a persisted send is still
     /// resent by the next client using the same outbox directory).
     pub async fn send(&self, to_user: u64, payloads: Vec<DevicePayload>) -> Result<Sent, Error> {
-        self.send_with_id(new_client_msg_id(), to_user, payloads)
+        self.send_per_device(new_client_msg_id(), true, to_user, payloads)
             .await
     }
 
@@ -645,7 +647,17 @@ impl Client {
         to_user: u64,
         payloads: Vec<DevicePayload>,
     ) -> Result<Sent, Error> {
-        let client_msg_id = client_msg_id.into();
+        self.send_per_device(client_msg_id.into(), false, to_user, payloads)
+            .await
+    }
+
+    async fn send_per_device(
+        &self,
+        client_msg_id: String,
+        fresh_id: bool,
+        to_user: u64,
+        payloads: Vec<DevicePayload>,
+    ) -> Result<Sent, Error> {
         check_msg_id(&client_msg_id)?;
         check_user(to_user)?;
         if payloads.is_empty() {
@@ -663,7 +675,7 @@ impl Client {
                 })
                 .collect(),
         );
-        self.submit(client_msg_id, Some(to_user), None, content)
+        self.submit(client_msg_id, fresh_id, Some(to_user), None, content)
             .await
     }
 
@@ -681,7 +693,11 @@ impl Client {
     /// when a device has not published keys (after retrying for about 5 s)
     /// or its key bundle fails verification.
     pub async fn send_to_user(&self, to_user: u64, payload: Bytes) -> Result<Sent, Error> {
-        self.send_to_user_with_id(new_client_msg_id(), to_user, payload)
+        let client_msg_id = new_client_msg_id();
+        check_user(to_user)?;
+        check_plaintext(&payload)?;
+        let content = Content::AllDevices { payload };
+        self.submit(client_msg_id, true, Some(to_user), None, content)
             .await
     }
 
@@ -702,6 +718,7 @@ impl Client {
         check_plaintext(&payload)?;
         self.submit(
             client_msg_id,
+            false,
             Some(to_user),
             None,
             Content::AllDevices { payload },
@@ -716,7 +733,11 @@ impl Client {
     ///
     /// As [`Client::send_to_user`], plus `UNKNOWN_USER`.
     pub async fn send_to_phone(&self, phone: &str, payload: Bytes) -> Result<Sent, Error> {
-        self.send_to_phone_with_id(new_client_msg_id(), phone, payload)
+        check_phone(phone)?;
+        check_plaintext(&payload)?;
+        let content = Content::AllDevices { payload };
+        let to_phone = Some(phone.to_owned());
+        self.submit(new_client_msg_id(), true, None, to_phone, content)
             .await
     }
 
@@ -737,6 +758,7 @@ impl Client {
         check_plaintext(&payload)?;
         self.submit(
             client_msg_id,
+            false,
             None,
             Some(phone.to_owned()),
             Content::AllDevices { payload },
@@ -747,12 +769,14 @@ impl Client {
     async fn submit(
         &self,
         client_msg_id: String,
+        fresh_id: bool,
         to_user: Option<u64>,
         to_phone: Option<String>,
         content: Content,
     ) -> Result<Sent, Error> {
         self.call(|reply| Command::Send {
             client_msg_id,
+            fresh_id,
             to_user,
             to_phone,
             content,

@@ -53,6 +53,12 @@ pub struct PendingSend {
     pub to_user: Option<u64>,
     /// The recipient's phone number, when the send was addressed by phone.
     pub to_phone: Option<String>,
+    /// The client made the id for this send and no frame has carried it
+    /// yet, so the server need not look for an earlier copy
+    /// (`Send.first_attempt`). Not stored: a send loaded from the outbox
+    /// may have gone out before the restart.
+    #[serde(skip)]
+    pub never_sent: bool,
     /// What to send.
     pub content: Content,
 }
@@ -374,6 +380,7 @@ mod tests {
             client_msg_id: format!("id-{seq}"),
             to_user: Some(7),
             to_phone: None,
+            never_sent: false,
             content: Content::AllDevices {
                 payload: Bytes::from(text.to_owned()),
             },

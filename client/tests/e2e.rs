@@ -204,6 +204,65 @@ async fn a_new_device_of_the_peer_is_found_without_user_action() {
 }
 
 #[tokio::test]
+async fn a_resend_after_device_mismatch_stores_the_own_copies_once() {
+    let mut server = TestServer::start().await;
+    let alice = server.register("+15552250001").await;
+    let bob = server.register("+15552250002").await;
+    let a1 = Peer::online(&server, alice.clone()).await;
+    let laptop = server.link(&a1.client).await;
+    let mut a2 = Peer::online(&server, laptop.clone()).await;
+    let mut b1 = Peer::online(&server, bob.clone()).await;
+    let id = say(&a1, bob.user_id, "hello").await;
+    hear(&mut b1, &id, "hello").await;
+    hear(&mut a2, &id, "hello").await;
+    // The laptop's client would hide a duplicate; its queue is read raw.
+    a2.close().await;
+
+    // Bob links a tablet Alice's client does not know of. The first send
+    // gets DEVICE_MISMATCH for Bob's part while the copy for Alice's laptop
+    // is stored; the client resends the same id, which must not claim to be
+    // a first attempt, so the laptop's copy is found and stored only once.
+    let tablet = server.link(&b1.client).await;
+    let mut b2 = Peer::online(&server, tablet).await;
+    let id = say(&a1, bob.user_id, "to both").await;
+    hear(&mut b1, &id, "to both").await;
+    hear(&mut b2, &id, "to both").await;
+
+    let mut raw = Connection::connect(&server.endpoint(), &ConnectOptions::default())
+        .await
+        .unwrap();
+    raw.auth(&laptop).await.unwrap();
+    let mut copies = 0;
+    loop {
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(20), raw.next_frame())
+            .await
+            .unwrap()
+            .unwrap();
+        match frame.body {
+            Some(Out::Deliver(d)) => {
+                let mut seqs = Vec::new();
+                for e in d.entries {
+                    seqs.push(e.seq);
+                    if let Some(pb::queue_entry::Body::Message(m)) = e.body
+                        && m.client_msg_id == id
+                    {
+                        copies += 1;
+                    }
+                }
+                raw.ack(&seqs).await.unwrap();
+            }
+            Some(Out::UpToDate(_)) => break,
+            _ => {}
+        }
+    }
+    assert_eq!(copies, 1, "the laptop's copy was stored {copies} times");
+    for p in [a1, b1, b2] {
+        p.close().await;
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_re_registered_peer_changes_the_safety_number_and_messages_flow() {
     let mut server = TestServer::start().await;
     let alice = server.register("+15552300001").await;

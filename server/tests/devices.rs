@@ -375,6 +375,8 @@ async fn fan_out_to_own_devices(same_shard: bool) {
                     payload: b"copy for laptop".to_vec().into(),
                 })
                 .collect(),
+            // Sent again after the mismatches below: a retry.
+            first_attempt: false,
         })
     };
     // Forgetting one's own other device is a mismatch naming the sender.
@@ -427,6 +429,7 @@ async fn fan_out_to_own_devices(same_shard: bool) {
                 payload: b"note".to_vec().into(),
             }],
             self_payloads: vec![],
+            first_attempt: false,
         }))
         .await;
     assert!(matches!(out, Out::SendOk(_)), "{out:?}");

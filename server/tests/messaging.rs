@@ -226,6 +226,51 @@ async fn thousand_messages_arrive_in_order_and_retries_are_stored_once() {
 }
 
 #[tokio::test]
+async fn a_first_attempt_skips_the_lookup_and_its_retry_is_still_found() {
+    let server = TestServer::start().await;
+    let alice = register(&server, "+15550000033").await;
+    let bob = register(&server, "+15550000034").await;
+    let mut a = online(&server, &alice).await;
+    let bob_info = a.lookup(&bob.phone).await;
+    let send = |first_attempt: bool| {
+        In::Send(pb::Send {
+            client_msg_id: "fa-1".into(),
+            to_user: bob_info.user_id,
+            payloads: vec![pb::DevicePayload {
+                device_id: bob.device_id,
+                payload: b"hi".to_vec().into(),
+            }],
+            first_attempt,
+            ..Default::default()
+        })
+    };
+    let Out::SendOk(first) = a.request(send(true)).await else {
+        panic!("first attempt refused")
+    };
+    assert!(!first.duplicate);
+    // The retry says it is one, and finds the record the first attempt wrote.
+    let Out::SendOk(retry) = a.request(send(false)).await else {
+        panic!("retry refused")
+    };
+    assert!(retry.duplicate);
+    assert_eq!(retry.server_ts_ms, first.server_ts_ms);
+    // A retry wrongly marked as a first attempt is not looked up: stored
+    // again (the flag is the sender's promise, PROTOCOL §9.6).
+    let Out::SendOk(wrong) = a.request(send(true)).await else {
+        panic!("second first attempt refused")
+    };
+    assert!(!wrong.duplicate);
+
+    let mut b = online(&server, &bob).await;
+    let got = b.drain().await;
+    let ids: Vec<String> = got
+        .iter()
+        .map(|e| message(e).client_msg_id.clone())
+        .collect();
+    assert_eq!(ids, vec!["fa-1".to_owned(), "fa-1".to_owned()]);
+}
+
+#[tokio::test]
 async fn ten_thousand_queued_messages_drain_in_pages_gated_by_acks() {
     let server = TestServer::start().await;
     let alice = register(&server, "+15550000041").await;

@@ -692,6 +692,7 @@ impl Actor {
         match cmd {
             Command::Send {
                 client_msg_id,
+                fresh_id,
                 to_user,
                 to_phone,
                 content,
@@ -707,6 +708,7 @@ impl Actor {
                     client_msg_id,
                     to_user,
                     to_phone,
+                    never_sent: fresh_id,
                     content,
                 };
                 self.admitting.push((send, reply));
@@ -1101,6 +1103,7 @@ impl Actor {
                 to_user,
                 payloads,
                 self_payloads,
+                first_attempt: entry.send.never_sent,
             })),
         };
         let len = frame.encoded_len();
@@ -1116,6 +1119,7 @@ impl Actor {
             return;
         }
         entry.state = State::InFlight;
+        entry.send.never_sent = false;
         link.session.queue(&frame);
         link.in_flight.insert(id, InFlight::Send(seq));
         link.sends_in_flight += 1;

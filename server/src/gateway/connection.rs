@@ -878,6 +878,7 @@ impl<L: Link> Conn<L> {
                     client_msg_id: req.client_msg_id.clone(),
                     to_user: req.to_user,
                     payloads: req.payloads,
+                    first_attempt: req.first_attempt,
                 };
                 let copies = (!to_self).then(|| SendRequest {
                     from: device,
@@ -885,6 +886,7 @@ impl<L: Link> Conn<L> {
                     client_msg_id: req.client_msg_id,
                     to_user: req.to_user,
                     payloads: req.self_payloads,
+                    first_attempt: req.first_attempt,
                 });
                 // Both parts are enqueued in frame order (so each device's
                 // messages keep their order); the ✓ is awaited concurrently

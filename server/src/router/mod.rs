@@ -97,6 +97,8 @@ pub struct SendRequest {
     pub to_user: UserId,
     /// One payload per recipient device.
     pub payloads: Vec<pb::DevicePayload>,
+    /// The client says this id was never sent before: no dedup lookup.
+    pub first_attempt: bool,
 }
 
 /// Answer to a send: the ✓.

@@ -989,7 +989,7 @@ impl Shard {
             from: req.from,
             client_msg_id: req.client_msg_id.clone(),
         };
-        let Some(reply) = self.answer_duplicate(&key, reply) else {
+        let Some(reply) = self.answer_duplicate(&key, req.first_attempt, reply) else {
             return;
         };
         let mut current: BTreeSet<u32> = match self.user(req.to_user) {
@@ -1053,7 +1053,7 @@ impl Shard {
             from: req.from,
             client_msg_id: req.client_msg_id.clone(),
         };
-        let Some(reply) = self.answer_duplicate(&key, reply) else {
+        let Some(reply) = self.answer_duplicate(&key, req.first_attempt, reply) else {
             return;
         };
         if let Err(e) = check_devices(me, &mine, &req.payloads) {
@@ -1063,14 +1063,19 @@ impl Shard {
     }
 
     /// Answers a retry of an accepted send (after the commit if the original
-    /// is in this batch). Gives the reply back when the send is new.
+    /// is in this batch). Gives the reply back when the send is new. A
+    /// `first_attempt` is looked for in this batch only: the store lookup is
+    /// a memtable search, about a tenth of the shard's time per message.
     fn answer_duplicate(
         &mut self,
         key: &DedupKey,
+        first_attempt: bool,
         reply: Reply<SendAccepted>,
     ) -> Option<Reply<SendAccepted>> {
         let (server_ts_ms, staged) = if let Some(ts) = self.staged_dedup.get(key) {
             (*ts, true)
+        } else if first_attempt {
+            return Some(reply);
         } else {
             match self.store.dedup(key) {
                 Ok(Some(rec)) => (rec.server_ts_ms, false),
