@@ -17,7 +17,7 @@ use prost::Message;
 use switchboard_proto::noise::Handshake;
 use switchboard_proto::pb::{self, ErrorCode, client_frame::Body as In, server_frame::Body as Out};
 use switchboard_proto::{PREAMBLE, ProtoError, Session, limits, record, version};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -26,7 +26,9 @@ use super::Gateway;
 use super::link::Link;
 use super::wire::{error, error_frame, kick_error, route_error};
 use crate::clock::now_ms;
-use crate::router::{ConnLink, KickReason, Notice, OwedReceipt, Push, RouteError, SendRequest};
+use crate::router::{
+    ConnLink, KickReason, Notice, OwedReceipt, Push, PushRx, RouteError, SendRequest, push_channel,
+};
 use crate::store::{DeviceKey, UserId};
 use crate::telemetry as tm;
 
@@ -298,7 +300,7 @@ struct Conn<L: Link> {
     conn_id: u64,
     authed: Option<Authed>,
     /// Pushes from the owning shard (after authentication).
-    push_rx: Option<mpsc::Receiver<Push>>,
+    push_rx: Option<PushRx>,
     /// Fired by the owning shard to end this connection.
     kick_rx: Option<oneshot::Receiver<KickReason>>,
     auth_failures: u32,
@@ -313,9 +315,9 @@ struct Conn<L: Link> {
 }
 
 /// Waits on an optional receiver; never resolves when there is none.
-async fn recv_push(push: &mut Option<mpsc::Receiver<Push>>) -> Option<Push> {
+async fn recv_push(push: &mut Option<PushRx>) -> Option<Push> {
     match push {
-        Some(rx) => rx.recv().await,
+        Some(rx) => rx.next().await,
         None => std::future::pending().await,
     }
 }
@@ -748,7 +750,7 @@ impl<L: Link> Conn<L> {
         };
         // The connection's push queue. The shard holds the sender and uses
         // try_send; when it is full the shard kicks us as a slow reader.
-        let (push_tx, push_rx) = mpsc::channel(self.gw.cfg.outbound_queue_frames);
+        let (push_tx, push_rx) = push_channel(self.gw.cfg.outbound_queue_frames);
         let (kick_tx, kick_rx) = oneshot::channel();
         let link = ConnLink {
             conn_id: self.conn_id,

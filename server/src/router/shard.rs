@@ -16,7 +16,6 @@ use std::time::Instant;
 
 use prost::Message;
 use switchboard_proto::pb;
-use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
@@ -55,9 +54,8 @@ struct SeqCounter {
 #[derive(Debug, Clone)]
 pub enum Push {
     /// Queue entries, in queue order. A boxed slice (and one variant for
-    /// the small notices) keeps `Push` at 16 bytes: every connection's push
-    /// channel allocates a block of 32 of them up front, so this is idle
-    /// memory per connection.
+    /// the small notices) keeps `Push` at 16 bytes, the size of every queued
+    /// push's node in its connection's channel.
     Deliver(Box<[pb::QueueEntry]>),
     /// A notice with no queue entry.
     Notice(Notice),
@@ -286,7 +284,7 @@ enum Drain {
 
 struct Online {
     conn_id: u64,
-    push: mpsc::Sender<Push>,
+    push: super::PushTx,
     kick: Option<oneshot::Sender<KickReason>>,
     drain: Drain,
 }
@@ -1640,19 +1638,19 @@ impl Shard {
     }
 
     fn push(&mut self, device: DeviceKey, push: Push) {
-        let Some(online) = self.online.get(&device) else {
+        let Some(online) = self.online.get_mut(&device) else {
             return;
         };
         match online.push.try_send(push) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
+            Err(e) if e.is_full() => {
                 tracing::info!(?device, "push queue full; disconnecting slow reader");
                 metrics::counter!(tm::SLOW_READER_DISCONNECTS).increment(1);
                 if let Some(online) = self.online.remove(&device) {
                     online.kick(KickReason::SlowReader);
                 }
             }
-            Err(TrySendError::Closed(_)) => {
+            Err(_) => {
                 self.online.remove(&device);
             }
         }
