@@ -47,6 +47,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use prost::Message;
 use switchboard_proto::pb;
 
+use super::hot::Hot;
 use super::keys;
 use super::log::{self as wal, Kind, Log, RawOp};
 use super::{
@@ -141,9 +142,6 @@ struct Db {
     /// `hot.len()`, for the gauge read from the async runtime.
     hot_len: AtomicU64,
 }
-
-/// Queue key (`keys::queue_entry`) → encoded entry.
-type Hot = BTreeMap<[u8; 20], Bytes>;
 
 fn engine(e: impl std::fmt::Display) -> StoreError {
     StoreError::Engine(e.to_string())
@@ -263,7 +261,7 @@ impl Db {
             otks: ks("otks")?,
             link_codes: ks("link_codes")?,
             log: Mutex::new(log),
-            hot: Mutex::new(Hot::new()),
+            hot: Mutex::new(Hot::default()),
             hot_len: AtomicU64::new(0),
             db,
         };
@@ -340,11 +338,11 @@ impl Db {
             {
                 match op.kind {
                     Kind::Put => {
-                        hot.insert(key, op.value);
+                        hot.insert(&key, op.value);
                         continue;
                     }
                     Kind::Remove => {
-                        if hot.remove(&key).is_some() && !replay {
+                        if hot.remove(&key) && !replay {
                             continue;
                         }
                     }
@@ -357,14 +355,7 @@ impl Db {
                 Kind::Remove => batch.remove(&ks, op.key),
                 Kind::RemovePrefix => {
                     if op.target == T_QUEUES {
-                        let doomed: Vec<[u8; 20]> = hot
-                            .keys()
-                            .filter(|k| k.starts_with(&op.key))
-                            .copied()
-                            .collect();
-                        for k in doomed {
-                            hot.remove(&k);
-                        }
+                        hot.remove_prefix(&op.key);
                     }
                     for guard in ks.prefix(&op.key) {
                         let k = guard.key().map_err(engine)?;
@@ -387,11 +378,7 @@ impl Db {
         // Only batches change `hot`, and they wait for the log lock the
         // caller holds: the copy stays exact until it is cleared below.
         // Reads meanwhile find entries in both places and merge them.
-        let moved: Vec<([u8; 20], Bytes)> = self
-            .lock_hot()
-            .iter()
-            .map(|(k, v)| (*k, v.clone()))
-            .collect();
+        let moved = self.lock_hot().entries();
         if !moved.is_empty() {
             let mut batch = self.db.batch();
             for (k, v) in &moved {
@@ -641,14 +628,9 @@ impl Db {
         // ones in fjall; a queue can have both. Merge by seq.
         let hot: Vec<StoredEntry> = self
             .lock_hot()
-            .range(start..=end)
-            .take(limit)
-            .filter_map(|(k, v)| {
-                keys::parse_queue_entry(k).map(|(_, seq)| StoredEntry {
-                    seq,
-                    bytes: v.clone(),
-                })
-            })
+            .range(&keys::device(device), start_seq, limit)
+            .into_iter()
+            .map(|(seq, bytes)| StoredEntry { seq, bytes })
             .collect();
         let mut out = Vec::with_capacity(limit.min(128));
         for guard in self.queues.range(start..=end).take(limit) {

@@ -7,6 +7,7 @@
 
 mod embedded;
 pub mod faults;
+mod hot;
 mod keys;
 mod log;
 pub mod records;
