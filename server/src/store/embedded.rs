@@ -375,6 +375,10 @@ impl Db {
     /// Moves the queue entries held in memory into fjall, makes fjall
     /// durable and deletes the log segments written so far.
     fn checkpoint(&self, log: &mut Log) -> Result<(), StoreError> {
+        // Unsynced batches too: a segment left behind by a failed deletion
+        // is then whole, and replaying it with the ones after it is a
+        // replay of an unbroken stretch of the history.
+        log.sync().map_err(engine)?;
         // Only batches change `hot`, and they wait for the log lock the
         // caller holds: the copy stays exact until it is cleared below.
         // Reads meanwhile find entries in both places and merge them.

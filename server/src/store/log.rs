@@ -9,8 +9,9 @@
 //! batch at the level of keyspaces, so the log needs no knowledge of the
 //! records it carries.
 //!
-//! Retiring reuses the largest retired file for the next segment instead of
-//! creating an empty one. Its blocks are allocated and written already, so
+//! Retiring reuses the retired segment's file (right after opening, the
+//! larger replayed one) for the next segment instead of creating an empty
+//! one. Its blocks are allocated and written already, so
 //! a record written over them changes no file metadata, and the sync that
 //! makes it durable (`fdatasync`) needs no filesystem journal commit: on
 //! ext4 that cost the server CPU (see docs/BENCHMARKS.md). The seed keeps
