@@ -305,6 +305,12 @@ pub fn new_client_msg_id() -> String {
 
 type Reply<T> = oneshot::Sender<Result<T, Error>>;
 
+/// Whom an end-to-end encrypted send is for.
+enum Recipient<'a> {
+    User(u64),
+    Phone(&'a str),
+}
+
 /// Requests from handles to the task.
 enum Command {
     Send {
@@ -693,11 +699,7 @@ impl Client {
     /// when a device has not published keys (after retrying for about 5 s)
     /// or its key bundle fails verification.
     pub async fn send_to_user(&self, to_user: u64, payload: Bytes) -> Result<Sent, Error> {
-        let client_msg_id = new_client_msg_id();
-        check_user(to_user)?;
-        check_plaintext(&payload)?;
-        let content = Content::AllDevices { payload };
-        self.submit(client_msg_id, true, Some(to_user), None, content)
+        self.send_plaintext(new_client_msg_id(), true, Recipient::User(to_user), payload)
             .await
     }
 
@@ -712,18 +714,9 @@ impl Client {
         to_user: u64,
         payload: Bytes,
     ) -> Result<Sent, Error> {
-        let client_msg_id = client_msg_id.into();
-        check_msg_id(&client_msg_id)?;
-        check_user(to_user)?;
-        check_plaintext(&payload)?;
-        self.submit(
-            client_msg_id,
-            false,
-            Some(to_user),
-            None,
-            Content::AllDevices { payload },
-        )
-        .await
+        let recipient = Recipient::User(to_user);
+        self.send_plaintext(client_msg_id.into(), false, recipient, payload)
+            .await
     }
 
     /// Sends `payload` to every current device of the user with this phone
@@ -733,11 +726,7 @@ impl Client {
     ///
     /// As [`Client::send_to_user`], plus `UNKNOWN_USER`.
     pub async fn send_to_phone(&self, phone: &str, payload: Bytes) -> Result<Sent, Error> {
-        check_phone(phone)?;
-        check_plaintext(&payload)?;
-        let content = Content::AllDevices { payload };
-        let to_phone = Some(phone.to_owned());
-        self.submit(new_client_msg_id(), true, None, to_phone, content)
+        self.send_plaintext(new_client_msg_id(), true, Recipient::Phone(phone), payload)
             .await
     }
 
@@ -752,18 +741,35 @@ impl Client {
         phone: &str,
         payload: Bytes,
     ) -> Result<Sent, Error> {
-        let client_msg_id = client_msg_id.into();
+        let recipient = Recipient::Phone(phone);
+        self.send_plaintext(client_msg_id.into(), false, recipient, payload)
+            .await
+    }
+
+    /// The send behind `send_to_user` and `send_to_phone`; `fresh_id` when
+    /// the id was made here for it.
+    async fn send_plaintext(
+        &self,
+        client_msg_id: String,
+        fresh_id: bool,
+        to: Recipient<'_>,
+        payload: Bytes,
+    ) -> Result<Sent, Error> {
         check_msg_id(&client_msg_id)?;
-        check_phone(phone)?;
+        let (to_user, to_phone) = match to {
+            Recipient::User(user) => {
+                check_user(user)?;
+                (Some(user), None)
+            }
+            Recipient::Phone(phone) => {
+                check_phone(phone)?;
+                (None, Some(phone.to_owned()))
+            }
+        };
         check_plaintext(&payload)?;
-        self.submit(
-            client_msg_id,
-            false,
-            None,
-            Some(phone.to_owned()),
-            Content::AllDevices { payload },
-        )
-        .await
+        let content = Content::AllDevices { payload };
+        self.submit(client_msg_id, fresh_id, to_user, to_phone, content)
+            .await
     }
 
     async fn submit(
