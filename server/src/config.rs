@@ -105,7 +105,7 @@ impl Default for Config {
             max_unacked: 8192,
             shard_inbox: 8192,
             max_batch_commands: 1024,
-            group_commit_interval_us: 1_000,
+            group_commit_interval_us: 2_000,
             drain_batch: 100,
             max_cached_users: 200_000,
             request_deadline_ms: 5_000,

@@ -197,6 +197,7 @@ pub async fn run_with_store(
     shutdown.await;
     tracing::info!("shutting down: closing listeners and connections");
     ready_flag.store(false, Ordering::Relaxed);
+    gw.begin_shutdown();
     cancel.cancel();
     let _ = tcp_task.await;
     let _ = sweep_task.await;

@@ -456,11 +456,11 @@ impl<L: Link> Conn<L> {
         let timer = tokio::time::sleep_until(deadline);
         tokio::pin!(timer);
         loop {
+            if self.gw.is_stopping() {
+                return self.goodbye(shutting_down()).await;
+            }
             tokio::select! {
                 biased;
-                () = &mut cancelled => {
-                    return self.goodbye(error(ErrorCode::ShuttingDown, "server shutting down; reconnect")).await;
-                }
                 reason = recv_kick(&mut self.kick_rx) => {
                     return self.goodbye(kick_error(reason)).await;
                 }
@@ -516,6 +516,12 @@ impl<L: Link> Conn<L> {
                         return self.goodbye(error(ErrorCode::IdleTimeout, "a frame was not completed in time")).await;
                     }
                     return self.goodbye(error(ErrorCode::IdleTimeout, "no frame within the keep-alive window")).await;
+                }
+                // Last: a busy connection sees `is_stopping` above, so
+                // this (lock-taking) poll runs only when nothing else is
+                // ready, to wake an idle connection.
+                () = &mut cancelled => {
+                    return self.goodbye(shutting_down()).await;
                 }
             }
             // Answers and pushes that are ready too go into the same write
@@ -802,15 +808,39 @@ impl<L: Link> Conn<L> {
         Ok(())
     }
 
-    async fn on_authed_frame(&mut self, id: u32, body: In) -> Result<(), End> {
-        let Some(me) = self
-            .authed
+    /// The authenticated account's phone number (empty before auth).
+    fn phone(&self) -> String {
+        self.authed
             .as_ref()
-            .map(|a| (a.device, a.phone.clone(), a.other_devices.clone()))
-        else {
+            .map(|a| a.phone.clone())
+            .unwrap_or_default()
+    }
+
+    /// Whether a send's `self_payloads` miss or name devices other than the
+    /// account's other devices. Device ids in one list are unique
+    /// (`validate_send`), so equal lengths and inclusion mean equal sets.
+    fn own_devices_mismatch(&self, device: DeviceKey, req: &pb::Send) -> Option<RouteError> {
+        let other_devices = &self.authed.as_ref()?.other_devices;
+        if req.self_payloads.len() == other_devices.len()
+            && req
+                .self_payloads
+                .iter()
+                .all(|p| other_devices.contains(&p.device_id))
+        {
+            return None;
+        }
+        let addressed: BTreeSet<u32> = req.self_payloads.iter().map(|p| p.device_id).collect();
+        Some(RouteError::DeviceMismatch {
+            user: device.user,
+            missing: other_devices.difference(&addressed).copied().collect(),
+            stale: addressed.difference(other_devices).copied().collect(),
+        })
+    }
+
+    async fn on_authed_frame(&mut self, id: u32, body: In) -> Result<(), End> {
+        let Some(device) = self.authed.as_ref().map(|a| a.device) else {
             return Ok(());
         };
-        let (device, phone, other_devices) = me;
         match body {
             In::LookupUser(req) => {
                 let gw = self.gw.clone();
@@ -861,19 +891,11 @@ impl<L: Link> Conn<L> {
                     return Ok(());
                 }
                 let to_self = req.to_user == device.user;
-                if !to_self {
-                    let addressed: BTreeSet<u32> =
-                        req.self_payloads.iter().map(|p| p.device_id).collect();
-                    if addressed != other_devices {
-                        let mismatch = RouteError::DeviceMismatch {
-                            user: device.user,
-                            missing: other_devices.difference(&addressed).copied().collect(),
-                            stale: addressed.difference(&other_devices).copied().collect(),
-                        };
-                        self.respond_error(id, route_error(&mismatch));
-                        return Ok(());
-                    }
+                if !to_self && let Some(mismatch) = self.own_devices_mismatch(device, &req) {
+                    self.respond_error(id, route_error(&mismatch));
+                    return Ok(());
                 }
+                let phone = self.phone();
                 let send = SendRequest {
                     from: device,
                     from_phone: phone.clone(),
@@ -915,7 +937,7 @@ impl<L: Link> Conn<L> {
                     }))
                 }));
             }
-            In::Ack(ack) => self.on_ack(device, phone, ack).await?,
+            In::Ack(ack) => self.on_ack(device, ack).await?,
             In::SendReceipt(req) => {
                 if req.kind() != pb::ReceiptKind::Read {
                     self.respond_error(
@@ -943,7 +965,7 @@ impl<L: Link> Conn<L> {
                 let receipt = pb::Receipt {
                     from_user: device.user,
                     from_device: device.device,
-                    from_phone: phone,
+                    from_phone: self.phone(),
                     kind: pb::ReceiptKind::Read as i32,
                     client_msg_ids: req.client_msg_ids,
                 };
@@ -1034,7 +1056,7 @@ impl<L: Link> Conn<L> {
     /// An ack: the drain may go on at once; delivery receipts are made
     /// durable for the senders before the entries are deleted, so a crash in
     /// between causes a redelivery, never a lost receipt.
-    async fn on_ack(&mut self, device: DeviceKey, phone: String, ack: pb::Ack) -> Result<(), End> {
+    async fn on_ack(&mut self, device: DeviceKey, ack: pb::Ack) -> Result<(), End> {
         if ack.seqs.len() > limits::MAX_ACK_SEQS {
             return Err(End::Goodbye(ErrorCode::ProtocolViolation));
         }
@@ -1064,6 +1086,11 @@ impl<L: Link> Conn<L> {
         if seqs.is_empty() {
             return Ok(());
         }
+        let phone = if owed.is_empty() {
+            String::new()
+        } else {
+            self.phone()
+        };
         let owed: Vec<OwedReceipt> = owed
             .into_iter()
             .map(|(to_user, (ids, message_seqs))| OwedReceipt {
@@ -1102,6 +1129,10 @@ impl<L: Link> Conn<L> {
     }
 }
 
+fn shutting_down() -> pb::Error {
+    error(ErrorCode::ShuttingDown, "server shutting down; reconnect")
+}
+
 fn valid_msg_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= limits::MAX_CLIENT_MSG_ID_BYTES
 }
@@ -1119,10 +1150,12 @@ fn validate_send(req: &pb::Send) -> Result<(), String> {
     if req.payloads.len() + req.self_payloads.len() > MAX_PAYLOADS_PER_SEND {
         return Err(format!("at most {MAX_PAYLOADS_PER_SEND} payloads per send"));
     }
+    // At most 16 payloads: comparing pairs is cheaper than hashing.
     for list in [&req.payloads, &req.self_payloads] {
-        let mut seen = std::collections::HashSet::new();
-        if let Some(dup) = list.iter().find(|p| !seen.insert(p.device_id)) {
-            return Err(format!("device {} addressed twice", dup.device_id));
+        for (i, p) in list.iter().enumerate() {
+            if list.iter().take(i).any(|q| q.device_id == p.device_id) {
+                return Err(format!("device {} addressed twice", p.device_id));
+            }
         }
     }
     Ok(())

@@ -10,7 +10,7 @@ mod wire;
 
 pub use link::{Link, TcpLink, WS_MAX_OUT_MESSAGE_BYTES, WsLink};
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -108,6 +108,10 @@ pub struct Gateway {
     pub server_key: Keypair,
     conn_ids: AtomicU64,
     admission: Admission,
+    /// Set just before the shutdown token is cancelled: busy connections
+    /// read it each turn (an atomic load, where the token's check takes
+    /// its lock), idle ones are woken by the token.
+    stopping: AtomicBool,
 }
 
 impl Gateway {
@@ -126,7 +130,19 @@ impl Gateway {
             code_sender,
             server_key,
             conn_ids: AtomicU64::new(1),
+            stopping: AtomicBool::new(false),
         }
+    }
+
+    /// Marks the server as shutting down (before the token is cancelled).
+    pub fn begin_shutdown(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`Gateway::begin_shutdown`] was called.
+    #[must_use]
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
     }
 
     fn next_conn_id(&self) -> u64 {
