@@ -390,3 +390,51 @@ async fn a_steady_stream_of_frames_is_not_cut_off_by_the_frame_timeout() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_connection_busy_with_frames_hears_shutting_down() {
+    let mut server = TestServer::start().await;
+    let alice = register(&server, "+15550000131").await;
+    let mut a = raw_tcp(&server.tcp()).await;
+    a.auth(&alice).await;
+    a.drain().await;
+    // Pings keep arriving while the server stops, so the connection has a
+    // frame to handle on its turns; it must still say goodbye.
+    let mut id = 0u32;
+    let mut pings = |a: &mut Raw| {
+        let mut wire = Vec::new();
+        for _ in 0..50 {
+            id += 1;
+            let ping = pb::ClientFrame {
+                id,
+                body: Some(In::Ping(pb::Ping {})),
+            };
+            wire.extend_from_slice(&a.seal_frame(&ping));
+        }
+        wire
+    };
+    let first = pings(&mut a);
+    a.send_raw_bytes(&first).await.unwrap();
+    assert!(matches!(
+        a.next().await.and_then(|f| f.body),
+        Some(Out::Pong(_))
+    ));
+    let busy = async {
+        for _ in 0..200 {
+            let wire = pings(&mut a);
+            if a.send_raw_bytes(&wire).await.is_err() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        a.until_closed().await
+    };
+    let ((), frames) = tokio::join!(server.stop(), busy);
+    match frames.last().and_then(|f| f.body.as_ref()) {
+        Some(Out::Goodbye(g)) => assert_eq!(
+            g.reason.as_ref().map(pb::Error::code),
+            Some(ErrorCode::ShuttingDown)
+        ),
+        other => panic!("the last frame is {other:?}"),
+    }
+}
