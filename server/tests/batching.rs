@@ -144,3 +144,44 @@ async fn a_queue_counter_is_written_once_per_block_of_entries() {
     );
     server.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_draining_device_does_not_wait_out_the_pacing_per_page() {
+    let (dir, store) = open_store();
+    let server = start_on(dir.path(), &store, 0).await;
+    let tcp = server.ready.tcp_addr.to_string();
+    let alice = register_at(&tcp, dir.path(), "+15550007200").await;
+    let bob = register_at(&tcp, dir.path(), "+15550007201").await;
+    let mut a = raw_tcp(&tcp).await;
+    assert!(matches!(a.auth(&alice).await, Out::AuthOk(_)));
+    assert!(a.drain().await.is_empty());
+    let bob_info = a.lookup(&bob.phone).await;
+    // Ten pages for Bob, who is offline.
+    for i in 0..1000u32 {
+        let mut f = send(&bob_info, &format!("d{i}"));
+        f.id = 1 + i;
+        a.send_frame(&f).await;
+    }
+    for _ in 0..1000 {
+        let f = a.next().await.expect("a ✓");
+        assert!(matches!(f.body, Some(Out::SendOk(_))), "{f:?}");
+    }
+    server.stop().await.unwrap();
+
+    // Each page's ack is a synced commit (it stores Alice's receipts).
+    // Paced at 1 s, the nine acks that let the next page go would take
+    // seconds (every other one waits out the interval); they commit at
+    // once instead.
+    let server = start_on(dir.path(), &store, 1_000_000).await;
+    let mut b = raw_tcp(&server.ready.tcp_addr.to_string()).await;
+    assert!(matches!(b.auth(&bob).await, Out::AuthOk(_)));
+    let started = std::time::Instant::now();
+    let entries = b.drain().await;
+    let took = started.elapsed();
+    assert_eq!(entries.len(), 1000);
+    assert!(
+        took < Duration::from_secs(2),
+        "the drain took {took:?}: its pages waited for the pacing"
+    );
+    server.stop().await.unwrap();
+}

@@ -326,6 +326,11 @@ pub(super) struct Shard {
     staged_dedup: HashMap<DedupKey, u64>,
     staged_codes: HashMap<String, CodeRecord>,
     staged_phones: HashMap<String, UserId>,
+    /// An ack in this batch let a draining device's next page go: the
+    /// device waits for this batch's commit before its next ack is taken,
+    /// so the batch commits without pacing (a drain is one round trip per
+    /// page, and pacing would add up to an interval to each).
+    drain_advanced: bool,
 }
 
 /// Checks that `payloads` address exactly `expected` (devices of `user`).
@@ -372,6 +377,7 @@ impl Shard {
             staged_dedup: HashMap::new(),
             staged_codes: HashMap::new(),
             staged_phones: HashMap::new(),
+            drain_advanced: false,
         }
     }
 
@@ -396,8 +402,11 @@ impl Shard {
             // Pacing: a shard that synced less than an interval ago waits
             // out the rest and takes in what arrived meanwhile, so under
             // load one fsync (and one wake-up of this thread) covers many
-            // messages. An idle shard commits at once.
+            // messages. An idle shard commits at once, and so does a batch
+            // that let a drain go on.
+            let drain_advanced = std::mem::take(&mut self.drain_advanced);
             if !stopping
+                && !drain_advanced
                 && applied < self.cfg.max_batch_commands
                 && self.ops.iter().any(Op::needs_sync)
                 && let Some(rest) = last_sync
@@ -1561,6 +1570,7 @@ impl Shard {
                 inflight.remove(s);
             }
             if inflight.is_empty() {
+                self.drain_advanced = true;
                 self.drain_next(device);
             }
         }
