@@ -19,6 +19,14 @@ pub mod telemetry;
 
 mod server_key;
 
+/// A hash map keyed by what the server assigns (user and device ids, queue
+/// seqs): foldhash, where std's SipHash was 7% of the server's instructions
+/// per message (docs/BENCHMARKS.md). Maps keyed by what clients choose
+/// (message ids, phone numbers) keep SipHash.
+pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+/// The set counterpart of [`FastMap`].
+pub(crate) type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;

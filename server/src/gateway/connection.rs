@@ -6,7 +6,7 @@
 //! awaited concurrently in `pending`, so a slow ✓ never blocks reading.
 //! Pushes from the owning shard arrive on a bounded channel.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -25,6 +25,7 @@ use tracing::Instrument;
 use super::Gateway;
 use super::link::Link;
 use super::wire::{error, error_frame, kick_error, route_error};
+use crate::FastMap;
 use crate::clock::now_ms;
 use crate::router::{
     ConnLink, KickReason, Notice, OwedReceipt, Push, PushRx, RouteError, SendRequest, push_channel,
@@ -172,7 +173,7 @@ pub async fn run<L: Link>(
             auth_failures: 0,
             bundle_budget: TokenBucket::new(BUNDLE_FETCH_BURST, BUNDLE_FETCHES_PER_SEC),
             pending: FuturesUnordered::new(),
-            delivered: HashMap::new(),
+            delivered: FastMap::default(),
         };
         let end = conn.serve(&shutdown).await;
         tracing::debug!(?end, "connection ended");
@@ -311,7 +312,7 @@ struct Conn<L: Link> {
     /// Entries pushed and not yet acked: seq → (sender, client id) for
     /// messages from other users (a delivery receipt is owed), `None`
     /// otherwise; with the entry's server timestamp.
-    delivered: HashMap<u64, (Option<(UserId, String)>, u64)>,
+    delivered: FastMap<u64, (Option<(UserId, String)>, u64)>,
 }
 
 /// Waits on an optional receiver; never resolves when there is none.
@@ -1062,7 +1063,7 @@ impl<L: Link> Conn<L> {
         }
         let mut seqs = Vec::with_capacity(ack.seqs.len());
         // Per sender: the acked message ids and their entries.
-        let mut owed: HashMap<UserId, (Vec<String>, Vec<u64>)> = HashMap::new();
+        let mut owed: FastMap<UserId, (Vec<String>, Vec<u64>)> = FastMap::default();
         let mut receipt_seqs = Vec::new();
         for seq in ack.seqs {
             // Only entries delivered on this connection can be acked here.

@@ -10,7 +10,7 @@
 //! - On a failed commit the caches are dropped and reloaded from the store,
 //!   so memory never runs ahead of what is durable.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -30,6 +30,7 @@ use crate::store::{
     LinkCodeRecord, Op, Store, StoreError, StoredEntry, UserId, UserRecord,
 };
 use crate::telemetry as tm;
+use crate::{FastMap, FastSet};
 
 /// Most entries the expiry sweep removes per tick, so one sweep never
 /// stalls a shard for long; the next tick continues.
@@ -277,7 +278,7 @@ pub(super) enum Command {
 enum Drain {
     /// Pushing stored entries page by page; the next page goes out when every
     /// seq of the previous one has been acked.
-    Draining { cursor: u64, inflight: HashSet<u64> },
+    Draining { cursor: u64, inflight: FastSet<u64> },
     /// Caught up: new entries are pushed as they are committed.
     Live,
 }
@@ -306,13 +307,13 @@ pub(super) struct Shard {
     store: Arc<dyn Store>,
     cfg: RouterConfig,
     /// Cached user records (committed or staged in the current batch).
-    users: HashMap<UserId, UserRecord>,
+    users: FastMap<UserId, UserRecord>,
     /// Seq counters of device queues.
-    last_seq: HashMap<DeviceKey, SeqCounter>,
+    last_seq: FastMap<DeviceKey, SeqCounter>,
     /// Cached key records (committed or staged).
-    keys: HashMap<DeviceKey, DeviceKeysRecord>,
+    keys: FastMap<DeviceKey, DeviceKeysRecord>,
     /// Authenticated connections of this shard's devices.
-    online: HashMap<DeviceKey, Online>,
+    online: FastMap<DeviceKey, Online>,
     /// Size of `users` that triggers the next eviction.
     evict_at: usize,
     /// Time commands waited in the inbox (a handle, looked up once in `run`).
@@ -363,10 +364,10 @@ impl Shard {
             shards,
             store,
             cfg,
-            users: HashMap::new(),
-            last_seq: HashMap::new(),
-            keys: HashMap::new(),
-            online: HashMap::new(),
+            users: FastMap::default(),
+            last_seq: FastMap::default(),
+            keys: FastMap::default(),
+            online: FastMap::default(),
             evict_at,
             inbox_wait: metrics::Histogram::noop(),
             ops: Vec::new(),
@@ -717,7 +718,7 @@ impl Shard {
         if self.users.len() <= self.evict_at {
             return;
         }
-        let online_users: HashSet<UserId> = self.online.keys().map(|d| d.user).collect();
+        let online_users: FastSet<UserId> = self.online.keys().map(|d| d.user).collect();
         self.users.retain(|u, _| online_users.contains(u));
         self.last_seq.retain(|d, _| online_users.contains(&d.user));
         self.keys.retain(|d, _| online_users.contains(&d.user));
@@ -971,7 +972,7 @@ impl Shard {
                 kick: Some(link.kick),
                 drain: Drain::Draining {
                     cursor: 0,
-                    inflight: HashSet::new(),
+                    inflight: FastSet::default(),
                 },
             },
         );

@@ -6,7 +6,9 @@
 //! hash of the device key, where one ordered map over every entry cost a
 //! tree descent of 20-byte key comparisons per insert and per removal.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use crate::FastMap;
 
 use bytes::Bytes;
 
@@ -20,7 +22,7 @@ const KEEP_EMPTY_CAPACITY: usize = 8;
 /// The entries, by device and seq.
 #[derive(Debug, Default)]
 pub struct Hot {
-    devices: HashMap<Device, VecDeque<(u64, Bytes)>>,
+    devices: FastMap<Device, VecDeque<(u64, Bytes)>>,
     len: usize,
 }
 
