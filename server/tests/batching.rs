@@ -51,6 +51,20 @@ fn send(to: &pb::UserInfo, id: &str) -> pb::ClientFrame {
     }
 }
 
+/// Pipelines `n` sends to `to` (ids `{prefix}0`, `{prefix}1`, …) and waits
+/// for every ✓.
+async fn send_many(a: &mut Raw, to: &pb::UserInfo, prefix: &str, n: u32) {
+    for i in 0..n {
+        let mut f = send(to, &format!("{prefix}{i}"));
+        f.id = 1 + i;
+        a.send_frame(&f).await;
+    }
+    for _ in 0..n {
+        let f = a.next().await.expect("a ✓");
+        assert!(matches!(f.body, Some(Out::SendOk(_))), "{f:?}");
+    }
+}
+
 #[tokio::test]
 async fn a_busy_shard_commits_many_sends_with_one_sync() {
     let (dir, store) = open_store();
@@ -128,15 +142,7 @@ async fn a_queue_counter_is_written_once_per_block_of_entries() {
     let bob_info = a.lookup(&bob.phone).await;
     let before = store.seq_reservations();
     // Bob is offline: 300 messages and no receipts.
-    for i in 0..300u32 {
-        let mut f = send(&bob_info, &format!("q{i}"));
-        f.id = 1 + i;
-        a.send_frame(&f).await;
-    }
-    for _ in 0..300 {
-        let f = a.next().await.expect("a ✓");
-        assert!(matches!(f.body, Some(Out::SendOk(_))), "{f:?}");
-    }
+    send_many(&mut a, &bob_info, "q", 300).await;
     assert_eq!(
         store.seq_reservations() - before,
         1,
@@ -157,15 +163,7 @@ async fn a_draining_device_does_not_wait_out_the_pacing_per_page() {
     assert!(a.drain().await.is_empty());
     let bob_info = a.lookup(&bob.phone).await;
     // Ten pages for Bob, who is offline.
-    for i in 0..1000u32 {
-        let mut f = send(&bob_info, &format!("d{i}"));
-        f.id = 1 + i;
-        a.send_frame(&f).await;
-    }
-    for _ in 0..1000 {
-        let f = a.next().await.expect("a ✓");
-        assert!(matches!(f.body, Some(Out::SendOk(_))), "{f:?}");
-    }
+    send_many(&mut a, &bob_info, "d", 1000).await;
     server.stop().await.unwrap();
 
     // Each page's ack is a synced commit (it stores Alice's receipts).
