@@ -89,6 +89,11 @@ impl Sut {
             .map(|kb| kb * 1024)
     }
 
+    /// The server's process id, if we started it.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref()?.pid()
+    }
+
     /// Stops the server if we started it.
     pub async fn stop(self) -> Result<()> {
         if let Some(p) = self.proc {
@@ -123,6 +128,94 @@ pub async fn start_relay(t: &Target) -> Result<ServerProc> {
         pin(pid, cpus)?;
     }
     Ok(relay)
+}
+
+/// CPU time (user + system, all threads) a process has used so far, in
+/// seconds; `None` if it cannot be read (not Linux, or the process is gone).
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name, which is in parentheses and may
+    // hold spaces: state is the first, utime the 12th and stime the 13th.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace();
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / rustix::param::clock_ticks_per_second() as f64)
+}
+
+/// The CPU the target (when we started it) and this load generator use
+/// over a stretch of time, in cores (1.0 is one core busy throughout).
+pub struct CpuMeter {
+    target: Option<(u32, f64)>,
+    load: Option<f64>,
+    since: Instant,
+}
+
+/// What a [`CpuMeter`] measured.
+#[derive(Serialize, Clone, Copy, Default)]
+pub struct CpuUse {
+    /// Cores the server (or relay) kept busy; none if it was not started
+    /// by this tool.
+    pub target_cores: Option<f64>,
+    /// Cores this load generator kept busy.
+    pub load_cores: Option<f64>,
+    /// Cores this load generator may use (its CPU affinity).
+    pub load_cores_available: usize,
+}
+
+impl CpuMeter {
+    /// Starts measuring; `target` is the target's process id.
+    pub fn start(target: Option<u32>) -> Self {
+        Self {
+            target: target.and_then(|pid| Some((pid, cpu_seconds(pid)?))),
+            load: cpu_seconds(std::process::id()),
+            since: Instant::now(),
+        }
+    }
+
+    /// The cores used since [`CpuMeter::start`].
+    pub fn finish(&self) -> CpuUse {
+        let wall = self.since.elapsed().as_secs_f64().max(1e-9);
+        CpuUse {
+            target_cores: self
+                .target
+                .and_then(|(pid, t0)| Some((cpu_seconds(pid)? - t0) / wall)),
+            load_cores: self
+                .load
+                .and_then(|t0| Some((cpu_seconds(std::process::id())? - t0) / wall)),
+            load_cores_available: std::thread::available_parallelism()
+                .map_or(1, std::num::NonZero::get),
+        }
+    }
+}
+
+impl CpuUse {
+    /// True if the load generator was (nearly) out of CPU: then a step
+    /// measures the generator as much as the target.
+    pub fn load_saturated(&self) -> bool {
+        self.load_cores
+            .is_some_and(|c| c >= 0.9 * self.load_cores_available as f64)
+    }
+}
+
+impl std::fmt::Display for CpuUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let cores = |c: Option<f64>| c.map_or_else(|| "n/a".to_owned(), |c| format!("{c:.2}"));
+        write!(
+            f,
+            "CPU (cores): target {}, load generator {} of {}",
+            cores(self.target_cores),
+            cores(self.load_cores),
+            self.load_cores_available
+        )?;
+        if self.load_saturated() {
+            write!(
+                f,
+                " (the load generator was saturated: this step measured it as much as the target)"
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// A progress bar on stderr (drawn only when stderr is a terminal).
@@ -273,5 +366,46 @@ impl std::fmt::Display for Latency {
             "n={} p50={:.2}ms p90={:.2}ms p99={:.2}ms p99.9={:.2}ms max={:.2}ms",
             self.count, self.p50_ms, self.p90_ms, self.p99_ms, self.p999_ms, self.max_ms
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_seconds_counts_this_process_working() {
+        let me = std::process::id();
+        let before = cpu_seconds(me).expect("own /proc stat");
+        let spin = Instant::now();
+        let mut x = 0u64;
+        while spin.elapsed() < Duration::from_millis(300) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        let after = cpu_seconds(me).expect("own /proc stat");
+        // 300 ms of spinning, counted in clock ticks (10 ms on Linux).
+        assert!(after - before >= 0.2, "{before} -> {after}");
+        assert!(cpu_seconds(u32::MAX).is_none());
+    }
+
+    #[test]
+    fn a_saturated_load_generator_is_called_out() {
+        let busy = CpuUse {
+            target_cores: Some(0.8),
+            load_cores: Some(0.95),
+            load_cores_available: 1,
+        };
+        assert!(busy.load_saturated());
+        let line = busy.to_string();
+        assert!(line.contains("target 0.80"), "{line}");
+        assert!(line.contains("saturated"), "{line}");
+        let calm = CpuUse {
+            load_cores: Some(0.95),
+            load_cores_available: 2,
+            ..busy
+        };
+        assert!(!calm.load_saturated());
+        assert!(!calm.to_string().contains("saturated"));
+        assert!(CpuUse::default().to_string().contains("target n/a"));
     }
 }

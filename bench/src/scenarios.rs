@@ -14,8 +14,8 @@ use switchboard_client::pb::{self, client_frame::Body as In, server_frame::Body 
 use switchboard_client::{Connection, Credentials};
 
 use crate::harness::{
-    Latency, Sut, Target, connect_drained, histogram, latency, pin_load, print_json, progress,
-    register_users, start_relay, tcp_mem_bytes,
+    CpuMeter, CpuUse, Latency, Sut, Target, connect_drained, histogram, latency, pin_load,
+    print_json, progress, register_users, start_relay, tcp_mem_bytes,
 };
 use crate::link::{Link, Plain};
 use crate::plot;
@@ -168,6 +168,8 @@ struct SteadyReport {
     errors: u64,
     send_to_ack: Latency,
     send_to_delivered: Latency,
+    /// CPU used while the traffic ran.
+    cpu: CpuUse,
 }
 
 /// One step's report and its histograms (µs), for plots.
@@ -182,10 +184,13 @@ enum Driver {
     Server {
         tcp: String,
         users: Vec<Credentials>,
+        /// The server's process id, if this tool started it.
+        pid: Option<u32>,
     },
     Relay {
         tcp: String,
         users: usize,
+        pid: Option<u32>,
     },
 }
 
@@ -194,6 +199,12 @@ impl Driver {
         match self {
             Self::Server { .. } => "switchboard",
             Self::Relay { .. } => "baseline",
+        }
+    }
+
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Self::Server { pid, .. } | Self::Relay { pid, .. } => *pid,
         }
     }
 
@@ -220,7 +231,7 @@ impl Driver {
             let mut tasks = Vec::new();
             for i in start..(start + 256).min(n) {
                 tasks.push(match self {
-                    Self::Server { tcp, users } => {
+                    Self::Server { tcp, users, .. } => {
                         let (tcp, u) = (tcp.clone(), users[i].clone());
                         tokio::spawn(async move {
                             let c = connect_drained(&tcp, &u, "steady").await?;
@@ -375,6 +386,7 @@ async fn steady_step(
     let until = epoch + Duration::from_secs(seconds);
     let per_user = rate as f64 / n as f64;
     let counters = Arc::new(Counters::default());
+    let cpu = CpuMeter::start(driver.pid());
     let mut tasks = Vec::with_capacity(n);
     for (i, link) in links.into_iter().enumerate() {
         tasks.push(tokio::spawn(user_loop(
@@ -417,6 +429,7 @@ async fn steady_step(
             errors: 0,
             send_to_ack: Latency::default(),
             send_to_delivered: Latency::default(),
+            cpu: CpuUse::default(),
         },
         acks: histogram()?,
         deliveries: histogram()?,
@@ -434,6 +447,7 @@ async fn steady_step(
         step.report.delivered += u.delivered;
         step.report.errors += u.errors;
     }
+    step.report.cpu = cpu.finish();
     ticker.abort();
     bar.finish_and_clear();
     step.report.delivered_per_sec = step.report.delivered as f64 / seconds as f64;
@@ -456,6 +470,7 @@ async fn server_driver(a: &SteadyArgs, prefix: u32) -> Result<(Sut, Driver)> {
     let driver = Driver::Server {
         tcp: sut.tcp.clone(),
         users,
+        pid: sut.pid(),
     };
     Ok((sut, driver))
 }
@@ -515,7 +530,7 @@ pub async fn steady(a: SteadyArgs) -> Result<bool> {
 
 fn print_steady(r: &SteadyReport) {
     println!(
-        "{} [{}]: {} users, offered {}/s, delivered {:.0}/s ({} sent, {} ✓, {} delivered, {} errors)\n  send→✓         {}\n  send→delivered {}",
+        "{} [{}]: {} users, offered {}/s, delivered {:.0}/s ({} sent, {} ✓, {} delivered, {} errors)\n  {}\n  send→✓         {}\n  send→delivered {}",
         r.scenario,
         r.target,
         r.users,
@@ -525,6 +540,7 @@ fn print_steady(r: &SteadyReport) {
         r.acked,
         r.delivered,
         r.errors,
+        r.cpu,
         r.send_to_ack,
         r.send_to_delivered
     );
@@ -712,6 +728,7 @@ async fn relay_driver(a: &SteadyArgs) -> Result<(ServerProc, Driver)> {
     let driver = Driver::Relay {
         tcp: relay.tcp.clone(),
         users: a.users,
+        pid: relay.pid(),
     };
     Ok((relay, driver))
 }

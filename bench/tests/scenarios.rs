@@ -53,6 +53,13 @@ fn steady_delivers_measures_latency_and_compares_with_the_baseline() {
     assert_eq!(r["baseline"]["target"], "baseline");
     assert!(r["baseline"]["delivered"].as_u64().unwrap() > 0);
     assert!(r["ratio_to_baseline"].as_f64().unwrap() > 0.0);
+    // Both processes worked while the traffic ran, and each step says so.
+    for report in [&r, &r["baseline"]] {
+        let cpu = &report["cpu"];
+        assert!(cpu["target_cores"].as_f64().unwrap() > 0.0, "{cpu}");
+        assert!(cpu["load_cores"].as_f64().unwrap() > 0.0, "{cpu}");
+        assert!(cpu["load_cores_available"].as_u64().unwrap() >= 1, "{cpu}");
+    }
     let plot = std::fs::read_to_string(&svg).unwrap();
     assert!(plot.starts_with("<svg"), "{plot}");
     assert!(
