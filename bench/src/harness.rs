@@ -114,15 +114,18 @@ pub fn pin_load(t: &Target) -> Result<()> {
     }
 }
 
-/// Starts the baseline relay (`switchboard-bench relay`) as a child
-/// process, pinned to `--server-cpus` like the server.
+/// Starts the baseline relay (`switchboard-bench relay`, with `--receipts`
+/// if asked) as a child process, pinned to `--server-cpus` like the server.
 ///
 /// # Errors
 /// If it cannot be started or pinned.
-pub async fn start_relay(t: &Target) -> Result<ServerProc> {
+pub async fn start_relay(t: &Target, receipts: bool) -> Result<ServerProc> {
     let me = std::env::current_exe().context("cannot find this executable")?;
     let mut cmd = tokio::process::Command::new(me);
     cmd.args(["relay", "--listen", "127.0.0.1:0"]);
+    if receipts {
+        cmd.arg("--receipts");
+    }
     let relay = ServerProc::spawn(cmd, "the baseline relay").await?;
     if let (Some(cpus), Some(pid)) = (&t.server_cpus, relay.pid()) {
         pin(pid, cpus)?;

@@ -2,7 +2,11 @@
 //! but with no Noise, no accounts and no storage. `Auth` names a user id
 //! (no credential), `Send` is answered `SendOk` at once and its first payload
 //! is forwarded as a one-entry `Deliver` to that user's connection, acks are
-//! ignored. It does what a bare tokio relay does well (one task per
+//! ignored. With `--receipts` an ack of a forwarded message is also turned
+//! into a delivery receipt for its sender (a one-entry `Deliver`, which the
+//! sender acks): the server's frame pattern per message (3 writes: ✓, the
+//! message, ✓✓; 3 reads: the send and 2 acks) without its crypto and
+//! storage, which bounds what any server speaking this protocol can do here. It does what a bare tokio relay does well (one task per
 //! connection, a bounded outbound queue, frames coalesced per write), so the
 //! server's throughput can be read as a ratio of it, measured in the same
 //! run on the same machine.
@@ -30,6 +34,9 @@ use tokio::sync::mpsc;
 const OUTBOUND_FRAMES: usize = 1024;
 /// Most bytes gathered into one write.
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
+/// Most forwarded messages awaiting their ack (with `--receipts`); past it
+/// a message is forwarded without a receipt to come.
+const MAX_AWAITING_ACK: usize = 1 << 20;
 
 /// Options of the relay process.
 #[derive(clap::Args, Debug)]
@@ -37,10 +44,21 @@ pub struct RelayArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: String,
+    /// Turn each ack of a forwarded message into a receipt for its sender.
+    #[arg(long)]
+    receipts: bool,
 }
 
 /// Online users: user id → that connection's outbound queue.
 type Peers = Arc<Mutex<HashMap<u64, mpsc::Sender<Bytes>>>>;
+
+/// What the connections share.
+struct Shared {
+    peers: Peers,
+    seq: AtomicU64,
+    /// With `--receipts`: forwarded seq → (sender, client message id).
+    awaiting_ack: Option<Mutex<HashMap<u64, (u64, String)>>>,
+}
 
 /// Serves until killed.
 ///
@@ -56,13 +74,16 @@ pub async fn serve(args: RelayArgs) -> Result<bool> {
         writeln!(out, "relay ready tcp={addr}")?;
         out.flush()?;
     }
-    let peers: Peers = Arc::default();
-    let seq = Arc::new(AtomicU64::new(0));
+    let shared = Arc::new(Shared {
+        peers: Arc::default(),
+        seq: AtomicU64::new(0),
+        awaiting_ack: args.receipts.then(Mutex::default),
+    });
     loop {
         let (stream, _) = listener.accept().await?;
-        let (peers, seq) = (peers.clone(), seq.clone());
+        let shared = shared.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection(stream, peers, seq).await {
+            if let Err(e) = connection(stream, shared).await {
                 tracing::debug!(error = %e, "relay connection ended");
             }
         });
@@ -81,7 +102,8 @@ fn encode(frame: &pb::ServerFrame) -> Bytes {
     out.freeze()
 }
 
-async fn connection(stream: TcpStream, peers: Peers, seq: Arc<AtomicU64>) -> Result<()> {
+async fn connection(stream: TcpStream, shared: Arc<Shared>) -> Result<()> {
+    let peers = &shared.peers;
     stream.set_nodelay(true)?;
     let (mut rd, wr) = stream.into_split();
     // This connection's outbound frames: its reader (answers) and every
@@ -127,9 +149,16 @@ async fn connection(stream: TcpStream, peers: Peers, seq: Arc<AtomicU64>) -> Res
                         .await?;
                         let target = peers.lock().ok().and_then(|p| p.get(&s.to_user).cloned());
                         if let (Some(target), Some(p)) = (target, s.payloads.into_iter().next()) {
+                            let seq = shared.seq.fetch_add(1, Ordering::Relaxed) + 1;
+                            if let (Some(awaiting), Some(me)) = (&shared.awaiting_ack, me)
+                                && let Ok(mut a) = awaiting.lock()
+                                && a.len() < MAX_AWAITING_ACK
+                            {
+                                a.insert(seq, (me, s.client_msg_id.clone()));
+                            }
                             let deliver = pb::Deliver {
                                 entries: vec![pb::QueueEntry {
-                                    seq: seq.fetch_add(1, Ordering::Relaxed) + 1,
+                                    seq,
                                     server_ts_ms: ts,
                                     body: Some(pb::queue_entry::Body::Message(pb::Message {
                                         from_user: me.unwrap_or_default(),
@@ -148,6 +177,11 @@ async fn connection(stream: TcpStream, peers: Peers, seq: Arc<AtomicU64>) -> Res
                                     body: Some(Out::Deliver(deliver)),
                                 }))
                                 .await;
+                        }
+                    }
+                    Some(In::Ack(ack)) => {
+                        if let (Some(awaiting), Some(me)) = (&shared.awaiting_ack, me) {
+                            receipts(&shared, awaiting, me, ack.seqs).await;
                         }
                     }
                     Some(In::Ping(_)) => {
@@ -171,6 +205,49 @@ async fn connection(stream: TcpStream, peers: Peers, seq: Arc<AtomicU64>) -> Res
         p.remove(&me);
     }
     result
+}
+
+/// Sends the sender of each acked message a delivery receipt.
+async fn receipts(
+    shared: &Shared,
+    awaiting: &Mutex<HashMap<u64, (u64, String)>>,
+    me: u64,
+    seqs: Vec<u64>,
+) {
+    let owed: Vec<(u64, String)> = match awaiting.lock() {
+        Ok(mut a) => seqs.iter().filter_map(|s| a.remove(s)).collect(),
+        Err(_) => return,
+    };
+    for (sender, id) in owed {
+        let Some(target) = shared
+            .peers
+            .lock()
+            .ok()
+            .and_then(|p| p.get(&sender).cloned())
+        else {
+            continue;
+        };
+        let deliver = pb::Deliver {
+            entries: vec![pb::QueueEntry {
+                seq: shared.seq.fetch_add(1, Ordering::Relaxed) + 1,
+                server_ts_ms: now_ms(),
+                body: Some(pb::queue_entry::Body::Receipt(pb::Receipt {
+                    from_user: me,
+                    from_device: 1,
+                    kind: pb::ReceiptKind::Delivered.into(),
+                    client_msg_ids: vec![id],
+                    ..Default::default()
+                })),
+            }],
+        };
+        // A vanished sender is nobody's problem.
+        let _ = target
+            .send(encode(&pb::ServerFrame {
+                id: 0,
+                body: Some(Out::Deliver(deliver)),
+            }))
+            .await;
+    }
 }
 
 /// Writes queued frames, as many as are waiting in one write.

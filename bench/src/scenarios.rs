@@ -152,6 +152,12 @@ pub struct SteadyArgs {
     /// 1.5^(1/2^N) instead of 1.5.
     #[arg(long, default_value_t = 2)]
     refine: u32,
+    /// Run the baseline relay with `--receipts`: it also turns each ack of a
+    /// forwarded message into a delivery receipt for the sender, so it
+    /// writes and reads as many frames per message as the server (✓, the
+    /// message, ✓✓ and two acks). Reported as target "baseline+receipts".
+    #[arg(long)]
+    baseline_receipts: bool,
 }
 
 #[derive(Serialize, Clone)]
@@ -165,6 +171,8 @@ struct SteadyReport {
     acked: u64,
     delivered: u64,
     delivered_per_sec: f64,
+    /// Delivery receipts (✓✓) the senders got.
+    receipts: u64,
     errors: u64,
     send_to_ack: Latency,
     send_to_delivered: Latency,
@@ -191,6 +199,8 @@ enum Driver {
         tcp: String,
         users: usize,
         pid: Option<u32>,
+        /// The relay sends delivery receipts.
+        receipts: bool,
     },
 }
 
@@ -198,7 +208,10 @@ impl Driver {
     fn target(&self) -> &'static str {
         match self {
             Self::Server { .. } => "switchboard",
-            Self::Relay { .. } => "baseline",
+            Self::Relay {
+                receipts: false, ..
+            } => "baseline",
+            Self::Relay { receipts: true, .. } => "baseline+receipts",
         }
     }
 
@@ -270,6 +283,7 @@ struct UserResult {
     sent: u64,
     acked: u64,
     delivered: u64,
+    receipts: u64,
     errors: u64,
 }
 
@@ -292,6 +306,7 @@ async fn user_loop(
         sent: 0,
         acked: 0,
         delivered: 0,
+        receipts: 0,
         errors: 0,
     };
     let mut pending: HashMap<u32, Instant> = HashMap::new();
@@ -352,7 +367,9 @@ async fn user_loop(
                         let mut seqs = Vec::with_capacity(d.entries.len());
                         for e in d.entries {
                             seqs.push(e.seq);
-                            if let Some(pb::queue_entry::Body::Message(m)) = e.body
+                            if let Some(pb::queue_entry::Body::Receipt(_)) = e.body {
+                                r.receipts += 1;
+                            } else if let Some(pb::queue_entry::Body::Message(m)) = e.body
                                 && let Some(ts) = m.payload.get(..8)
                             {
                                 let sent_us = u64::from_be_bytes(ts.try_into().unwrap_or([0; 8]));
@@ -426,6 +443,7 @@ async fn steady_step(
             acked: 0,
             delivered: 0,
             delivered_per_sec: 0.0,
+            receipts: 0,
             errors: 0,
             send_to_ack: Latency::default(),
             send_to_delivered: Latency::default(),
@@ -445,6 +463,7 @@ async fn steady_step(
         step.report.sent += u.sent;
         step.report.acked += u.acked;
         step.report.delivered += u.delivered;
+        step.report.receipts += u.receipts;
         step.report.errors += u.errors;
     }
     step.report.cpu = cpu.finish();
@@ -530,7 +549,7 @@ pub async fn steady(a: SteadyArgs) -> Result<bool> {
 
 fn print_steady(r: &SteadyReport) {
     println!(
-        "{} [{}]: {} users, offered {}/s, delivered {:.0}/s ({} sent, {} ✓, {} delivered, {} errors)\n  {}\n  send→✓         {}\n  send→delivered {}",
+        "{} [{}]: {} users, offered {}/s, delivered {:.0}/s ({} sent, {} ✓, {} delivered, {} ✓✓, {} errors)\n  {}\n  send→✓         {}\n  send→delivered {}",
         r.scenario,
         r.target,
         r.users,
@@ -539,6 +558,7 @@ fn print_steady(r: &SteadyReport) {
         r.sent,
         r.acked,
         r.delivered,
+        r.receipts,
         r.errors,
         r.cpu,
         r.send_to_ack,
@@ -724,11 +744,12 @@ pub async fn ramp(a: SteadyArgs) -> Result<bool> {
 
 /// Starts the baseline relay and a driver for `a.users` users on it.
 async fn relay_driver(a: &SteadyArgs) -> Result<(ServerProc, Driver)> {
-    let relay = start_relay(&a.target).await?;
+    let relay = start_relay(&a.target, a.baseline_receipts).await?;
     let driver = Driver::Relay {
         tcp: relay.tcp.clone(),
         users: a.users,
         pid: relay.pid(),
+        receipts: a.baseline_receipts,
     };
     Ok((relay, driver))
 }

@@ -49,6 +49,8 @@ fn steady_delivers_measures_latency_and_compares_with_the_baseline() {
     assert!(r["delivered"].as_u64().unwrap() > 0);
     assert!(r["send_to_ack"]["p99_ms"].as_f64().unwrap() > 0.0);
     assert!(r["send_to_delivered"]["count"].as_u64().unwrap() > 0);
+    // The server turns every acked delivery into a ✓✓ for its sender.
+    assert!(r["receipts"].as_u64().unwrap() > 0, "{r}");
     // The same load against the relay, in the same run.
     assert_eq!(r["baseline"]["target"], "baseline");
     assert!(r["baseline"]["delivered"].as_u64().unwrap() > 0);
@@ -103,6 +105,32 @@ fn the_baseline_relay_forwards_and_finds_a_knee() {
     assert_eq!(first["errors"], 0);
     // 50/s for 1 s is far below any relay's limit: the first step holds.
     assert!(r["knee_per_sec"].as_u64().unwrap() >= 50, "{r}");
+    // Without --baseline-receipts the relay sends no ✓✓.
+    assert_eq!(first["receipts"], 0, "{r}");
+}
+
+#[test]
+fn the_baseline_relay_with_receipts_answers_each_delivery_with_one() {
+    let r = run(&[
+        "baseline",
+        "--users",
+        "10",
+        "--rate",
+        "50",
+        "--seconds",
+        "1",
+        "--refine",
+        "0",
+        "--baseline-receipts",
+    ]);
+    assert_eq!(r["target"], "baseline+receipts");
+    let first = &r["steps"][0];
+    let delivered = first["delivered"].as_u64().unwrap();
+    assert!(delivered > 0, "{r}");
+    // Every message delivered and acked within the step came back to its
+    // sender as a receipt; the last few may still be on their way.
+    let receipts = first["receipts"].as_u64().unwrap();
+    assert!(receipts > 0 && receipts <= delivered, "{r}");
 }
 
 #[test]
