@@ -92,7 +92,10 @@ pub enum KickReason {
 pub(super) struct Queued {
     at: Instant,
     deadline: Option<Instant>,
-    cmd: Command,
+    /// Boxed: a command is a few hundred bytes, and a queued one is moved
+    /// several times on its way through the inbox (into the channel's
+    /// block, out of it, into the batch); a pointer moves cheaply.
+    cmd: Box<Command>,
 }
 
 impl Queued {
@@ -101,7 +104,7 @@ impl Queued {
         Self {
             at: Instant::now(),
             deadline: None,
-            cmd,
+            cmd: Box::new(cmd),
         }
     }
 
@@ -110,7 +113,7 @@ impl Queued {
         Self {
             at: Instant::now(),
             deadline: Some(deadline),
-            cmd,
+            cmd: Box::new(cmd),
         }
     }
 }
@@ -334,20 +337,35 @@ pub(super) struct Shard {
     drain_advanced: bool,
 }
 
-/// Checks that `payloads` address exactly `expected` (devices of `user`).
-fn check_devices(
+/// Checks that `payloads` address exactly the devices `expected` yields
+/// (devices of `user`).
+fn check_devices<I>(
     user: UserId,
-    expected: &BTreeSet<u32>,
+    expected: I,
     payloads: &[pb::DevicePayload],
-) -> Result<(), RouteError> {
+) -> Result<(), RouteError>
+where
+    I: Iterator<Item = u32> + Clone,
+{
+    // The usual case, without building sets (a few devices at most): one
+    // payload per expected device, none twice.
+    if payloads.len() == expected.clone().count()
+        && payloads.iter().enumerate().all(|(i, p)| {
+            expected.clone().any(|d| d == p.device_id)
+                && payloads.iter().take(i).all(|q| q.device_id != p.device_id)
+        })
+    {
+        return Ok(());
+    }
+    let expected: BTreeSet<u32> = expected.collect();
     let addressed: BTreeSet<u32> = payloads.iter().map(|p| p.device_id).collect();
-    if *expected == addressed {
+    if expected == addressed {
         return Ok(());
     }
     Err(RouteError::DeviceMismatch {
         user,
         missing: expected.difference(&addressed).copied().collect(),
-        stale: addressed.difference(expected).copied().collect(),
+        stale: addressed.difference(&expected).copied().collect(),
     })
 }
 
@@ -463,10 +481,10 @@ impl Shard {
     /// its deadline. Returns true for `Shutdown`.
     fn take(&mut self, queued: Queued) -> bool {
         self.inbox_wait.record(queued.at.elapsed().as_secs_f64());
-        if matches!(queued.cmd, Command::Shutdown) {
+        if matches!(*queued.cmd, Command::Shutdown) {
             return true;
         }
-        let mut cmd = Some(queued.cmd);
+        let mut cmd = Some(*queued.cmd);
         if queued.deadline.is_some_and(|d| Instant::now() > d) {
             // Stale work: the requester has likely given up.
             if let Some(c) = cmd.take() {
@@ -739,6 +757,12 @@ impl Shard {
         Ok(self.users.get(&user))
     }
 
+    /// Whether `device` is its user's only device.
+    fn sole_device(&mut self, device: DeviceKey) -> bool {
+        matches!(self.user(device.user), Ok(Some(u))
+            if u.devices.len() == 1 && u.devices.iter().all(|d| d.device_id == device.device))
+    }
+
     fn phone_user(&self, phone: &str) -> Result<Option<UserId>, StoreError> {
         if let Some(u) = self.staged_phones.get(phone) {
             return Ok(Some(*u));
@@ -1000,16 +1024,21 @@ impl Shard {
         let Some(reply) = self.answer_duplicate(&key, req.first_attempt, reply) else {
             return;
         };
-        let mut current: BTreeSet<u32> = match self.user(req.to_user) {
-            Ok(Some(u)) => u.devices.iter().map(|d| d.device_id).collect(),
-            Ok(None) => return reply_now(reply, Err(RouteError::UnknownUser)),
-            Err(e) => return reply_now(reply, Err(e.into())),
+        // A note to self goes to the sender's other devices.
+        let to_self = req.to_user == req.from.user;
+        let checked = match self.user(req.to_user) {
+            Ok(Some(u)) => check_devices(
+                req.to_user,
+                u.devices
+                    .iter()
+                    .map(|d| d.device_id)
+                    .filter(|d| !to_self || *d != req.from.device),
+                &req.payloads,
+            ),
+            Ok(None) => Err(RouteError::UnknownUser),
+            Err(e) => Err(e.into()),
         };
-        if req.to_user == req.from.user {
-            // A note to self goes to the sender's other devices.
-            current.remove(&req.from.device);
-        }
-        if let Err(e) = check_devices(req.to_user, &current, &req.payloads) {
+        if let Err(e) = checked {
             return reply_now(reply, Err(e));
         }
         self.store_send(&req, req.to_user, key, true, reply);
@@ -1023,6 +1052,12 @@ impl Shard {
         copies: SendRequest,
         reply: Reply<SendAccepted>,
     ) {
+        // The usual case: a sender with one device and nothing for itself.
+        // Its part would be answered at once with nothing stored, so the
+        // answer is the recipient's part's.
+        if copies.payloads.is_empty() && self.sole_device(copies.from) {
+            return self.send(req, reply);
+        }
         let (peer_tx, mut peer) = oneshot::channel();
         let (own_tx, mut own) = oneshot::channel();
         self.send(req, peer_tx);
@@ -1040,14 +1075,23 @@ impl Shard {
     /// is the conversation peer.
     fn send_self(&mut self, req: SendRequest, reply: Reply<SendAccepted>) {
         let me = req.from.user;
-        let mut mine: BTreeSet<u32> = match self.user(me) {
-            Ok(Some(u)) => u.devices.iter().map(|d| d.device_id).collect(),
+        let (alone, checked) = match self.user(me) {
+            Ok(Some(u)) => {
+                let mine = u
+                    .devices
+                    .iter()
+                    .map(|d| d.device_id)
+                    .filter(|d| *d != req.from.device);
+                (
+                    mine.clone().next().is_none(),
+                    check_devices(me, mine, &req.payloads),
+                )
+            }
             // The sender's own account vanished (re-registered meanwhile).
             Ok(None) => return reply_now(reply, Err(RouteError::Unauthenticated)),
             Err(e) => return reply_now(reply, Err(e.into())),
         };
-        mine.remove(&req.from.device);
-        if mine.is_empty() && req.payloads.is_empty() {
+        if alone && req.payloads.is_empty() {
             // A single-device user: nothing to store, so nothing to
             // deduplicate either (the recipient's part is the record).
             let accepted = SendAccepted {
@@ -1064,7 +1108,7 @@ impl Shard {
         let Some(reply) = self.answer_duplicate(&key, req.first_attempt, reply) else {
             return;
         };
-        if let Err(e) = check_devices(me, &mine, &req.payloads) {
+        if let Err(e) = checked {
             return reply_now(reply, Err(e));
         }
         self.store_send(&req, me, key, false, reply);
@@ -1706,5 +1750,48 @@ impl Shard {
             }
             Err(e) => tracing::warn!(error = %e, "link code sweep failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payloads(devices: &[u32]) -> Vec<pb::DevicePayload> {
+        devices
+            .iter()
+            .map(|&device_id| pb::DevicePayload {
+                device_id,
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    fn check(expected: &[u32], addressed: &[u32]) -> Result<(), RouteError> {
+        check_devices(7, expected.iter().copied(), &payloads(addressed))
+    }
+
+    #[test]
+    fn devices_match_in_any_order() {
+        assert!(check(&[1], &[1]).is_ok());
+        assert!(check(&[1, 2, 3], &[3, 1, 2]).is_ok());
+        assert!(check(&[], &[]).is_ok());
+    }
+
+    #[test]
+    fn a_mismatch_names_the_missing_and_the_stale_devices() {
+        let mismatch = |expected: &[u32], addressed: &[u32]| match check(expected, addressed) {
+            Err(RouteError::DeviceMismatch {
+                user,
+                missing,
+                stale,
+            }) => (user, missing, stale),
+            other => panic!("{expected:?} vs {addressed:?}: {other:?}"),
+        };
+        assert_eq!(mismatch(&[1, 2], &[1]), (7, vec![2], vec![]));
+        assert_eq!(mismatch(&[1], &[1, 4]), (7, vec![], vec![4]));
+        assert_eq!(mismatch(&[1, 2], &[1, 3]), (7, vec![2], vec![3]));
+        // As many payloads as devices, but one device twice.
+        assert_eq!(mismatch(&[1, 2], &[1, 1]), (7, vec![2], vec![]));
     }
 }
