@@ -60,6 +60,13 @@ struct Shared {
     awaiting_ack: Option<Mutex<HashMap<u64, (u64, String)>>>,
 }
 
+impl Shared {
+    /// The connection of `user`, if online.
+    fn peer(&self, user: u64) -> Option<mpsc::Sender<Bytes>> {
+        self.peers.lock().ok().and_then(|p| p.get(&user).cloned())
+    }
+}
+
 /// Serves until killed.
 ///
 /// # Errors
@@ -147,8 +154,9 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>) -> Result<()> {
                             duplicate: false,
                         }))))
                         .await?;
-                        let target = peers.lock().ok().and_then(|p| p.get(&s.to_user).cloned());
-                        if let (Some(target), Some(p)) = (target, s.payloads.into_iter().next()) {
+                        if let (Some(target), Some(p)) =
+                            (shared.peer(s.to_user), s.payloads.into_iter().next())
+                        {
                             let seq = shared.seq.fetch_add(1, Ordering::Relaxed) + 1;
                             if let (Some(awaiting), Some(me)) = (&shared.awaiting_ack, me)
                                 && let Ok(mut a) = awaiting.lock()
@@ -156,26 +164,15 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>) -> Result<()> {
                             {
                                 a.insert(seq, (me, s.client_msg_id.clone()));
                             }
-                            let deliver = pb::Deliver {
-                                entries: vec![pb::QueueEntry {
-                                    seq,
-                                    server_ts_ms: ts,
-                                    body: Some(pb::queue_entry::Body::Message(pb::Message {
-                                        from_user: me.unwrap_or_default(),
-                                        from_device: 1,
-                                        client_msg_id: s.client_msg_id,
-                                        payload: p.payload,
-                                        to_user: s.to_user,
-                                        ..Default::default()
-                                    })),
-                                }],
+                            let message = pb::Message {
+                                from_user: me.unwrap_or_default(),
+                                from_device: 1,
+                                client_msg_id: s.client_msg_id,
+                                payload: p.payload,
+                                to_user: s.to_user,
+                                ..Default::default()
                             };
-                            // A vanished peer is not the sender's problem.
-                            let _ = target
-                                .send(encode(&pb::ServerFrame {
-                                    id: 0,
-                                    body: Some(Out::Deliver(deliver)),
-                                }))
+                            deliver(&target, seq, ts, pb::queue_entry::Body::Message(message))
                                 .await;
                         }
                     }
@@ -219,35 +216,46 @@ async fn receipts(
         Err(_) => return,
     };
     for (sender, id) in owed {
-        let Some(target) = shared
-            .peers
-            .lock()
-            .ok()
-            .and_then(|p| p.get(&sender).cloned())
-        else {
+        let Some(target) = shared.peer(sender) else {
             continue;
         };
-        let deliver = pb::Deliver {
-            entries: vec![pb::QueueEntry {
-                seq: shared.seq.fetch_add(1, Ordering::Relaxed) + 1,
-                server_ts_ms: now_ms(),
-                body: Some(pb::queue_entry::Body::Receipt(pb::Receipt {
-                    from_user: me,
-                    from_device: 1,
-                    kind: pb::ReceiptKind::Delivered.into(),
-                    client_msg_ids: vec![id],
-                    ..Default::default()
-                })),
-            }],
+        let receipt = pb::Receipt {
+            from_user: me,
+            from_device: 1,
+            kind: pb::ReceiptKind::Delivered.into(),
+            client_msg_ids: vec![id],
+            ..Default::default()
         };
-        // A vanished sender is nobody's problem.
-        let _ = target
-            .send(encode(&pb::ServerFrame {
-                id: 0,
-                body: Some(Out::Deliver(deliver)),
-            }))
-            .await;
+        let seq = shared.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        deliver(
+            &target,
+            seq,
+            now_ms(),
+            pb::queue_entry::Body::Receipt(receipt),
+        )
+        .await;
     }
+}
+
+/// Writes a one-entry `Deliver` to a connection. A vanished peer is
+/// nobody's problem.
+async fn deliver(
+    target: &mpsc::Sender<Bytes>,
+    seq: u64,
+    server_ts_ms: u64,
+    body: pb::queue_entry::Body,
+) {
+    let frame = pb::ServerFrame {
+        id: 0,
+        body: Some(Out::Deliver(pb::Deliver {
+            entries: vec![pb::QueueEntry {
+                seq,
+                server_ts_ms,
+                body: Some(body),
+            }],
+        })),
+    };
+    let _ = target.send(encode(&frame)).await;
 }
 
 /// Writes queued frames, as many as are waiting in one write.
