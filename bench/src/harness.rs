@@ -80,7 +80,7 @@ impl Sut {
 
     /// The server's resident memory, if we started it.
     pub fn rss_bytes(&self) -> Option<u64> {
-        let pid = self.proc.as_ref()?.pid()?;
+        let pid = self.pid()?;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         status
             .lines()
