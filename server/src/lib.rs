@@ -13,6 +13,7 @@ pub mod clock;
 pub mod config;
 pub mod gateway;
 pub mod keys;
+pub mod os;
 pub mod router;
 pub mod store;
 pub mod telemetry;

@@ -113,9 +113,14 @@ impl ServeArgs {
     }
 }
 
+/// Without `RUST_LOG`: the server's info lines, and only warnings from the
+/// storage engine (it says "Finished ingestion writer" at every log
+/// checkpoint).
+const DEFAULT_LOG_FILTER: &str = "info,lsm_tree=warn,fjall=warn";
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -176,6 +181,9 @@ fn main() -> ExitCode {
         Command::Serve(args) => match args.config() {
             Ok(config) => {
                 init_logging(config.log_format);
+                if let Err(e) = switchboard_server::os::disable_transparent_huge_pages() {
+                    tracing::warn!(error = %e, "cannot turn transparent huge pages off");
+                }
                 tokio::runtime::Builder::new_multi_thread()
                     .enable_all()
                     .build()
