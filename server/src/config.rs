@@ -33,7 +33,7 @@ pub struct Config {
     pub tcp_listen: SocketAddr,
     /// HTTP listener: WebSocket (`/ws`) and health checks.
     pub http_listen: SocketAddr,
-    /// Router shards; 0 means one per CPU core.
+    /// Router shards; 0 means one per four CPU cores (at least one).
     pub shards: usize,
     /// How long undelivered queue entries are kept (default 30 days).
     pub queue_ttl_secs: u64,
@@ -148,6 +148,13 @@ pub enum ConfigError {
 }
 
 /// Smallest frame limit that still fits one full-size payload.
+/// Cores per shard when `shards` is 0. A message spends about a quarter of
+/// its server CPU in its shard and the rest in connection tasks, and all
+/// shards share one log and take turns at its fsync; on 2 cores one shard
+/// used 6% less CPU per message than two at 13,000 msgs/s with 10,000
+/// users (docs/BENCHMARKS.md).
+pub const CORES_PER_SHARD: usize = 4;
+
 const MIN_FRAME_BYTES: usize = switchboard_proto::limits::MAX_PAYLOAD_BYTES + 4096;
 /// Largest frame limit we allow; bigger frames would let one client pin
 /// too much memory.
@@ -248,13 +255,15 @@ impl Config {
         Ok(())
     }
 
-    /// Shard count with 0 resolved to the number of cores.
+    /// Shard count with 0 resolved to one per [`CORES_PER_SHARD`] cores
+    /// (at least one).
     #[must_use]
     pub fn shard_count(&self) -> usize {
         if self.shards > 0 {
             self.shards
         } else {
-            std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+            let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+            cores.div_ceil(CORES_PER_SHARD)
         }
     }
 

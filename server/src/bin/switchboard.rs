@@ -48,7 +48,7 @@ struct ServeArgs {
     /// HTTP listen address (WebSocket at /ws, /healthz, /readyz).
     #[arg(long, env = "SWITCHBOARD_HTTP_LISTEN")]
     http_listen: Option<SocketAddr>,
-    /// Router shards (0 = one per CPU core).
+    /// Router shards (0 = one per four CPU cores, at least one).
     #[arg(long, env = "SWITCHBOARD_SHARDS")]
     shards: Option<usize>,
     /// Seconds an undelivered message is kept (default 30 days).
