@@ -486,8 +486,8 @@ impl Db {
     /// A checkpoint in two phases. First, without the log lock, the dedup
     /// records held so far are frozen (still found by lookups) and
     /// ingested, while batches go on. Then, with the log lock,
-    /// `checkpoint_locked` does the rest, ingesting only the few records
-    /// logged meanwhile.
+    /// `checkpoint_locked` does the rest, writing the few records logged
+    /// meanwhile in its batch with the queue entries.
     fn checkpoint(&self) -> Result<(), StoreError> {
         let _one = self.lock_checkpointing();
         let started = Instant::now();
@@ -564,17 +564,25 @@ impl Db {
         // caller holds: the copy stays exact until it is cleared below.
         // Reads meanwhile find entries in both places and merge them.
         let moved = self.lock_hot().entries();
-        if !moved.is_empty() {
-            let mut batch = self.db.batch();
-            for (k, v) in &moved {
-                batch.insert(&self.queues, &k[..], v.as_ref());
-            }
-            batch.commit().map_err(engine)?;
+        let mut batch = self.db.batch();
+        for (k, v) in &moved {
+            batch.insert(&self.queues, &k[..], v.as_ref());
         }
         let moved_at = started.elapsed();
-        // Lookups wait meanwhile; they are rare (retries only), and batches
-        // wait for the log lock anyway.
-        let dedup = self.ingest_dedup(&self.lock_held_dedup())?;
+        // The dedup records logged since `checkpoint` froze the rest: few,
+        // so into the same batch (a table of their own would cost a sync).
+        // Without a two-phase caller (at open), all of them: a big batch.
+        let dedup = {
+            let held = self.lock_held_dedup();
+            for (k, (day, v)) in held.iter() {
+                let ks = self.dedup_day(day.saturating_mul(DEDUP_BUCKET_MS))?;
+                batch.insert(&ks, k.as_slice(), v.as_ref());
+            }
+            held.len()
+        };
+        if !batch.is_empty() {
+            batch.commit().map_err(engine)?;
+        }
         let ingested_at = started.elapsed();
         self.db.persist(PersistMode::SyncAll).map_err(engine)?;
         self.lock_hot().clear();
