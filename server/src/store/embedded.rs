@@ -520,7 +520,12 @@ impl Db {
             ms = started.elapsed().as_secs_f64() * 1e3,
             "store checkpoint: dedup records ingested"
         );
-        self.checkpoint_locked(&mut self.lock_log())
+        let result = self.checkpoint_locked(&mut self.lock_log());
+        // The last reference once `checkpoint_locked` cleared
+        // `frozen_dedup`: freeing tens of thousands of records took 15 ms
+        // of the core right after the checkpoint.
+        drop_in_background(frozen);
+        result
     }
 
     /// `ingest_dedup` on a thread of the lowest CPU priority, waiting for
@@ -533,9 +538,7 @@ impl Db {
             let spawned = std::thread::Builder::new()
                 .name("store-ingest".into())
                 .spawn_scoped(scope, || {
-                    if let Err(e) = crate::os::lower_own_priority(BACKGROUND_NICE) {
-                        tracing::debug!(error = %e, "cannot lower the dedup ingestion's priority");
-                    }
+                    lower_own_priority();
                     self.ingest_dedup(held)
                 });
             match spawned {
@@ -687,6 +690,25 @@ impl Db {
         days.insert(day, ks.clone());
         Ok(ks)
     }
+}
+
+/// Lowers the calling thread to [`BACKGROUND_NICE`]; it stays working at
+/// its priority if it cannot.
+fn lower_own_priority() {
+    if let Err(e) = crate::os::lower_own_priority(BACKGROUND_NICE) {
+        tracing::debug!(error = %e, "cannot lower a background thread's priority");
+    }
+}
+
+/// Drops `value` on a new thread at [`BACKGROUND_NICE`]. If no thread can
+/// be had, the closure, and `value` with it, is dropped here.
+fn drop_in_background<T: Send + 'static>(value: T) {
+    let _ = std::thread::Builder::new()
+        .name("store-free".into())
+        .spawn(move || {
+            lower_own_priority();
+            drop(value);
+        });
 }
 
 /// A batch's writes as logged, in the batch's order.
