@@ -311,6 +311,21 @@ mod tests {
     }
 
     #[test]
+    fn zero_shards_means_one_per_four_cores_and_at_least_one() {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let c = Config::default();
+        assert_eq!(c.shards, 0);
+        assert!(c.shard_count() >= 1);
+        assert_eq!(c.shard_count(), cores.div_ceil(CORES_PER_SHARD));
+        assert!(c.shard_count() * CORES_PER_SHARD >= cores);
+        let fixed = Config {
+            shards: 3,
+            ..Config::default()
+        };
+        assert_eq!(fixed.shard_count(), 3);
+    }
+
+    #[test]
     fn toml_overrides_and_rejects_unknown_keys() {
         let c: Config = toml::from_str("tcp_listen = \"127.0.0.1:1\"\nshards = 3\n").unwrap();
         assert_eq!(c.shards, 3);

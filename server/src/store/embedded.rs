@@ -586,7 +586,7 @@ impl Db {
         if !batch.is_empty() {
             batch.commit().map_err(engine)?;
         }
-        let ingested_at = started.elapsed();
+        let committed_at = started.elapsed();
         self.db.persist(PersistMode::SyncAll).map_err(engine)?;
         self.lock_hot().clear();
         self.hot_len.store(0, Ordering::Relaxed);
@@ -600,7 +600,7 @@ impl Db {
             entries = moved.len(),
             dedup,
             entries_ms = moved_at.as_secs_f64() * 1e3,
-            dedup_ms = (ingested_at - moved_at).as_secs_f64() * 1e3,
+            batch_ms = (committed_at - moved_at).as_secs_f64() * 1e3,
             total_ms = started.elapsed().as_secs_f64() * 1e3,
             "store checkpoint"
         );
