@@ -16,6 +16,15 @@
 //! makes it durable (`fdatasync`) needs no filesystem journal commit: on
 //! ext4 that cost the server CPU (see docs/BENCHMARKS.md). The seed keeps
 //! the file's older records from being read as the new segment's.
+//!
+//! A file is never appended to past its end either: when a record would
+//! reach beyond it, the file first grows by [`GROW_BYTES`] of written zeros
+//! (as PostgreSQL fills its WAL segments). A sync after a write that grew
+//! the file must also write its inode (the new size and blocks), a second
+//! synchronous disk write; this way only the first sync after each
+//! [`GROW_BYTES`] pays it, not every sync of a fresh segment (the first
+//! 32 MiB after every start) or of a reused one's tail. Zeros end a
+//! segment when it is read back, like any record that fails its checksum.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -26,6 +35,10 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// Bytes before a record's payload.
 const HEADER_BYTES: usize = 12;
+/// A segment file grows in steps of this many bytes of written zeros.
+pub const GROW_BYTES: u64 = 1024 * 1024;
+/// Zeros to grow a file with, a slice at a time.
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 /// Largest payload accepted when reading back (a batch is far smaller).
 const MAX_RECORD_BYTES: usize = 256 * 1024 * 1024;
 /// Segment file names: `<number>.log`, numbered from 1 upwards.
@@ -114,6 +127,9 @@ pub struct Log {
     number: u64,
     /// Bytes of records in the current segment (the file may be longer).
     bytes: u64,
+    /// The current segment file's length: records, then zeros or a reused
+    /// file's older records.
+    allocated: u64,
     buf: Vec<u8>,
     /// Set when retiring failed halfway, so the segment's name on disk may
     /// not match the seed its records would be written with: every later
@@ -168,6 +184,7 @@ impl Log {
                 file,
                 number,
                 bytes: 0,
+                allocated: 0,
                 buf: Vec::new(),
                 broken: false,
             },
@@ -193,12 +210,32 @@ impl Log {
         let len = u32::try_from(payload_len).map_err(|_| io::Error::other("batch too large"))?;
         self.buf[..4].copy_from_slice(&len.to_le_bytes());
         self.buf[4..HEADER_BYTES].copy_from_slice(&sum.to_le_bytes());
-        // Positioned: a reused file is longer than what was written to it.
+        self.grow_to(self.bytes + self.buf.len() as u64)?;
+        // Positioned: the file is longer than what was written to it.
         self.file.write_all_at(&self.buf, self.bytes)?;
         self.bytes += self.buf.len() as u64;
         if self.buf.capacity() > 1024 * 1024 {
             self.buf = Vec::new();
         }
+        Ok(())
+    }
+
+    /// Makes the file at least `end` bytes long, growing it by whole
+    /// [`GROW_BYTES`] steps of written zeros (not a hole or an `fallocate`d
+    /// range: writing into either changes the file's block map, which a
+    /// sync must then write too).
+    fn grow_to(&mut self, end: u64) -> io::Result<()> {
+        if end <= self.allocated {
+            return Ok(());
+        }
+        let target = end.div_ceil(GROW_BYTES) * GROW_BYTES;
+        let mut at = self.allocated;
+        while at < target {
+            let n = usize::try_from(target - at).map_or(ZEROS.len(), |n| n.min(ZEROS.len()));
+            self.file.write_all_at(&ZEROS[..n], at)?;
+            at += n as u64;
+        }
+        self.allocated = target;
         Ok(())
     }
 
@@ -238,10 +275,10 @@ impl Log {
             .rfind(|(n, _)| *n < self.number)
             .map(|(n, p)| (*n, p.clone(), file_len(p)));
         let donor = match previous {
-            Some((n, p, len)) if len > file_len(&current_path) => Some((n, p)),
+            Some((n, p, len)) if len > file_len(&current_path) => Some((n, p, len)),
             _ => None,
         };
-        let keep_from = donor.as_ref().map_or(self.number, |(n, _)| *n);
+        let keep_from = donor.as_ref().map_or(self.number, |(n, _, _)| *n);
         for (n, path) in &segments {
             if *n < keep_from {
                 std::fs::remove_file(path)?;
@@ -258,7 +295,7 @@ impl Log {
                 self.number = next;
                 self.bytes = 0;
             }
-            Some((_, donor_path)) => {
+            Some((_, donor_path, donor_len)) => {
                 // The donor is older than the current segment and holds
                 // nothing that is not in fjall; under its new name its
                 // records fail the new seed.
@@ -268,6 +305,7 @@ impl Log {
                     self.broken = true;
                     return Err(e);
                 }
+                self.allocated = donor_len;
                 self.file = file;
                 self.number = next;
                 self.bytes = 0;
@@ -388,10 +426,12 @@ mod tests {
         }
         log.sync().unwrap();
         let full = log.len();
+        let size = file_len(&dir.path().join("1.log"));
+        assert_eq!(size, GROW_BYTES);
         // No older segment: the current file becomes segment 2.
         log.retire_older().unwrap();
         assert_eq!(names(dir.path()), vec![2]);
-        assert_eq!(file_len(&dir.path().join("2.log")), full);
+        assert_eq!(file_len(&dir.path().join("2.log")), size);
         log.append(&[op(3)]).unwrap();
         log.append(&[op(4)]).unwrap();
         log.sync().unwrap();
@@ -409,13 +449,64 @@ mod tests {
         // one: its file is reused and the empty one deleted.
         log.retire_older().unwrap();
         assert_eq!(names(dir.path()), vec![4]);
-        assert_eq!(file_len(&dir.path().join("4.log")), full);
+        assert_eq!(file_len(&dir.path().join("4.log")), size);
         log.append(&[op(5)]).unwrap();
         log.sync().unwrap();
         drop(log);
         let (_, rec) = Log::open(dir.path()).unwrap();
         let got: Vec<Vec<RawOp>> = rec.records.iter().map(|r| decode(r).unwrap()).collect();
         assert_eq!(got, vec![vec![op(5)]]);
+    }
+
+    /// Records never extend the file: it grows ahead of them in whole
+    /// steps of zeros, which read back as the segment's end.
+    #[test]
+    fn segments_grow_ahead_of_their_records_in_steps_of_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = dir.path().join("1.log");
+        let (mut log, _) = Log::open(dir.path()).unwrap();
+        assert_eq!(file_len(&seg), 0);
+        log.append(&[op(1)]).unwrap();
+        assert_eq!(file_len(&seg), GROW_BYTES);
+        let first = log.len();
+        // A record larger than a step grows the file past its end at once.
+        let big = RawOp {
+            value: bytes::Bytes::from(vec![7u8; 1_500_000]),
+            ..op(2)
+        };
+        log.append(std::slice::from_ref(&big)).unwrap();
+        assert_eq!(file_len(&seg), 2 * GROW_BYTES);
+        let mut small = 0;
+        while log.len() + 60 <= 2 * GROW_BYTES {
+            log.append(&[op(3)]).unwrap();
+            small += 1;
+        }
+        assert_eq!(file_len(&seg), 2 * GROW_BYTES);
+        // More than 60 bytes: it crosses the end.
+        let last = RawOp {
+            value: bytes::Bytes::from(vec![4u8; 100]),
+            ..op(4)
+        };
+        log.append(std::slice::from_ref(&last)).unwrap();
+        assert_eq!(file_len(&seg), 3 * GROW_BYTES);
+        log.sync().unwrap();
+        let used = usize::try_from(log.len()).unwrap();
+        drop(log);
+        let data = std::fs::read(&seg).unwrap();
+        assert!(
+            data[used..].iter().all(|&b| b == 0),
+            "zeros after the records"
+        );
+        assert!(first > 0);
+
+        let (_, rec) = Log::open(dir.path()).unwrap();
+        assert!(rec.torn, "the zeros are read as the segment's end");
+        let got: Vec<Vec<RawOp>> = rec.records.iter().map(|r| decode(r).unwrap()).collect();
+        assert_eq!(got.len(), small + 3);
+        assert_eq!(got[0], vec![op(1)]);
+        assert_eq!(got[1], vec![big]);
+        assert!(got[2..=small + 1].iter().all(|g| *g == vec![op(3)]));
+        assert_eq!(got[small + 2], vec![last]);
     }
 
     #[test]
@@ -449,10 +540,10 @@ mod tests {
         let (mut log, _) = Log::open(dir.path()).unwrap();
         log.append(&[op(5)]).unwrap();
         log.append(&[op(6)]).unwrap();
+        let last = usize::try_from(log.len()).unwrap() - 1;
         drop(log);
         let seg = dir.path().join("1.log");
         let mut data = std::fs::read(&seg).unwrap();
-        let last = data.len() - 1;
         data[last] ^= 1;
         std::fs::write(&seg, data).unwrap();
         let (_, rec) = Log::open(dir.path()).unwrap();
