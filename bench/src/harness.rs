@@ -233,14 +233,25 @@ pub fn progress(len: u64, what: &str) -> ProgressBar {
     bar
 }
 
+/// Times `taskset` is tried: it lists the process's threads, then pins
+/// each, and fails if one exits in between (a tokio blocking-pool thread
+/// retiring); the next try pins the rest.
+const PIN_ATTEMPTS: usize = 5;
+
 fn pin(pid: u32, cpus: &str) -> Result<()> {
-    let status = std::process::Command::new("taskset")
-        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .context("taskset (util-linux) is needed for CPU pinning")?;
-    anyhow::ensure!(status.success(), "taskset failed for pid {pid}");
-    Ok(())
+    for _ in 0..PIN_ATTEMPTS {
+        let status = std::process::Command::new("taskset")
+            .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .context("taskset (util-linux) is needed for CPU pinning")?;
+        if status.success() {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    anyhow::bail!("taskset failed {PIN_ATTEMPTS} times for pid {pid}")
 }
 
 /// Kernel TCP memory in use, in bytes (from /proc/net/sockstat).

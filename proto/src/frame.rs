@@ -104,8 +104,10 @@ impl FrameDecoder {
 pub fn encode<M: Message>(msg: &M, out: &mut BytesMut) {
     let len = msg.encoded_len();
     out.reserve(prost::length_delimiter_len(len) + len);
-    // Encoding into a BytesMut with reserved room cannot fail.
-    let _ = msg.encode_length_delimited(out);
+    // `encode_length_delimited` would measure the message a second time
+    // (a walk over every nested field), and a BytesMut grows on demand.
+    prost::encoding::encode_varint(len as u64, out);
+    msg.encode_raw(out);
 }
 
 /// Appends raw frame bytes (already protobuf-encoded) as one frame.

@@ -620,7 +620,7 @@ impl<L: Link> Conn<L> {
                         _ => None,
                     };
                     if matches!(e.body, Some(pb::queue_entry::Body::Message(_))) {
-                        metrics::counter!(tm::MESSAGES_OUT).increment(1);
+                        self.gw.metrics.messages_out.increment(1);
                     }
                     self.delivered.insert(e.seq, (owed, e.server_ts_ms));
                 }
@@ -628,7 +628,7 @@ impl<L: Link> Conn<L> {
                     return Err(End::Goodbye(ErrorCode::SlowReader));
                 }
                 // Split a page so no frame exceeds what clients accept.
-                let mut frame = Vec::new();
+                let mut frame = Vec::with_capacity(entries.len());
                 let mut frame_bytes = 0;
                 for e in entries {
                     let len = e.encoded_len();
@@ -924,11 +924,11 @@ impl<L: Link> Conn<L> {
                     }
                 };
                 let started = std::time::Instant::now();
+                let ack_seconds = self.gw.metrics.send_ack_seconds.clone();
                 self.pending.push(Box::pin(async move {
                     let result = ticket.accepted().await;
                     if result.is_ok() {
-                        metrics::histogram!(tm::SEND_ACK_SECONDS)
-                            .record(started.elapsed().as_secs_f64());
+                        ack_seconds.record(started.elapsed().as_secs_f64());
                     }
                     Some(answer(id, result, |a| {
                         Out::SendOk(pb::SendOk {
@@ -1073,7 +1073,10 @@ impl<L: Link> Conn<L> {
             seqs.push(seq);
             if entry.is_some() {
                 let delay_ms = now_ms().saturating_sub(server_ts_ms);
-                metrics::histogram!(tm::DELIVERY_SECONDS).record(delay_ms as f64 / 1000.0);
+                self.gw
+                    .metrics
+                    .delivery_seconds
+                    .record(delay_ms as f64 / 1000.0);
             }
             match entry {
                 Some((from_user, msg_id)) => {

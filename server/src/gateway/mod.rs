@@ -112,6 +112,26 @@ pub struct Gateway {
     /// read it each turn (an atomic load, where the token's check takes
     /// its lock), idle ones are woken by the token.
     stopping: AtomicBool,
+    /// Metric handles recorded into for every message.
+    pub(crate) metrics: GatewayMetrics,
+}
+
+/// Metric handles connections record into for every message, looked up
+/// once (a lookup costs a registry search).
+pub(crate) struct GatewayMetrics {
+    pub(crate) messages_out: metrics::Counter,
+    pub(crate) send_ack_seconds: metrics::Histogram,
+    pub(crate) delivery_seconds: metrics::Histogram,
+}
+
+impl GatewayMetrics {
+    fn registered() -> Self {
+        Self {
+            messages_out: metrics::counter!(crate::telemetry::MESSAGES_OUT),
+            send_ack_seconds: metrics::histogram!(crate::telemetry::SEND_ACK_SECONDS),
+            delivery_seconds: metrics::histogram!(crate::telemetry::DELIVERY_SECONDS),
+        }
+    }
 }
 
 impl Gateway {
@@ -131,6 +151,7 @@ impl Gateway {
             server_key,
             conn_ids: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
+            metrics: GatewayMetrics::registered(),
         }
     }
 

@@ -304,6 +304,31 @@ impl Online {
 /// Runs after the batch commits; gets the commit error if it failed.
 type Effect = Box<dyn FnOnce(Option<&StoreError>) + Send>;
 
+/// Metric handles a shard records into for every message or commit.
+struct ShardMetrics {
+    messages_in: metrics::Counter,
+    batch_ops: metrics::Histogram,
+    commit_seconds: metrics::Histogram,
+}
+
+impl ShardMetrics {
+    fn noop() -> Self {
+        Self {
+            messages_in: metrics::Counter::noop(),
+            batch_ops: metrics::Histogram::noop(),
+            commit_seconds: metrics::Histogram::noop(),
+        }
+    }
+
+    fn registered() -> Self {
+        Self {
+            messages_in: metrics::counter!(tm::MESSAGES_IN),
+            batch_ops: metrics::histogram!(tm::STORE_BATCH_OPS),
+            commit_seconds: metrics::histogram!(tm::STORE_COMMIT_SECONDS),
+        }
+    }
+}
+
 pub(super) struct Shard {
     id: usize,
     shards: usize,
@@ -321,8 +346,13 @@ pub(super) struct Shard {
     evict_at: usize,
     /// Time commands waited in the inbox (a handle, looked up once in `run`).
     inbox_wait: metrics::Histogram,
+    /// Per-message and per-commit metrics, looked up once in `run` (a
+    /// lookup costs a registry search per message).
+    metrics: ShardMetrics,
     // ---- the batch being built
     ops: Vec<Op>,
+    /// Messages from users in this batch, counted once it commits.
+    messages_in: u64,
     effects: Vec<Effect>,
     live: Vec<(DeviceKey, pb::QueueEntry)>,
     kicks: Vec<(DeviceKey, KickReason)>,
@@ -388,7 +418,9 @@ impl Shard {
             online: FastMap::default(),
             evict_at,
             inbox_wait: metrics::Histogram::noop(),
+            metrics: ShardMetrics::noop(),
             ops: Vec::new(),
+            messages_in: 0,
             effects: Vec::new(),
             live: Vec::new(),
             kicks: Vec::new(),
@@ -407,6 +439,7 @@ impl Shard {
         let shard_label = self.id.to_string();
         let batch_size = metrics::histogram!(tm::SHARD_BATCH_COMMANDS);
         self.inbox_wait = metrics::histogram!(tm::SHARD_INBOX_WAIT_SECONDS);
+        self.metrics = ShardMetrics::registered();
         let depth = metrics::gauge!(tm::SHARD_INBOX_DEPTH, "shard" => shard_label);
         let mut stopping = false;
         // When the last synced commit started (group commit pacing).
@@ -520,6 +553,7 @@ impl Shard {
     /// Throws away everything not yet committed and all memory state.
     fn restart(&mut self) {
         self.ops.clear();
+        self.messages_in = 0;
         self.live.clear();
         self.pushes.clear();
         self.kicks.clear();
@@ -682,8 +716,14 @@ impl Shard {
         let op_count = ops.len();
         let result = self.store.commit(ops, sync);
         if op_count > 0 {
-            metrics::histogram!(tm::STORE_BATCH_OPS).record(op_count as f64);
-            metrics::histogram!(tm::STORE_COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+            self.metrics.batch_ops.record(op_count as f64);
+            self.metrics
+                .commit_seconds
+                .record(started.elapsed().as_secs_f64());
+        }
+        let messages_in = std::mem::take(&mut self.messages_in);
+        if result.is_ok() && messages_in > 0 {
+            self.metrics.messages_in.increment(messages_in);
         }
         if let Err(e) = &result {
             metrics::counter!(tm::STORE_COMMIT_FAILURES).increment(1);
@@ -1194,11 +1234,7 @@ impl Shard {
             },
         });
         if count_in {
-            self.effects.push(Box::new(|err| {
-                if err.is_none() {
-                    metrics::counter!(tm::MESSAGES_IN).increment(1);
-                }
-            }));
+            self.messages_in += 1;
         }
         let accepted = SendAccepted {
             server_ts_ms: now,
