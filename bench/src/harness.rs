@@ -193,6 +193,21 @@ impl CpuMeter {
 }
 
 impl CpuUse {
+    /// Microseconds of CPU per message at `per_sec` messages a second, for
+    /// the target and the load generator: the figure to compare builds by
+    /// (cores alone move with the rate a step ran at).
+    pub fn per_message_us(&self, per_sec: f64) -> String {
+        let us = |c: Option<f64>| {
+            c.filter(|_| per_sec > 0.0)
+                .map_or_else(|| "n/a".to_owned(), |c| format!("{:.1}", c * 1e6 / per_sec))
+        };
+        format!(
+            "CPU per message (µs): target {}, load generator {}",
+            us(self.target_cores),
+            us(self.load_cores)
+        )
+    }
+
     /// True if the load generator was (nearly) out of CPU: then a step
     /// measures the generator as much as the target.
     pub fn load_saturated(&self) -> bool {
@@ -421,5 +436,20 @@ mod tests {
         assert!(!calm.load_saturated());
         assert!(!calm.to_string().contains("saturated"));
         assert!(CpuUse::default().to_string().contains("target n/a"));
+    }
+
+    #[test]
+    fn cpu_per_message_is_cores_over_the_rate() {
+        let used = CpuUse {
+            target_cores: Some(0.72),
+            load_cores: Some(0.6),
+            load_cores_available: 1,
+        };
+        let line = used.per_message_us(10_000.0);
+        assert!(line.contains("target 72.0"), "{line}");
+        assert!(line.contains("load generator 60.0"), "{line}");
+        let none = CpuUse::default().per_message_us(10_000.0);
+        assert!(none.contains("target n/a"), "{none}");
+        assert!(used.per_message_us(0.0).contains("target n/a"));
     }
 }

@@ -549,7 +549,7 @@ pub async fn steady(a: SteadyArgs) -> Result<bool> {
 
 fn print_steady(r: &SteadyReport) {
     println!(
-        "{} [{}]: {} users, offered {}/s, delivered {:.0}/s ({} sent, {} ✓, {} delivered, {} ✓✓, {} errors)\n  {}\n  send→✓         {}\n  send→delivered {}",
+        "{} [{}]: {} users, offered {}/s, delivered {:.0}/s ({} sent, {} ✓, {} delivered, {} ✓✓, {} errors)\n  {}\n  {}\n  send→✓         {}\n  send→delivered {}",
         r.scenario,
         r.target,
         r.users,
@@ -561,6 +561,7 @@ fn print_steady(r: &SteadyReport) {
         r.receipts,
         r.errors,
         r.cpu,
+        r.cpu.per_message_us(r.delivered_per_sec),
         r.send_to_ack,
         r.send_to_delivered
     );
