@@ -304,8 +304,10 @@ impl Online {
 /// Runs after the batch commits; gets the commit error if it failed.
 type Effect = Box<dyn FnOnce(Option<&StoreError>) + Send>;
 
-/// Metric handles a shard records into for every message or commit.
+/// Metric handles a shard records into for every command, message or
+/// commit, looked up once in `run` (a lookup searches the registry).
 struct ShardMetrics {
+    inbox_wait: metrics::Histogram,
     messages_in: metrics::Counter,
     batch_ops: metrics::Histogram,
     commit_seconds: metrics::Histogram,
@@ -314,6 +316,7 @@ struct ShardMetrics {
 impl ShardMetrics {
     fn noop() -> Self {
         Self {
+            inbox_wait: metrics::Histogram::noop(),
             messages_in: metrics::Counter::noop(),
             batch_ops: metrics::Histogram::noop(),
             commit_seconds: metrics::Histogram::noop(),
@@ -322,6 +325,7 @@ impl ShardMetrics {
 
     fn registered() -> Self {
         Self {
+            inbox_wait: metrics::histogram!(tm::SHARD_INBOX_WAIT_SECONDS),
             messages_in: metrics::counter!(tm::MESSAGES_IN),
             batch_ops: metrics::histogram!(tm::STORE_BATCH_OPS),
             commit_seconds: metrics::histogram!(tm::STORE_COMMIT_SECONDS),
@@ -344,10 +348,6 @@ pub(super) struct Shard {
     online: FastMap<DeviceKey, Online>,
     /// Size of `users` that triggers the next eviction.
     evict_at: usize,
-    /// Time commands waited in the inbox (a handle, looked up once in `run`).
-    inbox_wait: metrics::Histogram,
-    /// Per-message and per-commit metrics, looked up once in `run` (a
-    /// lookup costs a registry search per message).
     metrics: ShardMetrics,
     // ---- the batch being built
     ops: Vec<Op>,
@@ -417,7 +417,6 @@ impl Shard {
             keys: FastMap::default(),
             online: FastMap::default(),
             evict_at,
-            inbox_wait: metrics::Histogram::noop(),
             metrics: ShardMetrics::noop(),
             ops: Vec::new(),
             messages_in: 0,
@@ -438,7 +437,6 @@ impl Shard {
         let _enter = span.enter();
         let shard_label = self.id.to_string();
         let batch_size = metrics::histogram!(tm::SHARD_BATCH_COMMANDS);
-        self.inbox_wait = metrics::histogram!(tm::SHARD_INBOX_WAIT_SECONDS);
         self.metrics = ShardMetrics::registered();
         let depth = metrics::gauge!(tm::SHARD_INBOX_DEPTH, "shard" => shard_label);
         let mut stopping = false;
@@ -513,7 +511,9 @@ impl Shard {
     /// Applies one command from the inbox, or rejects it if it waited past
     /// its deadline. Returns true for `Shutdown`.
     fn take(&mut self, queued: Queued) -> bool {
-        self.inbox_wait.record(queued.at.elapsed().as_secs_f64());
+        self.metrics
+            .inbox_wait
+            .record(queued.at.elapsed().as_secs_f64());
         if matches!(*queued.cmd, Command::Shutdown) {
             return true;
         }
