@@ -189,7 +189,7 @@ async fn send_to_phone_looks_up_and_fixes_device_mismatch() {
 
 #[tokio::test]
 async fn pipelined_sends_keep_call_order_and_survive_a_server_restart() {
-    const SENDS: usize = 500;
+    const SENDS: usize = 2000;
     let mut server = TestServer::start().await;
     let alice = server.register("+15550300001").await;
     let bob = server.register("+15550300002").await;

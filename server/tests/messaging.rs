@@ -454,3 +454,47 @@ async fn receipts_reach_senders_on_the_same_and_on_another_shard() {
         .collect();
     assert!(again.is_empty() || again == ["m1"], "{again:?}");
 }
+
+#[tokio::test]
+async fn a_pipelining_sender_gets_every_answer_through_a_small_push_queue() {
+    // One shard: every ✓ comes through the sender's push queue, which
+    // holds 4 frames beyond the sends that may be in flight. 600 pipelined
+    // sends are more than may be in flight: the connection takes the rest
+    // as answers come, instead of overflowing its queue and being
+    // disconnected as a slow reader.
+    let server = TestServer::start_with(|c| {
+        c.shards = 1;
+        c.outbound_queue_frames = 4;
+    })
+    .await;
+    let alice = register(&server, "+15550000041").await;
+    let bob = register(&server, "+15550000042").await;
+    let mut a = online(&server, &alice).await;
+    assert!(a.drain().await.is_empty());
+    let bob_info = a.lookup(&bob.phone).await;
+    const N: u32 = 600;
+    for i in 0..N {
+        a.send_frame(&pb::ClientFrame {
+            id: 1 + i,
+            body: Some(In::Send(pb::Send {
+                client_msg_id: format!("p{i}"),
+                to_user: bob_info.user_id,
+                payloads: vec![pb::DevicePayload {
+                    device_id: bob.device_id,
+                    payload: i.to_be_bytes().to_vec().into(),
+                }],
+                ..Default::default()
+            })),
+        })
+        .await;
+    }
+    // One shard answers in the order it took the sends.
+    for i in 0..N {
+        let f = a.next().await.expect("an answer");
+        assert!(matches!(f.body, Some(Out::SendOk(_))), "{f:?}");
+        assert_eq!(f.id, 1 + i);
+    }
+    let mut b = online(&server, &bob).await;
+    let got = b.drain().await;
+    assert_eq!(got.len(), N as usize);
+}

@@ -28,7 +28,8 @@ use super::wire::{error, error_frame, kick_error, route_error};
 use crate::FastMap;
 use crate::clock::now_ms;
 use crate::router::{
-    ConnLink, KickReason, Notice, OwedReceipt, Push, PushRx, RouteError, SendRequest, push_channel,
+    AnswerTo, ConnLink, KickReason, Notice, OwedReceipt, Push, PushRx, RouteError, SendAccepted,
+    SendRequest, push_channel,
 };
 use crate::store::{DeviceKey, UserId};
 use crate::telemetry as tm;
@@ -77,6 +78,13 @@ impl TokenBucket {
 
 /// Most plaintext gathered from ready answers and pushes into one write.
 const GATHER_MAX_BYTES: usize = 64 * 1024;
+
+/// Sends one connection may have awaiting their ✓ through its push queue.
+/// At this many, the connection takes no further frame until an answer
+/// comes (the client's pipelined frames wait in the socket), so a
+/// pipelining client's answers can never fill its own push queue, which
+/// has room for this many beyond `outbound_queue_frames`.
+pub(crate) const MAX_PIPELINED_SENDS: u32 = 128;
 
 /// How long a closed connection's in-flight router work may take to finish.
 const PENDING_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -174,6 +182,8 @@ pub async fn run<L: Link>(
             bundle_budget: TokenBucket::new(BUNDLE_FETCH_BURST, BUNDLE_FETCHES_PER_SEC),
             pending: FuturesUnordered::new(),
             delivered: FastMap::default(),
+            sends_in_flight: 0,
+            resume_frames: false,
         };
         let end = conn.serve(&shutdown).await;
         tracing::debug!(?end, "connection ended");
@@ -313,6 +323,10 @@ struct Conn<L: Link> {
     /// messages from other users (a delivery receipt is owed), `None`
     /// otherwise; with the entry's server timestamp.
     delivered: FastMap<u64, (Option<(UserId, String)>, u64)>,
+    /// Sends whose ✓ will come through the push queue.
+    sends_in_flight: u32,
+    /// An answer made room for a send while frames wait: take them.
+    resume_frames: bool,
 }
 
 /// Waits on an optional receiver; never resolves when there is none.
@@ -415,13 +429,20 @@ impl<L: Link> Conn<L> {
         End::Goodbye(code)
     }
 
-    /// Handles every whole frame already buffered; returns how many.
+    /// Whether frames wait until a send in flight is answered.
+    fn sends_paused(&self) -> bool {
+        self.sends_in_flight >= MAX_PIPELINED_SENDS
+    }
+
+    /// Handles every whole frame already buffered (while no more sends may
+    /// be in flight, the rest wait); returns how many.
     async fn process_buffered(&mut self) -> Result<usize, End> {
         let mut frames = 0;
-        while let Some(frame) = self
-            .session
-            .poll_frame::<pb::ClientFrame>(&mut self.rbuf)
-            .map_err(End::Proto)?
+        while !self.sends_paused()
+            && let Some(frame) = self
+                .session
+                .poll_frame::<pb::ClientFrame>(&mut self.rbuf)
+                .map_err(End::Proto)?
         {
             self.on_frame(frame).await?;
             frames += 1;
@@ -479,7 +500,7 @@ impl<L: Link> Conn<L> {
                         return self.end_with(end).await;
                     }
                 }
-                read = self.link.read_into(&mut self.rbuf) => {
+                read = self.link.read_into(&mut self.rbuf), if !self.sends_paused() => {
                     match read {
                         Ok(0) => return End::PeerClosed,
                         Ok(_) => {}
@@ -529,6 +550,14 @@ impl<L: Link> Conn<L> {
             // (one syscall and one Noise record for all of them).
             if let Err(end) = self.gather_ready() {
                 return self.end_with(end).await;
+            }
+            if std::mem::take(&mut self.resume_frames) {
+                if let Err(end) = Box::pin(self.process_buffered()).await {
+                    return self.end_with(end).await;
+                }
+                if self.rbuf.is_empty() && self.session.partial_frame_bytes() == 0 {
+                    partial_deadline = None;
+                }
             }
             if let Err(end) = self.flush().await {
                 return end;
@@ -644,6 +673,12 @@ impl<L: Link> Conn<L> {
                     self.respond(0, Out::Deliver(pb::Deliver { entries: frame }));
                 }
             }
+            Push::SendAnswer { frame, result } => {
+                self.resume_frames |= self.sends_paused();
+                self.sends_in_flight = self.sends_in_flight.saturating_sub(1);
+                let frame = answer(frame, result.map_err(|e| *e), send_ok);
+                self.queue(frame);
+            }
             Push::Notice(Notice::UpToDate) => self.respond(0, Out::UpToDate(pb::UpToDate {})),
             Push::Notice(Notice::KeysLow(n)) => self.respond(
                 0,
@@ -757,7 +792,9 @@ impl<L: Link> Conn<L> {
         };
         // The connection's push queue. The shard holds the sender and uses
         // try_send; when it is full the shard kicks us as a slow reader.
-        let (push_tx, push_rx) = push_channel(self.gw.cfg.outbound_queue_frames);
+        // Room for the answers of the sends that may be in flight, too.
+        let (push_tx, push_rx) =
+            push_channel(self.gw.cfg.outbound_queue_frames + MAX_PIPELINED_SENDS as usize);
         let (kick_tx, kick_rx) = oneshot::channel();
         let link = ConnLink {
             conn_id: self.conn_id,
@@ -914,10 +951,19 @@ impl<L: Link> Conn<L> {
                     first_attempt: req.first_attempt,
                 });
                 // Both parts are enqueued in frame order (so each device's
-                // messages keep their order); the ✓ is awaited concurrently
-                // and means both parts are durable.
-                let ticket = match self.gw.router.submit_send(send, copies).await {
-                    Ok(t) => t,
+                // messages keep their order); the ✓ means both parts are
+                // durable. It usually comes as a push; across shards it is
+                // awaited concurrently.
+                let to = AnswerTo {
+                    conn_id: self.conn_id,
+                    frame: id,
+                };
+                let ticket = match self.gw.router.submit_send(send, copies, to).await {
+                    Ok(Some(t)) => t,
+                    Ok(None) => {
+                        self.sends_in_flight += 1;
+                        return Ok(());
+                    }
                     Err(e) => {
                         self.respond_error(id, route_error(&e));
                         return Ok(());
@@ -930,12 +976,7 @@ impl<L: Link> Conn<L> {
                     if result.is_ok() {
                         ack_seconds.record(started.elapsed().as_secs_f64());
                     }
-                    Some(answer(id, result, |a| {
-                        Out::SendOk(pb::SendOk {
-                            server_ts_ms: a.server_ts_ms,
-                            duplicate: a.duplicate,
-                        })
-                    }))
+                    Some(answer(id, result, send_ok))
                 }));
             }
             In::Ack(ack) => self.on_ack(device, ack).await?,
@@ -1131,6 +1172,14 @@ impl<L: Link> Conn<L> {
         }));
         Ok(())
     }
+}
+
+/// The ✓ of a send.
+fn send_ok(a: SendAccepted) -> Out {
+    Out::SendOk(pb::SendOk {
+        server_ts_ms: a.server_ts_ms,
+        duplicate: a.duplicate,
+    })
 }
 
 fn shutting_down() -> pb::Error {

@@ -154,6 +154,32 @@ pub struct UserSummary {
 
 type Reply<T> = oneshot::Sender<Result<T, RouteError>>;
 
+/// Where a send is answered from: the connection that submitted it and the
+/// id of its `Send` frame.
+#[derive(Debug, Clone, Copy)]
+pub struct AnswerTo {
+    /// The submitting connection.
+    pub conn_id: u64,
+    /// The id of the `Send` frame, echoed by the answer.
+    pub frame: u32,
+}
+
+/// How the ✓ of a send reaches its connection.
+#[derive(Debug)]
+pub(super) enum SendReply {
+    /// Through a oneshot in a [`SendTicket`] (the sender's copies went to
+    /// another shard, and the ✓ joins two answers).
+    Ticket(Reply<SendAccepted>),
+    /// Through the sender's push queue as [`Push::SendAnswer`]: the
+    /// answering shard owns the sender, so its connection is registered
+    /// there. No oneshot and no future per send.
+    Push {
+        to: AnswerTo,
+        /// When the send was submitted (for the ✓ latency histogram).
+        submitted: std::time::Instant,
+    },
+}
+
 /// The pending ✓ of a submitted send: the recipient's part and, when the
 /// sender's copies went to another shard, theirs.
 #[derive(Debug)]
@@ -390,8 +416,11 @@ impl Router {
     /// Hands a send to the recipient's shard and the sender's copies for its
     /// other devices (`copies`, whose `to_user` names the conversation
     /// peer) to the sender's shard. Returns once both are in their inboxes
-    /// (so sends from one connection keep their order); the returned
-    /// [`SendTicket`] yields the ✓ once both parts are durable.
+    /// (so sends from one connection keep their order). When one shard owns
+    /// both users (always, with one shard), the ✓ comes once both parts are
+    /// durable as a [`Push::SendAnswer`] for frame `to.frame` through the
+    /// connection's push queue, and this returns `None`; otherwise the
+    /// returned [`SendTicket`] yields it.
     ///
     /// When both users live on the same shard the two parts travel as one
     /// command and are stored in one batch.
@@ -404,18 +433,34 @@ impl Router {
         &self,
         req: SendRequest,
         copies: Option<SendRequest>,
-    ) -> Result<SendTicket, RouteError> {
-        let (tx, peer) = oneshot::channel();
+        to: AnswerTo,
+    ) -> Result<Option<SendTicket>, RouteError> {
         let n = self.shards.len();
         let shard = self.user_shard(req.to_user);
+        if shard_of_user(req.from.user, n) == shard_of_user(req.to_user, n) {
+            self.enqueue(
+                shard,
+                Command::Send {
+                    req,
+                    copies,
+                    reply: SendReply::Push {
+                        to,
+                        submitted: std::time::Instant::now(),
+                    },
+                },
+            )
+            .await?;
+            return Ok(None);
+        }
+        let (tx, peer) = oneshot::channel();
         match copies {
-            Some(copies) if shard_of_user(copies.from.user, n) != shard_of_user(req.to_user, n) => {
+            Some(copies) => {
                 self.enqueue(
                     shard,
                     Command::Send {
                         req,
                         copies: None,
-                        reply: tx,
+                        reply: SendReply::Ticket(tx),
                     },
                 )
                 .await?;
@@ -429,22 +474,22 @@ impl Router {
                     },
                 )
                 .await?;
-                Ok(SendTicket {
+                Ok(Some(SendTicket {
                     peer,
                     own: Some(own),
-                })
+                }))
             }
-            copies => {
+            None => {
                 self.enqueue(
                     shard,
                     Command::Send {
                         req,
-                        copies,
-                        reply: tx,
+                        copies: None,
+                        reply: SendReply::Ticket(tx),
                     },
                 )
                 .await?;
-                Ok(SendTicket { peer, own: None })
+                Ok(Some(SendTicket { peer, own: None }))
             }
         }
     }

@@ -19,8 +19,8 @@ use switchboard_proto::pb;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    AuthInfo, CodeIssued, ConnLink, Registered, Reply, RouteError, RouterConfig, SendAccepted,
-    SendRequest, UserSummary, shard_of_phone, shard_of_user,
+    AnswerTo, AuthInfo, CodeIssued, ConnLink, Registered, Reply, RouteError, RouterConfig,
+    SendAccepted, SendReply, SendRequest, UserSummary, shard_of_phone, shard_of_user,
 };
 use crate::accounts;
 use crate::clock::now_ms;
@@ -52,14 +52,20 @@ struct SeqCounter {
 }
 
 /// What a shard pushes to a connection.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Push {
     /// Queue entries, in queue order. A boxed slice (and one variant for
-    /// the small notices) keeps `Push` at 16 bytes, the size of every queued
-    /// push's node in its connection's channel.
+    /// the small notices) keeps `Push` small: its size is that of every
+    /// queued push's node in its connection's channel.
     Deliver(Box<[pb::QueueEntry]>),
     /// A notice with no queue entry.
     Notice(Notice),
+    /// The answer to the connection's `Send` frame `frame`: the ✓ once the
+    /// send is durable, or why it was refused.
+    SendAnswer {
+        frame: u32,
+        result: Result<SendAccepted, Box<RouteError>>,
+    },
 }
 
 /// Pushes that are not queue entries.
@@ -72,7 +78,7 @@ pub enum Notice {
 }
 
 // Kept small on purpose (see `Push::Deliver`).
-const _: () = assert!(std::mem::size_of::<Push>() <= 16);
+const _: () = assert!(std::mem::size_of::<Push>() <= 24);
 
 /// Why a shard ended a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,7 +130,8 @@ pub(super) const OVERLOADED_RETRY_AFTER_MS: u64 = 250;
 
 impl Command {
     /// Answers the command with `err` without doing it. Commands that carry
-    /// no answer (acks, deletes, ...) are returned: they must be applied.
+    /// no answer (acks, deletes, ...) are returned: they must be applied;
+    /// so are sends answered through a push queue (the shard pushes it).
     fn reject(self, err: RouteError) -> Option<Command> {
         match self {
             Command::RequestCode { reply, .. } => reply_now(reply, Err(err)),
@@ -136,7 +143,11 @@ impl Command {
                 reply_now(reply, Err(err));
             }
             Command::Authenticate { reply, .. } => reply_now(reply, Err(err)),
-            Command::Send { reply, .. } | Command::SendSelf { reply, .. } => {
+            Command::Send {
+                reply: SendReply::Ticket(reply),
+                ..
+            }
+            | Command::SendSelf { reply, .. } => {
                 reply_now(reply, Err(err));
             }
             Command::UploadKeys { reply, .. } => reply_now(reply, Err(err)),
@@ -147,7 +158,11 @@ impl Command {
             | Command::EnqueueReceipt { reply, .. } => reply_now(reply, Err(err)),
             Command::ListDevices { reply, .. } => reply_now(reply, Err(err)),
             Command::LookupUser { reply, .. } => reply_now(reply, Err(err)),
-            other @ (Command::Delete { .. }
+            other @ (Command::Send {
+                reply: SendReply::Push { .. },
+                ..
+            }
+            | Command::Delete { .. }
             | Command::Ack { .. }
             | Command::Disconnected { .. }
             | Command::Sweep
@@ -245,7 +260,7 @@ pub(super) enum Command {
     Send {
         req: SendRequest,
         copies: Option<SendRequest>,
-        reply: Reply<SendAccepted>,
+        reply: SendReply,
     },
     EnqueueReceipt {
         to_user: UserId,
@@ -304,6 +319,33 @@ impl Online {
 /// Runs after the batch commits; gets the commit error if it failed.
 type Effect = Box<dyn FnOnce(Option<&StoreError>) + Send>;
 
+/// A send part's answer, and whether it waits for the batch's commit.
+#[derive(Debug)]
+struct Answer {
+    result: Result<SendAccepted, RouteError>,
+    after_commit: bool,
+}
+
+impl Answer {
+    /// An answer that needs nothing stored (an error, a known duplicate).
+    fn now(result: Result<SendAccepted, RouteError>) -> Self {
+        Self {
+            result,
+            after_commit: false,
+        }
+    }
+}
+
+/// A send's answer waiting for the batch's commit, for the connection
+/// `to.conn_id` of `device`.
+#[derive(Debug)]
+struct PendingAnswer {
+    device: DeviceKey,
+    to: AnswerTo,
+    submitted: Instant,
+    result: Result<SendAccepted, RouteError>,
+}
+
 /// Metric handles a shard records into for every command, message or
 /// commit, looked up once in `run` (a lookup searches the registry).
 struct ShardMetrics {
@@ -311,6 +353,7 @@ struct ShardMetrics {
     messages_in: metrics::Counter,
     batch_ops: metrics::Histogram,
     commit_seconds: metrics::Histogram,
+    send_ack_seconds: metrics::Histogram,
 }
 
 impl ShardMetrics {
@@ -320,6 +363,7 @@ impl ShardMetrics {
             messages_in: metrics::Counter::noop(),
             batch_ops: metrics::Histogram::noop(),
             commit_seconds: metrics::Histogram::noop(),
+            send_ack_seconds: metrics::Histogram::noop(),
         }
     }
 
@@ -329,6 +373,7 @@ impl ShardMetrics {
             messages_in: metrics::counter!(tm::MESSAGES_IN),
             batch_ops: metrics::histogram!(tm::STORE_BATCH_OPS),
             commit_seconds: metrics::histogram!(tm::STORE_COMMIT_SECONDS),
+            send_ack_seconds: metrics::histogram!(tm::SEND_ACK_SECONDS),
         }
     }
 }
@@ -354,6 +399,8 @@ pub(super) struct Shard {
     /// Messages from users in this batch, counted once it commits.
     messages_in: u64,
     effects: Vec<Effect>,
+    /// Answers to sends that go through push queues, after the commit.
+    send_answers: Vec<PendingAnswer>,
     live: Vec<(DeviceKey, pb::QueueEntry)>,
     kicks: Vec<(DeviceKey, KickReason)>,
     pushes: Vec<(DeviceKey, Push)>,
@@ -421,6 +468,7 @@ impl Shard {
             ops: Vec::new(),
             messages_in: 0,
             effects: Vec::new(),
+            send_answers: Vec::new(),
             live: Vec::new(),
             kicks: Vec::new(),
             pushes: Vec::new(),
@@ -520,10 +568,21 @@ impl Shard {
         let mut cmd = Some(*queued.cmd);
         if queued.deadline.is_some_and(|d| Instant::now() > d) {
             // Stale work: the requester has likely given up.
+            let overloaded = || RouteError::Overloaded {
+                retry_after_ms: OVERLOADED_RETRY_AFTER_MS,
+            };
             if let Some(c) = cmd.take() {
-                cmd = c.reject(RouteError::Overloaded {
-                    retry_after_ms: OVERLOADED_RETRY_AFTER_MS,
-                });
+                cmd = match c.reject(overloaded()) {
+                    Some(Command::Send {
+                        req,
+                        reply: reply @ SendReply::Push { .. },
+                        ..
+                    }) => {
+                        self.answer_send(reply, req.from, Answer::now(Err(overloaded())));
+                        None
+                    }
+                    other => other,
+                };
             }
             if cmd.is_none() {
                 metrics::counter!(tm::DISCARDED_REQUESTS).increment(1);
@@ -565,6 +624,8 @@ impl Shard {
                 "shard restarted after an internal error".into(),
             )));
         }
+        // Their connections are kicked below; the clients resend.
+        self.send_answers.clear();
         self.users.clear();
         self.last_seq.clear();
         self.keys.clear();
@@ -613,13 +674,25 @@ impl Shard {
                 req,
                 copies: None,
                 reply,
-            } => self.send(req, reply),
+            } => {
+                let from = req.from;
+                let answer = self.send(req);
+                self.answer_send(reply, from, answer);
+            }
             Command::Send {
                 req,
                 copies: Some(copies),
                 reply,
-            } => self.send_with_copies(req, copies, reply),
-            Command::SendSelf { req, reply } => self.send_self(req, reply),
+            } => {
+                let from = req.from;
+                let answer = self.send_with_copies(req, copies);
+                self.answer_send(reply, from, answer);
+            }
+            Command::SendSelf { req, reply } => {
+                let from = req.from;
+                let answer = self.send_self(req);
+                self.answer_send(SendReply::Ticket(reply), from, answer);
+            }
             Command::UploadKeys {
                 device,
                 upload,
@@ -739,6 +812,12 @@ impl Shard {
         let err = result.err();
         for effect in std::mem::take(&mut self.effects) {
             effect(err.as_ref());
+        }
+        for mut answer in std::mem::take(&mut self.send_answers) {
+            if let (Some(e), Ok(_)) = (&err, &answer.result) {
+                answer.result = Err(RouteError::Storage(e.clone()));
+            }
+            self.push_answer(answer);
         }
         let live = std::mem::take(&mut self.live);
         let kicks = std::mem::take(&mut self.kicks);
@@ -1055,15 +1134,15 @@ impl Shard {
 
     // ------------------------------------------------------------ messages
 
-    fn send(&mut self, req: SendRequest, reply: Reply<SendAccepted>) {
+    fn send(&mut self, req: SendRequest) -> Answer {
         let key = DedupKey {
             to_user: req.to_user,
             from: req.from,
             client_msg_id: req.client_msg_id.clone(),
         };
-        let Some(reply) = self.answer_duplicate(&key, req.first_attempt, reply) else {
-            return;
-        };
+        if let Some(duplicate) = self.answer_duplicate(&key, req.first_attempt) {
+            return duplicate;
+        }
         // A note to self goes to the sender's other devices.
         let to_self = req.to_user == req.from.user;
         let checked = match self.user(req.to_user) {
@@ -1079,41 +1158,31 @@ impl Shard {
             Err(e) => Err(e.into()),
         };
         if let Err(e) = checked {
-            return reply_now(reply, Err(e));
+            return Answer::now(Err(e));
         }
-        self.store_send(&req, req.to_user, key, true, reply);
+        self.store_send(&req, req.to_user, key, true)
     }
 
     /// A send whose sender lives on this shard too: both parts in this
     /// batch, one answer once both are durable.
-    fn send_with_copies(
-        &mut self,
-        req: SendRequest,
-        copies: SendRequest,
-        reply: Reply<SendAccepted>,
-    ) {
+    fn send_with_copies(&mut self, req: SendRequest, copies: SendRequest) -> Answer {
         // The usual case: a sender with one device and nothing for itself.
         // Its part would be answered at once with nothing stored, so the
         // answer is the recipient's part's.
         if copies.payloads.is_empty() && self.sole_device(copies.from) {
-            return self.send(req, reply);
+            return self.send(req);
         }
-        let (peer_tx, mut peer) = oneshot::channel();
-        let (own_tx, mut own) = oneshot::channel();
-        self.send(req, peer_tx);
-        self.send_self(copies, own_tx);
-        // Runs after the effects the two parts registered, so both answers
-        // are in by then (or were given at once).
-        self.effects.push(Box::new(move |_| {
-            let peer = peer.try_recv().unwrap_or(Err(RouteError::Internal));
-            let own = own.try_recv().unwrap_or(Err(RouteError::Internal));
-            reply_now(reply, super::joint_answer(peer, Some(own)));
-        }));
+        let peer = self.send(req);
+        let own = self.send_self(copies);
+        Answer {
+            result: super::joint_answer(peer.result, Some(own.result)),
+            after_commit: peer.after_commit || own.after_commit,
+        }
     }
 
     /// The sender's copies of a send for its other devices; `req.to_user`
     /// is the conversation peer.
-    fn send_self(&mut self, req: SendRequest, reply: Reply<SendAccepted>) {
+    fn send_self(&mut self, req: SendRequest) -> Answer {
         let me = req.from.user;
         let (alone, checked) = match self.user(me) {
             Ok(Some(u)) => {
@@ -1128,78 +1197,65 @@ impl Shard {
                 )
             }
             // The sender's own account vanished (re-registered meanwhile).
-            Ok(None) => return reply_now(reply, Err(RouteError::Unauthenticated)),
-            Err(e) => return reply_now(reply, Err(e.into())),
+            Ok(None) => return Answer::now(Err(RouteError::Unauthenticated)),
+            Err(e) => return Answer::now(Err(e.into())),
         };
         if alone && req.payloads.is_empty() {
             // A single-device user: nothing to store, so nothing to
             // deduplicate either (the recipient's part is the record).
-            let accepted = SendAccepted {
+            return Answer::now(Ok(SendAccepted {
                 server_ts_ms: now_ms(),
                 duplicate: false,
-            };
-            return reply_now(reply, Ok(accepted));
+            }));
         }
         let key = DedupKey {
             to_user: me,
             from: req.from,
             client_msg_id: req.client_msg_id.clone(),
         };
-        let Some(reply) = self.answer_duplicate(&key, req.first_attempt, reply) else {
-            return;
-        };
-        if let Err(e) = checked {
-            return reply_now(reply, Err(e));
+        if let Some(duplicate) = self.answer_duplicate(&key, req.first_attempt) {
+            return duplicate;
         }
-        self.store_send(&req, me, key, false, reply);
+        if let Err(e) = checked {
+            return Answer::now(Err(e));
+        }
+        self.store_send(&req, me, key, false)
     }
 
-    /// Answers a retry of an accepted send (after the commit if the original
-    /// is in this batch). Gives the reply back when the send is new. A
+    /// The answer to a retry of an accepted send (after the commit if the
+    /// original is in this batch); `None` when the send is new. A
     /// `first_attempt` is looked for in this batch only: the store lookup is
     /// a memtable search, about a tenth of the shard's time per message.
-    fn answer_duplicate(
-        &mut self,
-        key: &DedupKey,
-        first_attempt: bool,
-        reply: Reply<SendAccepted>,
-    ) -> Option<Reply<SendAccepted>> {
+    fn answer_duplicate(&mut self, key: &DedupKey, first_attempt: bool) -> Option<Answer> {
         let (server_ts_ms, staged) = if let Some(ts) = self.staged_dedup.get(key) {
             (*ts, true)
         } else if first_attempt {
-            return Some(reply);
+            return None;
         } else {
             match self.store.dedup(key) {
                 Ok(Some(rec)) => (rec.server_ts_ms, false),
-                Ok(None) => return Some(reply),
-                Err(e) => {
-                    reply_now(reply, Err(e.into()));
-                    return None;
-                }
+                Ok(None) => return None,
+                Err(e) => return Some(Answer::now(Err(e.into()))),
             }
         };
-        let accepted = SendAccepted {
-            server_ts_ms,
-            duplicate: true,
-        };
-        if staged {
-            self.after_commit(reply, Ok(accepted));
-        } else {
-            reply_now(reply, Ok(accepted));
-        }
-        None
+        Some(Answer {
+            result: Ok(SendAccepted {
+                server_ts_ms,
+                duplicate: true,
+            }),
+            after_commit: staged,
+        })
     }
 
     /// Stages a validated send: one entry per payload for the devices of
-    /// `owner`, the dedup record, and the ✓ once committed.
+    /// `owner` and the dedup record; the ✓ once committed.
     fn store_send(
         &mut self,
         req: &SendRequest,
         owner: UserId,
         key: DedupKey,
         count_in: bool,
-        reply: Reply<SendAccepted>,
-    ) {
+    ) -> Answer {
         let now = now_ms();
         // Reserve every seq first (fallible), then stage (infallible), so a
         // storage error never leaves half a send staged.
@@ -1211,7 +1267,7 @@ impl Shard {
             };
             match self.next_seq(device) {
                 Ok(seq) => seqs.push((device, seq)),
-                Err(e) => return reply_now(reply, Err(e.into())),
+                Err(e) => return Answer::now(Err(e.into())),
             }
         }
         for ((device, seq), p) in seqs.into_iter().zip(&req.payloads) {
@@ -1236,11 +1292,60 @@ impl Shard {
         if count_in {
             self.messages_in += 1;
         }
-        let accepted = SendAccepted {
-            server_ts_ms: now,
-            duplicate: false,
-        };
-        self.after_commit(reply, Ok(accepted));
+        Answer {
+            result: Ok(SendAccepted {
+                server_ts_ms: now,
+                duplicate: false,
+            }),
+            after_commit: true,
+        }
+    }
+
+    /// Gives a send's answer to its connection: now, or once the batch
+    /// commits (then a failed commit turns a ✓ into the storage error).
+    fn answer_send(&mut self, reply: SendReply, from: DeviceKey, answer: Answer) {
+        match reply {
+            SendReply::Ticket(reply) if answer.after_commit => {
+                self.after_commit(reply, answer.result);
+            }
+            SendReply::Ticket(reply) => reply_now(reply, answer.result),
+            SendReply::Push { to, submitted } => {
+                let pending = PendingAnswer {
+                    device: from,
+                    to,
+                    submitted,
+                    result: answer.result,
+                };
+                if answer.after_commit {
+                    self.send_answers.push(pending);
+                } else {
+                    self.push_answer(pending);
+                }
+            }
+        }
+    }
+
+    /// Pushes a send's answer to the connection that submitted it, if that
+    /// connection is still the device's registered one.
+    fn push_answer(&mut self, answer: PendingAnswer) {
+        if answer.result.is_ok() {
+            self.metrics
+                .send_ack_seconds
+                .record(answer.submitted.elapsed().as_secs_f64());
+        }
+        if self
+            .online
+            .get(&answer.device)
+            .is_some_and(|o| o.conn_id == answer.to.conn_id)
+        {
+            self.push(
+                answer.device,
+                Push::SendAnswer {
+                    frame: answer.to.frame,
+                    result: answer.result.map_err(Box::new),
+                },
+            );
+        }
     }
 
     // ------------------------------------------------------------ keys
