@@ -207,7 +207,11 @@ pub async fn run_with_store(
     tracing::info!("shutting down: closing listeners and connections");
     ready_flag.store(false, Ordering::Relaxed);
     gw.begin_shutdown();
+    // Wakes the connections still authenticating; the shards end the
+    // authenticated ones (which no longer watch the token: a poll of it per
+    // wake-up was a lock and a cache miss).
     cancel.cancel();
+    router.closing().await;
     let _ = tcp_task.await;
     let _ = sweep_task.await;
     tracker.close();

@@ -438,3 +438,29 @@ async fn a_connection_busy_with_frames_hears_shutting_down() {
         other => panic!("the last frame is {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn idle_connections_hear_shutting_down_before_and_after_authenticating() {
+    // Two ways to be woken at shutdown: a connection that has not
+    // authenticated watches the server's cancellation; an authenticated one
+    // is ended by its shard.
+    let mut server = TestServer::start().await;
+    let alice = register(&server, "+15550000141").await;
+    let mut authed = raw_tcp(&server.tcp()).await;
+    authed.auth(&alice).await;
+    authed.drain().await;
+    let mut anonymous = raw_tcp(&server.tcp()).await;
+    let (((), authed_frames), anonymous_frames) = tokio::join!(
+        async { tokio::join!(server.stop(), authed.until_closed()) },
+        anonymous.until_closed()
+    );
+    for frames in [authed_frames, anonymous_frames] {
+        match frames.last().and_then(|f| f.body.as_ref()) {
+            Some(Out::Goodbye(g)) => assert_eq!(
+                g.reason.as_ref().map(pb::Error::code),
+                Some(ErrorCode::ShuttingDown)
+            ),
+            other => panic!("the last frame is {other:?}"),
+        }
+    }
+}

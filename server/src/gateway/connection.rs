@@ -17,7 +17,6 @@ use prost::Message;
 use switchboard_proto::noise::Handshake;
 use switchboard_proto::pb::{self, ErrorCode, client_frame::Body as In, server_frame::Body as Out};
 use switchboard_proto::{PREAMBLE, ProtoError, Session, limits, record, version};
-use tokio::sync::oneshot;
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -28,7 +27,7 @@ use super::wire::{error, error_frame, kick_error, route_error};
 use crate::FastMap;
 use crate::clock::now_ms;
 use crate::router::{
-    AnswerTo, ConnLink, KickReason, Notice, OwedReceipt, Push, PushRx, RouteError, SendAccepted,
+    AnswerTo, ConnLink, KickSlot, Notice, OwedReceipt, Push, PushRx, RouteError, SendAccepted,
     SendRequest, push_channel,
 };
 use crate::store::{DeviceKey, UserId};
@@ -177,7 +176,7 @@ pub async fn run<L: Link>(
             conn_id,
             authed: None,
             push_rx: None,
-            kick_rx: None,
+            kick: None,
             auth_failures: 0,
             bundle_budget: TokenBucket::new(BUNDLE_FETCH_BURST, BUNDLE_FETCHES_PER_SEC),
             pending: FuturesUnordered::new(),
@@ -312,8 +311,9 @@ struct Conn<L: Link> {
     authed: Option<Authed>,
     /// Pushes from the owning shard (after authentication).
     push_rx: Option<PushRx>,
-    /// Fired by the owning shard to end this connection.
-    kick_rx: Option<oneshot::Receiver<KickReason>>,
+    /// Why the owning shard ended this connection, read when the push
+    /// queue ends.
+    kick: Option<Arc<KickSlot>>,
     auth_failures: u32,
     /// Bundle fetches this connection may still make.
     bundle_budget: TokenBucket,
@@ -333,18 +333,6 @@ struct Conn<L: Link> {
 async fn recv_push(push: &mut Option<PushRx>) -> Option<Push> {
     match push {
         Some(rx) => rx.next().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn recv_kick(kick: &mut Option<oneshot::Receiver<KickReason>>) -> KickReason {
-    match kick {
-        Some(rx) => match rx.await {
-            Ok(reason) => reason,
-            // The shard dropped our registration without a reason: it is
-            // shutting down or the device went away.
-            Err(_) => std::future::pending().await,
-        },
         None => std::future::pending().await,
     }
 }
@@ -483,9 +471,6 @@ impl<L: Link> Conn<L> {
             }
             tokio::select! {
                 biased;
-                reason = recv_kick(&mut self.kick_rx) => {
-                    return self.goodbye(kick_error(reason)).await;
-                }
                 Some(answer) = self.pending.next(), if !self.pending.is_empty() => {
                     if let Some(frame) = answer {
                         self.queue(frame);
@@ -493,8 +478,12 @@ impl<L: Link> Conn<L> {
                 }
                 push = recv_push(&mut self.push_rx) => {
                     let Some(push) = push else {
-                        // The shard let go of us (shutdown or replaced).
-                        return End::PeerClosed;
+                        // The shard let go of us: kicked, or without a
+                        // reason when it stopped.
+                        return match self.kick.as_ref().and_then(|k| k.get()) {
+                            Some(reason) => self.goodbye(kick_error(reason)).await,
+                            None => End::PeerClosed,
+                        };
                     };
                     if let Err(end) = self.on_push(push) {
                         return self.end_with(end).await;
@@ -541,8 +530,9 @@ impl<L: Link> Conn<L> {
                 }
                 // Last: a busy connection sees `is_stopping` above, so
                 // this (lock-taking) poll runs only when nothing else is
-                // ready, to wake an idle connection.
-                () = &mut cancelled => {
+                // ready, to wake an idle connection. Only before
+                // authentication: the shard ends authenticated ones.
+                () = &mut cancelled, if self.push_rx.is_none() => {
                     return self.goodbye(shutting_down()).await;
                 }
             }
@@ -795,11 +785,11 @@ impl<L: Link> Conn<L> {
         // Room for the answers of the sends that may be in flight, too.
         let (push_tx, push_rx) =
             push_channel(self.gw.cfg.outbound_queue_frames + MAX_PIPELINED_SENDS as usize);
-        let (kick_tx, kick_rx) = oneshot::channel();
+        let kick = Arc::new(KickSlot::default());
         let link = ConnLink {
             conn_id: self.conn_id,
             push: push_tx,
-            kick: kick_tx,
+            kick: kick.clone(),
         };
         match self
             .gw
@@ -831,7 +821,7 @@ impl<L: Link> Conn<L> {
                         .collect(),
                 });
                 self.push_rx = Some(push_rx);
-                self.kick_rx = Some(kick_rx);
+                self.kick = Some(kick);
             }
             Err(e) => {
                 self.respond_error(id, route_error(&e));

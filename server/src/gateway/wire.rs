@@ -118,6 +118,9 @@ pub fn kick_error(reason: KickReason) -> pb::Error {
             "too slow to read; messages stay queued, reconnect",
         ),
         KickReason::Revoked => error(ErrorCode::DeviceRevoked, "this device was revoked"),
+        KickReason::ShuttingDown => {
+            error(ErrorCode::ShuttingDown, "server shutting down; reconnect")
+        }
         KickReason::Unavailable => pb::Error {
             retry_after_ms: STORAGE_RETRY_AFTER_MS,
             ..error(

@@ -13,7 +13,7 @@ mod shard;
 
 pub use error::RouteError;
 use shard::Queued;
-pub use shard::{KickReason, Notice, OwedReceipt, Push};
+pub use shard::{KickReason, KickSlot, Notice, OwedReceipt, Push};
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -95,8 +95,9 @@ pub struct ConnLink {
     /// connection whose queue is full is kicked as a slow reader (its entries
     /// stay in its durable queue).
     pub push: PushTx,
-    /// Fired once if the shard ends the connection (replaced, slow, revoked).
-    pub kick: oneshot::Sender<KickReason>,
+    /// Set if the shard ends the connection (replaced, slow, revoked,
+    /// shutting down) before it drops `push`.
+    pub kick: Arc<KickSlot>,
 }
 
 /// A send as submitted by the sender's connection (already validated for
@@ -683,6 +684,15 @@ impl Router {
 
     /// Stops every shard after it has applied what is already in its inbox,
     /// and waits for the threads.
+    /// Ends every authenticated connection (each says goodbye once it has
+    /// written what was queued for it): the start of a shutdown.
+    pub async fn closing(&self) {
+        for shard in self.shards.iter() {
+            let _ = shard.send(Queued::new(Command::Closing)).await;
+        }
+    }
+
+    /// Stops the shards once each has applied what is in its inbox.
     pub async fn shutdown(&self, threads: ShardThreads) {
         for shard in self.shards.iter() {
             let _ = shard.send(Queued::new(Command::Shutdown)).await;

@@ -12,11 +12,12 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Instant;
 
 use prost::Message;
 use switchboard_proto::pb;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use super::{
     AnswerTo, AuthInfo, CodeIssued, ConnLink, Registered, Reply, RouteError, RouterConfig,
@@ -82,15 +83,45 @@ const _: () = assert!(std::mem::size_of::<Push>() <= 24);
 
 /// Why a shard ended a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum KickReason {
     /// The same device authenticated on a newer connection.
-    Replaced,
+    Replaced = 1,
     /// The connection's push queue overflowed.
     SlowReader,
     /// The device was revoked.
     Revoked,
     /// The queue could not be read; reconnecting retries.
     Unavailable,
+    /// The server is shutting down.
+    ShuttingDown,
+}
+
+/// Why the shard ended a connection. The shard sets it and then lets go
+/// of the connection's push queue; the connection reads it when that queue
+/// ends. A separate signal (it was a oneshot) would be one more object each
+/// connection polls, a cache miss, on every wake-up.
+#[derive(Debug, Default)]
+pub struct KickSlot(AtomicU8);
+
+impl KickSlot {
+    fn set(&self, reason: KickReason) {
+        self.0.store(reason as u8, Ordering::Release);
+    }
+
+    /// The reason, once the shard has ended the connection.
+    #[must_use]
+    pub fn get(&self) -> Option<KickReason> {
+        [
+            KickReason::Replaced,
+            KickReason::SlowReader,
+            KickReason::Revoked,
+            KickReason::Unavailable,
+            KickReason::ShuttingDown,
+        ]
+        .into_iter()
+        .find(|r| *r as u8 == self.0.load(Ordering::Acquire))
+    }
 }
 
 /// A command with the time it entered the inbox (to measure the backlog)
@@ -165,6 +196,7 @@ impl Command {
             | Command::Delete { .. }
             | Command::Ack { .. }
             | Command::Disconnected { .. }
+            | Command::Closing
             | Command::Sweep
             | Command::Shutdown) => return Some(other),
         }
@@ -290,6 +322,8 @@ pub(super) enum Command {
         conn_id: u64,
     },
     Sweep,
+    /// The server is shutting down: end every connection.
+    Closing,
     Shutdown,
 }
 
@@ -304,15 +338,16 @@ enum Drain {
 struct Online {
     conn_id: u64,
     push: super::PushTx,
-    kick: Option<oneshot::Sender<KickReason>>,
+    kick: Arc<KickSlot>,
     drain: Drain,
 }
 
 impl Online {
-    fn kick(mut self, reason: KickReason) {
-        if let Some(k) = self.kick.take() {
-            let _ = k.send(reason);
-        }
+    /// Ends the connection: sets the reason and drops the push queue's
+    /// sender, so the connection takes what is queued and then sees the
+    /// end and the reason.
+    fn kick(self, reason: KickReason) {
+        self.kick.set(reason);
     }
 }
 
@@ -764,6 +799,11 @@ impl Shard {
                 }
             }
             Command::Sweep => self.sweep(),
+            Command::Closing => {
+                for (_, online) in self.online.drain() {
+                    online.kick(KickReason::ShuttingDown);
+                }
+            }
             Command::Shutdown => {}
         }
     }
@@ -1112,7 +1152,7 @@ impl Shard {
             Online {
                 conn_id: link.conn_id,
                 push: link.push,
-                kick: Some(link.kick),
+                kick: link.kick,
                 drain: Drain::Draining {
                     cursor: 0,
                     inflight: FastSet::default(),
