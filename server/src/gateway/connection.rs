@@ -27,7 +27,7 @@ use super::wire::{error, error_frame, kick_error, route_error};
 use crate::FastMap;
 use crate::clock::now_ms;
 use crate::router::{
-    AnswerTo, ConnLink, KickSlot, Notice, OwedReceipt, Push, PushRx, RouteError, SendAccepted,
+    AnswerTo, ConnLink, Notice, OwedReceipt, Push, PushRx, Received, RouteError, SendAccepted,
     SendRequest, push_channel,
 };
 use crate::store::{DeviceKey, UserId};
@@ -176,7 +176,6 @@ pub async fn run<L: Link>(
             conn_id,
             authed: None,
             push_rx: None,
-            kick: None,
             auth_failures: 0,
             bundle_budget: TokenBucket::new(BUNDLE_FETCH_BURST, BUNDLE_FETCHES_PER_SEC),
             pending: FuturesUnordered::new(),
@@ -311,9 +310,6 @@ struct Conn<L: Link> {
     authed: Option<Authed>,
     /// Pushes from the owning shard (after authentication).
     push_rx: Option<PushRx>,
-    /// Why the owning shard ended this connection, read when the push
-    /// queue ends.
-    kick: Option<Arc<KickSlot>>,
     auth_failures: u32,
     /// Bundle fetches this connection may still make.
     bundle_budget: TokenBucket,
@@ -330,9 +326,9 @@ struct Conn<L: Link> {
 }
 
 /// Waits on an optional receiver; never resolves when there is none.
-async fn recv_push(push: &mut Option<PushRx>) -> Option<Push> {
+async fn recv_push(push: &mut Option<PushRx>) -> Received {
     match push {
-        Some(rx) => rx.next().await,
+        Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
 }
@@ -477,13 +473,13 @@ impl<L: Link> Conn<L> {
                     }
                 }
                 push = recv_push(&mut self.push_rx) => {
-                    let Some(push) = push else {
-                        // The shard let go of us: kicked, or without a
-                        // reason when it stopped.
-                        return match self.kick.as_ref().and_then(|k| k.get()) {
-                            Some(reason) => self.goodbye(kick_error(reason)).await,
-                            None => End::PeerClosed,
-                        };
+                    let push = match push {
+                        Received::Push(push) => push,
+                        Received::Kicked(reason) => {
+                            return self.goodbye(kick_error(reason)).await;
+                        }
+                        // The shard let go of us (it stopped).
+                        Received::Closed => return End::PeerClosed,
                     };
                     if let Err(end) = self.on_push(push) {
                         return self.end_with(end).await;
@@ -569,7 +565,7 @@ impl<L: Link> Conn<L> {
                 }
                 more = true;
             }
-            if let Some(push) = self.push_rx.as_mut().and_then(|rx| rx.try_recv().ok()) {
+            if let Some(push) = self.push_rx.as_mut().and_then(PushRx::try_recv) {
                 self.on_push(push)?;
                 more = true;
             }
@@ -785,11 +781,9 @@ impl<L: Link> Conn<L> {
         // Room for the answers of the sends that may be in flight, too.
         let (push_tx, push_rx) =
             push_channel(self.gw.cfg.outbound_queue_frames + MAX_PIPELINED_SENDS as usize);
-        let kick = Arc::new(KickSlot::default());
         let link = ConnLink {
             conn_id: self.conn_id,
             push: push_tx,
-            kick: kick.clone(),
         };
         match self
             .gw
@@ -821,7 +815,6 @@ impl<L: Link> Conn<L> {
                         .collect(),
                 });
                 self.push_rx = Some(push_rx);
-                self.kick = Some(kick);
             }
             Err(e) => {
                 self.respond_error(id, route_error(&e));

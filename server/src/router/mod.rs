@@ -9,11 +9,13 @@
 //! one shard only, so nothing needs a lock.
 
 mod error;
+mod push;
 mod shard;
 
 pub use error::RouteError;
+pub use push::{PushRx, PushTx, Received, TrySendError, push_channel};
 use shard::Queued;
-pub use shard::{KickReason, KickSlot, Notice, OwedReceipt, Push};
+pub use shard::{KickReason, Notice, OwedReceipt, Push};
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -69,35 +71,16 @@ pub struct Registered {
     pub credential: Vec<u8>,
 }
 
-/// The sending half of a connection's push queue.
-///
-/// futures' channel rather than tokio's: tokio's allocates a block of 32
-/// slots when it is created, and every authenticated connection has one
-/// even while idle; this one allocates a node per message in flight.
-pub type PushTx = futures_channel::mpsc::Sender<Push>;
-/// The receiving half, owned by the connection.
-pub type PushRx = futures_channel::mpsc::Receiver<Push>;
-
-/// A push queue holding `frames` pushes at most.
-#[must_use]
-pub fn push_channel(frames: usize) -> (PushTx, PushRx) {
-    // Capacity is the buffer plus one slot per sender (the shard's).
-    futures_channel::mpsc::channel(frames.saturating_sub(1))
-}
-
 /// A connection's way to receive pushes, handed to the owning shard at
 /// authentication.
 #[derive(Debug)]
 pub struct ConnLink {
     /// Unique id of this connection.
     pub conn_id: u64,
-    /// Pushes for the connection. Bounded: the shard uses `try_send`, and a
-    /// connection whose queue is full is kicked as a slow reader (its entries
-    /// stay in its durable queue).
+    /// Pushes for the connection, and its end. Bounded: the shard uses
+    /// `try_send`, and a connection whose queue is full is kicked as a slow
+    /// reader (its entries stay in its durable queue).
     pub push: PushTx,
-    /// Set if the shard ends the connection (replaced, slow, revoked,
-    /// shutting down) before it drops `push`.
-    pub kick: Arc<KickSlot>,
 }
 
 /// A send as submitted by the sender's connection (already validated for

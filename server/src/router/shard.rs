@@ -12,7 +12,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Instant;
 
 use prost::Message;
@@ -95,33 +94,6 @@ pub enum KickReason {
     Unavailable,
     /// The server is shutting down.
     ShuttingDown,
-}
-
-/// Why the shard ended a connection. The shard sets it and then lets go
-/// of the connection's push queue; the connection reads it when that queue
-/// ends. A separate signal (it was a oneshot) would be one more object each
-/// connection polls, a cache miss, on every wake-up.
-#[derive(Debug, Default)]
-pub struct KickSlot(AtomicU8);
-
-impl KickSlot {
-    fn set(&self, reason: KickReason) {
-        self.0.store(reason as u8, Ordering::Release);
-    }
-
-    /// The reason, once the shard has ended the connection.
-    #[must_use]
-    pub fn get(&self) -> Option<KickReason> {
-        [
-            KickReason::Replaced,
-            KickReason::SlowReader,
-            KickReason::Revoked,
-            KickReason::Unavailable,
-            KickReason::ShuttingDown,
-        ]
-        .into_iter()
-        .find(|r| *r as u8 == self.0.load(Ordering::Acquire))
-    }
 }
 
 /// A command with the time it entered the inbox (to measure the backlog)
@@ -338,16 +310,14 @@ enum Drain {
 struct Online {
     conn_id: u64,
     push: super::PushTx,
-    kick: Arc<KickSlot>,
     drain: Drain,
 }
 
 impl Online {
-    /// Ends the connection: sets the reason and drops the push queue's
-    /// sender, so the connection takes what is queued and then sees the
-    /// end and the reason.
+    /// Ends the connection, which sees the reason before anything still
+    /// queued for it.
     fn kick(self, reason: KickReason) {
-        self.kick.set(reason);
+        self.push.kick(reason);
     }
 }
 
@@ -1152,7 +1122,6 @@ impl Shard {
             Online {
                 conn_id: link.conn_id,
                 push: link.push,
-                kick: link.kick,
                 drain: Drain::Draining {
                     cursor: 0,
                     inflight: FastSet::default(),
@@ -1879,14 +1848,14 @@ impl Shard {
         };
         match online.push.try_send(push) {
             Ok(()) => {}
-            Err(e) if e.is_full() => {
+            Err(super::TrySendError::Full) => {
                 tracing::info!(?device, "push queue full; disconnecting slow reader");
                 metrics::counter!(tm::SLOW_READER_DISCONNECTS).increment(1);
                 if let Some(online) = self.online.remove(&device) {
                     online.kick(KickReason::SlowReader);
                 }
             }
-            Err(_) => {
+            Err(super::TrySendError::Gone) => {
                 self.online.remove(&device);
             }
         }
