@@ -158,6 +158,12 @@ pub struct SteadyArgs {
     /// message, ✓✓ and two acks). Reported as target "baseline+receipts".
     #[arg(long)]
     baseline_receipts: bool,
+    /// `steady`: also print send→delivered per window of this many
+    /// milliseconds of the run (by delivery time): count, p99 and max, to
+    /// find when a latency spike happened (and match it with the server's
+    /// log, `BENCH_SERVER_LOG`).
+    #[arg(long)]
+    timeline_ms: Option<u64>,
 }
 
 #[derive(Serialize, Clone)]
@@ -185,6 +191,44 @@ struct Step {
     report: SteadyReport,
     acks: Histogram<u64>,
     deliveries: Histogram<u64>,
+    /// (µs since the step began, send→delivered µs) of every delivery.
+    delivered_at: Vec<(u64, u64)>,
+    /// When the step began.
+    began: std::time::SystemTime,
+}
+
+/// send→delivered in one window of a step.
+#[derive(Debug, PartialEq, Serialize)]
+struct Window {
+    start_ms: u64,
+    count: u64,
+    p99_us: u64,
+    max_us: u64,
+}
+
+/// Deliveries grouped by `window_ms` of delivery time, in time order
+/// (windows with no delivery left out).
+fn timeline(delivered_at: &[(u64, u64)], window_ms: u64) -> Vec<Window> {
+    let width = window_ms.max(1) * 1000;
+    let mut by_window: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
+    for &(at, latency) in delivered_at {
+        by_window.entry(at / width).or_default().push(latency);
+    }
+    by_window
+        .into_iter()
+        .map(|(w, mut v)| {
+            v.sort_unstable();
+            let n = v.len();
+            // Nearest rank.
+            let rank = (n * 99).div_ceil(100).clamp(1, n);
+            Window {
+                start_ms: w * window_ms.max(1),
+                count: n as u64,
+                p99_us: v.get(rank - 1).copied().unwrap_or(0),
+                max_us: v.last().copied().unwrap_or(0),
+            }
+        })
+        .collect()
 }
 
 /// Where the users connect: the real server or the baseline relay.
@@ -279,7 +323,8 @@ struct Counters {
 /// each, gigabytes for 10,000 users.
 struct UserResult {
     acks: Vec<u64>,
-    deliveries: Vec<u64>,
+    /// (µs since the step began, send→delivered µs).
+    deliveries: Vec<(u64, u64)>,
     sent: u64,
     acked: u64,
     delivered: u64,
@@ -373,7 +418,7 @@ async fn user_loop(
                                 && let Some(ts) = m.payload.get(..8)
                             {
                                 let sent_us = u64::from_be_bytes(ts.try_into().unwrap_or([0; 8]));
-                                r.deliveries.push(now_us.saturating_sub(sent_us).max(1));
+                                r.deliveries.push((now_us, now_us.saturating_sub(sent_us).max(1)));
                                 r.delivered += 1;
                                 counters.delivered.fetch_add(1, Ordering::Relaxed);
                             }
@@ -399,6 +444,7 @@ async fn steady_step(
     let links = driver.connect_all().await?;
     let peers = driver.peers();
     let n = links.len();
+    let began = std::time::SystemTime::now();
     let epoch = Instant::now();
     let until = epoch + Duration::from_secs(seconds);
     let per_user = rate as f64 / n as f64;
@@ -451,14 +497,17 @@ async fn steady_step(
         },
         acks: histogram()?,
         deliveries: histogram()?,
+        delivered_at: Vec::new(),
+        began,
     };
     for t in tasks {
         let u = t.await.context("user task")??;
         for v in u.acks {
             step.acks.saturating_record(v);
         }
-        for v in u.deliveries {
+        for (at, v) in u.deliveries {
             step.deliveries.saturating_record(v);
+            step.delivered_at.push((at, v));
         }
         step.report.sent += u.sent;
         step.report.acked += u.acked;
@@ -513,6 +562,9 @@ pub async fn steady(a: SteadyArgs) -> Result<bool> {
         baseline: Option<SteadyReport>,
         /// Delivered msgs/s of the server over the relay's at the same rate.
         ratio_to_baseline: Option<f64>,
+        /// With `--timeline-ms`: the server's send→delivered per window.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        timeline: Option<Vec<Window>>,
     }
     let out = SteadyOutcome {
         run: step.report.clone(),
@@ -520,6 +572,7 @@ pub async fn steady(a: SteadyArgs) -> Result<bool> {
             .as_ref()
             .map(|b| step.report.delivered_per_sec / b.report.delivered_per_sec.max(1e-9)),
         baseline: baseline.as_ref().map(|b| b.report.clone()),
+        timeline: a.timeline_ms.map(|ms| timeline(&step.delivered_at, ms)),
     };
     if let Some(path) = &a.target.plot {
         let mut series = vec![
@@ -539,12 +592,39 @@ pub async fn steady(a: SteadyArgs) -> Result<bool> {
         print_json(&out)?;
     } else {
         print_steady(&out.run);
+        if let Some(ms) = a.timeline_ms {
+            print_timeline(&step, ms);
+        }
         if let (Some(b), Some(ratio)) = (&out.baseline, out.ratio_to_baseline) {
             print_steady(b);
+            if let (Some(ms), Some(step)) = (a.timeline_ms, &baseline) {
+                print_timeline(step, ms);
+            }
             println!("ratio to baseline (delivered/s): {ratio:.2}");
         }
     }
     Ok(out.run.errors == 0 || out.run.acked > 0)
+}
+
+fn print_timeline(step: &Step, window_ms: u64) {
+    let began = step
+        .began
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    println!(
+        "  send→delivered per {window_ms} ms (from the step's start, unix time {}.{:03} s):",
+        began.as_secs(),
+        began.subsec_millis()
+    );
+    for w in timeline(&step.delivered_at, window_ms) {
+        println!(
+            "    +{:>6}ms n={:<6} p99={:.2}ms max={:.2}ms",
+            w.start_ms,
+            w.count,
+            w.p99_us as f64 / 1000.0,
+            w.max_us as f64 / 1000.0
+        );
+    }
 }
 
 fn print_steady(r: &SteadyReport) {
@@ -977,4 +1057,35 @@ pub async fn herd(a: HerdArgs) -> Result<bool> {
     drop(conns);
     sut.stop().await?;
     Ok(failed == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_timeline_groups_deliveries_by_window_with_p99_and_max() {
+        // 100 deliveries in the first 100 ms window (1..=100 ms late), none
+        // in the second, one in the third.
+        let mut at: Vec<(u64, u64)> = (1..=100).map(|i| (i * 900, i * 1000)).collect();
+        at.push((250_000, 7_000));
+        let t = timeline(&at, 100);
+        assert_eq!(
+            t,
+            vec![
+                Window {
+                    start_ms: 0,
+                    count: 100,
+                    p99_us: 99_000,
+                    max_us: 100_000,
+                },
+                Window {
+                    start_ms: 200,
+                    count: 1,
+                    p99_us: 7_000,
+                    max_us: 7_000,
+                },
+            ]
+        );
+    }
 }

@@ -42,8 +42,15 @@ fn steady_delivers_measures_latency_and_compares_with_the_baseline() {
         "2",
         "--plot",
         svg.to_str().unwrap(),
+        "--timeline-ms",
+        "500",
     ]);
     assert_eq!(r["scenario"], "steady");
+    // Every delivery falls in one window of the timeline.
+    let windows = r["timeline"].as_array().unwrap();
+    assert!(!windows.is_empty());
+    let in_windows: u64 = windows.iter().map(|w| w["count"].as_u64().unwrap()).sum();
+    assert_eq!(in_windows, r["delivered"].as_u64().unwrap());
     assert_eq!(r["target"], "switchboard");
     assert!(r["acked"].as_u64().unwrap() > 0);
     assert!(r["delivered"].as_u64().unwrap() > 0);
