@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 use super::Gateway;
 use super::link::Link;
-use super::wire::{error, error_frame, kick_error, route_error};
+use super::wire::{error, error_frame, kick_error, route_error, shutting_down};
 use crate::FastMap;
 use crate::clock::now_ms;
 use crate::router::{
@@ -1163,10 +1163,6 @@ fn send_ok(a: SendAccepted) -> Out {
         server_ts_ms: a.server_ts_ms,
         duplicate: a.duplicate,
     })
-}
-
-fn shutting_down() -> pb::Error {
-    error(ErrorCode::ShuttingDown, "server shutting down; reconnect")
 }
 
 fn valid_msg_id(id: &str) -> bool {

@@ -106,6 +106,11 @@ pub fn route_error(err: &RouteError) -> pb::Error {
     }
 }
 
+/// The goodbye for a connection the server ends because it stops.
+pub fn shutting_down() -> pb::Error {
+    error(ErrorCode::ShuttingDown, "server shutting down; reconnect")
+}
+
 /// The goodbye for a connection the shard ended.
 pub fn kick_error(reason: KickReason) -> pb::Error {
     match reason {
@@ -118,9 +123,7 @@ pub fn kick_error(reason: KickReason) -> pb::Error {
             "too slow to read; messages stay queued, reconnect",
         ),
         KickReason::Revoked => error(ErrorCode::DeviceRevoked, "this device was revoked"),
-        KickReason::ShuttingDown => {
-            error(ErrorCode::ShuttingDown, "server shutting down; reconnect")
-        }
+        KickReason::ShuttingDown => shutting_down(),
         KickReason::Unavailable => pb::Error {
             retry_after_ms: STORAGE_RETRY_AFTER_MS,
             ..error(
