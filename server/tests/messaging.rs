@@ -196,6 +196,61 @@ async fn pipeline_sends(
 }
 
 #[tokio::test]
+async fn a_client_pipelining_requests_of_every_kind_gets_every_answer() {
+    // Two shards, so sends to Bob wait for a ticket or a push depending on
+    // where he lives, and lookups are router work awaited in the
+    // connection. 1,500 pipelined requests are far more than one
+    // connection may have in flight; the held frames are taken as work
+    // finishes, down to the last one (no more bytes arrive to wake the
+    // connection then).
+    let server = TestServer::start().await;
+    let alice = register(&server, "+15550000043").await;
+    let bob = register(&server, "+15550000044").await;
+    let mut a = online(&server, &alice).await;
+    assert!(a.drain().await.is_empty());
+    let bob_info = a.lookup(&bob.phone).await;
+    const N: u32 = 1500;
+    for i in 0..N {
+        let body = if i % 3 == 0 {
+            In::Send(pb::Send {
+                client_msg_id: format!("m{i}"),
+                to_user: bob_info.user_id,
+                payloads: vec![pb::DevicePayload {
+                    device_id: bob.device_id,
+                    payload: i.to_be_bytes().to_vec().into(),
+                }],
+                ..Default::default()
+            })
+        } else {
+            In::LookupUser(pb::LookupUser {
+                phone: bob.phone.clone(),
+            })
+        };
+        a.send_frame(&pb::ClientFrame {
+            id: 1 + i,
+            body: Some(body),
+        })
+        .await;
+    }
+    let mut answered = std::collections::HashSet::new();
+    while answered.len() < N as usize {
+        let f = a.next().await.expect("an answer");
+        let i = f.id - 1;
+        match f.body {
+            Some(Out::SendOk(_)) => assert_eq!(i % 3, 0, "{i}"),
+            Some(Out::UserInfo(u)) => {
+                assert_ne!(i % 3, 0, "{i}");
+                assert_eq!(u.user_id, bob_info.user_id);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(answered.insert(f.id), "answered twice: {}", f.id);
+    }
+    let mut b = online(&server, &bob).await;
+    assert_eq!(b.drain().await.len(), N.div_ceil(3) as usize);
+}
+
+#[tokio::test]
 async fn thousand_messages_arrive_in_order_and_retries_are_stored_once() {
     let server = TestServer::start().await;
     let alice = register(&server, "+15550000031").await;

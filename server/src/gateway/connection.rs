@@ -78,12 +78,14 @@ impl TokenBucket {
 /// Most plaintext gathered from ready answers and pushes into one write.
 const GATHER_MAX_BYTES: usize = 64 * 1024;
 
-/// Sends one connection may have awaiting their ✓ through its push queue.
-/// At this many, the connection takes no further frame until an answer
-/// comes (the client's pipelined frames wait in the socket), so a
-/// pipelining client's answers can never fill its own push queue, which
-/// has room for this many beyond `outbound_queue_frames`.
-pub(crate) const MAX_PIPELINED_SENDS: u32 = 128;
+/// Requests one connection may have in flight: sends awaiting their ✓
+/// through its push queue, plus router work in `pending` (other answers,
+/// and the receipts and deletions of acks). At this many, the connection
+/// takes no further frame until one finishes (the client's pipelined
+/// frames wait in the socket). So a pipelining client's answers can never
+/// fill its own push queue, which has room for this many beyond
+/// `outbound_queue_frames`, and its work in the server stays bounded.
+pub(crate) const MAX_IN_FLIGHT: usize = 128;
 
 /// How long a closed connection's in-flight router work may take to finish.
 const PENDING_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -119,6 +121,36 @@ struct Authed {
 }
 
 type Pending = FuturesUnordered<BoxFuture<'static, Option<pb::ServerFrame>>>;
+
+/// Awaits `call`, a router call that may wait for room in a shard's inbox,
+/// while still driving the connection's pending requests; returns its
+/// result and the answers they produced meanwhile.
+///
+/// tokio hands a freed inbox slot to the first waiter in line, and the
+/// slot is used only when that waiter's future is polled again. A pending
+/// request of this connection waiting on the same inbox gets the slots
+/// first; awaiting `call` alone, the connection would never poll it and
+/// would wait for itself. That happened under overload (8-slot inboxes): an
+/// inline ack waited behind the connection's own queued deletions.
+async fn alongside_pending<T>(
+    pending: &mut Pending,
+    call: impl Future<Output = T>,
+) -> (T, Vec<pb::ServerFrame>) {
+    let mut answers = Vec::new();
+    if pending.is_empty() {
+        return (call.await, answers);
+    }
+    tokio::pin!(call);
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut call => return (out, answers),
+            Some(answer) = pending.next(), if !pending.is_empty() => {
+                answers.extend(answer);
+            }
+        }
+    }
+}
 
 /// Runs one connection to completion.
 pub async fn run<L: Link>(
@@ -181,7 +213,7 @@ pub async fn run<L: Link>(
             pending: FuturesUnordered::new(),
             delivered: FastMap::default(),
             sends_in_flight: 0,
-            resume_frames: false,
+            frames_held: false,
         };
         let end = conn.serve(&shutdown).await;
         tracing::debug!(?end, "connection ended");
@@ -320,9 +352,10 @@ struct Conn<L: Link> {
     /// otherwise; with the entry's server timestamp.
     delivered: FastMap<u64, (Option<(UserId, String)>, u64)>,
     /// Sends whose ✓ will come through the push queue.
-    sends_in_flight: u32,
-    /// An answer made room for a send while frames wait: take them.
-    resume_frames: bool,
+    sends_in_flight: usize,
+    /// Whole frames may wait in `rbuf`, left there while the connection
+    /// had [`MAX_IN_FLIGHT`] requests in flight.
+    frames_held: bool,
 }
 
 /// Waits on an optional receiver; never resolves when there is none.
@@ -352,6 +385,12 @@ impl<L: Link> Conn<L> {
             _ => {}
         }
         self.session.queue(&frame);
+    }
+
+    fn queue_all(&mut self, frames: Vec<pb::ServerFrame>) {
+        for frame in frames {
+            self.queue(frame);
+        }
     }
 
     fn respond(&mut self, id: u32, body: Out) {
@@ -413,16 +452,18 @@ impl<L: Link> Conn<L> {
         End::Goodbye(code)
     }
 
-    /// Whether frames wait until a send in flight is answered.
-    fn sends_paused(&self) -> bool {
-        self.sends_in_flight >= MAX_PIPELINED_SENDS
+    /// Whether frames wait until a request in flight finishes.
+    fn paused(&self) -> bool {
+        self.sends_in_flight + self.pending.len() >= MAX_IN_FLIGHT
     }
 
-    /// Handles every whole frame already buffered (while no more sends may
-    /// be in flight, the rest wait); returns how many.
+    /// Handles every whole frame already buffered (while the connection has
+    /// [`MAX_IN_FLIGHT`] requests in flight, the rest wait); returns how
+    /// many.
     async fn process_buffered(&mut self) -> Result<usize, End> {
         let mut frames = 0;
-        while !self.sends_paused()
+        self.frames_held = false;
+        while !self.paused()
             && let Some(frame) = self
                 .session
                 .poll_frame::<pb::ClientFrame>(&mut self.rbuf)
@@ -431,6 +472,7 @@ impl<L: Link> Conn<L> {
             self.on_frame(frame).await?;
             frames += 1;
         }
+        self.frames_held = self.paused() && !self.rbuf.is_empty();
         if self.rbuf.is_empty() {
             // Idle connections keep no buffers (see Link::read_into).
             self.rbuf = BytesMut::new();
@@ -485,7 +527,7 @@ impl<L: Link> Conn<L> {
                         return self.end_with(end).await;
                     }
                 }
-                read = self.link.read_into(&mut self.rbuf), if !self.sends_paused() => {
+                read = self.link.read_into(&mut self.rbuf), if !self.paused() => {
                     match read {
                         Ok(0) => return End::PeerClosed,
                         Ok(_) => {}
@@ -537,7 +579,7 @@ impl<L: Link> Conn<L> {
             if let Err(end) = self.gather_ready() {
                 return self.end_with(end).await;
             }
-            if std::mem::take(&mut self.resume_frames) {
+            if self.frames_held && !self.paused() {
                 if let Err(end) = Box::pin(self.process_buffered()).await {
                     return self.end_with(end).await;
                 }
@@ -660,7 +702,6 @@ impl<L: Link> Conn<L> {
                 }
             }
             Push::SendAnswer { frame, result } => {
-                self.resume_frames |= self.sends_paused();
                 self.sends_in_flight = self.sends_in_flight.saturating_sub(1);
                 let frame = answer(frame, result.map_err(|e| *e), send_ok);
                 self.queue(frame);
@@ -733,7 +774,11 @@ impl<L: Link> Conn<L> {
                     );
                     return Ok(());
                 }
-                match self.gw.router.link_device(&req.code).await {
+                let (linked, answers) =
+                    alongside_pending(&mut self.pending, self.gw.router.link_device(&req.code))
+                        .await;
+                self.queue_all(answers);
+                match linked {
                     Ok(r) => self.respond(
                         id,
                         Out::Verified(pb::Verified {
@@ -779,18 +824,20 @@ impl<L: Link> Conn<L> {
         // The connection's push queue. The shard holds the sender and uses
         // try_send; when it is full the shard kicks us as a slow reader.
         // Room for the answers of the sends that may be in flight, too.
-        let (push_tx, push_rx) =
-            push_channel(self.gw.cfg.outbound_queue_frames + MAX_PIPELINED_SENDS as usize);
+        let (push_tx, push_rx) = push_channel(self.gw.cfg.outbound_queue_frames + MAX_IN_FLIGHT);
         let link = ConnLink {
             conn_id: self.conn_id,
             push: push_tx,
         };
-        match self
-            .gw
-            .router
-            .authenticate(device, req.credential.to_vec(), link)
-            .await
-        {
+        let (authenticated, answers) = alongside_pending(
+            &mut self.pending,
+            self.gw
+                .router
+                .authenticate(device, req.credential.to_vec(), link),
+        )
+        .await;
+        self.queue_all(answers);
+        match authenticated {
             Ok(info) => {
                 tracing::Span::current().record("user", device.user);
                 tracing::debug!(user = device.user, device = device.device, "authenticated");
@@ -941,7 +988,13 @@ impl<L: Link> Conn<L> {
                     conn_id: self.conn_id,
                     frame: id,
                 };
-                let ticket = match self.gw.router.submit_send(send, copies, to).await {
+                let (submitted, answers) = alongside_pending(
+                    &mut self.pending,
+                    self.gw.router.submit_send(send, copies, to),
+                )
+                .await;
+                self.queue_all(answers);
+                let ticket = match submitted {
                     Ok(Some(t)) => t,
                     Ok(None) => {
                         self.sends_in_flight += 1;
@@ -1134,9 +1187,12 @@ impl<L: Link> Conn<L> {
             })
             .collect();
         let router = self.gw.router.clone();
-        let remote = router
-            .ack(device, self.conn_id, seqs, receipt_seqs, owed)
-            .await;
+        let (remote, answers) = alongside_pending(
+            &mut self.pending,
+            router.ack(device, self.conn_id, seqs, receipt_seqs, owed),
+        )
+        .await;
+        self.queue_all(answers);
         if remote.is_empty() {
             return Ok(());
         }
@@ -1208,6 +1264,58 @@ fn answer<T>(id: u32, result: Result<T, RouteError>, ok: impl FnOnce(T) -> Out) 
 mod tests {
     use super::*;
     use std::time::{Duration, Instant};
+
+    /// A one-slot inbox, already full, and a pending request of the
+    /// connection queued for its next free slot.
+    async fn full_inbox_with_a_pending_sender() -> (
+        tokio::sync::mpsc::Sender<u32>,
+        tokio::task::JoinHandle<Vec<u32>>,
+        Pending,
+    ) {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<u32>(1);
+        tx.send(0).await.unwrap();
+        let mut pending: Pending = FuturesUnordered::new();
+        let queued = tx.clone();
+        pending.push(Box::pin(async move {
+            queued.send(1).await.unwrap();
+            None
+        }));
+        assert!(pending.next().now_or_never().is_none(), "no slot yet");
+        // The shard takes what is in the inbox as it comes.
+        let shard = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(v) = rx.recv().await {
+                got.push(v);
+            }
+            got
+        });
+        (tx, shard, pending)
+    }
+
+    #[tokio::test]
+    async fn an_inline_call_does_not_wait_behind_the_connections_own_pending_requests() {
+        // The hazard: the freed slot goes to the pending request, which is
+        // not polled while the connection awaits its own call alone.
+        let (tx, shard, _pending) = full_inbox_with_a_pending_sender().await;
+        let alone = tokio::time::timeout(Duration::from_millis(300), tx.send(2)).await;
+        assert!(alone.is_err(), "the call should have waited for ourselves");
+        drop(tx);
+        shard.abort();
+
+        // Awaited alongside the pending requests, both get through in order.
+        let (tx, shard, mut pending) = full_inbox_with_a_pending_sender().await;
+        let (sent, answers) = tokio::time::timeout(
+            Duration::from_secs(10),
+            alongside_pending(&mut pending, tx.send(2)),
+        )
+        .await
+        .expect("the call waited for its own connection");
+        assert!(sent.is_ok());
+        assert!(answers.is_empty());
+        assert!(pending.is_empty());
+        drop(tx);
+        assert_eq!(shard.await.unwrap(), vec![0, 1, 2]);
+    }
 
     #[test]
     fn token_bucket_allows_a_burst_then_the_rate() {
