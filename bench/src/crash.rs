@@ -17,6 +17,7 @@ use switchboard_client::pb::{self, client_frame::Body as In, server_frame::Body 
 use switchboard_client::{ConnectOptions, Connection, Credentials, Endpoint};
 use tokio::sync::watch;
 
+use crate::harness::progress;
 use crate::server::{ServerProc, locate};
 
 /// Options of `switchboard-bench crash`.
@@ -343,6 +344,7 @@ pub async fn run(args: Args) -> Result<bool> {
     }
 
     let mut max_restart = Duration::ZERO;
+    let bar = progress(u64::from(args.cycles), "kill/restart");
     for cycle in 0..args.cycles {
         let run_ms =
             rand::rng().random_range(args.min_run_ms..=args.max_run_ms.max(args.min_run_ms));
@@ -366,13 +368,9 @@ pub async fn run(args: Args) -> Result<bool> {
         };
         max_restart = max_restart.max(killed_at.elapsed());
         let _ = servers_tx.send(Some(server.tcp.clone()));
-        if !args.json {
-            eprint!("\rkill/restart cycles: {}/{}", cycle + 1, args.cycles);
-        }
+        bar.inc(1);
     }
-    if !args.json {
-        eprintln!();
-    }
+    bar.finish_and_clear();
 
     // Stop sending; let every pending send get its ✓.
     stop.store(true, Ordering::SeqCst);
