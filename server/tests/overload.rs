@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use common::*;
 use switchboard_proto::pb::{self, ErrorCode, client_frame::Body as In, server_frame::Body as Out};
+use switchboard_server::Config;
 use switchboard_server::store::faults::FaultyStore;
 
 /// The stated bound: resident memory of this whole process (server and the
@@ -27,15 +28,23 @@ const SLOW_COMMIT: Duration = Duration::from_millis(40);
 const MAX_UNACKED: usize = 32;
 
 async fn start_tight() -> (TestServer, Arc<FaultyStore>) {
+    start_faulty(|cfg| {
+        cfg.shard_inbox = 8;
+        cfg.request_deadline_ms = 20;
+        cfg.outbound_queue_frames = 8;
+        cfg.write_timeout_ms = 500;
+        cfg.max_unacked = MAX_UNACKED;
+        cfg.drain_batch = 16;
+        cfg.shards = 2;
+    })
+    .await
+}
+
+/// A server on a store whose commits can be slowed down.
+async fn start_faulty(tweak: impl FnOnce(&mut Config)) -> (TestServer, Arc<FaultyStore>) {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = test_config(dir.path());
-    cfg.shard_inbox = 8;
-    cfg.request_deadline_ms = 20;
-    cfg.outbound_queue_frames = 8;
-    cfg.write_timeout_ms = 500;
-    cfg.max_unacked = MAX_UNACKED;
-    cfg.drain_batch = 16;
-    cfg.shards = 2;
+    tweak(&mut cfg);
     let inner = switchboard_server::open_store(&cfg).unwrap();
     let faulty = Arc::new(FaultyStore::new(inner));
     let server = switchboard_server::start_with_store(cfg, faulty.clone())
@@ -203,4 +212,50 @@ async fn flood_is_refused_cleanly_and_nothing_acknowledged_is_lost() {
         acked.len(),
         peak_rss / (1024 * 1024)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_held_while_requests_are_in_flight_are_not_a_slow_client() {
+    // Every commit outlasts the frame timeout. A client that pipelines more
+    // sends than a connection may have in flight has whole frames waiting,
+    // unread by the server, for longer than that: they are not a frame
+    // the client failed to complete, and every send is answered.
+    let (server, faulty) = start_faulty(|cfg| {
+        cfg.shards = 1;
+        cfg.frame_timeout_secs = 1;
+        cfg.request_deadline_ms = 60_000;
+    })
+    .await;
+    let alice = register(&server, "+15550000711").await;
+    let bob = register(&server, "+15550000712").await;
+    let mut a = online(&server, &alice).await;
+    assert!(a.drain().await.is_empty());
+    let bob_info = a.lookup(&bob.phone).await;
+    faulty.set_commit_delay(Duration::from_millis(1500));
+    const N: u32 = 300;
+    for i in 0..N {
+        a.send_frame(&pb::ClientFrame {
+            id: 1 + i,
+            body: Some(In::Send(pb::Send {
+                client_msg_id: format!("h{i}"),
+                to_user: bob_info.user_id,
+                payloads: vec![pb::DevicePayload {
+                    device_id: bob.device_id,
+                    payload: vec![7u8; 64].into(),
+                }],
+                ..Default::default()
+            })),
+        })
+        .await;
+    }
+    let mut oks = 0;
+    while oks < N {
+        let f = a.next().await.expect("the connection was closed");
+        match f.body {
+            Some(Out::SendOk(_)) => oks += 1,
+            Some(Out::Deliver(_) | Out::UpToDate(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    faulty.set_commit_delay(Duration::ZERO);
 }

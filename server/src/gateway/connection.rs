@@ -452,6 +452,20 @@ impl<L: Link> Conn<L> {
         End::Goodbye(code)
     }
 
+    /// When the frame now partly received must be complete, after
+    /// `completed` frames were handled: the clock runs from when that frame
+    /// began, and a completed frame restarts it. None while frames are held
+    /// (the server, not the client, is the one not reading them).
+    fn frame_clock(&self, completed: usize, current: Option<Instant>) -> Option<Instant> {
+        let partial =
+            !self.frames_held && (!self.rbuf.is_empty() || self.session.partial_frame_bytes() > 0);
+        match (partial, current) {
+            (false, _) => None,
+            (true, Some(d)) if completed == 0 => Some(d),
+            (true, _) => Some(Instant::now() + self.gw.cfg.frame_timeout),
+        }
+    }
+
     /// Whether frames wait until a request in flight finishes.
     fn paused(&self) -> bool {
         self.sends_in_flight + self.pending.len() >= MAX_IN_FLIGHT
@@ -541,14 +555,7 @@ impl<L: Link> Conn<L> {
                         Ok(n) => n,
                         Err(end) => return self.end_with(end).await,
                     };
-                    // The clock runs from when the frame now pending began:
-                    // a frame completed restarts it.
-                    let partial = !self.rbuf.is_empty() || self.session.partial_frame_bytes() > 0;
-                    partial_deadline = match (partial, partial_deadline) {
-                        (false, _) => None,
-                        (true, Some(d)) if completed == 0 => Some(d),
-                        (true, _) => Some(Instant::now() + self.gw.cfg.frame_timeout),
-                    };
+                    partial_deadline = self.frame_clock(completed, partial_deadline);
                     if let Some(p) = partial_deadline
                         && p < timer.deadline()
                     {
@@ -580,11 +587,15 @@ impl<L: Link> Conn<L> {
                 return self.end_with(end).await;
             }
             if self.frames_held && !self.paused() {
-                if let Err(end) = Box::pin(self.process_buffered()).await {
-                    return self.end_with(end).await;
-                }
-                if self.rbuf.is_empty() && self.session.partial_frame_bytes() == 0 {
-                    partial_deadline = None;
+                let completed = match Box::pin(self.process_buffered()).await {
+                    Ok(n) => n,
+                    Err(end) => return self.end_with(end).await,
+                };
+                partial_deadline = self.frame_clock(completed, partial_deadline);
+                if let Some(p) = partial_deadline
+                    && p < timer.deadline()
+                {
+                    timer.as_mut().reset(p);
                 }
             }
             if let Err(end) = self.flush().await {
