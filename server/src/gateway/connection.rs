@@ -452,6 +452,26 @@ impl<L: Link> Conn<L> {
         End::Goodbye(code)
     }
 
+    /// Handles the whole frames buffered, then sets the frame clock
+    /// (`partial`) for what they leave, moving `timer` earlier if it must
+    /// fire sooner.
+    async fn take_frames(
+        &mut self,
+        partial: &mut Option<Instant>,
+        timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    ) -> Result<(), End> {
+        // Boxed: handling a frame can await any request kind; inline, all
+        // their states would sit in every idle connection's future.
+        let completed = Box::pin(self.process_buffered()).await?;
+        *partial = self.frame_clock(completed, *partial);
+        if let Some(p) = *partial
+            && p < timer.deadline()
+        {
+            timer.reset(p);
+        }
+        Ok(())
+    }
+
     /// When the frame now partly received must be complete, after
     /// `completed` frames were handled: the clock runs from when that frame
     /// began, and a completed frame restarts it. None while frames are held
@@ -548,18 +568,8 @@ impl<L: Link> Conn<L> {
                         Err(e) => return End::Io(e),
                     }
                     deadline = Instant::now() + idle;
-                    // Boxed: handling a frame can await any request kind;
-                    // inline, all their states would sit in every idle
-                    // connection's future.
-                    let completed = match Box::pin(self.process_buffered()).await {
-                        Ok(n) => n,
-                        Err(end) => return self.end_with(end).await,
-                    };
-                    partial_deadline = self.frame_clock(completed, partial_deadline);
-                    if let Some(p) = partial_deadline
-                        && p < timer.deadline()
-                    {
-                        timer.as_mut().reset(p);
+                    if let Err(end) = self.take_frames(&mut partial_deadline, timer.as_mut()).await {
+                        return self.end_with(end).await;
                     }
                 }
                 () = &mut timer => {
@@ -586,17 +596,13 @@ impl<L: Link> Conn<L> {
             if let Err(end) = self.gather_ready() {
                 return self.end_with(end).await;
             }
-            if self.frames_held && !self.paused() {
-                let completed = match Box::pin(self.process_buffered()).await {
-                    Ok(n) => n,
-                    Err(end) => return self.end_with(end).await,
-                };
-                partial_deadline = self.frame_clock(completed, partial_deadline);
-                if let Some(p) = partial_deadline
-                    && p < timer.deadline()
-                {
-                    timer.as_mut().reset(p);
-                }
+            if self.frames_held
+                && !self.paused()
+                && let Err(end) = self
+                    .take_frames(&mut partial_deadline, timer.as_mut())
+                    .await
+            {
+                return self.end_with(end).await;
             }
             if let Err(end) = self.flush().await {
                 return end;
