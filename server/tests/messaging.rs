@@ -168,33 +168,6 @@ async fn clean_restart_keeps_accounts_and_queues() {
     a.drain().await;
 }
 
-/// Sends `n` messages to one device without waiting for answers: frame
-/// ids from `first_id`, message ids `{prefix}{i}`, payload `i` big-endian.
-async fn pipeline_sends(
-    a: &mut Raw,
-    to_user: u64,
-    device_id: u32,
-    first_id: u32,
-    prefix: &str,
-    n: u32,
-) {
-    for i in 0..n {
-        a.send_frame(&pb::ClientFrame {
-            id: first_id + i,
-            body: Some(In::Send(pb::Send {
-                client_msg_id: format!("{prefix}{i}"),
-                to_user,
-                payloads: vec![pb::DevicePayload {
-                    device_id,
-                    payload: i.to_be_bytes().to_vec().into(),
-                }],
-                ..Default::default()
-            })),
-        })
-        .await;
-    }
-}
-
 #[tokio::test]
 async fn a_client_pipelining_requests_of_every_kind_gets_every_answer() {
     // Two shards, so sends to Bob wait for a ticket or a push depending on
@@ -260,7 +233,8 @@ async fn thousand_messages_arrive_in_order_and_retries_are_stored_once() {
     let bob_info = a.lookup(&bob.phone).await;
 
     // Pipeline 1,000 sends without waiting for each ✓.
-    pipeline_sends(&mut a, bob_info.user_id, bob.device_id, 1000, "o", 1000).await;
+    a.pipeline_sends(bob_info.user_id, bob.device_id, 1000, "o", 1000)
+        .await;
     let mut oks = 0;
     while oks < 1000 {
         let f = a.next().await.unwrap();
@@ -541,7 +515,8 @@ async fn a_pipelining_sender_gets_every_answer_through_a_small_push_queue() {
     assert!(a.drain().await.is_empty());
     let bob_info = a.lookup(&bob.phone).await;
     const N: u32 = 600;
-    pipeline_sends(&mut a, bob_info.user_id, bob.device_id, 1, "p", N).await;
+    a.pipeline_sends(bob_info.user_id, bob.device_id, 1, "p", N)
+        .await;
     // One shard answers in the order it took the sends.
     for i in 0..N {
         let f = a.next().await.expect("an answer");

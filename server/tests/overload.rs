@@ -233,21 +233,8 @@ async fn frames_held_while_requests_are_in_flight_are_not_a_slow_client() {
     let bob_info = a.lookup(&bob.phone).await;
     faulty.set_commit_delay(Duration::from_millis(1500));
     const N: u32 = 300;
-    for i in 0..N {
-        a.send_frame(&pb::ClientFrame {
-            id: 1 + i,
-            body: Some(In::Send(pb::Send {
-                client_msg_id: format!("h{i}"),
-                to_user: bob_info.user_id,
-                payloads: vec![pb::DevicePayload {
-                    device_id: bob.device_id,
-                    payload: vec![7u8; 64].into(),
-                }],
-                ..Default::default()
-            })),
-        })
+    a.pipeline_sends(bob_info.user_id, bob.device_id, 1, "h", N)
         .await;
-    }
     let mut oks = 0;
     while oks < N {
         let f = a.next().await.expect("the connection was closed");

@@ -372,6 +372,33 @@ impl Raw {
         .await
     }
 
+    /// Sends `n` messages to one device without waiting for answers: frame
+    /// ids from `first_id`, message ids `{prefix}{i}`, payload `i` big-endian.
+    pub async fn pipeline_sends(
+        &mut self,
+        to_user: u64,
+        device_id: u32,
+        first_id: u32,
+        prefix: &str,
+        n: u32,
+    ) {
+        for i in 0..n {
+            self.send_frame(&pb::ClientFrame {
+                id: first_id + i,
+                body: Some(In::Send(pb::Send {
+                    client_msg_id: format!("{prefix}{i}"),
+                    to_user,
+                    payloads: vec![pb::DevicePayload {
+                        device_id,
+                        payload: i.to_be_bytes().to_vec().into(),
+                    }],
+                    ..Default::default()
+                })),
+            })
+            .await;
+        }
+    }
+
     /// Collects delivered entries (acking each page) until `UpToDate`.
     pub async fn drain(&mut self) -> Vec<pb::QueueEntry> {
         let mut got = Vec::new();
