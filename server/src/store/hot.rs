@@ -143,12 +143,6 @@ impl Hot {
         }
         out
     }
-
-    /// Removes everything.
-    pub fn clear(&mut self) {
-        self.devices.clear();
-        self.len = 0;
-    }
 }
 
 #[cfg(test)]
@@ -225,8 +219,5 @@ mod tests {
         hot.remove_prefix(&key(2, 1, 2));
         assert_eq!(seqs(&hot, 2, 1), vec![1, 3]);
         assert_eq!(hot.len(), 2);
-        hot.clear();
-        assert_eq!(hot.len(), 0);
-        assert!(hot.entries().is_empty());
     }
 }
