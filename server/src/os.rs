@@ -32,84 +32,31 @@ pub fn lower_own_priority(nice: i32) -> io::Result<()> {
     Ok(())
 }
 
-/// Lowers the CPU priority of this process's threads whose name starts with
-/// `prefix` to `nice`, and returns how many were changed.
-///
-/// Used for fjall's workers: their memtable flushes and compactions are
-/// background work that can wait, while the shard and connection threads
-/// answer users. A lower priority only matters when the CPU is contended;
-/// an idle core still runs them at full speed.
-///
-/// # Errors
-/// Reading `/proc/self/task` or setting a priority failed.
-pub fn lower_thread_priority(prefix: &str, nice: i32) -> io::Result<usize> {
-    #[cfg(target_os = "linux")]
-    {
-        let mut changed = 0;
-        for entry in std::fs::read_dir("/proc/self/task")? {
-            let entry = entry?;
-            let Some(tid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse::<i32>().ok())
-                .and_then(rustix::process::Pid::from_raw)
-            else {
-                continue;
-            };
-            // A thread may exit between listing and reading: skip it.
-            let Ok(comm) = std::fs::read_to_string(entry.path().join("comm")) else {
-                continue;
-            };
-            if comm.trim_end().starts_with(prefix) {
-                rustix::process::setpriority_process(Some(tid), nice)?;
-                changed += 1;
-            }
-        }
-        Ok(changed)
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        let _ = (prefix, nice);
-        Ok(0)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn a_named_thread_gets_the_lower_priority_and_others_keep_theirs() {
-        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(0);
-        let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<()>(0);
-        let worker = std::thread::Builder::new()
-            .name("os-test:worker".into())
-            .spawn(move || {
-                let tid = rustix::thread::gettid();
-                ready_tx.send(tid).ok();
-                done_rx.recv().ok();
-            })
-            .unwrap();
-        let tid = ready_rx.recv().unwrap();
-        let own = rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap();
-
-        assert_eq!(lower_thread_priority("os-test:", 19).unwrap(), 1);
-        assert_eq!(rustix::process::getpriority_process(Some(tid)).unwrap(), 19);
-        assert_eq!(
-            rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap(),
-            own
-        );
-        assert_eq!(lower_thread_priority("no-such-thread:", 19).unwrap(), 0);
-        std::thread::spawn(|| {
+    fn a_thread_lowers_its_own_priority_and_its_children_inherit_it() {
+        fn get(tid: rustix::process::Pid) -> i32 {
+            rustix::process::getpriority_process(Some(tid)).unwrap()
+        }
+        let own = get(rustix::thread::gettid());
+        let (lowered, child) = std::thread::spawn(move || {
             lower_own_priority(7).unwrap();
-            let me = rustix::thread::gettid();
-            assert_eq!(rustix::process::getpriority_process(Some(me)).unwrap(), 7);
+            let child = std::thread::spawn(|| get(rustix::thread::gettid()))
+                .join()
+                .unwrap();
+            (get(rustix::thread::gettid()), child)
         })
         .join()
         .unwrap();
-
-        done_tx.send(()).unwrap();
-        worker.join().unwrap();
+        assert_eq!((lowered, child), (7, 7));
+        assert_eq!(
+            get(rustix::thread::gettid()),
+            own,
+            "the caller keeps its own"
+        );
     }
 
     #[test]

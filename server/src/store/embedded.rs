@@ -24,10 +24,12 @@
 //! insert, no tombstone, no flush or compaction. Everything else is applied
 //! to fjall without a sync of its own, and only after the log's sync, so
 //! fjall never holds a write the log lacks. A checkpoint (log segment full,
-//! expiry sweep, shutdown) moves the entries still in memory into fjall,
-//! persists fjall and deletes the old log segments. Opening replays the
-//! segments left (every logged write is a put or a removal, so replaying
-//! one twice is harmless) and checkpoints at once.
+//! expiry sweep) moves the entries still in memory into fjall and starts a
+//! new segment; the one before stays until the next checkpoint has synced
+//! fjall, so no sync of fjall happens under the log lock. At shutdown a
+//! checkpoint persists fjall and deletes every old segment. Opening replays
+//! the segments left, at most two (every logged write is a put or a
+//! removal, so replaying one twice is harmless), and checkpoints at once.
 //!
 //! Dedup records live in one keyspace per UTC day of their `accepted_ms`
 //! (`dedup-20786`). Expiry drops whole keyspaces once their last possible
@@ -88,9 +90,6 @@ struct State {
 /// of 512 MiB made restarts take many seconds).
 const MAX_JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
 
-/// fjall names its worker threads (memtable flushes, compactions) so.
-const FJALL_WORKER_PREFIX: &str = "fjall:";
-
 /// Their nice value: the lowest priority. On a saturated core a flush took
 /// about 0.2 s of the shard's and the connections' time every few seconds,
 /// which showed as the p99 of the whole run (docs/BENCHMARKS.md).
@@ -115,7 +114,8 @@ const LEGACY_DEDUP_TIME: &str = "dedup_time";
 const MIGRATE_BATCH: usize = 4096;
 
 /// Log bytes after which a checkpoint starts a new segment. Bounds both
-/// the memory of the entries held in memory and the replay at startup.
+/// the memory of the entries held in memory and the replay at startup
+/// (the current segment and the one before it).
 const LOG_SEGMENT_BYTES: u64 = 32 * 1024 * 1024;
 /// Up to this many dedup records held, a checkpoint writes them in its
 /// batch under the log lock (about 1-2 µs each) instead of ingesting them
@@ -175,6 +175,18 @@ struct Db {
     /// Wakes the background checkpointer (`start_checkpointer`); unset
     /// until it runs, and commits then checkpoint themselves.
     checkpoint_wanted: std::sync::OnceLock<std::sync::mpsc::SyncSender<()>>,
+}
+
+/// How a checkpoint ends, once the queue entries are in fjall.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Finish {
+    /// fjall is synced and every segment before a new one deleted.
+    Everything,
+    /// A new segment starts and the current one stays until the next
+    /// checkpoint (see `checkpoint_keeping_current`). With `carry_dedup`,
+    /// the dedup records held stay held (they are all in the current
+    /// segment), for the next checkpoint to ingest.
+    KeepCurrent { carry_dedup: bool },
 }
 
 /// Dedup records by key (`keys::dedup`): their day and encoded record.
@@ -293,14 +305,7 @@ impl Drop for EmbeddedStore {
 
 impl Db {
     fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = Database::builder(dir)
-            .max_journaling_size(MAX_JOURNAL_BYTES)
-            .open()
-            .map_err(engine)?;
-        // Flushes and compactions can wait; users' messages cannot.
-        if let Err(e) = crate::os::lower_thread_priority(FJALL_WORKER_PREFIX, BACKGROUND_NICE) {
-            tracing::warn!(error = %e, "cannot lower the priority of the store's workers");
-        }
+        let db = open_database(dir)?;
         let (log, recovered) = Log::open(&dir.join(LOG_DIR)).map_err(engine)?;
         let ks = |name: &str| open_keyspace(&db, name);
         let mut dedup_days = BTreeMap::new();
@@ -349,7 +354,7 @@ impl Db {
                 })?;
                 this.apply(ops, true)?;
             }
-            this.checkpoint_locked(&mut log)?;
+            this.checkpoint_locked(&mut log, Finish::Everything)?;
             if records > 0 {
                 tracing::info!(records, "store log replayed");
             }
@@ -466,7 +471,7 @@ impl Db {
                 // Ends when the database is dropped (with its sender).
                 while wanted.recv().is_ok() {
                     let Some(db) = weak.upgrade() else { break };
-                    if let Err(e) = db.checkpoint() {
+                    if let Err(e) = db.checkpoint_keeping_current() {
                         tracing::warn!(error = %e, "store log checkpoint failed");
                     }
                     // Commits that found the segment full while this ran
@@ -488,24 +493,56 @@ impl Db {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// A checkpoint in two phases. First, if they are many, the dedup
-    /// records held so far are frozen (still found by lookups) and
-    /// ingested without the log lock, while batches go on. Then, with the
-    /// log lock, `checkpoint_locked` does the rest, writing the records
-    /// logged meanwhile (or the few held) in its batch with the queue
-    /// entries.
-    ///
-    /// Tried, not kept: more ingestion passes for the records logged
-    /// during the first (6,000-10,000 at 15,000 msgs/s, 8-16 ms of the
-    /// locked batch). Each pass took about as long as the first, 400 ms
-    /// and more, mostly waiting for the core at the lowest priority, so
-    /// as many were logged meanwhile.
+    /// A checkpoint that leaves nothing to replay but the current
+    /// segment: fjall is made durable and every older segment deleted. At
+    /// open (see `Db::open`) and at shutdown. If they are many, the
+    /// dedup records held are first ingested without the log lock.
     fn checkpoint(&self) -> Result<(), StoreError> {
         let _one = self.lock_checkpointing();
         if self.lock_held_dedup().len() > DEDUP_LOCKED_MAX {
             self.freeze_and_ingest()?;
         }
-        self.checkpoint_locked(&mut self.lock_log())
+        self.checkpoint_locked(&mut self.lock_log(), Finish::Everything)
+    }
+
+    /// The background checkpoint (and the expiry sweep's), which keeps as
+    /// little as it can under
+    /// the log lock, where it holds up every commit. The current segment
+    /// stays, as the previous one, until the next checkpoint; before that
+    /// one deletes it, fjall is synced (without the log lock) and the
+    /// dedup records logged during this one's ingestion are ingested. So
+    /// under the lock there is no sync of fjall and no batch of those
+    /// records (6,000-13,000 at 15,000 msgs/s, 5-25 ms of the 10-42 ms
+    /// the lock was held; see docs/BENCHMARKS.md). The price is up to two
+    /// segments to replay after a crash.
+    ///
+    /// Phases: ingest the dedup records held (if many), which includes
+    /// every one the previous segment holds; sync fjall, which then holds
+    /// all of the previous segment; with the log lock, move the queue
+    /// entries into fjall and rotate.
+    ///
+    /// Tried, not kept: more ingestion passes for the records logged
+    /// during the first. Each pass took about as long as the first, 400 ms
+    /// and more, mostly waiting for the core at the lowest priority, so
+    /// as many were logged meanwhile.
+    fn checkpoint_keeping_current(&self) -> Result<(), StoreError> {
+        let _one = self.lock_checkpointing();
+        let froze = self.lock_held_dedup().len() > DEDUP_LOCKED_MAX;
+        if froze {
+            self.freeze_and_ingest()?;
+        }
+        let started = Instant::now();
+        self.db.persist(PersistMode::SyncAll).map_err(engine)?;
+        tracing::debug!(
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "store checkpoint: fjall synced"
+        );
+        // Everything held now was logged after the freeze, so in the
+        // current segment, which stays.
+        self.checkpoint_locked(
+            &mut self.lock_log(),
+            Finish::KeepCurrent { carry_dedup: froze },
+        )
     }
 
     /// Clears `frozen_dedup`, returning what it held.
@@ -556,33 +593,17 @@ impl Db {
     /// keeps its priority for the part under the log lock, which a
     /// low-priority thread could hold for long on a saturated core.
     fn ingest_in_background(&self, held: &HeldDedup) -> Result<usize, StoreError> {
-        std::thread::scope(|scope| {
-            let spawned = std::thread::Builder::new()
-                .name("store-ingest".into())
-                .spawn_scoped(scope, || {
-                    lower_own_priority();
-                    self.ingest_dedup(held)
-                });
-            match spawned {
-                Ok(ingesting) => ingesting.join().unwrap_or_else(|_| {
-                    Err(StoreError::Engine(
-                        "the dedup ingestion thread panicked".into(),
-                    ))
-                }),
-                // No thread to be had: here, at this thread's priority.
-                Err(_) => self.ingest_dedup(held),
-            }
-        })
+        at_low_priority("store-ingest", || self.ingest_dedup(held))
     }
 
-    /// Moves the queue entries and dedup records held in memory into
-    /// fjall, makes fjall durable and deletes the log segments written so
-    /// far. The caller holds the log lock, so no batch changes memory
+    /// Moves the queue entries held in memory into fjall, and the dedup
+    /// records held unless they are carried, then ends as `finish` says.
+    /// The caller holds the log lock, so no batch changes memory
     /// meanwhile.
-    fn checkpoint_locked(&self, log: &mut Log) -> Result<(), StoreError> {
-        // Unsynced batches too: a segment left behind by a failed deletion
-        // is then whole, and replaying it with the ones after it is a
-        // replay of an unbroken stretch of the history.
+    fn checkpoint_locked(&self, log: &mut Log, finish: Finish) -> Result<(), StoreError> {
+        // Unsynced batches too: a segment left behind by a failed deletion,
+        // or kept by a rotation, is then whole, and replaying it with the
+        // ones after it is a replay of an unbroken stretch of the history.
         let started = Instant::now();
         log.sync().map_err(engine)?;
         let synced_at = started.elapsed();
@@ -598,8 +619,12 @@ impl Db {
         // The dedup records logged since `checkpoint` froze the rest, or
         // all of them if they were few: into the same batch (a table of
         // their own would cost a sync). Without a two-phase caller (at
-        // open), all of them: a big batch.
-        let dedup = {
+        // open), all of them: a big batch. Carried records stay held, and
+        // in the segment kept.
+        let carry = matches!(finish, Finish::KeepCurrent { carry_dedup: true });
+        let dedup = if carry {
+            0
+        } else {
             let held = self.lock_held_dedup();
             for (k, (day, v)) in held.iter() {
                 let ks = self.dedup_day(day.saturating_mul(DEDUP_BUCKET_MS))?;
@@ -611,21 +636,38 @@ impl Db {
             batch.commit().map_err(engine)?;
         }
         let committed_at = started.elapsed();
-        self.db.persist(PersistMode::SyncAll).map_err(engine)?;
+        // A rotation needs no sync here unless dedup records were batched:
+        // some may be carried ones from the previous segment, which goes.
+        if finish == Finish::Everything || dedup > 0 {
+            self.db.persist(PersistMode::SyncAll).map_err(engine)?;
+        }
         let persisted_at = started.elapsed();
         // Emptied by swapping and freed elsewhere: freeing the entries of
         // 10,000 devices and thousands of records took 1-7 ms here, under
         // the log lock, and the frozen tens of thousands of records 15 ms.
         let hot = std::mem::take(&mut *self.lock_hot());
         self.hot_len.store(0, Ordering::Relaxed);
-        let held = std::mem::take(&mut *self.lock_held_dedup());
+        let held = if carry {
+            HeldDedup::new()
+        } else {
+            std::mem::take(&mut *self.lock_held_dedup())
+        };
         drop_in_background((hot, held, self.take_frozen()));
         let cleared_at = started.elapsed();
-        log.retire_older().map_err(engine)?;
+        match finish {
+            Finish::Everything => log.retire_older(),
+            Finish::KeepCurrent { .. } => log.rotate(),
+        }
+        .map_err(engine)?;
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         tracing::debug!(
             entries = moved.len(),
             dedup,
+            carried = if carry {
+                self.lock_held_dedup().len()
+            } else {
+                0
+            },
             log_sync_ms = ms(synced_at),
             entries_ms = ms(moved_at - synced_at),
             batch_ms = ms(committed_at - moved_at),
@@ -721,6 +763,44 @@ impl Db {
         days.insert(day, ks.clone());
         Ok(ks)
     }
+}
+
+/// Opens fjall's database from a thread at [`BACKGROUND_NICE`], so that
+/// the workers it starts (memtable flushes, compactions) inherit that
+/// priority: they can wait, users' messages cannot. Renicing them by name
+/// after the open raced with the workers naming themselves: one of the two
+/// kept nice 0, and its compactions took up to half of a saturated core
+/// for a third of a second (docs/BENCHMARKS.md, session 13).
+fn open_database(dir: &Path) -> Result<Database, StoreError> {
+    at_low_priority("store-open", || {
+        Database::builder(dir)
+            .max_journaling_size(MAX_JOURNAL_BYTES)
+            .open()
+            .map_err(engine)
+    })
+}
+
+/// Runs `work` on a thread named `name` at [`BACKGROUND_NICE`] and waits
+/// for it. If no thread can be had, runs it here, at this thread's
+/// priority.
+fn at_low_priority<T: Send>(
+    name: &str,
+    work: impl Fn() -> Result<T, StoreError> + Sync,
+) -> Result<T, StoreError> {
+    std::thread::scope(|scope| {
+        let spawned = std::thread::Builder::new()
+            .name(name.into())
+            .spawn_scoped(scope, || {
+                lower_own_priority();
+                work()
+            });
+        match spawned {
+            Ok(running) => running
+                .join()
+                .unwrap_or_else(|_| Err(StoreError::Engine(format!("the {name} thread panicked")))),
+            Err(_) => work(),
+        }
+    })
 }
 
 /// Lowers the calling thread to [`BACKGROUND_NICE`]; it stays working at
@@ -964,7 +1044,7 @@ impl Db {
         limit: usize,
     ) -> Result<Vec<(DeviceKey, u64)>, StoreError> {
         // The sweep sees fjall only: move what is in memory there first.
-        self.checkpoint()?;
+        self.checkpoint_keeping_current()?;
         // Each queue is ordered by seq, hence by time: look at the head of
         // each device's queue and skip to the next device at the first entry
         // that has not expired. Cost: one seek per queue, plus the expired.
@@ -1074,7 +1154,7 @@ impl Db {
         let Ok(_one) = self.checkpointing.try_lock() else {
             return Ok(());
         };
-        if let Err(e) = self.checkpoint_locked(&mut log) {
+        if let Err(e) = self.checkpoint_locked(&mut log, Finish::Everything) {
             // The batch is durable and applied; a failed checkpoint leaves
             // entries in both places or segments to replay, both harmless.
             // The next segment-full commit or sweep tries again.
@@ -1439,6 +1519,88 @@ mod tests {
         assert_eq!(store.dedup(&dedup_key("a")).unwrap(), None);
         assert_eq!(store.dedup(&dedup_key("e")).unwrap(), None);
         assert!(store.dedup(&dedup_key("c")).unwrap().is_some());
+    }
+
+    /// fjall's workers inherit the lowest priority from the thread that
+    /// opens the database, with no window in which they run at the
+    /// default.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_databases_workers_run_at_the_lowest_priority() {
+        let dir = tempfile::tempdir().unwrap();
+        let _store = EmbeddedStore::open(dir.path()).unwrap();
+        let mut workers = 0;
+        for entry in std::fs::read_dir("/proc/self/task").unwrap() {
+            let entry = entry.unwrap();
+            let Ok(comm) = std::fs::read_to_string(entry.path().join("comm")) else {
+                continue; // exited meanwhile
+            };
+            if !comm.starts_with("fjall:") {
+                continue;
+            }
+            let tid: i32 = entry.file_name().to_str().unwrap().parse().unwrap();
+            let tid = rustix::process::Pid::from_raw(tid).unwrap();
+            let nice = rustix::process::getpriority_process(Some(tid)).unwrap();
+            assert_eq!(nice, BACKGROUND_NICE, "{comm} {tid:?}");
+            workers += 1;
+        }
+        assert!(workers > 0, "no fjall worker found");
+    }
+
+    /// The background checkpoint keeps the dedup records logged during its
+    /// ingestion in memory and keeps their segment; a crash then brings
+    /// them back from it, and the next checkpoint puts them into fjall
+    /// before that segment goes.
+    #[test]
+    fn dedup_records_logged_during_an_ingestion_wait_for_the_next_checkpoint() {
+        const DAY: u64 = 7 * DEDUP_BUCKET_MS;
+        let dir = tempfile::tempdir().unwrap();
+        let in_fjall = |db: &Db, id: &str| -> bool {
+            let k = keys::dedup(&dedup_key(id));
+            let days = db.dedup_days.read().unwrap();
+            days.values().any(|ks| ks.get(&k).unwrap().is_some())
+        };
+        let segments = || std::fs::read_dir(dir.path().join(LOG_DIR)).unwrap().count();
+        // The phases of `checkpoint_keeping_current`, with `id` committed
+        // during the ingestion of the records held before it.
+        let carry = |store: &EmbeddedStore, db: &Db, id: &str, at: u64| -> DedupRecord {
+            put_dedup(store, &format!("{id}-before"), at);
+            let _one = db.lock_checkpointing();
+            db.freeze_and_ingest().unwrap();
+            let record = put_dedup(store, id, at + 1);
+            db.db.persist(PersistMode::SyncAll).unwrap();
+            let finish = Finish::KeepCurrent { carry_dedup: true };
+            db.checkpoint_locked(&mut db.lock_log(), finish).unwrap();
+            assert!(in_fjall(db, &format!("{id}-before")), "ingested");
+            assert!(!in_fjall(db, id), "carried");
+            assert_eq!(db.lock_held_dedup().len(), 1);
+            assert_eq!(segments(), 2, "the segment holding it stays");
+            record
+        };
+        let late = {
+            let store = EmbeddedStore::open(dir.path()).unwrap();
+            let db = store.db().unwrap();
+            assert_eq!(segments(), 1);
+            let late = carry(&store, &db, "late", DAY);
+            assert_eq!(
+                store.dedup(&dedup_key("late")).unwrap().as_ref(),
+                Some(&late)
+            );
+            late
+            // Dropped without a checkpoint, as by a crash.
+        };
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(store.dedup(&dedup_key("late")).unwrap(), Some(late));
+
+        // Without a crash, the next background checkpoint writes and syncs
+        // the carried records (few now) before their segment goes.
+        let db = store.db().unwrap();
+        let late2 = carry(&store, &db, "late2", DAY + 10);
+        db.checkpoint_keeping_current().unwrap();
+        assert!(in_fjall(&db, "late2"));
+        assert!(db.lock_held_dedup().is_empty());
+        assert_eq!(segments(), 2);
+        assert_eq!(store.dedup(&dedup_key("late2")).unwrap(), Some(late2));
     }
 
     /// A full log segment is checkpointed by the background thread: the

@@ -9,9 +9,9 @@
 //! batch at the level of keyspaces, so the log needs no knowledge of the
 //! records it carries.
 //!
-//! Retiring reuses the retired segment's file (right after opening, the
-//! larger replayed one) for the next segment instead of creating an empty
-//! one. Its blocks are allocated and written already, so
+//! Retiring (every older segment goes) and rotating (all but the current
+//! one go) reuse a retired segment's file for the next segment instead of
+//! creating an empty one. Its blocks are allocated and written already, so
 //! a record written over them changes no file metadata, and the sync that
 //! makes it durable (`fdatasync`) needs no filesystem journal commit: on
 //! ext4 that cost the server CPU (see docs/BENCHMARKS.md). The seed keeps
@@ -297,21 +297,61 @@ impl Log {
             }
             Some((_, donor_path, donor_len)) => {
                 // The donor is older than the current segment and holds
-                // nothing that is not in fjall; under its new name its
-                // records fail the new seed.
-                std::fs::rename(&donor_path, &next_path)?;
-                let file = OpenOptions::new().write(true).open(&next_path)?;
-                if let Err(e) = sync_dir(&self.dir) {
-                    self.broken = true;
-                    return Err(e);
-                }
-                self.allocated = donor_len;
-                self.file = file;
-                self.number = next;
-                self.bytes = 0;
+                // nothing that is not in fjall.
+                self.continue_in(&donor_path, donor_len)?;
                 std::fs::remove_file(&current_path)?;
             }
         }
+        Ok(())
+    }
+
+    /// Starts a new segment and deletes every one before the current,
+    /// which stays, as the previous, until the next rotation: what it
+    /// holds need not be durable elsewhere yet, only what the older ones
+    /// hold. The background checkpoint rotates, so that fjall's sync and
+    /// the dedup records logged during its ingestion wait for the next
+    /// checkpoint instead of holding up commits under the log lock.
+    ///
+    /// The new segment reuses the file of the newest deleted segment, or
+    /// is a new file if there is none (the first rotation after opening).
+    ///
+    /// # Errors
+    /// I/O errors, as for [`Log::retire_older`].
+    pub fn rotate(&mut self) -> io::Result<()> {
+        let older: Vec<(u64, PathBuf)> = segments(&self.dir)?
+            .into_iter()
+            .filter(|(n, _)| *n < self.number)
+            .collect();
+        let Some((donor_path, rest)) = older.split_last().map(|((_, p), rest)| (p, rest)) else {
+            let next = self.number + 1;
+            self.file = create_segment(&self.dir, next)?;
+            self.allocated = 0;
+            self.number = next;
+            self.bytes = 0;
+            return Ok(());
+        };
+        for (_, path) in rest {
+            std::fs::remove_file(path)?;
+        }
+        self.continue_in(donor_path, file_len(donor_path))
+    }
+
+    /// Makes the file at `donor_path`, `donor_len` bytes long and holding
+    /// nothing needed any more, the next segment. Under its new name its
+    /// records fail the new seed.
+    fn continue_in(&mut self, donor_path: &Path, donor_len: u64) -> io::Result<()> {
+        let next = self.number + 1;
+        let next_path = self.dir.join(segment_name(next));
+        std::fs::rename(donor_path, &next_path)?;
+        let file = OpenOptions::new().write(true).open(&next_path)?;
+        if let Err(e) = sync_dir(&self.dir) {
+            self.broken = true;
+            return Err(e);
+        }
+        self.allocated = donor_len;
+        self.file = file;
+        self.number = next;
+        self.bytes = 0;
         Ok(())
     }
 }
@@ -456,6 +496,44 @@ mod tests {
         let (_, rec) = Log::open(dir.path()).unwrap();
         let got: Vec<Vec<RawOp>> = rec.records.iter().map(|r| decode(r).unwrap()).collect();
         assert_eq!(got, vec![vec![op(5)]]);
+    }
+
+    /// Rotating keeps the current segment beside the new one and deletes
+    /// only the older ones, whose file the new segment reuses.
+    #[test]
+    fn rotating_keeps_the_current_segment_and_reuses_an_older_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = Log::open(dir.path()).unwrap();
+        log.append(&[op(1)]).unwrap();
+        log.sync().unwrap();
+        // Nothing older to reuse: a new file.
+        log.rotate().unwrap();
+        assert_eq!(names(dir.path()), vec![1, 2]);
+        assert_eq!(file_len(&dir.path().join("2.log")), 0);
+        for i in 0..20 {
+            log.append(&[op(i % 7)]).unwrap();
+        }
+        log.sync().unwrap();
+        // Segment 1 goes and its file becomes segment 3; 2 stays.
+        log.rotate().unwrap();
+        assert_eq!(names(dir.path()), vec![2, 3]);
+        assert_eq!(file_len(&dir.path().join("3.log")), GROW_BYTES);
+        log.append(&[op(2)]).unwrap();
+        log.sync().unwrap();
+        drop(log);
+
+        // Both segments are replayed, in order, and the reused file's older
+        // record fails the new seed.
+        let (mut log, rec) = Log::open(dir.path()).unwrap();
+        let got: Vec<Vec<RawOp>> = rec.records.iter().map(|r| decode(r).unwrap()).collect();
+        assert_eq!(got.len(), 21);
+        assert_eq!(got[0], vec![op(0)]);
+        assert_eq!(got[19], vec![op(19 % 7)]);
+        assert_eq!(got[20], vec![op(2)]);
+        assert_eq!(names(dir.path()), vec![2, 3, 4]);
+        // Retiring after that replay leaves only the new segment.
+        log.retire_older().unwrap();
+        assert_eq!(names(dir.path()), vec![5]);
     }
 
     /// Records never extend the file: it grows ahead of them in whole
