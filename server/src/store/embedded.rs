@@ -531,8 +531,8 @@ impl Db {
     }
 
     /// The background checkpoint (and the expiry sweep's), which keeps as
-    /// little as it can under
-    /// the log lock, where it holds up every commit. The current segment
+    /// little as it can under the log lock, where it holds up every
+    /// commit. The current segment
     /// stays, as the previous one, until the next checkpoint; before that
     /// one deletes it, fjall is synced (without the log lock) and the
     /// dedup records logged during this one's ingestion are ingested. So
