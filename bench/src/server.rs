@@ -14,6 +14,23 @@ use tokio::process::{Child, Command};
 /// over 30 s; the crash tester reports the slowest restart separately.
 const START_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// The server's settings file, written into its data dir.
+const LIMITS_FILE: &str = "bench-limits.toml";
+
+/// The load generator is one trusted client sending for thousands of users
+/// from one address at rates far above a person's: the per-user, per-pair
+/// and per-address request limits are lifted so they measure the server,
+/// not its abuse limits. Queue quotas stay as configured by default
+/// (docs/BENCHMARKS.md; the abuse scenario measures the limits).
+const LOAD_GENERATOR_LIMITS: &str = "\
+sends_per_user_per_min = 1000000000
+sends_per_pair_per_min = 1000000000
+read_receipts_per_user_per_min = 1000000000
+lookups_per_user_per_hour = 1000000000
+bundle_fetches_per_user_per_hour = 1000000000
+code_requests_per_ip_per_hour = 1000000000
+";
+
 /// Where the `switchboard` binary is: the given path, else next to this
 /// executable (both are built into the same target directory).
 pub fn locate(explicit: Option<PathBuf>) -> Result<PathBuf> {
@@ -47,6 +64,11 @@ impl ServerProc {
     /// # Errors
     /// If it cannot be spawned or never becomes ready.
     pub async fn start(bin: &Path, data_dir: &Path, args: &[String]) -> Result<Self> {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("cannot create {}", data_dir.display()))?;
+        let config = data_dir.join(LIMITS_FILE);
+        std::fs::write(&config, LOAD_GENERATOR_LIMITS)
+            .with_context(|| format!("cannot write {}", config.display()))?;
         let mut cmd = Command::new(bin);
         cmd.args([
             "serve",
@@ -57,6 +79,8 @@ impl ServerProc {
         ])
         .arg("--data-dir")
         .arg(data_dir)
+        .arg("--config")
+        .arg(&config)
         .args(args)
         .env(
             "RUST_LOG",

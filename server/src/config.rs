@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::gateway::GatewayConfig;
+use crate::limits::{Rate, RequestLimits};
 use crate::router::RouterConfig;
 
 /// Log output format.
@@ -84,6 +85,37 @@ pub struct Config {
     pub shutdown_grace_ms: u64,
     /// Log format.
     pub log_format: LogFormat,
+    // ---- limits (see `limits` and docs/OPERATIONS.md, "Limits")
+    /// Messages one user may send per minute, all devices and connections
+    /// together (a burst of this many, then this many per minute).
+    pub sends_per_user_per_min: u32,
+    /// Messages one user may send to one other user per minute.
+    pub sends_per_pair_per_min: u32,
+    /// READ receipts one user may send per minute.
+    pub read_receipts_per_user_per_min: u32,
+    /// Phone-number lookups one user may make per hour (number enumeration).
+    pub lookups_per_user_per_hour: u32,
+    /// Key-bundle fetches one user may make per hour (starting a
+    /// 1,024-member group takes one per member).
+    pub bundle_fetches_per_user_per_hour: u32,
+    /// One-time keys of one device handed out per hour; further fetches of
+    /// that device get its fallback key, so nobody can drain its stock.
+    pub one_time_keys_per_device_per_hour: u32,
+    /// Verification codes that may be requested from one IP address per hour.
+    pub code_requests_per_ip_per_hour: u32,
+    /// Verification codes that may be requested for one number per hour.
+    pub code_requests_per_phone_per_hour: u32,
+    /// Wrong codes one number may get per day, across code re-requests.
+    pub wrong_codes_per_phone_per_day: u32,
+    /// Entries one device's durable queue may hold; past it, sends to the
+    /// device are refused with QUEUE_FULL.
+    pub queue_max_entries_per_device: u64,
+    /// Bytes one device's durable queue may hold; past it, QUEUE_FULL.
+    pub queue_max_bytes_per_device: u64,
+    /// Open connections at most (also capped by the process's file limit).
+    pub max_connections: usize,
+    /// Seconds a connection may stay without authenticating or linking.
+    pub unauthenticated_timeout_secs: u64,
 }
 
 impl Default for Config {
@@ -113,6 +145,19 @@ impl Default for Config {
             max_accepts_per_sec: 5_000,
             shutdown_grace_ms: 5_000,
             log_format: LogFormat::Text,
+            sends_per_user_per_min: 1_200,
+            sends_per_pair_per_min: 600,
+            read_receipts_per_user_per_min: 1_200,
+            lookups_per_user_per_hour: 300,
+            bundle_fetches_per_user_per_hour: 3_000,
+            one_time_keys_per_device_per_hour: 100,
+            code_requests_per_ip_per_hour: 60,
+            code_requests_per_phone_per_hour: 3,
+            wrong_codes_per_phone_per_day: 10,
+            queue_max_entries_per_device: 20_000,
+            queue_max_bytes_per_device: 256 * 1024 * 1024,
+            max_connections: 1_000_000,
+            unauthenticated_timeout_secs: 120,
         }
     }
 }
@@ -162,6 +207,8 @@ const MAX_FRAME_BYTES_CEILING: usize = 16 * 1024 * 1024;
 /// Client message ids are remembered at least this long, the promise that
 /// makes a retry within a day idempotent.
 const MIN_DEDUP_WINDOW_SECS: u64 = 24 * 3600;
+/// A device queue must hold at least one largest message with its framing.
+const MIN_QUEUE_BYTES: u64 = switchboard_proto::limits::MAX_PAYLOAD_BYTES as u64 + 4096;
 /// The bound on drain pages.
 const MAX_DRAIN_BATCH: usize = 100;
 /// Longest group commit pacing allowed: every ✓ may wait this long, and a
@@ -217,6 +264,14 @@ impl Config {
                 ),
             );
         }
+        if self.queue_max_bytes_per_device < MIN_QUEUE_BYTES {
+            return bad(
+                "queue_max_bytes_per_device",
+                format!(
+                    "must be at least {MIN_QUEUE_BYTES}: room for one message of the largest size"
+                ),
+            );
+        }
         if self.dedup_window_secs < MIN_DEDUP_WINDOW_SECS {
             return bad(
                 "dedup_window_secs",
@@ -235,6 +290,50 @@ impl Config {
             ("write_timeout_ms", self.write_timeout_ms),
             ("request_deadline_ms", self.request_deadline_ms),
             ("max_accepts_per_sec", u64::from(self.max_accepts_per_sec)),
+            (
+                "sends_per_user_per_min",
+                u64::from(self.sends_per_user_per_min),
+            ),
+            (
+                "sends_per_pair_per_min",
+                u64::from(self.sends_per_pair_per_min),
+            ),
+            (
+                "read_receipts_per_user_per_min",
+                u64::from(self.read_receipts_per_user_per_min),
+            ),
+            (
+                "lookups_per_user_per_hour",
+                u64::from(self.lookups_per_user_per_hour),
+            ),
+            (
+                "bundle_fetches_per_user_per_hour",
+                u64::from(self.bundle_fetches_per_user_per_hour),
+            ),
+            (
+                "code_requests_per_ip_per_hour",
+                u64::from(self.code_requests_per_ip_per_hour),
+            ),
+            (
+                "code_requests_per_phone_per_hour",
+                u64::from(self.code_requests_per_phone_per_hour),
+            ),
+            (
+                "wrong_codes_per_phone_per_day",
+                u64::from(self.wrong_codes_per_phone_per_day),
+            ),
+            (
+                "queue_max_entries_per_device",
+                self.queue_max_entries_per_device,
+            ),
+            (
+                "queue_max_bytes_per_device",
+                self.queue_max_bytes_per_device,
+            ),
+            (
+                "unauthenticated_timeout_secs",
+                self.unauthenticated_timeout_secs,
+            ),
         ] {
             if v == 0 {
                 return bad(field, "must be greater than 0".into());
@@ -247,6 +346,7 @@ impl Config {
             ("max_batch_commands", self.max_batch_commands),
             ("max_cached_users", self.max_cached_users),
             ("max_concurrent_handshakes", self.max_concurrent_handshakes),
+            ("max_connections", self.max_connections),
         ] {
             if v == 0 {
                 return bad(field, "must be greater than 0".into());
@@ -278,6 +378,11 @@ impl Config {
             dedup_window_ms: self.dedup_window_secs.saturating_mul(1000),
             max_cached_users: self.max_cached_users,
             request_deadline: Duration::from_millis(self.request_deadline_ms),
+            code_requests_per_phone: Rate::per_hour(self.code_requests_per_phone_per_hour),
+            wrong_codes_per_phone_per_day: self.wrong_codes_per_phone_per_day,
+            one_time_keys_per_device: Rate::per_hour(self.one_time_keys_per_device_per_hour),
+            queue_max_entries: self.queue_max_entries_per_device,
+            queue_max_bytes: self.queue_max_bytes_per_device,
         }
     }
 
@@ -292,6 +397,16 @@ impl Config {
             max_unacked: self.max_unacked,
             max_concurrent_handshakes: self.max_concurrent_handshakes,
             max_accepts_per_sec: self.max_accepts_per_sec,
+            max_connections: self.max_connections,
+            unauthenticated_timeout: Duration::from_secs(self.unauthenticated_timeout_secs),
+            requests: RequestLimits {
+                sends_per_user: Rate::per_minute(self.sends_per_user_per_min),
+                sends_per_pair: Rate::per_minute(self.sends_per_pair_per_min),
+                read_receipts_per_user: Rate::per_minute(self.read_receipts_per_user_per_min),
+                lookups_per_user: Rate::per_hour(self.lookups_per_user_per_hour),
+                bundle_fetches_per_user: Rate::per_hour(self.bundle_fetches_per_user_per_hour),
+                code_requests_per_ip: Rate::per_hour(self.code_requests_per_ip_per_hour),
+            },
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod clock;
 pub mod config;
 pub mod gateway;
 pub mod keys;
+pub mod limits;
 pub mod os;
 pub mod router;
 pub mod store;
@@ -127,6 +128,7 @@ pub async fn run_with_store(
     config.validate()?;
     // First, so every handle created below records into it.
     let metrics_handle = telemetry::install();
+    limits::register_metrics();
     std::fs::create_dir_all(&config.data_dir).map_err(io_err(format!(
         "cannot create data dir {}",
         config.data_dir.display()
@@ -167,9 +169,13 @@ pub async fn run_with_store(
     });
     let http_cancel = cancel.clone();
     let http_task = tokio::spawn(async move {
-        axum::serve(http, app)
-            .with_graceful_shutdown(async move { http_cancel.cancelled().await })
-            .await
+        // The peer's address reaches `/ws` for the per-address limits.
+        axum::serve(
+            http,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { http_cancel.cancelled().await })
+        .await
     });
     let sweep_router = router.clone();
     let sweep_every = Duration::from_secs(config.sweep_interval_secs);

@@ -50,6 +50,9 @@ pub const DISCARDED_REQUESTS: &str = "switchboard_discarded_requests_total";
 pub const SLOW_READER_DISCONNECTS: &str = "switchboard_slow_reader_disconnects_total";
 /// Panics caught and contained, by where they happened.
 pub const PANICS: &str = "switchboard_panics_total";
+/// Requests refused (or, for one-time keys, answered with the fallback key)
+/// by a rate limit or quota, by limit.
+pub const RATE_LIMITED: &str = "switchboard_rate_limited_total";
 
 /// Latency buckets (seconds) for the ✓, delivery, wait and commit histograms:
 /// fine below 10 ms where a healthy server lives, coarse up to a minute.
@@ -163,4 +166,8 @@ fn describe() {
         "Connections dropped as slow readers."
     );
     describe_counter!(PANICS, "Panics caught and contained, by location.");
+    describe_counter!(
+        RATE_LIMITED,
+        "Requests refused by a rate limit or quota, by limit."
+    );
 }

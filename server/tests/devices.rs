@@ -7,60 +7,7 @@ mod common;
 use std::collections::HashSet;
 
 use common::*;
-use ed25519_dalek::{Signer, SigningKey};
 use switchboard_proto::pb::{self, ErrorCode, client_frame::Body as In, server_frame::Body as Out};
-
-/// A device's test identity: an Ed25519 signing key and a made-up X25519
-/// identity key (the server only checks signatures and sizes).
-struct TestKeys {
-    sk: SigningKey,
-    curve: [u8; 32],
-}
-
-impl TestKeys {
-    fn new(seed: u8) -> Self {
-        Self {
-            sk: SigningKey::from_bytes(&[seed; 32]),
-            curve: [seed.wrapping_add(100); 32],
-        }
-    }
-
-    fn sign(&self, label: &[u8], public: &[u8]) -> Vec<u8> {
-        let mut msg = label.to_vec();
-        msg.extend_from_slice(public);
-        self.sk.sign(&msg).to_bytes().to_vec()
-    }
-
-    fn identity(&self) -> pb::IdentityKeys {
-        pb::IdentityKeys {
-            curve25519: self.curve.to_vec().into(),
-            ed25519: self.sk.verifying_key().to_bytes().to_vec().into(),
-            signature: self.sign(b"switchboard identity v1", &self.curve).into(),
-        }
-    }
-
-    fn key(&self, id: &str, public: [u8; 32]) -> pb::SignedKey {
-        pb::SignedKey {
-            key_id: id.into(),
-            public_key: public.to_vec().into(),
-            signature: self.sign(b"switchboard key v1", &public).into(),
-        }
-    }
-
-    fn upload(&self, first: u32, count: u32) -> pb::UploadKeys {
-        pb::UploadKeys {
-            identity: Some(self.identity()),
-            fallback_key: Some(self.key("fallback", [0xfb; 32])),
-            one_time_keys: (first..first + count)
-                .map(|i| {
-                    let mut k = [0u8; 32];
-                    k[..4].copy_from_slice(&i.to_be_bytes());
-                    self.key(&format!("otk{i}"), k)
-                })
-                .collect(),
-        }
-    }
-}
 
 async fn upload(c: &mut Raw, up: pb::UploadKeys) -> Out {
     c.request(In::UploadKeys(up)).await
@@ -445,37 +392,4 @@ async fn fan_out_to_own_devices(same_shard: bool) {
         panic!("{note:?}")
     };
     assert_eq!(&m.payload[..], b"note");
-}
-
-#[tokio::test]
-async fn bundle_fetches_are_rate_limited_per_connection() {
-    let server = TestServer::start().await;
-    let bob = register(&server, "+15550000341").await;
-    let keys = TestKeys::new(5);
-    let mut b = online(&server, &bob).await;
-    assert!(matches!(
-        upload(&mut b, keys.upload(0, 10)).await,
-        Out::KeysUploaded(_)
-    ));
-    let eve = register(&server, "+15550000342").await;
-    let mut e = online(&server, &eve).await;
-    let mut limited = None;
-    for _ in 0..400 {
-        match e
-            .request(In::FetchBundles(pb::FetchBundles {
-                user_id: bob.user_id,
-            }))
-            .await
-        {
-            Out::Bundles(_) => {}
-            Out::Error(err) => {
-                limited = Some(err);
-                break;
-            }
-            other => panic!("{other:?}"),
-        }
-    }
-    let err = limited.expect("an endless stream of bundle fetches was never limited");
-    assert_eq!(err.code(), ErrorCode::RateLimited);
-    assert!(err.retry_after_ms > 0);
 }

@@ -16,13 +16,14 @@ async fn start_faulty() -> (TestServer, Arc<FaultyStore>) {
     let cfg = test_config(dir.path());
     let inner = switchboard_server::open_store(&cfg).unwrap();
     let faulty = Arc::new(FaultyStore::new(inner));
-    let server = switchboard_server::start_with_store(cfg, faulty.clone())
+    let server = switchboard_server::start_with_store(cfg.clone(), faulty.clone())
         .await
         .unwrap();
     (
         TestServer {
             dir,
             server: Some(server),
+            config: cfg,
         },
         faulty,
     )
@@ -161,10 +162,11 @@ async fn full_disk_gives_no_ack_and_recovers_when_space_returns() {
     let data = mnt.path().join("data");
     let mut cfg = test_config(&data);
     cfg.data_dir = data.clone();
-    let server = switchboard_server::start(cfg).await.unwrap();
+    let server = switchboard_server::start(cfg.clone()).await.unwrap();
     let server = TestServer {
         dir: tempfile::tempdir().unwrap(),
         server: Some(server),
+        config: cfg,
     };
     // Registration reads codes from the data dir, which is on the tmpfs.
     let reg = |phone: &'static str| {

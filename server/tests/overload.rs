@@ -47,13 +47,14 @@ async fn start_faulty(tweak: impl FnOnce(&mut Config)) -> (TestServer, Arc<Fault
     tweak(&mut cfg);
     let inner = switchboard_server::open_store(&cfg).unwrap();
     let faulty = Arc::new(FaultyStore::new(inner));
-    let server = switchboard_server::start_with_store(cfg, faulty.clone())
+    let server = switchboard_server::start_with_store(cfg.clone(), faulty.clone())
         .await
         .unwrap();
     (
         TestServer {
             dir,
             server: Some(server),
+            config: cfg,
         },
         faulty,
     )

@@ -54,6 +54,13 @@ impl TestServer {
             tcp_listen: "127.0.0.1:0".parse().unwrap(),
             http_listen: "127.0.0.1:0".parse().unwrap(),
             shards: 2,
+            // Tests pipeline thousands of sends from one user; the server's
+            // abuse limits are tested in the server's limits.rs.
+            sends_per_user_per_min: 1_000_000,
+            sends_per_pair_per_min: 1_000_000,
+            read_receipts_per_user_per_min: 1_000_000,
+            lookups_per_user_per_hour: 1_000_000,
+            bundle_fetches_per_user_per_hour: 1_000_000,
             ..Config::default()
         };
         tweak(&mut config);

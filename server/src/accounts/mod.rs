@@ -18,13 +18,6 @@ pub const CODE_TTL_MS: u64 = 10 * 60 * 1000;
 /// requested): 5 guesses in 10^6 per code.
 pub const MAX_WRONG_CODE_ATTEMPTS: u32 = 5;
 
-/// Codes that may be requested per phone number per hour, so the server
-/// cannot be used to spam a number or burn SMS budget.
-pub const MAX_CODE_REQUESTS_PER_HOUR: usize = 3;
-
-/// One hour, the window of [`MAX_CODE_REQUESTS_PER_HOUR`].
-pub const CODE_REQUEST_WINDOW_MS: u64 = 60 * 60 * 1000;
-
 /// Bytes of a device credential: 256 bits, so a plain SHA-256 at rest is
 /// enough (no password stretching needed for random secrets).
 pub const CREDENTIAL_BYTES: usize = 32;
@@ -37,7 +30,7 @@ pub const LINK_CODE_TTL_MS: u64 = 5 * 60 * 1000;
 pub const MAX_LINKED_DEVICES: usize = 4;
 
 /// Link codes a user may create per hour.
-pub const MAX_LINK_CODES_PER_HOUR: usize = 10;
+pub const MAX_LINK_CODES_PER_HOUR: u32 = 10;
 
 /// Alphabet of link codes: no 0/O or 1/I, so they survive being read aloud.
 const LINK_ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZ23456789";

@@ -2,12 +2,13 @@
 //! same Noise stream as TCP) and health checks. Accounts, keys, groups and
 //! metrics endpoints join it as their issues land.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router as HttpRouter;
-use axum::extract::State;
 use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -64,7 +65,11 @@ pub fn routes(state: ApiState) -> HttpRouter {
         .with_state(state)
 }
 
-async fn ws(State(state): State<ApiState>, upgrade: WebSocketUpgrade) -> Response {
+async fn ws(
+    State(state): State<ApiState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
     let max = state.gateway.cfg.max_frame_bytes + WS_MESSAGE_OVERHEAD_BYTES;
     let gateway = state.gateway.clone();
     let shutdown = state.shutdown.clone();
@@ -80,7 +85,7 @@ async fn ws(State(state): State<ApiState>, upgrade: WebSocketUpgrade) -> Respons
         .max_write_buffer_size(WS_MAX_WRITE_BUFFER_BYTES)
         .on_upgrade(move |socket| async move {
             tracker
-                .spawn(gateway.serve_link(WsLink(socket), permit, shutdown))
+                .spawn(gateway.serve_link(WsLink(socket), peer.ip(), permit, shutdown))
                 .await
                 .ok();
         })

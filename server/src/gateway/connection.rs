@@ -7,6 +7,7 @@
 //! Pushes from the owning shard arrive on a bounded channel.
 
 use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -26,6 +27,7 @@ use super::link::Link;
 use super::wire::{error, error_frame, kick_error, route_error, shutting_down};
 use crate::FastMap;
 use crate::clock::now_ms;
+use crate::limits::{Limit, Slot};
 use crate::router::{
     AnswerTo, ConnLink, Notice, OwedReceipt, Push, PushRx, Received, RouteError, SendAccepted,
     SendRequest, push_channel,
@@ -37,43 +39,10 @@ use crate::telemetry as tm;
 /// so credentials cannot be guessed at line rate.
 const MAX_AUTH_FAILURES: u32 = 3;
 
-/// Bundle fetches a connection may make at once: enough to start sessions
-/// with every device of a large group's members in one burst.
-const BUNDLE_FETCH_BURST: f64 = 200.0;
-/// Sustained bundle fetches per second per connection.
-const BUNDLE_FETCHES_PER_SEC: f64 = 10.0;
-
-/// A token bucket; single owner, so no locking.
-struct TokenBucket {
-    tokens: f64,
-    burst: f64,
-    per_sec: f64,
-    last: std::time::Instant,
-}
-
-impl TokenBucket {
-    fn new(burst: f64, per_sec: f64) -> Self {
-        Self {
-            tokens: burst,
-            burst,
-            per_sec,
-            last: std::time::Instant::now(),
-        }
-    }
-
-    /// Takes one token, or says in how many ms one will be there.
-    fn take(&mut self, now: std::time::Instant) -> Result<(), u64> {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.burst);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err((((1.0 - self.tokens) / self.per_sec) * 1000.0).ceil() as u64)
-        }
-    }
-}
+/// When a client refused at the connection cap should try again (this or
+/// another server): long enough for connections to end, and spread by the
+/// client's own backoff.
+const CONNECTION_CAP_RETRY_AFTER_MS: u64 = 5_000;
 
 /// Most plaintext gathered from ready answers and pushes into one write.
 const GATHER_MAX_BYTES: usize = 64 * 1024;
@@ -155,6 +124,7 @@ async fn alongside_pending<T>(
 /// Runs one connection to completion.
 pub async fn run<L: Link>(
     mut link: L,
+    peer: IpAddr,
     gw: Arc<Gateway>,
     permit: tokio::sync::OwnedSemaphorePermit,
     shutdown: CancellationToken,
@@ -182,7 +152,9 @@ pub async fn run<L: Link>(
         // connection's future for its whole life, so the handshake's
         // buffer and outcome are moved, never borrowed or named (a failed
         // outcome is consumed before the close is awaited).
-        let (session, rbuf) = match timeout(
+        // `_slot` holds this connection's place under the connection cap
+        // until the task ends.
+        let (session, rbuf, _slot) = match timeout(
             gw.cfg.handshake_timeout,
             // Boxed: the handshake's state is large and lives only briefly;
             // inline it would be part of every connection's future for good.
@@ -209,7 +181,7 @@ pub async fn run<L: Link>(
             authed: None,
             push_rx: None,
             auth_failures: 0,
-            bundle_budget: TokenBucket::new(BUNDLE_FETCH_BURST, BUNDLE_FETCHES_PER_SEC),
+            peer,
             pending: FuturesUnordered::new(),
             delivered: FastMap::default(),
             sends_in_flight: 0,
@@ -260,7 +232,7 @@ async fn read_record<L: Link>(link: &mut L, rbuf: &mut BytesMut) -> Result<Bytes
 /// The server side of the Noise XX handshake with version negotiation.
 /// Logs and counts a handshake that did not complete.
 fn count_handshake_failure(
-    failed: Result<Result<(Session, BytesMut), End>, tokio::time::error::Elapsed>,
+    failed: Result<Result<(Session, BytesMut, Slot), End>, tokio::time::error::Elapsed>,
 ) {
     let reason = match failed {
         Ok(Ok(_)) => return,
@@ -287,7 +259,7 @@ async fn handshake<L: Link>(
     link: &mut L,
     mut rbuf: BytesMut,
     gw: &Gateway,
-) -> Result<(Session, BytesMut), End> {
+) -> Result<(Session, BytesMut, Slot), End> {
     while rbuf.len() < PREAMBLE.len() {
         match link.read_into(&mut rbuf).await {
             Ok(0) => return Err(End::PeerClosed),
@@ -305,11 +277,23 @@ async fn handshake<L: Link>(
     let msg1 = read_record(link, &mut rbuf).await?;
     let payload = hs.read_message(&msg1).map_err(End::Proto)?;
     let hello = pb::ClientHello::decode(&payload[..]).map_err(|e| End::Proto(e.into()))?;
-    let (result, accepted) = match version::negotiate(version::CURRENT, &hello.versions) {
-        Ok(v) => (pb::server_hello::Result::Version(v), true),
+    let (result, slot) = match version::negotiate(version::CURRENT, &hello.versions) {
+        Ok(v) => match gw.admission.open_slot() {
+            Some(slot) => (pb::server_hello::Result::Version(v), Some(slot)),
+            None => {
+                Limit::Connections.tripped();
+                (
+                    pb::server_hello::Result::Error(pb::Error {
+                        retry_after_ms: CONNECTION_CAP_RETRY_AFTER_MS,
+                        ..error(ErrorCode::Overloaded, Limit::Connections.message())
+                    }),
+                    None,
+                )
+            }
+        },
         Err(msg) => (
             pb::server_hello::Result::Error(error(ErrorCode::UnsupportedVersion, msg)),
-            false,
+            None,
         ),
     };
     let hello_out = pb::ServerHello {
@@ -320,16 +304,18 @@ async fn handshake<L: Link>(
     hs.write_message(&hello_out.encode_to_vec(), &mut out)
         .map_err(End::Proto)?;
     link.write_all_bytes(&out).await.map_err(End::Io)?;
-    if !accepted {
-        return Err(End::Refused("no common protocol version"));
-    }
+    let Some(slot) = slot else {
+        return Err(End::Refused(
+            "no common protocol version, or at the connection cap",
+        ));
+    };
     tracing::debug!(user_agent = %hello.user_agent, "client hello");
     let msg3 = read_record(link, &mut rbuf).await?;
     hs.read_message(&msg3).map_err(End::Proto)?;
     let session = hs
         .into_session(gw.cfg.max_frame_bytes)
         .map_err(End::Proto)?;
-    Ok((session, rbuf))
+    Ok((session, rbuf, slot))
 }
 
 struct Conn<L: Link> {
@@ -343,8 +329,8 @@ struct Conn<L: Link> {
     /// Pushes from the owning shard (after authentication).
     push_rx: Option<PushRx>,
     auth_failures: u32,
-    /// Bundle fetches this connection may still make.
-    bundle_budget: TokenBucket,
+    /// The client's IP address (for the per-address limits).
+    peer: IpAddr,
     /// Answers being prepared by the router.
     pending: Pending,
     /// Entries pushed and not yet acked: seq → (sender, client id) for
@@ -517,6 +503,9 @@ impl<L: Link> Conn<L> {
     async fn serve(&mut self, shutdown: &CancellationToken) -> End {
         let idle = self.gw.cfg.idle_timeout;
         let mut deadline = Instant::now() + idle;
+        // A connection that never authenticates (or links) is closed, however
+        // often it pings.
+        let auth_deadline = Instant::now() + self.gw.cfg.unauthenticated_timeout;
         // Set while a frame is partly received: it must complete in time.
         let mut partial_deadline: Option<Instant> = None;
         // Frames may have arrived together with the last handshake message.
@@ -535,7 +524,7 @@ impl<L: Link> Conn<L> {
         // (every read moves the idle one) is looked at when the timer
         // fires. A timer set per turn cost a wheel insert and removal per
         // frame (about 1% of the server's CPU at 7,000 msgs/s).
-        let timer = tokio::time::sleep_until(deadline);
+        let timer = tokio::time::sleep_until(deadline.min(auth_deadline));
         tokio::pin!(timer);
         loop {
             if self.gw.is_stopping() {
@@ -573,10 +562,22 @@ impl<L: Link> Conn<L> {
                     }
                 }
                 () = &mut timer => {
-                    let due = partial_deadline.map_or(deadline, |p| p.min(deadline));
+                    let mut due = partial_deadline.map_or(deadline, |p| p.min(deadline));
+                    if self.authed.is_none() {
+                        due = due.min(auth_deadline);
+                    }
                     if due > Instant::now() {
                         timer.as_mut().reset(due);
                         continue;
+                    }
+                    if self.authed.is_none() && auth_deadline <= Instant::now() {
+                        return self.goodbye(error(
+                            ErrorCode::IdleTimeout,
+                            format!(
+                                "not authenticated within {} s",
+                                self.gw.cfg.unauthenticated_timeout.as_secs()
+                            ),
+                        )).await;
                     }
                     if partial_deadline.is_some_and(|p| p <= Instant::now()) {
                         return self.goodbye(error(ErrorCode::IdleTimeout, "a frame was not completed in time")).await;
@@ -753,6 +754,10 @@ impl<L: Link> Conn<L> {
                 }),
             ),
             In::RequestCode(req) => {
+                if let Err(refused) = self.gw.limits.code_request(self.peer) {
+                    self.respond_error(id, route_error(&refused.into()));
+                    return Ok(());
+                }
                 let gw = self.gw.clone();
                 self.pending.push(Box::pin(async move {
                     let result = async {
@@ -928,6 +933,10 @@ impl<L: Link> Conn<L> {
         };
         match body {
             In::LookupUser(req) => {
+                if let Err(refused) = self.gw.limits.lookup(device.user) {
+                    self.respond_error(id, route_error(&refused.into()));
+                    return Ok(());
+                }
                 let gw = self.gw.clone();
                 self.pending.push(Box::pin(async move {
                     let result = gw.router.lookup_phone(req.phone).await;
@@ -978,6 +987,10 @@ impl<L: Link> Conn<L> {
                 let to_self = req.to_user == device.user;
                 if !to_self && let Some(mismatch) = self.own_devices_mismatch(device, &req) {
                     self.respond_error(id, route_error(&mismatch));
+                    return Ok(());
+                }
+                if let Err(refused) = self.gw.limits.send(device.user, req.to_user) {
+                    self.respond_error(id, route_error(&refused.into()));
                     return Ok(());
                 }
                 let phone = self.phone();
@@ -1057,6 +1070,10 @@ impl<L: Link> Conn<L> {
                     );
                     return Ok(());
                 }
+                if let Err(refused) = self.gw.limits.read_receipt(device.user) {
+                    self.respond_error(id, route_error(&refused.into()));
+                    return Ok(());
+                }
                 let receipt = pb::Receipt {
                     from_user: device.user,
                     from_device: device.device,
@@ -1086,16 +1103,10 @@ impl<L: Link> Conn<L> {
                 }));
             }
             In::FetchBundles(req) => {
-                // Each fetch consumes one of the target's one-time keys: a
-                // client that fetches without pause is draining them.
-                if let Err(retry_after_ms) = self.bundle_budget.take(std::time::Instant::now()) {
-                    self.respond_error(
-                        id,
-                        pb::Error {
-                            retry_after_ms,
-                            ..error(ErrorCode::RateLimited, "too many key bundle fetches")
-                        },
-                    );
+                // Per requesting user; the targets' one-time keys are
+                // budgeted per device by their shard.
+                if let Err(refused) = self.gw.limits.bundle_fetch(device.user) {
+                    self.respond_error(id, route_error(&refused.into()));
                     return Ok(());
                 }
                 let gw = self.gw.clone();
@@ -1280,7 +1291,7 @@ fn answer<T>(id: u32, result: Result<T, RouteError>, ok: impl FnOnce(T) -> Out) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     /// A one-slot inbox, already full, and a pending request of the
     /// connection queued for its next free slot.
@@ -1332,19 +1343,5 @@ mod tests {
         assert!(pending.is_empty());
         drop(tx);
         assert_eq!(shard.await.unwrap(), vec![0, 1, 2]);
-    }
-
-    #[test]
-    fn token_bucket_allows_a_burst_then_the_rate() {
-        let t0 = Instant::now();
-        let mut b = TokenBucket::new(3.0, 10.0);
-        b.last = t0;
-        assert!(b.take(t0).is_ok());
-        assert!(b.take(t0).is_ok());
-        assert!(b.take(t0).is_ok());
-        let wait = b.take(t0).unwrap_err();
-        assert!((90..=100).contains(&wait), "{wait}");
-        assert!(b.take(t0 + Duration::from_millis(100)).is_ok());
-        assert!(b.take(t0 + Duration::from_millis(100)).is_err());
     }
 }

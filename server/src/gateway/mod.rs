@@ -10,17 +10,19 @@ mod wire;
 
 pub use link::{Link, TcpLink, WS_MAX_OUT_MESSAGE_BYTES, WsLink};
 
+use std::net::IpAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use switchboard_proto::noise::Keypair;
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::accounts::CodeSender;
+use crate::limits::{Admission, Limits, RequestLimits};
 use crate::router::Router;
 
 /// Connection tuning, from the server configuration.
@@ -44,56 +46,12 @@ pub struct GatewayConfig {
     pub max_concurrent_handshakes: usize,
     /// New connections admitted per second.
     pub max_accepts_per_sec: u32,
-}
-
-/// Admission control for new connections: a token bucket on the rate and a
-/// semaphore on handshakes in progress. Connections beyond either wait (in
-/// [`ACCEPT_QUEUE_CONNECTIONS`], then the kernel's listen backlog, for TCP;
-/// in the upgrade request for WebSocket)
-/// instead of competing with live users for CPU.
-struct Admission {
-    handshakes: Arc<Semaphore>,
-    rate: f64,
-    /// (tokens, last refill). A std mutex: held for a few arithmetic
-    /// operations, never across an await.
-    bucket: Mutex<(f64, Instant)>,
-}
-
-impl Admission {
-    fn new(cfg: &GatewayConfig) -> Self {
-        let rate = f64::from(cfg.max_accepts_per_sec.max(1));
-        Self {
-            handshakes: Arc::new(Semaphore::new(cfg.max_concurrent_handshakes.max(1))),
-            rate,
-            bucket: Mutex::new((rate, Instant::now())),
-        }
-    }
-
-    /// Waits for a token and a handshake slot.
-    async fn admit(&self) -> Option<OwnedSemaphorePermit> {
-        loop {
-            let wait = {
-                let mut b = self
-                    .bucket
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                let now = Instant::now();
-                b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * self.rate).min(self.rate);
-                b.1 = now;
-                if b.0 >= 1.0 {
-                    b.0 -= 1.0;
-                    None
-                } else {
-                    Some(Duration::from_secs_f64((1.0 - b.0) / self.rate))
-                }
-            };
-            match wait {
-                None => break,
-                Some(d) => tokio::time::sleep(d).await,
-            }
-        }
-        self.handshakes.clone().acquire_owned().await.ok()
-    }
+    /// Open connections at most; more are refused in the handshake.
+    pub max_connections: usize,
+    /// A connection must authenticate (or link a device) within this time.
+    pub unauthenticated_timeout: Duration,
+    /// Per-user and per-address request limits.
+    pub requests: RequestLimits,
 }
 
 /// What every connection task shares.
@@ -106,8 +64,10 @@ pub struct Gateway {
     pub code_sender: Arc<dyn CodeSender>,
     /// The server's static Noise key.
     pub server_key: Keypair,
+    /// Per-user and per-address request limits.
+    pub limits: Limits,
     conn_ids: AtomicU64,
-    admission: Admission,
+    pub(crate) admission: Admission,
     /// Set just before the shutdown token is cancelled: busy connections
     /// read it each turn (an atomic load, where the token's check takes
     /// its lock), idle ones are woken by the token.
@@ -144,7 +104,12 @@ impl Gateway {
         server_key: Keypair,
     ) -> Self {
         Self {
-            admission: Admission::new(&cfg),
+            admission: Admission::new(
+                cfg.max_accepts_per_sec,
+                cfg.max_concurrent_handshakes,
+                cfg.max_connections,
+            ),
+            limits: Limits::new(&cfg.requests),
             router,
             cfg,
             code_sender,
@@ -181,10 +146,11 @@ impl Gateway {
     pub async fn serve_link<L: Link>(
         self: Arc<Self>,
         link: L,
+        peer: IpAddr,
         permit: OwnedSemaphorePermit,
         shutdown: CancellationToken,
     ) {
-        connection::run(link, self, permit, shutdown).await;
+        connection::run(link, peer, self, permit, shutdown).await;
     }
 }
 
@@ -218,7 +184,7 @@ pub async fn serve_tcp(
             let stream = tokio::select! {
                 () = shutdown.cancelled() => break,
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, _peer)) => stream,
+                    Ok((stream, peer)) => (stream, peer.ip()),
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
                         tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
@@ -234,7 +200,7 @@ pub async fn serve_tcp(
     };
     let admit = async {
         loop {
-            let stream: tokio::net::TcpStream = tokio::select! {
+            let (stream, peer): (tokio::net::TcpStream, IpAddr) = tokio::select! {
                 () = shutdown.cancelled() => break,
                 next = waiting.recv() => match next {
                     Some(s) => s,
@@ -253,7 +219,7 @@ pub async fn serve_tcp(
             let _ = stream.set_nodelay(true);
             tracker.spawn(
                 gw.clone()
-                    .serve_link(TcpLink(stream), permit, shutdown.clone()),
+                    .serve_link(TcpLink(stream), peer, permit, shutdown.clone()),
             );
         }
     };

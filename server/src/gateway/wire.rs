@@ -3,6 +3,7 @@
 
 use switchboard_proto::pb::{self, ErrorCode};
 
+use crate::limits::Limit;
 use crate::router::{KickReason, RouteError};
 
 /// How long clients should wait before retrying after a storage failure.
@@ -39,9 +40,16 @@ pub fn route_error(err: &RouteError) -> pb::Error {
             ErrorCode::CodeLocked,
             "too many wrong codes; request a new one",
         ),
-        RouteError::RateLimited { retry_after_ms } => pb::Error {
+        RouteError::RateLimited {
+            limit,
+            retry_after_ms,
+        } => pb::Error {
             retry_after_ms: *retry_after_ms,
-            ..error(ErrorCode::RateLimited, "too many requests")
+            ..error(ErrorCode::RateLimited, limit.message())
+        },
+        RouteError::QueueFull { retry_after_ms } => pb::Error {
+            retry_after_ms: *retry_after_ms,
+            ..error(ErrorCode::QueueFull, Limit::QueueFull.message())
         },
         RouteError::DeviceMismatch {
             user,

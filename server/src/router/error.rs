@@ -1,6 +1,7 @@
 //! Errors the router answers requests with. `gateway::wire_error` maps each
 //! to a wire error code; internals never reach clients.
 
+use crate::limits::{Limit, Refused};
 use crate::store::{DeviceId, StoreError, UserId};
 
 /// Why a request was refused.
@@ -30,8 +31,16 @@ pub enum RouteError {
     #[error("too many wrong codes; request a new code")]
     CodeLocked,
     /// Too many requests.
-    #[error("rate limited")]
+    #[error("rate limited ({})", limit.name())]
     RateLimited {
+        /// Which limit.
+        limit: Limit,
+        /// When to try again.
+        retry_after_ms: u64,
+    },
+    /// A recipient device's durable queue is at its quota.
+    #[error("queue full")]
+    QueueFull {
         /// When to try again.
         retry_after_ms: u64,
     },
@@ -78,4 +87,13 @@ pub enum RouteError {
     /// The shard is gone (shutting down).
     #[error("shutting down")]
     ShuttingDown,
+}
+
+impl From<Refused> for RouteError {
+    fn from(r: Refused) -> Self {
+        RouteError::RateLimited {
+            limit: r.limit,
+            retry_after_ms: r.retry_after_ms,
+        }
+    }
 }

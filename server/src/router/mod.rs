@@ -49,6 +49,16 @@ pub struct RouterConfig {
     /// How long a request may wait for its shard before it is answered
     /// OVERLOADED instead of being done late.
     pub request_deadline: std::time::Duration,
+    /// Verification codes per phone number.
+    pub code_requests_per_phone: crate::limits::Rate,
+    /// Wrong codes per phone number per day, across code re-requests.
+    pub wrong_codes_per_phone_per_day: u32,
+    /// One-time keys of one device handed out; past it, the fallback key.
+    pub one_time_keys_per_device: crate::limits::Rate,
+    /// Entries a device's durable queue may hold.
+    pub queue_max_entries: u64,
+    /// Bytes a device's durable queue may hold.
+    pub queue_max_bytes: u64,
 }
 
 /// A verification code issued to a phone number.

@@ -25,12 +25,19 @@ use super::{
 use crate::accounts;
 use crate::clock::now_ms;
 use crate::keys;
+use crate::limits::{self, Limit, Rate};
 use crate::store::{
     CodeRecord, DedupKey, DedupRecord, DeviceId, DeviceKey, DeviceKeysRecord, DeviceRecord,
     LinkCodeRecord, Op, Store, StoreError, StoredEntry, UserId, UserRecord,
 };
 use crate::telemetry as tm;
 use crate::{FastMap, FastSet};
+
+/// The window of `wrong_codes_per_phone_per_day`.
+const WRONG_CODE_WINDOW: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Link codes a user may create.
+const LINK_CODE_RATE: Rate = Rate::per_hour(accounts::MAX_LINK_CODES_PER_HOUR);
 
 /// Most entries the expiry sweep removes per tick, so one sweep never
 /// stalls a shard for long; the next tick continues.
@@ -50,6 +57,26 @@ struct SeqCounter {
     last: u64,
     reserved: u64,
 }
+
+/// How much of a device's quota its durable queue uses. Entries are
+/// counted exactly; bytes too, except that a removal whose size is not at
+/// hand (an ack, an expiry) takes off the average entry and marks the
+/// figure inexact. A send that would pass the quota on an inexact figure
+/// recounts from the store before it is refused.
+#[derive(Debug, Clone, Copy)]
+struct QueueUsage {
+    entries: u64,
+    bytes: u64,
+    exact: bool,
+}
+
+/// When to retry a send refused with QUEUE_FULL: the device has to come
+/// online and drain first, which takes a person's time, not a machine's.
+const QUEUE_FULL_RETRY_AFTER_MS: u64 = 60_000;
+
+/// Bytes a queue entry takes besides its payload (sender, ids, framing),
+/// counted when a send is checked against the quota before it is encoded.
+const ENTRY_OVERHEAD_BYTES: u64 = 128;
 
 /// What a shard pushes to a connection.
 #[derive(Debug)]
@@ -396,6 +423,11 @@ pub(super) struct Shard {
     keys: FastMap<DeviceKey, DeviceKeysRecord>,
     /// Authenticated connections of this shard's devices.
     online: FastMap<DeviceKey, Online>,
+    /// One-time keys each device may still hand out (in memory: a restart
+    /// gives every device a full hour's budget again).
+    one_time_key_budget: limits::KeyedLimiter<DeviceKey>,
+    /// Durable queue usage of devices, loaded when first needed.
+    queue_usage: FastMap<DeviceKey, QueueUsage>,
     /// Size of `users` that triggers the next eviction.
     evict_at: usize,
     metrics: ShardMetrics,
@@ -412,6 +444,9 @@ pub(super) struct Shard {
     staged_dedup: HashMap<DedupKey, u64>,
     staged_codes: HashMap<String, CodeRecord>,
     staged_phones: HashMap<String, UserId>,
+    /// Entries and bytes enqueued per device in this batch (not yet in the
+    /// store), for a quota recount in the middle of a batch.
+    batch_enqueued: FastMap<DeviceKey, (u64, u64)>,
     /// An ack in this batch let a draining device's next page go: the
     /// device waits for this batch's commit before its next ack is taken,
     /// so the batch commits without pacing (a drain is one round trip per
@@ -459,6 +494,7 @@ fn reply_now<T>(reply: Reply<T>, result: Result<T, RouteError>) {
 impl Shard {
     pub(super) fn new(id: usize, shards: usize, store: Arc<dyn Store>, cfg: RouterConfig) -> Self {
         let evict_at = cfg.max_cached_users.max(1);
+        let one_time_keys_per_device = cfg.one_time_keys_per_device;
         Self {
             id,
             shards,
@@ -468,6 +504,11 @@ impl Shard {
             last_seq: FastMap::default(),
             keys: FastMap::default(),
             online: FastMap::default(),
+            one_time_key_budget: limits::KeyedLimiter::new(
+                one_time_keys_per_device,
+                limits::MAX_TRACKED_KEYS,
+            ),
+            queue_usage: FastMap::default(),
             evict_at,
             metrics: ShardMetrics::noop(),
             ops: Vec::new(),
@@ -480,6 +521,7 @@ impl Shard {
             staged_dedup: HashMap::new(),
             staged_codes: HashMap::new(),
             staged_phones: HashMap::new(),
+            batch_enqueued: FastMap::default(),
             drain_advanced: false,
         }
     }
@@ -634,6 +676,8 @@ impl Shard {
         self.users.clear();
         self.last_seq.clear();
         self.keys.clear();
+        self.queue_usage.clear();
+        self.batch_enqueued.clear();
         for (_, online) in self.online.drain() {
             online.kick(KickReason::Unavailable);
         }
@@ -730,8 +774,9 @@ impl Shard {
                 reply,
             } => self.enqueue_receipt(to_user, receipt, must_exist, reply),
             Command::Delete { device, seqs } => {
-                self.ops
-                    .extend(seqs.into_iter().map(|seq| Op::Dequeue { device, seq }));
+                for seq in seqs {
+                    self.stage_dequeue(device, seq, None);
+                }
             }
             Command::Ack {
                 device,
@@ -741,15 +786,16 @@ impl Shard {
                 receipts,
             } => {
                 self.acked(device, conn_id, &seqs);
-                self.ops
-                    .extend(delete.into_iter().map(|seq| Op::Dequeue { device, seq }));
+                for seq in delete {
+                    self.stage_dequeue(device, seq, None);
+                }
                 for owed in receipts {
                     match self.stage_receipt(owed.to_user, &owed.receipt, false) {
-                        Ok(()) => self.ops.extend(
-                            owed.message_seqs
-                                .into_iter()
-                                .map(|seq| Op::Dequeue { device, seq }),
-                        ),
+                        Ok(()) => {
+                            for seq in owed.message_seqs {
+                                self.stage_dequeue(device, seq, None);
+                            }
+                        }
                         // The messages stay queued and are delivered again;
                         // their receipt is owed until then.
                         Err(e) => tracing::warn!(
@@ -815,7 +861,9 @@ impl Shard {
             self.users.clear();
             self.last_seq.clear();
             self.keys.clear();
+            self.queue_usage.clear();
         }
+        self.batch_enqueued.clear();
         self.staged_dedup.clear();
         self.staged_codes.clear();
         self.staged_phones.clear();
@@ -869,6 +917,8 @@ impl Shard {
         self.users.retain(|u, _| online_users.contains(u));
         self.last_seq.retain(|d, _| online_users.contains(&d.user));
         self.keys.retain(|d, _| online_users.contains(&d.user));
+        self.queue_usage
+            .retain(|d, _| online_users.contains(&d.user));
         self.evict_at = self.cfg.max_cached_users.max(self.users.len() * 2).max(1);
     }
 
@@ -946,14 +996,82 @@ impl Shard {
             server_ts_ms: ts,
             body: Some(body),
         };
+        let bytes: bytes::Bytes = entry.encode_to_vec().into();
+        let size = bytes.len() as u64;
+        let batch = self.batch_enqueued.entry(device).or_default();
+        batch.0 += 1;
+        batch.1 += size;
+        if let Some(usage) = self.queue_usage.get_mut(&device) {
+            usage.entries += 1;
+            usage.bytes += size;
+        }
         self.ops.push(Op::Enqueue {
             device,
-            entry: StoredEntry {
-                seq,
-                bytes: entry.encode_to_vec().into(),
-            },
+            entry: StoredEntry { seq, bytes },
         });
         self.live.push((device, entry));
+    }
+
+    /// Stages the removal of a queue entry; `size` is its encoded size when
+    /// known.
+    fn stage_dequeue(&mut self, device: DeviceKey, seq: u64, size: Option<u64>) {
+        if let Some(usage) = self.queue_usage.get_mut(&device) {
+            let size = size.unwrap_or_else(|| {
+                usage.exact = false;
+                usage.bytes.checked_div(usage.entries).unwrap_or(0)
+            });
+            usage.entries = usage.entries.saturating_sub(1);
+            usage.bytes = usage.bytes.saturating_sub(size);
+        }
+        self.ops.push(Op::Dequeue { device, seq });
+    }
+
+    /// A device's queue usage: from the cache, or counted in the store (plus
+    /// what this batch has enqueued) when absent or, with `exact`, when the
+    /// cached figure is an estimate.
+    fn queue_usage(&mut self, device: DeviceKey, exact: bool) -> Result<QueueUsage, StoreError> {
+        if let Some(u) = self.queue_usage.get(&device)
+            && (u.exact || !exact)
+        {
+            return Ok(*u);
+        }
+        let (mut entries, mut bytes) = self.store.queue_usage(device)?;
+        if let Some((e, b)) = self.batch_enqueued.get(&device) {
+            entries += e;
+            bytes += b;
+        }
+        let usage = QueueUsage {
+            entries,
+            bytes,
+            exact: true,
+        };
+        self.queue_usage.insert(device, usage);
+        Ok(usage)
+    }
+
+    /// Whether `adding` more bytes in one more entry fit each device's
+    /// quota; QUEUE_FULL if any would pass it. Nothing is staged.
+    fn check_quota(
+        &mut self,
+        devices: impl Iterator<Item = (DeviceKey, u64)>,
+    ) -> Result<(), RouteError> {
+        let (max_entries, max_bytes) = (self.cfg.queue_max_entries, self.cfg.queue_max_bytes);
+        for (device, adding) in devices {
+            let fits = |u: QueueUsage| {
+                u.entries < max_entries && u.bytes.saturating_add(adding) <= max_bytes
+            };
+            let usage = self.queue_usage(device, false)?;
+            if fits(usage) {
+                continue;
+            }
+            if usage.exact || !fits(self.queue_usage(device, true)?) {
+                Limit::QueueFull.tripped();
+                return Err(RouteError::QueueFull {
+                    retry_after_ms: QUEUE_FULL_RETRY_AFTER_MS,
+                });
+            }
+        }
+        Ok(())
     }
 
     // ------------------------------------------------------------ accounts
@@ -964,18 +1082,22 @@ impl Shard {
             Ok(r) => r.unwrap_or_default(),
             Err(e) => return reply_now(reply, Err(e.into())),
         };
-        rec.requested_ms
-            .retain(|t| now.saturating_sub(*t) < accounts::CODE_REQUEST_WINDOW_MS);
-        if rec.requested_ms.len() >= accounts::MAX_CODE_REQUESTS_PER_HOUR {
-            let oldest = rec.requested_ms.iter().copied().min().unwrap_or(now);
-            let retry_after_ms = (oldest + accounts::CODE_REQUEST_WINDOW_MS).saturating_sub(now);
-            return reply_now(reply, Err(RouteError::RateLimited { retry_after_ms }));
+        if let Err(retry_after_ms) =
+            limits::take_from_log(&mut rec.requested_ms, now, self.cfg.code_requests_per_phone)
+        {
+            Limit::CodeRequestsPerPhone.tripped();
+            return reply_now(
+                reply,
+                Err(RouteError::RateLimited {
+                    limit: Limit::CodeRequestsPerPhone,
+                    retry_after_ms,
+                }),
+            );
         }
         let code = accounts::new_code();
         rec.code_hash = accounts::code_hash(&phone, &code);
         rec.expires_ms = now + accounts::CODE_TTL_MS;
         rec.wrong_attempts = 0;
-        rec.requested_ms.push(now);
         let expires_at_ms = rec.expires_ms;
         self.stage_code(&phone, rec);
         self.after_commit(
@@ -997,11 +1119,34 @@ impl Shard {
         if rec.wrong_attempts >= accounts::MAX_WRONG_CODE_ATTEMPTS {
             return reply_now(reply, Err(RouteError::CodeLocked));
         }
+        // Wrong codes per number per day, whatever codes were requested:
+        // without it, each new code (3 an hour) brought 5 new guesses.
+        (rec.wrong_window_start_ms, rec.wrong_in_window) = limits::window_count(
+            rec.wrong_window_start_ms,
+            rec.wrong_in_window,
+            now,
+            WRONG_CODE_WINDOW,
+        );
+        if rec.wrong_in_window >= self.cfg.wrong_codes_per_phone_per_day {
+            Limit::WrongCodes.tripped();
+            let retry_after_ms = rec
+                .wrong_window_start_ms
+                .saturating_add(WRONG_CODE_WINDOW.as_millis().try_into().unwrap_or(u64::MAX))
+                .saturating_sub(now);
+            return reply_now(
+                reply,
+                Err(RouteError::RateLimited {
+                    limit: Limit::WrongCodes,
+                    retry_after_ms,
+                }),
+            );
+        }
         if rec.code_hash.is_empty() || now >= rec.expires_ms {
             return reply_now(reply, Err(RouteError::CodeExpired));
         }
         if !accounts::hashes_equal(&accounts::code_hash(&phone, code), &rec.code_hash) {
             rec.wrong_attempts += 1;
+            rec.wrong_in_window += 1;
             let err = if rec.wrong_attempts >= accounts::MAX_WRONG_CODE_ATTEMPTS {
                 RouteError::CodeLocked
             } else {
@@ -1266,8 +1411,22 @@ impl Shard {
         count_in: bool,
     ) -> Answer {
         let now = now_ms();
-        // Reserve every seq first (fallible), then stage (infallible), so a
-        // storage error never leaves half a send staged.
+        // Check every queue's quota, then reserve every seq (both
+        // fallible), then stage (infallible), so a refusal or a storage
+        // error never leaves half a send staged.
+        let overhead =
+            ENTRY_OVERHEAD_BYTES + (req.from_phone.len() + req.client_msg_id.len()) as u64;
+        if let Err(e) = self.check_quota(req.payloads.iter().map(|p| {
+            (
+                DeviceKey {
+                    user: owner,
+                    device: p.device_id,
+                },
+                p.payload.len() as u64 + overhead,
+            )
+        })) {
+            return Answer::now(Err(e));
+        }
         let mut seqs = Vec::with_capacity(req.payloads.len());
         for p in &req.payloads {
             let device = DeviceKey {
@@ -1477,7 +1636,22 @@ impl Shard {
             return Ok(bundle);
         }
         bundle.identity = rec.identity.clone();
-        match self.store.first_one_time_key(device, rec.consumed_below)? {
+        // Past the device's hourly budget of one-time keys, fetchers get its
+        // fallback key: whoever fetches in a loop (from any number of
+        // accounts) cannot drain the stock, and nobody is refused a session.
+        let within_budget = self
+            .one_time_key_budget
+            .take(&device, Instant::now())
+            .is_ok();
+        if !within_budget {
+            Limit::OneTimeKeys.tripped();
+        }
+        let one_time_key = if within_budget {
+            self.store.first_one_time_key(device, rec.consumed_below)?
+        } else {
+            None
+        };
+        match one_time_key {
             Some((index, bytes)) => {
                 let key = pb::SignedKey::decode(bytes).map_err(|e| StoreError::Corrupt {
                     what: "one-time key",
@@ -1498,7 +1672,9 @@ impl Shard {
                     .fallback
                     .clone()
                     .map(pb::device_bundle::Key::FallbackKey);
-                self.pushes.push((device, Push::Notice(Notice::KeysLow(0))));
+                if within_budget {
+                    self.pushes.push((device, Push::Notice(Notice::KeysLow(0))));
+                }
             }
         }
         Ok(bundle)
@@ -1523,24 +1699,23 @@ impl Shard {
         if rec.devices.len() > accounts::MAX_LINKED_DEVICES {
             return reply_now(reply, Err(RouteError::TooManyDevices));
         }
-        rec.link_codes_created_ms
-            .retain(|t| now.saturating_sub(*t) < accounts::CODE_REQUEST_WINDOW_MS);
-        if rec.link_codes_created_ms.len() >= accounts::MAX_LINK_CODES_PER_HOUR {
-            let oldest = rec
-                .link_codes_created_ms
-                .iter()
-                .copied()
-                .min()
-                .unwrap_or(now);
-            let retry_after_ms = (oldest + accounts::CODE_REQUEST_WINDOW_MS).saturating_sub(now);
-            return reply_now(reply, Err(RouteError::RateLimited { retry_after_ms }));
+        if let Err(retry_after_ms) =
+            limits::take_from_log(&mut rec.link_codes_created_ms, now, LINK_CODE_RATE)
+        {
+            Limit::LinkCodes.tripped();
+            return reply_now(
+                reply,
+                Err(RouteError::RateLimited {
+                    limit: Limit::LinkCodes,
+                    retry_after_ms,
+                }),
+            );
         }
         let code = accounts::new_link_code();
         let Some(canonical) = accounts::normalize_link_code(&code) else {
             return reply_now(reply, Err(RouteError::LinkCodeInvalid));
         };
         rec.link_code = canonical;
-        rec.link_codes_created_ms.push(now);
         self.ops.push(Op::PutUser(rec.clone()));
         self.users.insert(device.user, rec);
         self.after_commit(reply, Ok((code, now + accounts::LINK_CODE_TTL_MS)));
@@ -1668,6 +1843,8 @@ impl Shard {
         for &d in devices {
             let device = DeviceKey { user, device: d };
             self.ops.push(Op::DropQueue(device));
+            self.queue_usage.remove(&device);
+            self.batch_enqueued.remove(&device);
             self.ops.push(Op::DropDeviceKeys(device));
             self.last_seq.remove(&device);
             self.keys.remove(&device);
@@ -1732,6 +1909,27 @@ impl Shard {
             None if must_exist => return Err(RouteError::UnknownUser),
             None => return Ok(()),
         };
+        // A client's READ receipt is held to the quota of the queues it
+        // goes to, like a message. Delivery receipts (made by the server
+        // from acks) are never refused: the acked entries go only once
+        // their receipt is stored.
+        if must_exist {
+            let size = ENTRY_OVERHEAD_BYTES
+                + receipt
+                    .client_msg_ids
+                    .iter()
+                    .map(|m| m.len() as u64 + 2)
+                    .sum::<u64>();
+            self.check_quota(devices.iter().map(|&d| {
+                (
+                    DeviceKey {
+                        user: to_user,
+                        device: d,
+                    },
+                    size,
+                )
+            }))?;
+        }
         let mut seqs = Vec::with_capacity(devices.len());
         for d in devices {
             let device = DeviceKey {
@@ -1802,12 +2000,13 @@ impl Shard {
             };
             cursor = last.seq;
             for s in stored {
+                let size = s.bytes.len() as u64;
                 match pb::QueueEntry::decode(s.bytes) {
                     Ok(e) if e.server_ts_ms >= cutoff => page.push(e),
-                    Ok(_) => self.ops.push(Op::Dequeue { device, seq: s.seq }),
+                    Ok(_) => self.stage_dequeue(device, s.seq, Some(size)),
                     Err(e) => {
                         tracing::error!(error = %e, ?device, seq = s.seq, "corrupt queue entry dropped");
-                        self.ops.push(Op::Dequeue { device, seq: s.seq });
+                        self.stage_dequeue(device, s.seq, Some(size));
                     }
                 }
             }
@@ -1884,7 +2083,7 @@ impl Shard {
             Ok(list) => {
                 for (device, seq) in list {
                     if self.owns_user(device.user) {
-                        self.ops.push(Op::Dequeue { device, seq });
+                        self.stage_dequeue(device, seq, None);
                     }
                 }
             }

@@ -218,6 +218,30 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<StoredEntry>, StoreError>;
 
+    /// How many entries and bytes a device's queue holds (for its quota).
+    /// Reads the whole queue by default; a backend that keeps counts may
+    /// answer from them.
+    ///
+    /// # Errors
+    /// [`StoreError`] on engine failure.
+    fn queue_usage(&self, device: DeviceKey) -> Result<(u64, u64), StoreError> {
+        /// Entries read per page while counting.
+        const PAGE: usize = 1024;
+        let (mut entries, mut bytes, mut after) = (0u64, 0u64, 0u64);
+        loop {
+            let page = self.read_queue(device, after, PAGE)?;
+            let Some(last) = page.last() else {
+                return Ok((entries, bytes));
+            };
+            after = last.seq;
+            entries += page.len() as u64;
+            bytes += page.iter().map(|e| e.bytes.len() as u64).sum::<u64>();
+            if page.len() < PAGE {
+                return Ok((entries, bytes));
+            }
+        }
+    }
+
     /// Forgets dedup records accepted before `before_ms`, in whole time
     /// buckets: a record is remembered at least until `before_ms` passes
     /// its `accepted_ms`, and at most one bucket longer. Says how many

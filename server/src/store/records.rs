@@ -62,6 +62,12 @@ pub struct CodeRecord {
     /// When codes were requested, for the hourly limit (ms since epoch).
     #[prost(uint64, repeated, tag = "4")]
     pub requested_ms: Vec<u64>,
+    /// Start of the current day-long window of wrong codes (ms since epoch).
+    #[prost(uint64, tag = "10")]
+    pub wrong_window_start_ms: u64,
+    /// Wrong codes in that window, across every code requested in it.
+    #[prost(uint32, tag = "11")]
+    pub wrong_in_window: u32,
 }
 
 /// An accepted send, remembered for deduplication.

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use ed25519_dalek::{Signer, SigningKey};
 use futures_util::{SinkExt, StreamExt};
 use prost::Message;
 use switchboard_proto::noise::{Handshake, generate_keypair};
@@ -27,6 +28,13 @@ pub fn test_config(dir: &Path) -> Config {
         tcp_listen: "127.0.0.1:0".parse().unwrap(),
         http_listen: "127.0.0.1:0".parse().unwrap(),
         shards: 2,
+        // Tests pipeline thousands of requests from one user; the limits
+        // themselves are tested in limits.rs with settings of their own.
+        sends_per_user_per_min: 1_000_000,
+        sends_per_pair_per_min: 1_000_000,
+        read_receipts_per_user_per_min: 1_000_000,
+        lookups_per_user_per_hour: 1_000_000,
+        bundle_fetches_per_user_per_hour: 1_000_000,
         ..Config::default()
     }
 }
@@ -34,6 +42,8 @@ pub fn test_config(dir: &Path) -> Config {
 pub struct TestServer {
     pub dir: tempfile::TempDir,
     pub server: Option<RunningServer>,
+    /// The configuration it started with (a restart uses it again).
+    pub config: Config,
 }
 
 impl TestServer {
@@ -50,10 +60,11 @@ impl TestServer {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = test_config(dir.path());
         tweak(&mut cfg);
-        let server = switchboard_server::start(cfg).await.unwrap();
+        let server = switchboard_server::start(cfg.clone()).await.unwrap();
         Self {
             dir,
             server: Some(server),
+            config: cfg,
         }
     }
 
@@ -83,7 +94,10 @@ impl TestServer {
     /// Starts again on the same data dir (new ports).
     pub async fn restart(&mut self) {
         self.stop().await;
-        let cfg = test_config(self.dir.path());
+        let mut cfg = self.config.clone();
+        // New ports, the same settings.
+        cfg.tcp_listen = "127.0.0.1:0".parse().unwrap();
+        cfg.http_listen = "127.0.0.1:0".parse().unwrap();
         self.server = Some(switchboard_server::start(cfg).await.unwrap());
     }
 }
@@ -589,4 +603,56 @@ pub fn rss_bytes(process: &str) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
+}
+
+/// A device's test identity: an Ed25519 signing key and a made-up X25519
+/// identity key (the server only checks signatures and sizes).
+pub struct TestKeys {
+    sk: SigningKey,
+    curve: [u8; 32],
+}
+
+impl TestKeys {
+    pub fn new(seed: u8) -> Self {
+        Self {
+            sk: SigningKey::from_bytes(&[seed; 32]),
+            curve: [seed.wrapping_add(100); 32],
+        }
+    }
+
+    pub fn sign(&self, label: &[u8], public: &[u8]) -> Vec<u8> {
+        let mut msg = label.to_vec();
+        msg.extend_from_slice(public);
+        self.sk.sign(&msg).to_bytes().to_vec()
+    }
+
+    pub fn identity(&self) -> pb::IdentityKeys {
+        pb::IdentityKeys {
+            curve25519: self.curve.to_vec().into(),
+            ed25519: self.sk.verifying_key().to_bytes().to_vec().into(),
+            signature: self.sign(b"switchboard identity v1", &self.curve).into(),
+        }
+    }
+
+    pub fn key(&self, id: &str, public: [u8; 32]) -> pb::SignedKey {
+        pb::SignedKey {
+            key_id: id.into(),
+            public_key: public.to_vec().into(),
+            signature: self.sign(b"switchboard key v1", &public).into(),
+        }
+    }
+
+    pub fn upload(&self, first: u32, count: u32) -> pb::UploadKeys {
+        pb::UploadKeys {
+            identity: Some(self.identity()),
+            fallback_key: Some(self.key("fallback", [0xfb; 32])),
+            one_time_keys: (first..first + count)
+                .map(|i| {
+                    let mut k = [0u8; 32];
+                    k[..4].copy_from_slice(&i.to_be_bytes());
+                    self.key(&format!("otk{i}"), k)
+                })
+                .collect(),
+        }
+    }
 }
