@@ -138,12 +138,15 @@ pub async fn run_with_store(
         .map_err(io_err("cannot start shard threads"))?;
     let code_sender = Arc::new(DevCodeSender::new(config.data_dir.join(DEV_CODES_DIR)));
     let public_key = key.public.clone();
-    let gw = Arc::new(Gateway::new(
-        router.clone(),
-        config.gateway(),
-        code_sender,
-        key,
-    ));
+    let mut gateway_cfg = config.gateway();
+    gateway_cfg.max_connections = os::connection_cap(config.max_connections);
+    if gateway_cfg.max_connections < config.max_connections {
+        tracing::info!(
+            max_connections = gateway_cfg.max_connections,
+            "connection cap lowered to fit the open-file limit (ulimit -n)"
+        );
+    }
+    let gw = Arc::new(Gateway::new(router.clone(), gateway_cfg, code_sender, key));
 
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
