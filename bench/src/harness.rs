@@ -13,7 +13,7 @@ use switchboard_client::pb::server_frame::Body as Out;
 use switchboard_client::{ConnectOptions, Connection, Credentials, Endpoint};
 use tokio::sync::Semaphore;
 
-use crate::server::{ServerProc, locate};
+use crate::server::{LOAD_GENERATOR_LIMITS, ServerProc, locate};
 
 /// Where the server under test comes from.
 #[derive(clap::Args, Debug, Clone)]
@@ -54,6 +54,16 @@ pub struct Sut {
 impl Sut {
     /// Starts (or attaches to) the server under test and applies CPU pinning.
     pub async fn start(t: &Target, extra_args: &[String]) -> Result<Self> {
+        Self::start_with_config(t, extra_args, LOAD_GENERATOR_LIMITS).await
+    }
+
+    /// As [`Sut::start`], with the server's settings in `config_toml`
+    /// instead of the load generator's lifted limits.
+    pub async fn start_with_config(
+        t: &Target,
+        extra_args: &[String],
+        config_toml: &str,
+    ) -> Result<Self> {
         pin_load(t)?;
         if let Some(addr) = &t.server {
             return Ok(Self {
@@ -66,7 +76,7 @@ impl Sut {
         let bin = locate(t.server_bin.clone())?;
         let dir = tempfile::tempdir().context("temp dir")?;
         let data_dir = dir.path().join("data");
-        let proc = ServerProc::start(&bin, &data_dir, extra_args).await?;
+        let proc = ServerProc::start_with_config(&bin, &data_dir, extra_args, config_toml).await?;
         if let (Some(cpus), Some(pid)) = (&t.server_cpus, proc.pid()) {
             pin(pid, cpus)?;
         }

@@ -1,6 +1,7 @@
 //! `switchboard-bench`: drives a real Switchboard server over the real
 //! protocol: the crash-safety tester and the load scenarios (docs/BENCHMARKS.md).
 
+mod abuse;
 mod crash;
 mod harness;
 mod link;
@@ -43,6 +44,10 @@ enum Command {
     /// M clients connect at once: time until all are authenticated and
     /// drained.
     Herd(scenarios::HerdArgs),
+    /// One user floods another with sends, receipts, lookups and bundle
+    /// fetches from many reconnecting connections while two others chat:
+    /// the limits hold and the bystanders' latency stays within 2×.
+    Abuse(abuse::AbuseArgs),
     /// Run the baseline relay in the foreground (started by the scenarios
     /// as a child process; prints its address).
     #[command(hide = true)]
@@ -78,6 +83,7 @@ fn main() -> ExitCode {
             Command::Relay(args) => relay::serve(args).await,
             Command::OfflineDrain(args) => scenarios::offline_drain(args).await,
             Command::Herd(args) => scenarios::herd(args).await,
+            Command::Abuse(args) => abuse::abuse(args).await,
         }
     });
     match result {

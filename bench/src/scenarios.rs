@@ -942,7 +942,11 @@ pub async fn offline_drain(a: DrainArgs) -> Result<bool> {
     Ok(received == a.messages)
 }
 
-async fn connect_drained_counting(tcp: &str, creds: &Credentials) -> Result<(Connection, usize)> {
+/// Connects, drains and counts every queued entry.
+pub async fn connect_drained_counting(
+    tcp: &str,
+    creds: &Credentials,
+) -> Result<(Connection, usize)> {
     let endpoint: switchboard_client::Endpoint = tcp.parse().context("endpoint")?;
     let mut conn = Connection::connect(&endpoint, &crate::harness::options("drain")).await?;
     conn.auth(creds).await?;

@@ -15,14 +15,14 @@ use tokio::process::{Child, Command};
 const START_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The server's settings file, written into its data dir.
-const LIMITS_FILE: &str = "bench-limits.toml";
+const CONFIG_FILE: &str = "bench-config.toml";
 
 /// The load generator is one trusted client sending for thousands of users
 /// from one address at rates far above a person's: the per-user, per-pair
 /// and per-address request limits are lifted so they measure the server,
 /// not its abuse limits. Queue quotas stay as configured by default
 /// (docs/BENCHMARKS.md; the abuse scenario measures the limits).
-const LOAD_GENERATOR_LIMITS: &str = "\
+pub const LOAD_GENERATOR_LIMITS: &str = "\
 sends_per_user_per_min = 1000000000
 sends_per_pair_per_min = 1000000000
 read_receipts_per_user_per_min = 1000000000
@@ -59,15 +59,30 @@ pub struct ServerProc {
 }
 
 impl ServerProc {
-    /// Starts the server on `data_dir` with extra `args`.
+    /// Starts the server on `data_dir` with extra `args`, the request limits
+    /// lifted for the load generator ([`LOAD_GENERATOR_LIMITS`]).
     ///
     /// # Errors
     /// If it cannot be spawned or never becomes ready.
     pub async fn start(bin: &Path, data_dir: &Path, args: &[String]) -> Result<Self> {
+        Self::start_with_config(bin, data_dir, args, LOAD_GENERATOR_LIMITS).await
+    }
+
+    /// Starts the server on `data_dir` with extra `args` and the settings in
+    /// `config` (TOML).
+    ///
+    /// # Errors
+    /// If it cannot be spawned or never becomes ready.
+    pub async fn start_with_config(
+        bin: &Path,
+        data_dir: &Path,
+        args: &[String],
+        config_toml: &str,
+    ) -> Result<Self> {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("cannot create {}", data_dir.display()))?;
-        let config = data_dir.join(LIMITS_FILE);
-        std::fs::write(&config, LOAD_GENERATOR_LIMITS)
+        let config = data_dir.join(CONFIG_FILE);
+        std::fs::write(&config, config_toml)
             .with_context(|| format!("cannot write {}", config.display()))?;
         let mut cmd = Command::new(bin);
         cmd.args([

@@ -32,6 +32,24 @@ pub fn lower_own_priority(nice: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// File descriptors kept for everything but open client connections: the
+/// database's files and log segments, the listeners, and sockets waiting
+/// in the gateway's accept queue before admission.
+pub const RESERVED_FILES: usize = 1024;
+
+/// The connection cap the process's open-file limit allows: `wanted`, or
+/// fewer when the soft `RLIMIT_NOFILE` would run out first (past it,
+/// accepts fail instead of being refused clearly).
+#[must_use]
+pub fn connection_cap(wanted: usize) -> usize {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+    // `None` means unlimited.
+    match limit.and_then(|n| usize::try_from(n).ok()) {
+        Some(n) => wanted.min(n.saturating_sub(RESERVED_FILES).max(1)),
+        None => wanted,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,29 +83,6 @@ mod tests {
         #[cfg(target_os = "linux")]
         assert!(rustix::thread::transparent_huge_pages_are_disabled().unwrap());
     }
-}
-
-/// File descriptors kept for everything but open client connections: the
-/// database's files and log segments, the listeners, and sockets waiting
-/// in the gateway's accept queue before admission.
-pub const RESERVED_FILES: usize = 1024;
-
-/// The connection cap the process's open-file limit allows: `wanted`, or
-/// fewer when the soft `RLIMIT_NOFILE` would run out first (past it,
-/// accepts fail instead of being refused clearly).
-#[must_use]
-pub fn connection_cap(wanted: usize) -> usize {
-    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
-    // `None` means unlimited.
-    match limit.and_then(|n| usize::try_from(n).ok()) {
-        Some(n) => wanted.min(n.saturating_sub(RESERVED_FILES).max(1)),
-        None => wanted,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
 
     #[test]
     fn the_connection_cap_fits_the_open_file_limit() {

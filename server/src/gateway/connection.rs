@@ -24,7 +24,7 @@ use tracing::Instrument;
 
 use super::Gateway;
 use super::link::Link;
-use super::wire::{error, error_frame, kick_error, route_error, shutting_down};
+use super::wire::{HELD_MESSAGE, error, error_frame, kick_error, route_error, shutting_down};
 use crate::FastMap;
 use crate::clock::now_ms;
 use crate::limits::{Limit, Slot};
@@ -38,6 +38,11 @@ use crate::telemetry as tm;
 /// Failed authentications tolerated on one connection before it is closed,
 /// so credentials cannot be guessed at line rate.
 const MAX_AUTH_FAILURES: u32 = 3;
+
+/// Recipients a connection holds sends for at once: a client refused for
+/// more recipients than this at a time (only a flooder is) gets no order
+/// guarantee for the rest, and the connection's memory stays bounded.
+const MAX_HELD_RECIPIENTS: usize = 64;
 
 /// When a client refused at the connection cap should try again (this or
 /// another server): long enough for connections to end, and spread by the
@@ -182,6 +187,7 @@ pub async fn run<L: Link>(
             push_rx: None,
             auth_failures: 0,
             peer,
+            held_sends: FastMap::default(),
             pending: FuturesUnordered::new(),
             delivered: FastMap::default(),
             sends_in_flight: 0,
@@ -331,6 +337,10 @@ struct Conn<L: Link> {
     auth_failures: u32,
     /// The client's IP address (for the per-address limits).
     peer: IpAddr,
+    /// Per recipient, a send refused before reaching its shard and the
+    /// refusal: later sends to that user wait for it (see `on_authed_frame`).
+    /// At most [`MAX_HELD_RECIPIENTS`].
+    held_sends: FastMap<UserId, (String, pb::Error)>,
     /// Answers being prepared by the router.
     pending: Pending,
     /// Entries pushed and not yet acked: seq → (sender, client id) for
@@ -898,6 +908,17 @@ impl<L: Link> Conn<L> {
         Ok(())
     }
 
+    /// Holds later sends to `to_user` on this connection behind the send
+    /// `client_msg_id`, refused with `err` before it reached a shard
+    /// (retryable refusals only; the first refused send is the one held).
+    fn hold_sends(&mut self, to_user: UserId, client_msg_id: String, err: &pb::Error) {
+        if err.retry_after_ms > 0 && self.held_sends.len() < MAX_HELD_RECIPIENTS {
+            self.held_sends
+                .entry(to_user)
+                .or_insert_with(|| (client_msg_id, err.clone()));
+        }
+    }
+
     /// The authenticated account's phone number (empty before auth).
     fn phone(&self) -> String {
         self.authed
@@ -989,8 +1010,25 @@ impl<L: Link> Conn<L> {
                     self.respond_error(id, route_error(&mismatch));
                     return Ok(());
                 }
+                // A send refused here (below) holds later sends to the same
+                // user on this connection until it is sent again, so its
+                // retry cannot land after them (the shards do the same for
+                // their refusals: `router::order`).
+                if let Some((refused_id, err)) = self.held_sends.get(&req.to_user) {
+                    if *refused_id != req.client_msg_id {
+                        let err = pb::Error {
+                            message: HELD_MESSAGE.into(),
+                            ..err.clone()
+                        };
+                        self.respond_error(id, err);
+                        return Ok(());
+                    }
+                    self.held_sends.remove(&req.to_user);
+                }
                 if let Err(refused) = self.gw.limits.send(device.user, req.to_user) {
-                    self.respond_error(id, route_error(&refused.into()));
+                    let err = route_error(&refused.into());
+                    self.hold_sends(req.to_user, req.client_msg_id, &err);
+                    self.respond_error(id, err);
                     return Ok(());
                 }
                 let phone = self.phone();
@@ -1018,6 +1056,8 @@ impl<L: Link> Conn<L> {
                     conn_id: self.conn_id,
                     frame: id,
                 };
+                let to_user = req.to_user;
+                let msg_id = send.client_msg_id.clone();
                 let (submitted, answers) = alongside_pending(
                     &mut self.pending,
                     self.gw.router.submit_send(send, copies, to),
@@ -1031,7 +1071,9 @@ impl<L: Link> Conn<L> {
                         return Ok(());
                     }
                     Err(e) => {
-                        self.respond_error(id, route_error(&e));
+                        let err = route_error(&e);
+                        self.hold_sends(to_user, msg_id, &err);
+                        self.respond_error(id, err);
                         return Ok(());
                     }
                 };

@@ -4,10 +4,15 @@
 use switchboard_proto::pb::{self, ErrorCode};
 
 use crate::limits::Limit;
-use crate::router::{KickReason, RouteError};
+use crate::router::{HeldBy, KickReason, RouteError};
 
 /// How long clients should wait before retrying after a storage failure.
 const STORAGE_RETRY_AFTER_MS: u64 = 1000;
+
+/// The message of a send refused because an earlier send of the same
+/// device to the same user was refused and has not been sent again.
+pub const HELD_MESSAGE: &str =
+    "an earlier message to this user was refused: send it again first, then this one";
 
 /// Builds a wire error.
 pub fn error(code: ErrorCode, message: impl Into<String>) -> pb::Error {
@@ -46,6 +51,17 @@ pub fn route_error(err: &RouteError) -> pb::Error {
         } => pb::Error {
             retry_after_ms: *retry_after_ms,
             ..error(ErrorCode::RateLimited, limit.message())
+        },
+        RouteError::OrderHeld { by, retry_after_ms } => pb::Error {
+            retry_after_ms: *retry_after_ms,
+            ..error(
+                match by {
+                    HeldBy::Overloaded => ErrorCode::Overloaded,
+                    HeldBy::Unavailable => ErrorCode::StorageUnavailable,
+                    HeldBy::QueueFull => ErrorCode::QueueFull,
+                },
+                HELD_MESSAGE,
+            )
         },
         RouteError::QueueFull { retry_after_ms } => pb::Error {
             retry_after_ms: *retry_after_ms,

@@ -1,6 +1,7 @@
 //! Errors the router answers requests with. `gateway::wire_error` maps each
 //! to a wire error code; internals never reach clients.
 
+use super::order::HeldBy;
 use crate::limits::{Limit, Refused};
 use crate::store::{DeviceId, StoreError, UserId};
 
@@ -35,6 +36,16 @@ pub enum RouteError {
     RateLimited {
         /// Which limit.
         limit: Limit,
+        /// When to try again.
+        retry_after_ms: u64,
+    },
+    /// An earlier send of this device to this user was refused and has not
+    /// been sent again; this one is refused the same way so it cannot
+    /// overtake it (`router::order`).
+    #[error("held behind an earlier refused send")]
+    OrderHeld {
+        /// The earlier refusal.
+        by: HeldBy,
         /// When to try again.
         retry_after_ms: u64,
     },

@@ -9,10 +9,12 @@
 //! one shard only, so nothing needs a lock.
 
 mod error;
+mod order;
 mod push;
 mod shard;
 
 pub use error::RouteError;
+pub use order::HeldBy;
 pub use push::{PushRx, PushTx, Received, TrySendError, push_channel};
 use shard::Queued;
 pub use shard::{KickReason, Notice, OwedReceipt, Push};

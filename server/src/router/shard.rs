@@ -18,6 +18,7 @@ use prost::Message;
 use switchboard_proto::pb;
 use tokio::sync::mpsc;
 
+use super::order::{HeldBy, Holds, Part};
 use super::{
     AnswerTo, AuthInfo, CodeIssued, ConnLink, Registered, Reply, RouteError, RouterConfig,
     SendAccepted, SendReply, SendRequest, UserSummary, shard_of_phone, shard_of_user,
@@ -77,6 +78,22 @@ const QUEUE_FULL_RETRY_AFTER_MS: u64 = 60_000;
 /// Bytes a queue entry takes besides its payload (sender, ids, framing),
 /// counted when a send is checked against the quota before it is encoded.
 const ENTRY_OVERHEAD_BYTES: u64 = 128;
+
+/// The retry hint of a failed commit (as the gateway gives for
+/// STORAGE_UNAVAILABLE).
+const STORAGE_RETRY_AFTER_MS: u64 = 1000;
+
+/// The hold key of a send part stored for `owner`'s devices: the recipient's
+/// part when `owner` is the recipient (or a note to self), else the
+/// sender's own part.
+fn order_key(req: &SendRequest, owner: UserId) -> (DeviceKey, UserId, Part) {
+    let part = if owner == req.to_user {
+        Part::Peer
+    } else {
+        Part::Own
+    };
+    (req.from, req.to_user, part)
+}
 
 /// What a shard pushes to a connection.
 #[derive(Debug)]
@@ -428,6 +445,10 @@ pub(super) struct Shard {
     one_time_key_budget: limits::KeyedLimiter<DeviceKey>,
     /// Durable queue usage of devices, loaded when first needed.
     queue_usage: FastMap<DeviceKey, QueueUsage>,
+    /// Sends held behind an earlier refused one (`router::order`).
+    holds: Holds,
+    /// Sends staged in this batch, held if its commit fails.
+    batch_sends: Vec<((DeviceKey, UserId, Part), String)>,
     /// Size of `users` that triggers the next eviction.
     evict_at: usize,
     metrics: ShardMetrics,
@@ -509,6 +530,8 @@ impl Shard {
                 limits::MAX_TRACKED_KEYS,
             ),
             queue_usage: FastMap::default(),
+            holds: Holds::default(),
+            batch_sends: Vec::new(),
             evict_at,
             metrics: ShardMetrics::noop(),
             ops: Vec::new(),
@@ -619,6 +642,7 @@ impl Shard {
                 retry_after_ms: OVERLOADED_RETRY_AFTER_MS,
             };
             if let Some(c) = cmd.take() {
+                self.hold_refused(&c, HeldBy::Overloaded, OVERLOADED_RETRY_AFTER_MS);
                 cmd = match c.reject(overloaded()) {
                     Some(Command::Send {
                         req,
@@ -658,6 +682,7 @@ impl Shard {
 
     /// Throws away everything not yet committed and all memory state.
     fn restart(&mut self) {
+        self.hold_batch_sends();
         self.ops.clear();
         self.messages_in = 0;
         self.live.clear();
@@ -854,6 +879,10 @@ impl Shard {
         if result.is_ok() && messages_in > 0 {
             self.metrics.messages_in.increment(messages_in);
         }
+        if result.is_err() {
+            self.hold_batch_sends();
+        }
+        self.batch_sends.clear();
         if let Err(e) = &result {
             metrics::counter!(tm::STORE_COMMIT_FAILURES).increment(1);
             tracing::error!(error = %e, "batch commit failed; answering with STORAGE_UNAVAILABLE");
@@ -1010,6 +1039,40 @@ impl Shard {
             entry: StoredEntry { seq, bytes },
         });
         self.live.push((device, entry));
+    }
+
+    /// Holds later sends behind a send refused before it was applied.
+    fn hold_refused(&mut self, cmd: &Command, by: HeldBy, retry_after_ms: u64) {
+        let now = now_ms();
+        let mut hold = |req: &SendRequest, part| {
+            self.holds.hold(
+                (req.from, req.to_user, part),
+                &req.client_msg_id,
+                by,
+                retry_after_ms,
+                now,
+            );
+        };
+        match cmd {
+            Command::Send { req, copies, .. } => {
+                hold(req, Part::Peer);
+                if let Some(c) = copies {
+                    hold(c, Part::Own);
+                }
+            }
+            Command::SendSelf { req, .. } => hold(req, Part::Own),
+            _ => {}
+        }
+    }
+
+    /// Holds later sends behind every send of a batch that will not be
+    /// committed.
+    fn hold_batch_sends(&mut self) {
+        let now = now_ms();
+        for (key, id) in std::mem::take(&mut self.batch_sends) {
+            self.holds
+                .hold(key, &id, HeldBy::Unavailable, STORAGE_RETRY_AFTER_MS, now);
+        }
     }
 
     /// Stages the removal of a queue entry; `size` is its encoded size when
@@ -1297,6 +1360,10 @@ impl Shard {
         if let Some(duplicate) = self.answer_duplicate(&key, req.first_attempt) {
             return duplicate;
         }
+        let order = (req.from, req.to_user, Part::Peer);
+        if let Err(e) = self.holds.check(order, &req.client_msg_id, now_ms()) {
+            return Answer::now(Err(e));
+        }
         // A note to self goes to the sender's other devices.
         let to_self = req.to_user == req.from.user;
         let checked = match self.user(req.to_user) {
@@ -1370,6 +1437,10 @@ impl Shard {
         if let Some(duplicate) = self.answer_duplicate(&key, req.first_attempt) {
             return duplicate;
         }
+        let order = (req.from, req.to_user, Part::Own);
+        if let Err(e) = self.holds.check(order, &req.client_msg_id, now_ms()) {
+            return Answer::now(Err(e));
+        }
         if let Err(e) = checked {
             return Answer::now(Err(e));
         }
@@ -1425,6 +1496,13 @@ impl Shard {
                 p.payload.len() as u64 + overhead,
             )
         })) {
+            self.holds.hold(
+                order_key(req, owner),
+                &req.client_msg_id,
+                HeldBy::QueueFull,
+                QUEUE_FULL_RETRY_AFTER_MS,
+                now,
+            );
             return Answer::now(Err(e));
         }
         let mut seqs = Vec::with_capacity(req.payloads.len());
@@ -1449,6 +1527,8 @@ impl Shard {
             });
             self.stage_entry(device, seq, now, body);
         }
+        self.batch_sends
+            .push((order_key(req, owner), req.client_msg_id.clone()));
         self.staged_dedup.insert(key.clone(), now);
         self.ops.push(Op::PutDedup {
             key,

@@ -1,0 +1,145 @@
+//! Per-recipient order under refusals: a send refused with a retryable
+//! error (QUEUE_FULL, STORAGE_UNAVAILABLE, RATE_LIMITED) holds the sender
+//! device's later sends to the same user until it is sent again, so the
+//! retry never lands after them (PROTOCOL.md §11.5.1).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use switchboard_proto::pb::{self, ErrorCode, server_frame::Body as Out};
+use switchboard_server::store::faults::FaultyStore;
+
+#[track_caller]
+fn refusal(out: &Out) -> pb::Error {
+    match out {
+        Out::Error(e) => e.clone(),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn held(e: &pb::Error) -> bool {
+    e.message.contains("earlier message")
+}
+
+/// The message ids Bob receives until up to date, in order.
+async fn message_ids(b: &mut Raw) -> Vec<String> {
+    b.drain()
+        .await
+        .into_iter()
+        .filter_map(|e| match e.body {
+            Some(pb::queue_entry::Body::Message(m)) => Some(m.client_msg_id),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_send_refused_for_a_full_queue_is_not_overtaken_by_a_later_one() {
+    let server = TestServer::start_with(|c| c.queue_max_entries_per_device = 3).await;
+    let alice = register(&server, "+15550008001").await;
+    let bob = register(&server, "+15550008002").await;
+    let mut a = online(&server, &alice).await;
+    let b = a.lookup(&bob.phone).await;
+    for i in 0..3 {
+        assert!(matches!(
+            a.send_text(&b, &format!("m{i}"), "x").await,
+            Out::SendOk(_)
+        ));
+    }
+    let e3 = refusal(&a.send_text(&b, "m3", "x").await);
+    assert_eq!(e3.code(), ErrorCode::QueueFull);
+    assert!(!held(&e3), "{e3:?}");
+    let e4 = refusal(&a.send_text(&b, "m4", "x").await);
+    assert_eq!(e4.code(), ErrorCode::QueueFull);
+    assert!(held(&e4), "{e4:?}");
+    // Bob drains: room again. m4 still waits for m3.
+    let mut bc = online(&server, &bob).await;
+    assert_eq!(message_ids(&mut bc).await, ["m0", "m1", "m2"]);
+    let mut delivered = 0;
+    while delivered < 3 {
+        if let Some(pb::queue_entry::Body::Receipt(r)) = a.next_entry().await.body {
+            delivered += r.client_msg_ids.len();
+        }
+    }
+    let again = refusal(&a.send_text(&b, "m4", "x").await);
+    assert!(held(&again), "m4 overtook the refused m3: {again:?}");
+    // m3 comes back, then m4 and m5 follow in order.
+    for id in ["m3", "m4", "m5"] {
+        let out = a.send_text(&b, id, "x").await;
+        assert!(matches!(out, Out::SendOk(_)), "{id}: {out:?}");
+    }
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        if let Some(pb::queue_entry::Body::Message(m)) = bc.next_entry().await.body {
+            got.push(m.client_msg_id);
+        }
+    }
+    assert_eq!(got, ["m3", "m4", "m5"]);
+}
+
+#[tokio::test]
+async fn a_send_refused_by_a_failed_commit_is_not_overtaken_by_a_later_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = test_config(dir.path());
+    let faulty = Arc::new(FaultyStore::new(
+        switchboard_server::open_store(&cfg).unwrap(),
+    ));
+    let running = switchboard_server::start_with_store(cfg.clone(), faulty.clone())
+        .await
+        .unwrap();
+    let server = TestServer {
+        dir,
+        server: Some(running),
+        config: cfg,
+    };
+    let alice = register(&server, "+15550008011").await;
+    let bob = register(&server, "+15550008012").await;
+    let mut a = online(&server, &alice).await;
+    let b = a.lookup(&bob.phone).await;
+    faulty.set_fail_writes(true);
+    let e0 = refusal(&a.send_text(&b, "m0", "x").await);
+    assert_eq!(e0.code(), ErrorCode::StorageUnavailable);
+    faulty.set_fail_writes(false);
+    // The disk is back, but m1 must not go before m0.
+    let e1 = refusal(&a.send_text(&b, "m1", "x").await);
+    assert_eq!(e1.code(), ErrorCode::StorageUnavailable);
+    assert!(held(&e1), "{e1:?}");
+    for id in ["m0", "m1"] {
+        let out = a.send_text(&b, id, "x").await;
+        assert!(matches!(out, Out::SendOk(_)), "{id}: {out:?}");
+    }
+    let mut bc = online(&server, &bob).await;
+    assert_eq!(message_ids(&mut bc).await, ["m0", "m1"]);
+}
+
+#[tokio::test]
+async fn a_rate_limited_send_is_not_overtaken_by_a_later_one() {
+    // 120 per minute: a burst of 120, then one every 0.5 s.
+    let server = TestServer::start_with(|c| c.sends_per_pair_per_min = 120).await;
+    let alice = register(&server, "+15550008021").await;
+    let bob = register(&server, "+15550008022").await;
+    let mut a = online(&server, &alice).await;
+    let b = a.lookup(&bob.phone).await;
+    for i in 0..120 {
+        assert!(matches!(
+            a.send_text(&b, &format!("m{i}"), "x").await,
+            Out::SendOk(_)
+        ));
+    }
+    let e = refusal(&a.send_text(&b, "m120", "x").await);
+    assert_eq!(e.code(), ErrorCode::RateLimited);
+    // Once a token is back, a later message still waits for m120.
+    tokio::time::sleep(Duration::from_millis(e.retry_after_ms + 50)).await;
+    let later = refusal(&a.send_text(&b, "m121", "x").await);
+    assert_eq!(later.code(), ErrorCode::RateLimited);
+    assert!(held(&later), "{later:?}");
+    assert!(matches!(a.send_text(&b, "m120", "x").await, Out::SendOk(_)));
+    let mut bc = online(&server, &bob).await;
+    let ids = message_ids(&mut bc).await;
+    assert_eq!(ids.len(), 121);
+    assert_eq!(ids.last().map(String::as_str), Some("m120"));
+}
