@@ -33,9 +33,12 @@ pub struct AbuseArgs {
     /// Seconds of bystander traffic measured without, then with, the flood.
     #[arg(long, default_value_t = 15)]
     seconds: u64,
-    /// Bystander messages per second (Alice to Bob; within the default
+    /// Bystander pairs (each one user sending to another).
+    #[arg(long, default_value_t = 10)]
+    pairs: usize,
+    /// Messages per second each bystander pair sends (within the default
     /// per-pair limit over both phases).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 10)]
     rate: u32,
     /// The flooder's connections at once.
     #[arg(long, default_value_t = 16)]
@@ -77,10 +80,21 @@ pub async fn abuse(a: AbuseArgs) -> Result<bool> {
         a.queue_quota
     );
     let sut = Sut::start_with_config(&a.target, &[], &config).await?;
-    let users = register_users(&sut.tcp, &sut.data_dir, 7_000_000, 4, 4).await?;
-    let (alice, bob, victim, flooder) = (&users[0], &users[1], &users[2], &users[3]);
+    let users = register_users(&sut.tcp, &sut.data_dir, 7_000_000, 2 + 2 * a.pairs, 8).await?;
+    let (victim, flooder) = (&users[0], &users[1]);
+    // The bystanders connect once, before the flood: the flood's new
+    // connections use up the address's connection rate, which they share
+    // with the flooder here (one machine, one address).
+    let mut pairs = Vec::with_capacity(a.pairs);
+    for p in users[2..].chunks_exact(2) {
+        pairs.push((
+            connect_drained(&sut.tcp, &p[0], "abuse-alice").await?,
+            connect_drained(&sut.tcp, &p[1], "abuse-bob").await?,
+            p[1].clone(),
+        ));
+    }
 
-    let unloaded = bystanders(&sut.tcp, alice, bob, a.rate, a.seconds).await?;
+    let (unloaded, pairs) = bystanders(pairs, a.rate, a.seconds).await?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let requests = Arc::new(AtomicU64::new(0));
@@ -105,7 +119,11 @@ pub async fn abuse(a: AbuseArgs) -> Result<bool> {
     }
     // Let the flood reach its pace (and the victim's queue its quota).
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let loaded = bystanders(&sut.tcp, alice, bob, a.rate, a.seconds).await?;
+    let (loaded, pairs) = bystanders(pairs, a.rate, a.seconds).await?;
+    for (a_conn, b_conn, _) in pairs {
+        drop(a_conn.close().await);
+        drop(b_conn.close().await);
+    }
     stop.store(true, Ordering::Relaxed);
     for f in flood {
         f.await.context("flooder")??;
@@ -154,18 +172,34 @@ pub async fn abuse(a: AbuseArgs) -> Result<bool> {
     Ok(passed)
 }
 
-/// Alice sends to Bob at `rate` per second for `seconds`; Bob acks. The
-/// send→delivered latency of every message.
-async fn bystanders(
-    tcp: &str,
-    alice: &Credentials,
-    bob: &Credentials,
+/// Each pair's first user sends to its second at `rate` per second for
+/// `seconds`; the receivers ack. The send→delivered latency of every
+/// message.
+async fn bystanders(pairs: Vec<Pair>, rate: u32, seconds: u64) -> Result<(Latency, Vec<Pair>)> {
+    let mut runs = Vec::with_capacity(pairs.len());
+    for p in pairs {
+        runs.push(tokio::spawn(pair(p, rate, seconds)));
+    }
+    let mut all = histogram()?;
+    let mut back = Vec::with_capacity(runs.len());
+    for r in runs {
+        let (p, h) = r.await.context("bystander pair")??;
+        all.add(h)?;
+        back.push(p);
+    }
+    Ok((latency(&all), back))
+}
+
+/// A bystander pair: Alice's connection, Bob's, and Bob's credentials.
+type Pair = (Connection, Connection, Credentials);
+
+/// One bystander pair: Alice sends to Bob, Bob acks; the latencies.
+async fn pair(
+    (mut a, mut b, bob): Pair,
     rate: u32,
     seconds: u64,
-) -> Result<Latency> {
+) -> Result<(Pair, Histogram<u64>)> {
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    let mut a = connect_drained(tcp, alice, "abuse-alice").await?;
-    let mut b = connect_drained(tcp, bob, "abuse-bob").await?;
     let total = u64::from(rate) * seconds;
     let origin = Instant::now();
     let receiver = tokio::spawn(async move {
@@ -188,8 +222,7 @@ async fn bystanders(
                 b.ack(&seqs).await?;
             }
         }
-        drop(b.close().await);
-        Ok::<_, anyhow::Error>(h)
+        Ok::<_, anyhow::Error>((b, h))
     });
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate.max(1))));
     let mut sent = 0;
@@ -224,9 +257,8 @@ async fn bystanders(
             },
         }
     }
-    let h = receiver.await.context("receiver")??;
-    drop(a.close().await);
-    Ok(latency(&h))
+    let (b, h) = receiver.await.context("receiver")??;
+    Ok(((a, b, bob), h))
 }
 
 /// One flooding connection loop: reconnects every `per_connection`
@@ -254,7 +286,7 @@ impl Flooder {
                 Ok(c) => c,
                 Err(e) => {
                     self.count("connect", &e.to_string()).await;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tokio::task::yield_now().await;
                     continue;
                 }
             };

@@ -29,6 +29,7 @@ read_receipts_per_user_per_min = 1000000000
 lookups_per_user_per_hour = 1000000000
 bundle_fetches_per_user_per_hour = 1000000000
 code_requests_per_ip_per_hour = 1000000000
+connections_per_ip_per_min = 1000000000
 ";
 
 /// Where the `switchboard` binary is: the given path, else next to this

@@ -112,6 +112,10 @@ pub struct Config {
     pub queue_max_entries_per_device: u64,
     /// Bytes one device's durable queue may hold; past it, QUEUE_FULL.
     pub queue_max_bytes_per_device: u64,
+    /// New connections accepted from one IP address per minute (a burst of
+    /// this many, then this many per minute); more are closed before the
+    /// handshake.
+    pub connections_per_ip_per_min: u32,
     /// Open connections at most (also capped by the process's file limit).
     pub max_connections: usize,
     /// Seconds a connection may stay without authenticating or linking.
@@ -156,6 +160,7 @@ impl Default for Config {
             wrong_codes_per_phone_per_day: 10,
             queue_max_entries_per_device: 20_000,
             queue_max_bytes_per_device: 256 * 1024 * 1024,
+            connections_per_ip_per_min: 1_200,
             max_connections: 1_000_000,
             unauthenticated_timeout_secs: 120,
         }
@@ -323,6 +328,10 @@ impl Config {
                 u64::from(self.wrong_codes_per_phone_per_day),
             ),
             (
+                "connections_per_ip_per_min",
+                u64::from(self.connections_per_ip_per_min),
+            ),
+            (
                 "queue_max_entries_per_device",
                 self.queue_max_entries_per_device,
             ),
@@ -406,6 +415,7 @@ impl Config {
                 lookups_per_user: Rate::per_hour(self.lookups_per_user_per_hour),
                 bundle_fetches_per_user: Rate::per_hour(self.bundle_fetches_per_user_per_hour),
                 code_requests_per_ip: Rate::per_hour(self.code_requests_per_ip_per_hour),
+                connections_per_ip: Rate::per_minute(self.connections_per_ip_per_min),
             },
         }
     }

@@ -146,7 +146,10 @@ pub async fn run_with_store(
             "connection cap lowered to fit the open-file limit (ulimit -n)"
         );
     }
-    let gw = Arc::new(Gateway::new(router.clone(), gateway_cfg, code_sender, key));
+    let gw = Arc::new(
+        Gateway::new(router.clone(), gateway_cfg, code_sender, key)
+            .map_err(io_err("cannot start crypto threads"))?,
+    );
 
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();

@@ -213,14 +213,14 @@ async fn full_disk_gives_no_ack_and_recovers_when_space_returns() {
     }
     assert!(refused >= 3, "the disk never filled up");
 
-    // Free the space: the server recovers by itself.
+    // Free the space: the server recovers by itself. The refused messages
+    // go again first, in order (later sends to Bob are held behind the
+    // first of them, PROTOCOL.md §11.5.1), then a new one.
     std::fs::remove_file(&ballast).unwrap();
     let mut recovered = false;
-    for i in 0..100 {
-        let id = format!("after-{i}");
-        match a.send_text(&bob_info, &id, "room again").await {
+    for _ in 0..100 {
+        match a.send_text(&bob_info, &refused_ids[0], &payload).await {
             Out::SendOk(_) => {
-                acked.push(id);
                 recovered = true;
                 break;
             }
@@ -232,6 +232,13 @@ async fn full_disk_gives_no_ack_and_recovers_when_space_returns() {
         }
     }
     assert!(recovered, "no recovery after space returned");
+    for id in &refused_ids[1..] {
+        let out = a.send_text(&bob_info, id, &payload).await;
+        assert!(matches!(out, Out::SendOk(_)), "{id}: {out:?}");
+    }
+    let out = a.send_text(&bob_info, "after-0", "room again").await;
+    assert!(matches!(out, Out::SendOk(_)), "{out:?}");
+    acked.push("after-0".into());
     // Every acknowledged message is delivered, once, in order. A refused
     // send may still have reached the journal before the failure (the
     // client was told to retry, and a retry would be deduplicated), so it

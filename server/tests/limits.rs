@@ -280,17 +280,24 @@ async fn a_device_queue_is_held_to_its_byte_quota() {
     let mut a = online(&server, &alice).await;
     let b = a.lookup(&bob.phone).await;
     let big = vec![7u8; 40_000];
-    assert!(matches!(
-        a.request(send_to(&b, "big0", big.clone())).await,
-        Out::SendOk(_)
-    ));
+    for (id, payload) in [("big0", big.clone()), ("small", vec![1u8; 100])] {
+        let out = a.request(send_to(&b, id, payload)).await;
+        assert!(matches!(out, Out::SendOk(_)), "{id}: {out:?}");
+    }
+    // The second big one does not fit in what is left.
     refused(
         &a.request(send_to(&b, "big1", big.clone())).await,
         ErrorCode::QueueFull,
     );
-    // Small ones still fit in what is left.
+    // Nor does it once more; a small one from someone else still does.
+    refused(
+        &a.request(send_to(&b, "big1", big)).await,
+        ErrorCode::QueueFull,
+    );
+    let carol = register(&server, "+15550009073").await;
+    let mut c = online(&server, &carol).await;
     assert!(matches!(
-        a.request(send_to(&b, "small", vec![1u8; 100])).await,
+        c.request(send_to(&b, "c0", vec![1u8; 100])).await,
         Out::SendOk(_)
     ));
 }

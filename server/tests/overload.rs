@@ -134,16 +134,9 @@ async fn flood_is_refused_cleanly_and_nothing_acknowledged_is_lost() {
     let mut acked = Vec::new();
     let mut to_carol = 0;
     let mut overloaded = 0;
-    // The backlog gauge: the deepest shard inbox seen during the flood.
-    let mut peak_depth: f64 = 0.0;
     for f in flooders {
         while !f.is_finished() {
             peak_rss = peak_rss.max(rss_bytes("self"));
-            let (_, m) = http_get(&server.http(), "/metrics").await;
-            for shard in ["0", "1"] {
-                let series = format!("switchboard_shard_inbox_depth{{shard=\"{shard}\"}}");
-                peak_depth = peak_depth.max(metric(&m, &series).unwrap_or(0.0));
-            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let (a, c, o) = f.await.unwrap();
@@ -153,7 +146,22 @@ async fn flood_is_refused_cleanly_and_nothing_acknowledged_is_lost() {
     }
     peak_rss = peak_rss.max(rss_bytes("self"));
     assert!(overloaded > 0, "tight limits must refuse some of the flood");
-    assert!(peak_depth > 0.0, "the inbox depth gauge never moved");
+    // The backlog's age was measured: commands waited in the inboxes past
+    // the request deadline (20 ms) while commits took 40 ms. (The depth
+    // gauge, set after each commit, is not sampled here: the flood is over
+    // within a few commits, since a refused send holds its sender's later
+    // ones to the same user, which are refused at once.)
+    let (_, m) = http_get(&server.http(), "/metrics").await;
+    let waited = metric(&m, "switchboard_shard_inbox_wait_seconds_count").unwrap();
+    let in_time = metric(
+        &m,
+        "switchboard_shard_inbox_wait_seconds_bucket{le=\"0.02\"}",
+    )
+    .unwrap();
+    assert!(
+        waited > in_time,
+        "no command waited past the deadline: {in_time} of {waited} in time"
+    );
     assert!(!acked.is_empty(), "and still accept some");
     assert!(
         peak_rss > 0 && peak_rss < RSS_BOUND_BYTES,

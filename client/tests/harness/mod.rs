@@ -61,6 +61,8 @@ impl TestServer {
             read_receipts_per_user_per_min: 1_000_000,
             lookups_per_user_per_hour: 1_000_000,
             bundle_fetches_per_user_per_hour: 1_000_000,
+            code_requests_per_ip_per_hour: 1_000_000,
+            connections_per_ip_per_min: 1_000_000,
             ..Config::default()
         };
         tweak(&mut config);

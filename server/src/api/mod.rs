@@ -74,6 +74,15 @@ async fn ws(
     let gateway = state.gateway.clone();
     let shutdown = state.shutdown.clone();
     let tracker = state.tracker.clone();
+    if let Err(refused) = gateway.limits.connection(peer.ip()) {
+        let retry_after_secs = refused.retry_after_ms.div_ceil(1000).to_string();
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(axum::http::header::RETRY_AFTER, retry_after_secs)],
+            "too many new connections from this address\n",
+        )
+            .into_response();
+    }
     let Some(permit) = gateway.admit().await else {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     };

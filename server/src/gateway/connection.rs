@@ -39,6 +39,11 @@ use crate::telemetry as tm;
 /// so credentials cannot be guessed at line rate.
 const MAX_AUTH_FAILURES: u32 = 3;
 
+/// Longest pause of a connection after a RATE_LIMITED answer: long enough
+/// that a client ignoring the hint costs little, short enough that a
+/// well-behaved one pipelining past a burst barely notices.
+const RATE_LIMITED_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Recipients a connection holds sends for at once: a client refused for
 /// more recipients than this at a time (only a flooder is) gets no order
 /// guarantee for the rest, and the connection's memory stays bounded.
@@ -192,6 +197,7 @@ pub async fn run<L: Link>(
             delivered: FastMap::default(),
             sends_in_flight: 0,
             frames_held: false,
+            limited_until: None,
         };
         let end = conn.serve(&shutdown).await;
         tracing::debug!(?end, "connection ended");
@@ -306,9 +312,20 @@ async fn handshake<L: Link>(
         result: Some(result),
         server_time_ms: now_ms(),
     };
-    let mut out = BytesMut::new();
-    hs.write_message(&hello_out.encode_to_vec(), &mut out)
-        .map_err(End::Proto)?;
+    // Message 2 (three X25519 operations) and message 3 (one) are computed
+    // on the low-priority crypto threads (see `gateway::crypto`).
+    let hello_bytes = hello_out.encode_to_vec();
+    let (hs, out) = gw
+        .crypto
+        .run(move || {
+            let mut out = BytesMut::new();
+            let written = hs.write_message(&hello_bytes, &mut out);
+            (hs, written.map(|()| out))
+        })
+        .await
+        .ok_or(End::Refused("shutting down"))?;
+    let mut hs = hs;
+    let out = out.map_err(End::Proto)?;
     link.write_all_bytes(&out).await.map_err(End::Io)?;
     let Some(slot) = slot else {
         return Err(End::Refused(
@@ -317,7 +334,16 @@ async fn handshake<L: Link>(
     };
     tracing::debug!(user_agent = %hello.user_agent, "client hello");
     let msg3 = read_record(link, &mut rbuf).await?;
-    hs.read_message(&msg3).map_err(End::Proto)?;
+    let (hs_back, read) = gw
+        .crypto
+        .run(move || {
+            let read = hs.read_message(&msg3);
+            (hs, read)
+        })
+        .await
+        .ok_or(End::Refused("shutting down"))?;
+    hs = hs_back;
+    read.map_err(End::Proto)?;
     let session = hs
         .into_session(gw.cfg.max_frame_bytes)
         .map_err(End::Proto)?;
@@ -350,8 +376,11 @@ struct Conn<L: Link> {
     /// Sends whose ✓ will come through the push queue.
     sends_in_flight: usize,
     /// Whole frames may wait in `rbuf`, left there while the connection
-    /// had [`MAX_IN_FLIGHT`] requests in flight.
+    /// had [`MAX_IN_FLIGHT`] requests in flight or was paused.
     frames_held: bool,
+    /// Set after a RATE_LIMITED answer: nothing more is read or handled
+    /// until then (see `respond_error`).
+    limited_until: Option<Instant>,
 }
 
 /// Waits on an optional receiver; never resolves when there is none.
@@ -397,6 +426,15 @@ impl<L: Link> Conn<L> {
     }
 
     fn respond_error(&mut self, id: u32, err: pb::Error) {
+        if err.code() == ErrorCode::RateLimited {
+            // A client past a limit is told when to come back; meanwhile
+            // its connection reads and handles nothing more (for at most
+            // RATE_LIMITED_PAUSE), so ignoring the hint costs the server
+            // one refusal per pause, not one per request.
+            let pause =
+                std::time::Duration::from_millis(err.retry_after_ms).min(RATE_LIMITED_PAUSE);
+            self.limited_until = Some(Instant::now() + pause);
+        }
         self.queue(error_frame(id, err));
     }
 
@@ -482,9 +520,10 @@ impl<L: Link> Conn<L> {
         }
     }
 
-    /// Whether frames wait until a request in flight finishes.
+    /// Whether frames wait: until a request in flight finishes, or until
+    /// a rate-limited connection's pause is over.
     fn paused(&self) -> bool {
-        self.sends_in_flight + self.pending.len() >= MAX_IN_FLIGHT
+        self.sends_in_flight + self.pending.len() >= MAX_IN_FLIGHT || self.limited_until.is_some()
     }
 
     /// Handles every whole frame already buffered (while the connection has
@@ -600,6 +639,12 @@ impl<L: Link> Conn<L> {
                 // authentication: the shard ends authenticated ones.
                 () = &mut cancelled, if self.push_rx.is_none() => {
                     return self.goodbye(shutting_down()).await;
+                }
+                () = tokio::time::sleep_until(self.limited_until.unwrap_or_else(Instant::now)),
+                    if self.limited_until.is_some() =>
+                {
+                    // The pause is over: held frames are taken below.
+                    self.limited_until = None;
                 }
             }
             // Answers and pushes that are ready too go into the same write

@@ -5,6 +5,7 @@
 //! state lives in the router's shards.
 
 mod connection;
+mod crypto;
 mod link;
 mod wire;
 
@@ -24,6 +25,7 @@ use tokio_util::task::TaskTracker;
 use crate::accounts::CodeSender;
 use crate::limits::{Admission, Limits, RequestLimits};
 use crate::router::Router;
+use crypto::CryptoPool;
 
 /// Connection tuning, from the server configuration.
 #[derive(Debug, Clone)]
@@ -66,6 +68,8 @@ pub struct Gateway {
     pub server_key: Keypair,
     /// Per-user and per-address request limits.
     pub limits: Limits,
+    /// Low-priority threads for the handshakes' public-key cryptography.
+    crypto: CryptoPool,
     conn_ids: AtomicU64,
     pub(crate) admission: Admission,
     /// Set just before the shutdown token is cancelled: busy connections
@@ -96,14 +100,19 @@ impl GatewayMetrics {
 
 impl Gateway {
     /// Bundles what connections need.
-    #[must_use]
+    ///
+    /// # Errors
+    /// If the crypto threads cannot be started.
     pub fn new(
         router: Router,
         cfg: GatewayConfig,
         code_sender: Arc<dyn CodeSender>,
         server_key: Keypair,
-    ) -> Self {
-        Self {
+    ) -> std::io::Result<Self> {
+        let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let crypto = CryptoPool::start(threads, cfg.max_concurrent_handshakes)?;
+        Ok(Self {
+            crypto,
             admission: Admission::new(
                 cfg.max_accepts_per_sec,
                 cfg.max_concurrent_handshakes,
@@ -117,7 +126,7 @@ impl Gateway {
             conn_ids: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
             metrics: GatewayMetrics::registered(),
-        }
+        })
     }
 
     /// Marks the server as shutting down (before the token is cancelled).
@@ -184,7 +193,15 @@ pub async fn serve_tcp(
             let stream = tokio::select! {
                 () = shutdown.cancelled() => break,
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => (stream, peer.ip()),
+                    Ok((stream, peer)) => {
+                        // Over its address's rate: closed at once, before
+                        // any handshake work (the client retries later).
+                        if gw.limits.connection(peer.ip()).is_err() {
+                            drop(stream);
+                            continue;
+                        }
+                        (stream, peer.ip())
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
                         tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;

@@ -51,6 +51,8 @@ pub enum Limit {
     BundleFetches,
     /// Verification-code requests per IP address.
     CodeRequestsPerIp,
+    /// New connections per IP address.
+    ConnectionsPerIp,
     /// Verification-code requests per phone number.
     CodeRequestsPerPhone,
     /// Wrong verification codes per phone number per day.
@@ -67,13 +69,14 @@ pub enum Limit {
 
 impl Limit {
     /// Every limit, for metrics registered at start.
-    pub const ALL: [Limit; 12] = [
+    pub const ALL: [Limit; 13] = [
         Limit::UserSends,
         Limit::PairSends,
         Limit::ReadReceipts,
         Limit::Lookups,
         Limit::BundleFetches,
         Limit::CodeRequestsPerIp,
+        Limit::ConnectionsPerIp,
         Limit::CodeRequestsPerPhone,
         Limit::WrongCodes,
         Limit::LinkCodes,
@@ -92,6 +95,7 @@ impl Limit {
             Limit::Lookups => "lookups_per_user",
             Limit::BundleFetches => "bundle_fetches_per_user",
             Limit::CodeRequestsPerIp => "code_requests_per_ip",
+            Limit::ConnectionsPerIp => "connections_per_ip",
             Limit::CodeRequestsPerPhone => "code_requests_per_phone",
             Limit::WrongCodes => "wrong_codes_per_phone",
             Limit::LinkCodes => "link_codes_per_user",
@@ -111,6 +115,7 @@ impl Limit {
             Limit::Lookups => "too many phone number lookups",
             Limit::BundleFetches => "too many key bundle fetches",
             Limit::CodeRequestsPerIp => "too many code requests from this address",
+            Limit::ConnectionsPerIp => "too many new connections from this address",
             Limit::CodeRequestsPerPhone => "too many code requests for this number",
             Limit::WrongCodes => "too many wrong codes for this number today",
             Limit::LinkCodes => "too many link codes",
@@ -151,6 +156,8 @@ pub struct RequestLimits {
     pub bundle_fetches_per_user: Rate,
     /// Code requests per IP address.
     pub code_requests_per_ip: Rate,
+    /// New connections per IP address.
+    pub connections_per_ip: Rate,
 }
 
 /// A refusal: which limit, and when to try again.
@@ -170,6 +177,7 @@ pub struct Limits {
     lookups: KeyedLimiter<UserId>,
     bundle_fetches: KeyedLimiter<UserId>,
     code_requests_per_ip: KeyedLimiter<IpAddr>,
+    connections_per_ip: KeyedLimiter<IpAddr>,
 }
 
 impl Limits {
@@ -183,6 +191,7 @@ impl Limits {
             lookups: KeyedLimiter::new(cfg.lookups_per_user, MAX_TRACKED_KEYS),
             bundle_fetches: KeyedLimiter::new(cfg.bundle_fetches_per_user, MAX_TRACKED_KEYS),
             code_requests_per_ip: KeyedLimiter::new(cfg.code_requests_per_ip, MAX_TRACKED_KEYS),
+            connections_per_ip: KeyedLimiter::new(cfg.connections_per_ip, MAX_TRACKED_KEYS),
         }
     }
 
@@ -235,6 +244,14 @@ impl Limits {
     /// [`Refused`] when the user's fetches are exhausted.
     pub fn bundle_fetch(&self, user: UserId) -> Result<(), Refused> {
         Self::check(&self.bundle_fetches, Limit::BundleFetches, &user)
+    }
+
+    /// A new connection from `ip` (checked before its handshake).
+    ///
+    /// # Errors
+    /// [`Refused`] when the address's new connections are exhausted.
+    pub fn connection(&self, ip: IpAddr) -> Result<(), Refused> {
+        Self::check(&self.connections_per_ip, Limit::ConnectionsPerIp, &ip)
     }
 
     /// A verification-code request from `ip`.
@@ -293,6 +310,7 @@ mod tests {
             lookups_per_user: r,
             bundle_fetches_per_user: r,
             code_requests_per_ip: r,
+            connections_per_ip: r,
         })
     }
 
