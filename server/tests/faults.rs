@@ -29,16 +29,6 @@ async fn start_faulty() -> (TestServer, Arc<FaultyStore>) {
     )
 }
 
-fn message_ids(entries: &[pb::QueueEntry]) -> Vec<String> {
-    entries
-        .iter()
-        .filter_map(|e| match &e.body {
-            Some(pb::queue_entry::Body::Message(m)) => Some(m.client_msg_id.clone()),
-            _ => None,
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn failed_writes_give_no_ack_and_recover() {
     let (server, store) = start_faulty().await;

@@ -18,22 +18,6 @@ fn refused(out: &Out, code: ErrorCode) -> pb::Error {
     }
 }
 
-fn send_to(to: &pb::UserInfo, id: &str, payload: Vec<u8>) -> In {
-    In::Send(pb::Send {
-        client_msg_id: id.into(),
-        to_user: to.user_id,
-        payloads: to
-            .devices
-            .iter()
-            .map(|d| pb::DevicePayload {
-                device_id: *d,
-                payload: payload.clone().into(),
-            })
-            .collect(),
-        ..Default::default()
-    })
-}
-
 async fn metrics(server: &TestServer) -> String {
     http_get(&server.http(), "/metrics").await.1
 }
@@ -232,22 +216,10 @@ async fn a_full_device_queue_refuses_sends_with_queue_full_and_loses_nothing() {
     refused(&a.send_text(&b, "m5", "hi").await, ErrorCode::QueueFull);
     // Bob drains exactly what was acknowledged.
     let mut bc = online(&server, &bob).await;
-    let got = bc.drain().await;
-    let ids: Vec<String> = got
-        .iter()
-        .filter_map(|e| match &e.body {
-            Some(pb::queue_entry::Body::Message(m)) => Some(m.client_msg_id.clone()),
-            _ => None,
-        })
-        .collect();
+    let ids = message_ids(&bc.drain().await);
     assert_eq!(ids, ["m0", "m1", "m2", "m3", "m4"]);
     // Their ✓✓ reach Alice once the acked entries are removed (one batch).
-    let mut delivered = 0;
-    while delivered < 5 {
-        if let Some(pb::queue_entry::Body::Receipt(r)) = a.next_entry().await.body {
-            delivered += r.client_msg_ids.len();
-        }
-    }
+    a.await_delivered(5).await;
     drop(bc);
     // The acked entries freed the quota: the refused send goes through on
     // retry, and the queue fills to exactly its quota again.

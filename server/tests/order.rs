@@ -25,16 +25,9 @@ fn held(e: &pb::Error) -> bool {
     e.message.contains("earlier message")
 }
 
-/// The message ids Bob receives until up to date, in order.
-async fn message_ids(b: &mut Raw) -> Vec<String> {
-    b.drain()
-        .await
-        .into_iter()
-        .filter_map(|e| match e.body {
-            Some(pb::queue_entry::Body::Message(m)) => Some(m.client_msg_id),
-            _ => None,
-        })
-        .collect()
+/// The message ids a client receives until up to date, in order.
+async fn drained_ids(b: &mut Raw) -> Vec<String> {
+    message_ids(&b.drain().await)
 }
 
 #[tokio::test]
@@ -58,13 +51,8 @@ async fn a_send_refused_for_a_full_queue_is_not_overtaken_by_a_later_one() {
     assert!(held(&e4), "{e4:?}");
     // Bob drains: room again. m4 still waits for m3.
     let mut bc = online(&server, &bob).await;
-    assert_eq!(message_ids(&mut bc).await, ["m0", "m1", "m2"]);
-    let mut delivered = 0;
-    while delivered < 3 {
-        if let Some(pb::queue_entry::Body::Receipt(r)) = a.next_entry().await.body {
-            delivered += r.client_msg_ids.len();
-        }
-    }
+    assert_eq!(drained_ids(&mut bc).await, ["m0", "m1", "m2"]);
+    a.await_delivered(3).await;
     let again = refusal(&a.send_text(&b, "m4", "x").await);
     assert!(held(&again), "m4 overtook the refused m3: {again:?}");
     // m3 comes back, then m4 and m5 follow in order.
@@ -113,7 +101,7 @@ async fn a_send_refused_by_a_failed_commit_is_not_overtaken_by_a_later_one() {
         assert!(matches!(out, Out::SendOk(_)), "{id}: {out:?}");
     }
     let mut bc = online(&server, &bob).await;
-    assert_eq!(message_ids(&mut bc).await, ["m0", "m1"]);
+    assert_eq!(drained_ids(&mut bc).await, ["m0", "m1"]);
 }
 
 #[tokio::test]
@@ -139,7 +127,7 @@ async fn a_rate_limited_send_is_not_overtaken_by_a_later_one() {
     assert!(held(&later), "{later:?}");
     assert!(matches!(a.send_text(&b, "m120", "x").await, Out::SendOk(_)));
     let mut bc = online(&server, &bob).await;
-    let ids = message_ids(&mut bc).await;
+    let ids = drained_ids(&mut bc).await;
     assert_eq!(ids.len(), 121);
     assert_eq!(ids.last().map(String::as_str), Some("m120"));
 }

@@ -203,14 +203,7 @@ async fn flood_is_refused_cleanly_and_nothing_acknowledged_is_lost() {
     eprintln!("draining bob");
     let mut b = raw_tcp(&server.tcp()).await;
     assert!(matches!(b.auth(&bob).await, Out::AuthOk(_)));
-    let got = b.drain().await;
-    let ids: Vec<String> = got
-        .iter()
-        .filter_map(|e| match &e.body {
-            Some(pb::queue_entry::Body::Message(m)) => Some(m.client_msg_id.clone()),
-            _ => None,
-        })
-        .collect();
+    let ids = message_ids(&b.drain().await);
     let unique: HashSet<&String> = ids.iter().collect();
     assert_eq!(unique.len(), ids.len(), "duplicates delivered");
     for id in &acked {

@@ -372,20 +372,18 @@ impl Raw {
     }
 
     pub async fn send_text(&mut self, to: &pb::UserInfo, id: &str, text: &str) -> Out {
-        self.request(In::Send(pb::Send {
-            client_msg_id: id.into(),
-            to_user: to.user_id,
-            payloads: to
-                .devices
-                .iter()
-                .map(|d| pb::DevicePayload {
-                    device_id: *d,
-                    payload: text.as_bytes().to_vec().into(),
-                })
-                .collect(),
-            ..Default::default()
-        }))
-        .await
+        self.request(send_to(to, id, text.as_bytes().to_vec()))
+            .await
+    }
+
+    /// Waits until delivery receipts (✓✓) for `n` message ids have come.
+    pub async fn await_delivered(&mut self, n: usize) {
+        let mut delivered = 0;
+        while delivered < n {
+            if let Some(pb::queue_entry::Body::Receipt(r)) = self.next_entry().await.body {
+                delivered += r.client_msg_ids.len();
+            }
+        }
     }
 
     /// Sends `n` messages to one device without waiting for answers: frame
@@ -657,4 +655,32 @@ impl TestKeys {
                 .collect(),
         }
     }
+}
+
+/// A `Send` of `payload` to every device of `to`.
+pub fn send_to(to: &pb::UserInfo, id: &str, payload: Vec<u8>) -> In {
+    In::Send(pb::Send {
+        client_msg_id: id.into(),
+        to_user: to.user_id,
+        payloads: to
+            .devices
+            .iter()
+            .map(|d| pb::DevicePayload {
+                device_id: *d,
+                payload: payload.clone().into(),
+            })
+            .collect(),
+        ..Default::default()
+    })
+}
+
+/// The client message ids of the message entries among `entries`, in order.
+pub fn message_ids(entries: &[pb::QueueEntry]) -> Vec<String> {
+    entries
+        .iter()
+        .filter_map(|e| match &e.body {
+            Some(pb::queue_entry::Body::Message(m)) => Some(m.client_msg_id.clone()),
+            _ => None,
+        })
+        .collect()
 }
