@@ -131,6 +131,16 @@ impl Limit {
     pub fn tripped(self) {
         metrics::counter!(tm::RATE_LIMITED, "limit" => self.name()).increment(1);
     }
+
+    /// Counts one refusal and says when to come back.
+    #[must_use]
+    pub fn refuse(self, retry_after_ms: u64) -> Refused {
+        self.tripped();
+        Refused {
+            limit: self,
+            retry_after_ms,
+        }
+    }
 }
 
 /// Registers `rate_limited_total` for every limit at zero, so each series is
@@ -200,13 +210,9 @@ impl Limits {
         limit: Limit,
         key: &K,
     ) -> Result<(), Refused> {
-        limiter.take(key, Instant::now()).map_err(|retry_after_ms| {
-            limit.tripped();
-            Refused {
-                limit,
-                retry_after_ms,
-            }
-        })
+        limiter
+            .take(key, Instant::now())
+            .map_err(|retry_after_ms| limit.refuse(retry_after_ms))
     }
 
     /// A send from `from` to `to`: counts against the sender and the pair.

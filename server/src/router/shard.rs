@@ -1148,13 +1148,9 @@ impl Shard {
         if let Err(retry_after_ms) =
             limits::take_from_log(&mut rec.requested_ms, now, self.cfg.code_requests_per_phone)
         {
-            Limit::CodeRequestsPerPhone.tripped();
             return reply_now(
                 reply,
-                Err(RouteError::RateLimited {
-                    limit: Limit::CodeRequestsPerPhone,
-                    retry_after_ms,
-                }),
+                Err(Limit::CodeRequestsPerPhone.refuse(retry_after_ms).into()),
             );
         }
         let code = accounts::new_code();
@@ -1782,14 +1778,7 @@ impl Shard {
         if let Err(retry_after_ms) =
             limits::take_from_log(&mut rec.link_codes_created_ms, now, LINK_CODE_RATE)
         {
-            Limit::LinkCodes.tripped();
-            return reply_now(
-                reply,
-                Err(RouteError::RateLimited {
-                    limit: Limit::LinkCodes,
-                    retry_after_ms,
-                }),
-            );
+            return reply_now(reply, Err(Limit::LinkCodes.refuse(retry_after_ms).into()));
         }
         let code = accounts::new_link_code();
         let Some(canonical) = accounts::normalize_link_code(&code) else {
