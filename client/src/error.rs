@@ -114,6 +114,7 @@ impl ServerError {
                 | ErrorCode::StorageUnavailable
                 | ErrorCode::Internal
                 | ErrorCode::ShuttingDown
+                | ErrorCode::QueueFull
         )
     }
 }
@@ -354,5 +355,42 @@ impl StorageError {
             path: path.into(),
             source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_the_server_documents_as_temporary_are_retryable() {
+        let err = |code: ErrorCode| {
+            ServerError::from(pb::Error {
+                code: code as i32,
+                retry_after_ms: 1000,
+                ..Default::default()
+            })
+        };
+        for code in [
+            ErrorCode::RateLimited,
+            ErrorCode::Overloaded,
+            ErrorCode::StorageUnavailable,
+            ErrorCode::Internal,
+            ErrorCode::ShuttingDown,
+            ErrorCode::QueueFull,
+        ] {
+            assert!(err(code).is_retryable(), "{code:?}");
+        }
+        for code in [
+            ErrorCode::BadRequest,
+            ErrorCode::DeviceMismatch,
+            ErrorCode::UnknownUser,
+        ] {
+            assert!(!err(code).is_retryable(), "{code:?}");
+        }
+        assert_eq!(
+            err(ErrorCode::QueueFull).retry_after,
+            Some(Duration::from_secs(1))
+        );
     }
 }
