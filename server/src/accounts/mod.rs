@@ -5,7 +5,7 @@
 
 mod code_sender;
 
-pub use code_sender::{CodeSendError, CodeSender, DevCodeSender};
+pub use code_sender::{CodeSendError, CodeSender, DevCodeSender, WebhookCodeSender};
 
 use rand::Rng;
 use sha2::{Digest, Sha256};

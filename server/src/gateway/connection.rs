@@ -25,6 +25,7 @@ use super::Gateway;
 use super::link::Link;
 use super::wire::{error, error_frame, kick_error, route_error, shutting_down};
 use crate::FastMap;
+use crate::accounts::CodeSendError;
 use crate::clock::now_ms;
 use crate::router::{
     AnswerTo, ConnLink, Notice, OwedReceipt, Push, PushRx, Received, RouteError, SendAccepted,
@@ -756,11 +757,18 @@ impl<L: Link> Conn<L> {
                 let gw = self.gw.clone();
                 self.pending.push(Box::pin(async move {
                     let result = async {
+                        let sent = |e: CodeSendError| match e {
+                            CodeSendError::Unavailable { retry_after_ms } => {
+                                RouteError::CodeSenderUnavailable { retry_after_ms }
+                            }
+                            other => RouteError::CodeDelivery(other.to_string()),
+                        };
+                        gw.code_sender.check_available().map_err(sent)?;
                         let issued = gw.router.request_code(req.phone.clone()).await?;
                         gw.code_sender
-                            .send(&req.phone, &issued.code)
+                            .send(&req.phone, &issued.code, None)
                             .await
-                            .map_err(|e| RouteError::CodeDelivery(e.to_string()))?;
+                            .map_err(sent)?;
                         Ok::<_, RouteError>(issued.expires_at_ms)
                     }
                     .await;

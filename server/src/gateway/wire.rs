@@ -91,6 +91,14 @@ pub fn route_error(err: &RouteError) -> pb::Error {
                 )
             }
         }
+        RouteError::CodeSenderUnavailable { retry_after_ms } => pb::Error {
+            retry_after_ms: *retry_after_ms,
+            ..error(
+                ErrorCode::Overloaded,
+                "verification codes cannot be sent right now (the SMS gateway is failing); \
+                 no code was issued, retry after retry_after_ms",
+            )
+        },
         RouteError::ShuttingDown => error(ErrorCode::ShuttingDown, "server shutting down"),
         RouteError::Overloaded { retry_after_ms } => pb::Error {
             retry_after_ms: *retry_after_ms,

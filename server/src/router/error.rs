@@ -66,6 +66,13 @@ pub enum RouteError {
     /// The code could not be delivered.
     #[error("could not deliver the code: {0}")]
     CodeDelivery(String),
+    /// The code sender is failing and its circuit is open; no code was
+    /// issued.
+    #[error("code sender unavailable")]
+    CodeSenderUnavailable {
+        /// When to try again.
+        retry_after_ms: u64,
+    },
     /// The shard could not take the request in time; nothing was done.
     #[error("overloaded")]
     Overloaded {
