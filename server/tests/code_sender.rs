@@ -114,6 +114,7 @@ async fn webhook_posts_json_with_the_auth_header_and_the_code_verifies() {
         .request(In::VerifyCode(pb::VerifyCode {
             phone: phone.into(),
             code,
+            pin: String::new(),
         }))
         .await;
     assert!(matches!(out, Out::Verified(_)), "{out:?}");

@@ -780,7 +780,7 @@ impl<L: Link> Conn<L> {
             In::VerifyCode(req) => {
                 let gw = self.gw.clone();
                 self.pending.push(Box::pin(async move {
-                    let result = gw.router.verify_code(req.phone, req.code).await;
+                    let result = gw.router.verify_code(req.phone, req.code, req.pin).await;
                     Some(answer(id, result, |r| {
                         Out::Verified(pb::Verified {
                             user_id: r.user,
@@ -1126,6 +1126,29 @@ impl<L: Link> Conn<L> {
                             code,
                             expires_at_ms,
                         })
+                    }))
+                }));
+            }
+            In::SetPin(req) => {
+                let gw = self.gw.clone();
+                self.pending.push(Box::pin(async move {
+                    let result = async {
+                        let hash = if req.pin.is_empty() {
+                            String::new()
+                        } else {
+                            crate::accounts::validate_pin(&req.pin)
+                                .map_err(|e| RouteError::BadRequest(e.to_string()))?;
+                            // Argon2 is slow on purpose: off the runtime.
+                            tokio::task::spawn_blocking(move || crate::accounts::hash_pin(&req.pin))
+                                .await
+                                .map_err(|_| RouteError::Internal)?
+                                .map_err(|e| RouteError::BadRequest(e.to_string()))?
+                        };
+                        gw.router.set_pin(device, hash).await
+                    }
+                    .await;
+                    Some(answer(id, result, |enabled| {
+                        Out::PinSet(pb::PinSet { enabled })
                     }))
                 }));
             }

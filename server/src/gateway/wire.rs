@@ -57,6 +57,18 @@ pub fn route_error(err: &RouteError) -> pb::Error {
             )
         },
         RouteError::InvalidKeys(m) => error(ErrorCode::InvalidKeys, m.clone()),
+        RouteError::PinRequired => error(
+            ErrorCode::PinRequired,
+            "this account has a two-step verification PIN: verify again with the same code and the PIN",
+        ),
+        RouteError::PinInvalid => error(ErrorCode::PinInvalid, "wrong PIN"),
+        RouteError::PinLocked { retry_after_ms } => pb::Error {
+            retry_after_ms: *retry_after_ms,
+            ..error(
+                ErrorCode::PinLocked,
+                "too many wrong PINs: registration of this number is locked (a new code does not lift it)",
+            )
+        },
         RouteError::NotPrimary => {
             error(ErrorCode::NotPrimary, "only the primary device may do this")
         }

@@ -29,6 +29,18 @@ pub enum RouteError {
     /// Too many wrong codes.
     #[error("too many wrong codes; request a new code")]
     CodeLocked,
+    /// The account has a PIN and none was given; the code was kept.
+    #[error("PIN required")]
+    PinRequired,
+    /// Wrong PIN; the code was kept.
+    #[error("wrong PIN")]
+    PinInvalid,
+    /// Too many wrong PINs: the number is locked.
+    #[error("too many wrong PINs")]
+    PinLocked {
+        /// When the lock ends.
+        retry_after_ms: u64,
+    },
     /// Too many requests.
     #[error("rate limited")]
     RateLimited {
