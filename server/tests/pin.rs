@@ -40,6 +40,20 @@ async fn verify(c: &mut Raw, phone: &str, code: &str, pin: &str) -> Out {
     .await
 }
 
+/// Every file under `dir`.
+fn files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(files(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
 #[tokio::test]
 async fn a_pin_is_needed_to_register_again_until_cleared() {
     let server = TestServer::start().await;
@@ -49,6 +63,15 @@ async fn a_pin_is_needed_to_register_again_until_cleared() {
     match set_pin(&mut a, PIN).await {
         Out::PinSet(p) => assert!(p.enabled),
         other => panic!("{other:?}"),
+    }
+    // Only a salted slow hash is stored: the PIN is in no file of the data dir.
+    for path in files(&server.data_dir()) {
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(
+            !bytes.windows(PIN.len()).any(|w| w == PIN.as_bytes()),
+            "PIN in clear in {}",
+            path.display()
+        );
     }
 
     // Whoever has the SMS code but not the PIN cannot take the account.
