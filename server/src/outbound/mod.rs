@@ -149,7 +149,7 @@ impl HttpCaller {
             .unwrap_or_default();
         let host = HeaderValue::from_str(&host_header)
             .map_err(|e| InvalidTarget(format!("bad host: {e}")))?;
-        Ok(Self {
+        let caller = Self {
             target,
             uri,
             host,
@@ -158,7 +158,10 @@ impl HttpCaller {
             timeout,
             retry,
             breaker,
-        })
+        };
+        // On /metrics from the start, at 0 (closed).
+        caller.gauge();
+        Ok(caller)
     }
 
     /// The breaker's state (metrics, tests).
