@@ -282,3 +282,19 @@ async fn the_implicit_dev_sender_is_refused_on_a_public_address_unless_explicit(
     let port = p.tcp.rsplit(':').next().unwrap();
     register_at(&format!("127.0.0.1:{port}"), &data, "+15550001006").await;
 }
+
+#[tokio::test]
+async fn a_4xx_from_the_gateway_is_not_retried() {
+    let mut rx = receiver(&[401]).await;
+    let server = webhook_server(&rx.url, |c| c.code_webhook_attempts = 3).await;
+    let mut c = raw_tcp(&server.tcp()).await;
+    match request_code(&mut c, "+15550001007").await {
+        Out::Error(e) => assert_eq!(e.code(), pb::ErrorCode::Internal, "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+    rx.next().await;
+    assert!(
+        rx.requests.try_recv().is_err(),
+        "a rejected request is not retried"
+    );
+}
