@@ -61,6 +61,15 @@ pub enum Command {
     Verify {
         /// The code received (dev servers write it to <data>/dev-codes/<phone>)
         code: String,
+        /// The account's two-step verification PIN, if it has one
+        #[arg(long, env = "SBCHAT_PIN", value_name = "PIN", hide_env_values = true)]
+        pin: Option<String>,
+    },
+    /// Two-step verification: set or clear the PIN needed to register this
+    /// number again (primary device only)
+    Pin {
+        #[command(subcommand)]
+        action: PinAction,
     },
     /// Show the stored account
     Whoami,
@@ -113,6 +122,19 @@ pub enum Command {
         /// The peer's phone number
         phone: String,
     },
+}
+
+/// `sbchat pin` actions.
+#[derive(Debug, Subcommand)]
+pub enum PinAction {
+    /// Set the PIN (6 to 64 characters); read from standard input if not given
+    Set {
+        /// The new PIN (visible to other local users in the process list:
+        /// prefer standard input)
+        pin: Option<String>,
+    },
+    /// Remove the PIN: a code alone registers the number again
+    Clear,
 }
 
 fn parse_seconds(s: &str) -> Result<Duration, String> {

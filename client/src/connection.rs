@@ -109,6 +109,7 @@ pub(crate) fn body_name(body: Option<&server_frame::Body>) -> &'static str {
         Some(Body::DeviceList(_)) => "DeviceList",
         Some(Body::DeviceRevoked(_)) => "DeviceRevoked",
         Some(Body::KeysLow(_)) => "KeysLow",
+        Some(Body::PinSet(_)) => "PinSet",
     }
 }
 
@@ -428,9 +429,26 @@ impl Connection {
     /// As [`Connection::call`]; the server may say `CODE_INVALID`,
     /// `CODE_EXPIRED` or `CODE_LOCKED`.
     pub async fn verify_code(&mut self, phone: &str, code: &str) -> Result<Credentials, Error> {
+        self.verify_code_with_pin(phone, code, "").await
+    }
+
+    /// As [`Connection::verify_code`], with the account's two-step
+    /// verification `pin` (empty for none).
+    ///
+    /// # Errors
+    ///
+    /// As [`Connection::verify_code`]; also `PIN_REQUIRED`, `PIN_INVALID`,
+    /// `PIN_LOCKED`.
+    pub async fn verify_code_with_pin(
+        &mut self,
+        phone: &str,
+        code: &str,
+        pin: &str,
+    ) -> Result<Credentials, Error> {
         let body = client_frame::Body::VerifyCode(pb::VerifyCode {
             phone: phone.to_owned(),
             code: code.to_owned(),
+            pin: pin.to_owned(),
         });
         match self.call(body).await? {
             server_frame::Body::Verified(v) => Ok(Credentials {
@@ -440,6 +458,24 @@ impl Connection {
                 phone: phone.to_owned(),
             }),
             other => Err(unexpected("Verified", Some(&other))),
+        }
+    }
+
+    /// Sets (or, with an empty `pin`, clears) the account's two-step
+    /// verification PIN. Needs an authenticated primary device. Returns
+    /// whether a PIN is now set.
+    ///
+    /// # Errors
+    ///
+    /// As [`Connection::call`]; the server may say `NOT_PRIMARY`,
+    /// `UNAUTHENTICATED` or `BAD_REQUEST` (a PIN has 6 to 64 characters).
+    pub async fn set_pin(&mut self, pin: &str) -> Result<bool, Error> {
+        let body = client_frame::Body::SetPin(pb::SetPin {
+            pin: pin.to_owned(),
+        });
+        match self.call(body).await? {
+            server_frame::Body::PinSet(p) => Ok(p.enabled),
+            other => Err(unexpected("PinSet", Some(&other))),
         }
     }
 

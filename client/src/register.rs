@@ -107,10 +107,76 @@ pub async fn verify_code(
     phone: &str,
     code: &str,
 ) -> Result<Credentials, Error> {
+    verify_code_with_pin(endpoint, options, phone, code, "").await
+}
+
+/// As [`verify_code`], for an account with two-step verification: `pin` is
+/// its PIN (empty if it has none). A number with a PIN answers
+/// `PIN_REQUIRED` without it; the same code may then be presented again
+/// with the PIN.
+///
+/// # Errors
+///
+/// As [`verify_code`]; also [`Error::Server`] with `PIN_REQUIRED`,
+/// `PIN_INVALID` or `PIN_LOCKED` (too many wrong PINs: wait
+/// [`crate::ServerError::retry_after`]; a new code does not help).
+///
+/// # Example
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), switchboard_client::Error> {
+/// use switchboard_client::register;
+/// let endpoint = "127.0.0.1:5222".parse()?;
+/// let creds = register::verify_code_with_pin(
+///     &endpoint, &Default::default(), "+15550001111", "123456", "246810",
+/// ).await?;
+/// # Ok(()) }
+/// ```
+#[instrument(level = "debug", skip(options, code, pin))]
+pub async fn verify_code_with_pin(
+    endpoint: &Endpoint,
+    options: &ConnectOptions,
+    phone: &str,
+    code: &str,
+    pin: &str,
+) -> Result<Credentials, Error> {
     let mut conn = Connection::connect(endpoint, options).await?;
-    let creds = conn.verify_code(phone, code).await?;
+    let creds = conn.verify_code_with_pin(phone, code, pin).await?;
     let _ = conn.close().await;
     Ok(creds)
+}
+
+/// Sets (or, with an empty `pin`, clears) the account's two-step
+/// verification PIN, as the primary device `creds`. Returns whether a PIN
+/// is now set. Opens its own connection: a [`crate::Client`] running as the
+/// same device is replaced (it reconnects).
+///
+/// # Errors
+///
+/// As [`Connection::connect`]; [`Error::Server`] with `NOT_PRIMARY`,
+/// `UNAUTHENTICATED` or `BAD_REQUEST` (a PIN has 6 to 64 characters).
+///
+/// # Example
+///
+/// ```no_run
+/// # async fn demo(creds: switchboard_client::Credentials) -> Result<(), switchboard_client::Error> {
+/// use switchboard_client::register;
+/// let endpoint = "127.0.0.1:5222".parse()?;
+/// assert!(register::set_pin(&endpoint, &Default::default(), &creds, "246810").await?);
+/// # Ok(()) }
+/// ```
+#[instrument(level = "debug", skip(options, creds, pin))]
+pub async fn set_pin(
+    endpoint: &Endpoint,
+    options: &ConnectOptions,
+    creds: &Credentials,
+    pin: &str,
+) -> Result<bool, Error> {
+    let mut conn = Connection::connect(endpoint, options).await?;
+    conn.auth(creds).await?;
+    let enabled = conn.set_pin(pin).await?;
+    let _ = conn.close().await;
+    Ok(enabled)
 }
 
 /// Joins an existing account as a linked device, with a code made on its

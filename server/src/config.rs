@@ -24,6 +24,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// How verification codes reach phones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CodeSenderKind {
+    /// Development: writes each code to `<data_dir>/dev-codes/<phone>`.
+    /// Anyone who can read the data dir can register any number.
+    Dev,
+    /// POSTs each code as JSON to `code_webhook_url` (an SMS gateway).
+    Webhook,
+}
+
 /// Everything the server can be told.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -120,6 +131,30 @@ pub struct Config {
     pub max_connections: usize,
     /// Seconds a connection may stay without authenticating or linking.
     pub unauthenticated_timeout_secs: u64,
+    /// How codes are delivered: `dev` or `webhook`. Unset means `dev`,
+    /// which is refused on a non-loopback listen address: serving the
+    /// internet with the dev sender must be asked for explicitly.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code_sender: Option<CodeSenderKind>,
+    /// Webhook sender: the URL to POST `{"phone","code","locale"}` to
+    /// (`http://` only; put a TLS relay in front of a remote https gateway).
+    pub code_webhook_url: String,
+    /// Webhook sender: a header sent with each request, `"Name: value"`
+    /// (e.g. `"Authorization: Bearer …"`); empty for none.
+    pub code_webhook_auth_header: String,
+    /// Webhook sender: time allowed for one attempt (connect to response).
+    pub code_webhook_timeout_ms: u64,
+    /// Webhook sender: attempts per code, the first included.
+    pub code_webhook_attempts: u32,
+    /// Webhook sender: ceiling of the first retry's delay; doubles per retry.
+    pub code_webhook_backoff_base_ms: u64,
+    /// Webhook sender: longest delay between two attempts.
+    pub code_webhook_backoff_max_ms: u64,
+    /// Webhook sender: failed attempts in a row that open the circuit.
+    pub code_webhook_breaker_failures: u32,
+    /// Webhook sender: how long an open circuit refuses requests before
+    /// one trial is let through.
+    pub code_webhook_breaker_open_ms: u64,
 }
 
 impl Default for Config {
@@ -163,6 +198,22 @@ impl Default for Config {
             connections_per_ip_per_min: 1_200,
             max_connections: 1_000_000,
             unauthenticated_timeout_secs: 120,
+            code_sender: None,
+            code_webhook_url: String::new(),
+            code_webhook_auth_header: String::new(),
+            // An SMS gateway answers in well under a second; 5 s covers a
+            // slow one without holding a registering user much longer.
+            code_webhook_timeout_ms: 5_000,
+            // 3 attempts with 0.25–2 s between them: a user waits at most
+            // about 19 s, and a brief gateway blip is ridden out.
+            code_webhook_attempts: 3,
+            code_webhook_backoff_base_ms: 500,
+            code_webhook_backoff_max_ms: 2_000,
+            // Two failed requests (3 attempts each) open the circuit ...
+            code_webhook_breaker_failures: 5,
+            // ... for 30 s, so a dead gateway is not hammered and users get
+            // an immediate retryable answer.
+            code_webhook_breaker_open_ms: 30_000,
         }
     }
 }
@@ -361,7 +412,69 @@ impl Config {
                 return bad(field, "must be greater than 0".into());
             }
         }
+        match self.code_sender {
+            Some(CodeSenderKind::Webhook) => {
+                if let Err(e) = crate::outbound::parse_url(&self.code_webhook_url) {
+                    return bad("code_webhook_url", e.0);
+                }
+                if let Err(e) = Some(self.code_webhook_auth_header.as_str())
+                    .filter(|h| !h.is_empty())
+                    .map_or(Ok(()), |h| crate::outbound::parse_header(h).map(drop))
+                {
+                    return bad("code_webhook_auth_header", e.0);
+                }
+                for (field, v) in [
+                    ("code_webhook_timeout_ms", self.code_webhook_timeout_ms),
+                    (
+                        "code_webhook_attempts",
+                        u64::from(self.code_webhook_attempts),
+                    ),
+                    (
+                        "code_webhook_breaker_failures",
+                        u64::from(self.code_webhook_breaker_failures),
+                    ),
+                ] {
+                    if v == 0 {
+                        return bad(field, "must be greater than 0".into());
+                    }
+                }
+                if self.code_webhook_backoff_max_ms < self.code_webhook_backoff_base_ms {
+                    return bad(
+                        "code_webhook_backoff_max_ms",
+                        "must be at least code_webhook_backoff_base_ms".into(),
+                    );
+                }
+            }
+            Some(CodeSenderKind::Dev) => {}
+            None => {
+                for (what, addr) in [
+                    ("tcp_listen", self.tcp_listen),
+                    ("http_listen", self.http_listen),
+                ] {
+                    if !addr.ip().is_loopback() {
+                        return bad(
+                            "code_sender",
+                            format!(
+                                "{what} is {addr}, not a loopback address, and no code sender is \
+                                 configured: the default development sender writes every code \
+                                 to the data dir, so anyone with access to it could register any \
+                                 number. Set code_sender = \"webhook\" (with code_webhook_url), \
+                                 or code_sender = \"dev\" to accept that explicitly"
+                            ),
+                        );
+                    }
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// True when the development sender runs on a non-loopback address
+    /// (allowed only when chosen explicitly; worth a warning at start).
+    #[must_use]
+    pub fn dev_sender_exposed(&self) -> bool {
+        self.code_sender.is_none_or(|k| k == CodeSenderKind::Dev)
+            && !(self.tcp_listen.ip().is_loopback() && self.http_listen.ip().is_loopback())
     }
 
     /// Shard count with 0 resolved to one per [`CORES_PER_SHARD`] cores
@@ -457,6 +570,27 @@ mod tests {
         assert_eq!(c.http_listen.port(), 8080);
         let err = toml::from_str::<Config>("no_such_key = 1\n").unwrap_err();
         assert!(err.to_string().contains("no_such_key"), "{err}");
+    }
+
+    #[test]
+    fn the_implicit_dev_sender_is_refused_off_loopback() {
+        let open = Config {
+            tcp_listen: SocketAddr::from(([0, 0, 0, 0], 5222)),
+            ..Config::default()
+        };
+        let err = open.validate().unwrap_err().to_string();
+        assert!(err.contains("code_sender"), "{err}");
+        let explicit = Config {
+            code_sender: Some(CodeSenderKind::Dev),
+            ..open.clone()
+        };
+        explicit.validate().unwrap();
+        assert!(explicit.dev_sender_exposed());
+        assert!(!Config::default().dev_sender_exposed());
+        let webhook: Config =
+            toml::from_str("code_sender = \"webhook\"\ncode_webhook_url = \"ftp://x\"\n").unwrap();
+        let err = webhook.validate().unwrap_err().to_string();
+        assert!(err.contains("code_webhook_url"), "{err}");
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod gateway;
 pub mod keys;
 pub mod limits;
 pub mod os;
+pub mod outbound;
 pub mod router;
 pub mod store;
 pub mod telemetry;
@@ -39,9 +40,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use config::{Config, ConfigError, LogFormat};
+pub use config::{CodeSenderKind, Config, ConfigError, LogFormat};
 
-use accounts::DevCodeSender;
+use accounts::{CodeSender, DevCodeSender, WebhookCodeSender};
 use gateway::Gateway;
 use router::Router;
 use store::{EmbeddedStore, Store, StoreError};
@@ -136,7 +137,7 @@ pub async fn run_with_store(
     let key = server_key::load_or_create(&config.data_dir)?;
     let (router, threads) = Router::start(store.clone(), config.router())
         .map_err(io_err("cannot start shard threads"))?;
-    let code_sender = Arc::new(DevCodeSender::new(config.data_dir.join(DEV_CODES_DIR)));
+    let code_sender = code_sender(&config)?;
     let public_key = key.public.clone();
     let mut gateway_cfg = config.gateway();
     gateway_cfg.max_connections = os::connection_cap(config.max_connections);
@@ -242,6 +243,48 @@ pub async fn run_with_store(
     store.flush()?;
     tracing::info!("shutdown complete");
     Ok(())
+}
+
+/// The configured code sender (config already validated).
+fn code_sender(config: &Config) -> Result<Arc<dyn CodeSender>, ServerError> {
+    match config.code_sender {
+        Some(CodeSenderKind::Webhook) => {
+            let caller = outbound::HttpCaller::new(
+                "code_sender",
+                &config.code_webhook_url,
+                Some(config.code_webhook_auth_header.as_str()).filter(|h| !h.is_empty()),
+                Duration::from_millis(config.code_webhook_timeout_ms),
+                outbound::RetryPolicy {
+                    max_attempts: config.code_webhook_attempts,
+                    base_delay: Duration::from_millis(config.code_webhook_backoff_base_ms),
+                    max_delay: Duration::from_millis(config.code_webhook_backoff_max_ms),
+                },
+                outbound::Breaker::new(
+                    config.code_webhook_breaker_failures,
+                    Duration::from_millis(config.code_webhook_breaker_open_ms),
+                ),
+            )
+            .map_err(|e| {
+                ServerError::Config(ConfigError::Invalid {
+                    field: "code_webhook_url",
+                    message: e.0,
+                })
+            })?;
+            Ok(Arc::new(WebhookCodeSender::new(caller)))
+        }
+        Some(CodeSenderKind::Dev) | None => {
+            if config.dev_sender_exposed() {
+                tracing::warn!(
+                    "the development code sender is serving a non-loopback address: anyone \
+                     who can read {}/{DEV_CODES_DIR} can register any number",
+                    config.data_dir.display()
+                );
+            }
+            Ok(Arc::new(DevCodeSender::new(
+                config.data_dir.join(DEV_CODES_DIR),
+            )))
+        }
+    }
 }
 
 /// Where a started server listens.

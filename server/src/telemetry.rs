@@ -113,6 +113,14 @@ pub fn install() -> Option<PrometheusHandle> {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        crate::outbound::OUTBOUND_ATTEMPTS,
+        "Outbound HTTP attempts (code sender webhook), by target and outcome."
+    );
+    describe_gauge!(
+        crate::outbound::OUTBOUND_BREAKER_OPEN,
+        "1 while an outbound target's circuit breaker is open or half-open."
+    );
     describe_gauge!(CONNECTIONS, "Open client sockets, by transport.");
     describe_gauge!(AUTHENTICATED, "Authenticated client connections.");
     describe_counter!(

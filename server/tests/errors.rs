@@ -137,6 +137,7 @@ async fn five_wrong_codes_lock_the_code_and_requests_are_rate_limited() {
         In::VerifyCode(pb::VerifyCode {
             phone: phone.into(),
             code: code.into(),
+            pin: String::new(),
         })
     };
     for _ in 0..4 {

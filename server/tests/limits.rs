@@ -369,6 +369,7 @@ async fn wrong_codes_are_capped_per_number_per_day_across_new_codes() {
         In::VerifyCode(pb::VerifyCode {
             phone: phone.into(),
             code: code.into(),
+            pin: String::new(),
         })
     };
     assert!(matches!(c.request(request.clone()).await, Out::CodeSent(_)));

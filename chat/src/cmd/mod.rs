@@ -3,6 +3,7 @@
 
 mod chat;
 mod devices;
+mod pin;
 mod recv;
 mod register;
 mod send;
@@ -35,7 +36,8 @@ pub async fn run(cli: Cli, out: &Output) -> Result<()> {
     };
     match cli.command {
         Command::Register { phone } => register::register(&ctx, &phone).await,
-        Command::Verify { code } => register::verify(&ctx, &code).await,
+        Command::Verify { code, pin } => register::verify(&ctx, &code, pin.as_deref()).await,
+        Command::Pin { action } => pin::run(&ctx, action).await,
         Command::Whoami => whoami::run(&ctx),
         Command::Send {
             phone,

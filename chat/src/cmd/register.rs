@@ -31,7 +31,7 @@ pub async fn register(ctx: &Ctx, phone: &str) -> Result<()> {
     Ok(())
 }
 
-pub async fn verify(ctx: &Ctx, code: &str) -> Result<()> {
+pub async fn verify(ctx: &Ctx, code: &str, pin: Option<&str>) -> Result<()> {
     let _lock = ctx.home.lock()?;
     let pending = ctx.home.pending()?.ok_or_else(|| {
         anyhow!("no registration in progress: run `sbchat register <phone>` first")
@@ -39,7 +39,13 @@ pub async fn verify(ctx: &Ctx, code: &str) -> Result<()> {
     let (addr, endpoint) = ctx.server(Some(&pending.server))?;
     let creds = timeout(
         REQUEST_TIMEOUT,
-        register::verify_code(&endpoint, &connect_options(), &pending.phone, code.trim()),
+        register::verify_code_with_pin(
+            &endpoint,
+            &connect_options(),
+            &pending.phone,
+            code.trim(),
+            pin.unwrap_or_default(),
+        ),
     )
     .await
     .map_err(|_| anyhow!("no answer from {addr} within {REQUEST_TIMEOUT:?}"))?

@@ -4,8 +4,13 @@
 //! number or a user applies them (see `router::shard`).
 
 mod code_sender;
+mod pin;
 
-pub use code_sender::{CodeSendError, CodeSender, DevCodeSender};
+pub use code_sender::{CodeSendError, CodeSender, DevCodeSender, WebhookCodeSender};
+pub use pin::{
+    MAX_PIN_BYTES, MAX_WRONG_PIN_ATTEMPTS, MIN_PIN_CHARS, PIN_LOCKOUT_MS, PinError, hash_pin,
+    validate_pin, verify_pin,
+};
 
 use rand::Rng;
 use sha2::{Digest, Sha256};

@@ -26,6 +26,7 @@ use super::Gateway;
 use super::link::Link;
 use super::wire::{HELD_MESSAGE, error, error_frame, kick_error, route_error, shutting_down};
 use crate::FastMap;
+use crate::accounts::CodeSendError;
 use crate::clock::now_ms;
 use crate::limits::{Limit, Slot};
 use crate::router::{
@@ -816,11 +817,18 @@ impl<L: Link> Conn<L> {
                 let gw = self.gw.clone();
                 self.pending.push(Box::pin(async move {
                     let result = async {
+                        let sent = |e: CodeSendError| match e {
+                            CodeSendError::Unavailable { retry_after_ms } => {
+                                RouteError::CodeSenderUnavailable { retry_after_ms }
+                            }
+                            other => RouteError::CodeDelivery(other.to_string()),
+                        };
+                        gw.code_sender.check_available().map_err(sent)?;
                         let issued = gw.router.request_code(req.phone.clone()).await?;
                         gw.code_sender
-                            .send(&req.phone, &issued.code)
+                            .send(&req.phone, &issued.code, None)
                             .await
-                            .map_err(|e| RouteError::CodeDelivery(e.to_string()))?;
+                            .map_err(sent)?;
                         Ok::<_, RouteError>(issued.expires_at_ms)
                     }
                     .await;
@@ -832,7 +840,7 @@ impl<L: Link> Conn<L> {
             In::VerifyCode(req) => {
                 let gw = self.gw.clone();
                 self.pending.push(Box::pin(async move {
-                    let result = gw.router.verify_code(req.phone, req.code).await;
+                    let result = gw.router.verify_code(req.phone, req.code, req.pin).await;
                     Some(answer(id, result, |r| {
                         Out::Verified(pb::Verified {
                             user_id: r.user,
@@ -1216,6 +1224,29 @@ impl<L: Link> Conn<L> {
                             code,
                             expires_at_ms,
                         })
+                    }))
+                }));
+            }
+            In::SetPin(req) => {
+                let gw = self.gw.clone();
+                self.pending.push(Box::pin(async move {
+                    let result = async {
+                        let hash = if req.pin.is_empty() {
+                            String::new()
+                        } else {
+                            crate::accounts::validate_pin(&req.pin)
+                                .map_err(|e| RouteError::BadRequest(e.to_string()))?;
+                            // Argon2 is slow on purpose: off the runtime.
+                            tokio::task::spawn_blocking(move || crate::accounts::hash_pin(&req.pin))
+                                .await
+                                .map_err(|_| RouteError::Internal)?
+                                .map_err(|e| RouteError::BadRequest(e.to_string()))?
+                        };
+                        gw.router.set_pin(device, hash).await
+                    }
+                    .await;
+                    Some(answer(id, result, |enabled| {
+                        Out::PinSet(pb::PinSet { enabled })
                     }))
                 }));
             }

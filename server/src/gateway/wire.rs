@@ -81,6 +81,18 @@ pub fn route_error(err: &RouteError) -> pb::Error {
             )
         },
         RouteError::InvalidKeys(m) => error(ErrorCode::InvalidKeys, m.clone()),
+        RouteError::PinRequired => error(
+            ErrorCode::PinRequired,
+            "this account has a two-step verification PIN: verify again with the same code and the PIN",
+        ),
+        RouteError::PinInvalid => error(ErrorCode::PinInvalid, "wrong PIN"),
+        RouteError::PinLocked { retry_after_ms } => pb::Error {
+            retry_after_ms: *retry_after_ms,
+            ..error(
+                ErrorCode::PinLocked,
+                "too many wrong PINs: registration of this number is locked (a new code does not lift it)",
+            )
+        },
         RouteError::NotPrimary => {
             error(ErrorCode::NotPrimary, "only the primary device may do this")
         }
@@ -115,6 +127,14 @@ pub fn route_error(err: &RouteError) -> pb::Error {
                 )
             }
         }
+        RouteError::CodeSenderUnavailable { retry_after_ms } => pb::Error {
+            retry_after_ms: *retry_after_ms,
+            ..error(
+                ErrorCode::Overloaded,
+                "verification codes cannot be sent right now (the SMS gateway is failing); \
+                 no code was issued, retry after retry_after_ms",
+            )
+        },
         RouteError::ShuttingDown => error(ErrorCode::ShuttingDown, "server shutting down"),
         RouteError::Overloaded { retry_after_ms } => pb::Error {
             retry_after_ms: *retry_after_ms,

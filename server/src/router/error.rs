@@ -31,6 +31,18 @@ pub enum RouteError {
     /// Too many wrong codes.
     #[error("too many wrong codes; request a new code")]
     CodeLocked,
+    /// The account has a PIN and none was given; the code was kept.
+    #[error("PIN required")]
+    PinRequired,
+    /// Wrong PIN; the code was kept.
+    #[error("wrong PIN")]
+    PinInvalid,
+    /// Too many wrong PINs: the number is locked.
+    #[error("too many wrong PINs")]
+    PinLocked {
+        /// When the lock ends.
+        retry_after_ms: u64,
+    },
     /// Too many requests.
     #[error("rate limited ({})", limit.name())]
     RateLimited {
@@ -86,6 +98,13 @@ pub enum RouteError {
     /// The code could not be delivered.
     #[error("could not deliver the code: {0}")]
     CodeDelivery(String),
+    /// The code sender is failing and its circuit is open; no code was
+    /// issued.
+    #[error("code sender unavailable")]
+    CodeSenderUnavailable {
+        /// When to try again.
+        retry_after_ms: u64,
+    },
     /// The shard could not take the request in time; nothing was done.
     #[error("overloaded")]
     Overloaded {

@@ -83,6 +83,16 @@ pub struct Registered {
     pub credential: Vec<u8>,
 }
 
+/// Step 1 of registration: the code is right.
+#[derive(Debug, Clone)]
+pub struct CodeChecked {
+    /// The number's account, if it has one.
+    pub user: Option<UserId>,
+    /// Set when the PIN presented was the last allowed before a lockout:
+    /// if it is wrong, the number is locked until then.
+    pub locked_until_ms: Option<u64>,
+}
+
 /// A connection's way to receive pushes, handed to the owning shard at
 /// authentication.
 #[derive(Debug)]
@@ -347,9 +357,52 @@ impl Router {
     ///
     /// # Errors
     /// The code errors, storage.
-    pub async fn verify_code(&self, phone: String, code: String) -> Result<Registered, RouteError> {
+    pub async fn verify_code(
+        &self,
+        phone: String,
+        code: String,
+        pin: String,
+    ) -> Result<Registered, RouteError> {
         if !crate::accounts::is_e164(&phone) {
             return Err(RouteError::InvalidPhone);
+        }
+        let checked = self
+            .call(self.phone_shard(&phone), |reply| Command::CheckCode {
+                phone: phone.clone(),
+                code: code.clone(),
+                pin_presented: !pin.is_empty(),
+                reply,
+            })
+            .await?;
+        if let Some(user) = checked.user {
+            let stored = self
+                .call(self.user_shard(user), |reply| Command::UserPin {
+                    user,
+                    reply,
+                })
+                .await?;
+            if !stored.is_empty() {
+                if pin.is_empty() {
+                    return Err(RouteError::PinRequired);
+                }
+                // Argon2 is slow on purpose: off the shard and the runtime.
+                let right =
+                    tokio::task::spawn_blocking(move || crate::accounts::verify_pin(&pin, &stored))
+                        .await
+                        .map_err(|_| RouteError::Internal)?
+                        .map_err(|e| {
+                            tracing::error!(error = %e, user, "stored PIN hash unreadable");
+                            RouteError::Internal
+                        })?;
+                if !right {
+                    return Err(match checked.locked_until_ms {
+                        Some(until) => RouteError::PinLocked {
+                            retry_after_ms: until.saturating_sub(crate::clock::now_ms()),
+                        },
+                        None => RouteError::PinInvalid,
+                    });
+                }
+            }
         }
         let user = self
             .call(self.phone_shard(&phone), |reply| Command::VerifyCode {
@@ -361,6 +414,20 @@ impl Router {
         self.call(self.user_shard(user), |reply| Command::RegisterDevice {
             user,
             phone,
+            reply,
+        })
+        .await
+    }
+
+    /// Sets the account's PIN hash (empty: clears it); primary device only.
+    /// Returns whether a PIN is now set.
+    ///
+    /// # Errors
+    /// [`RouteError::NotPrimary`], storage.
+    pub async fn set_pin(&self, device: DeviceKey, pin_hash: String) -> Result<bool, RouteError> {
+        self.call(self.user_shard(device.user), |reply| Command::SetPin {
+            device,
+            pin_hash,
             reply,
         })
         .await

@@ -20,8 +20,8 @@ use tokio::sync::mpsc;
 
 use super::order::{HeldBy, Holds, Part};
 use super::{
-    AnswerTo, AuthInfo, CodeIssued, ConnLink, Registered, Reply, RouteError, RouterConfig,
-    SendAccepted, SendReply, SendRequest, UserSummary, shard_of_phone, shard_of_user,
+    AnswerTo, AuthInfo, CodeChecked, CodeIssued, ConnLink, Registered, Reply, RouteError,
+    RouterConfig, SendAccepted, SendReply, SendRequest, UserSummary, shard_of_phone, shard_of_user,
 };
 use crate::accounts;
 use crate::clock::now_ms;
@@ -182,6 +182,9 @@ impl Command {
     fn reject(self, err: RouteError) -> Option<Command> {
         match self {
             Command::RequestCode { reply, .. } => reply_now(reply, Err(err)),
+            Command::CheckCode { reply, .. } => reply_now(reply, Err(err)),
+            Command::UserPin { reply, .. } => reply_now(reply, Err(err)),
+            Command::SetPin { reply, .. } => reply_now(reply, Err(err)),
             Command::VerifyCode { reply, .. } | Command::TakeLinkCode { reply, .. } => {
                 reply_now(reply, Err(err));
             }
@@ -246,6 +249,25 @@ pub(super) enum Command {
         user: UserId,
         phone: String,
         reply: Reply<Registered>,
+    },
+    /// Two-step verification, step 1 on the phone's shard: checks the code
+    /// without using it up, and counts a presented PIN.
+    CheckCode {
+        phone: String,
+        code: String,
+        pin_presented: bool,
+        reply: Reply<CodeChecked>,
+    },
+    /// The account's PIN hash (empty: none), on the user's shard.
+    UserPin {
+        user: UserId,
+        reply: Reply<String>,
+    },
+    /// Sets (empty: clears) the PIN hash; primary device only.
+    SetPin {
+        device: DeviceKey,
+        pin_hash: String,
+        reply: Reply<bool>,
     },
     Authenticate {
         device: DeviceKey,
@@ -716,6 +738,24 @@ impl Shard {
         match cmd {
             Command::RequestCode { phone, reply } => self.request_code(phone, reply),
             Command::VerifyCode { phone, code, reply } => self.verify_code(phone, &code, reply),
+            Command::CheckCode {
+                phone,
+                code,
+                pin_presented,
+                reply,
+            } => self.check_code(phone, &code, pin_presented, reply),
+            Command::UserPin { user, reply } => {
+                let r = self
+                    .user(user)
+                    .map(|u| u.map(|u| u.pin_hash.clone()).unwrap_or_default())
+                    .map_err(RouteError::from);
+                self.after_commit(reply, r);
+            }
+            Command::SetPin {
+                device,
+                pin_hash,
+                reply,
+            } => self.set_pin(device, pin_hash, reply),
             Command::RegisterDevice { user, phone, reply } => {
                 self.register_device(user, phone, reply);
             }
@@ -1168,15 +1208,19 @@ impl Shard {
         );
     }
 
-    fn verify_code(&mut self, phone: String, code: &str, reply: Reply<UserId>) {
-        let now = now_ms();
-        let mut rec = match self.code_record(&phone) {
-            Ok(Some(r)) => r,
-            Ok(None) => return reply_now(reply, Err(RouteError::CodeExpired)),
-            Err(e) => return reply_now(reply, Err(e.into())),
-        };
+    /// The phone's code record if `code` is right and usable now (and,
+    /// with `honour_pin_lock`, the number not locked by wrong PINs); a
+    /// wrong code is counted (staged).
+    fn right_code(
+        &mut self,
+        phone: &str,
+        code: &str,
+        now: u64,
+        honour_pin_lock: bool,
+    ) -> Result<CodeRecord, RouteError> {
+        let mut rec = self.code_record(phone)?.ok_or(RouteError::CodeExpired)?;
         if rec.wrong_attempts >= accounts::MAX_WRONG_CODE_ATTEMPTS {
-            return reply_now(reply, Err(RouteError::CodeLocked));
+            return Err(RouteError::CodeLocked);
         }
         // Wrong codes per number per day, whatever codes were requested:
         // without it, each new code (3 an hour) brought 5 new guesses.
@@ -1187,23 +1231,21 @@ impl Shard {
             WRONG_CODE_WINDOW,
         );
         if rec.wrong_in_window >= self.cfg.wrong_codes_per_phone_per_day {
-            Limit::WrongCodes.tripped();
             let retry_after_ms = rec
                 .wrong_window_start_ms
                 .saturating_add(WRONG_CODE_WINDOW.as_millis().try_into().unwrap_or(u64::MAX))
                 .saturating_sub(now);
-            return reply_now(
-                reply,
-                Err(RouteError::RateLimited {
-                    limit: Limit::WrongCodes,
-                    retry_after_ms,
-                }),
-            );
+            return Err(Limit::WrongCodes.refuse(retry_after_ms).into());
         }
         if rec.code_hash.is_empty() || now >= rec.expires_ms {
-            return reply_now(reply, Err(RouteError::CodeExpired));
+            return Err(RouteError::CodeExpired);
         }
-        if !accounts::hashes_equal(&accounts::code_hash(&phone, code), &rec.code_hash) {
+        if honour_pin_lock && rec.pin_locked_until_ms > now {
+            return Err(RouteError::PinLocked {
+                retry_after_ms: rec.pin_locked_until_ms - now,
+            });
+        }
+        if !accounts::hashes_equal(&accounts::code_hash(phone, code), &rec.code_hash) {
             rec.wrong_attempts += 1;
             rec.wrong_in_window += 1;
             let err = if rec.wrong_attempts >= accounts::MAX_WRONG_CODE_ATTEMPTS {
@@ -1211,12 +1253,87 @@ impl Shard {
             } else {
                 RouteError::CodeInvalid
             };
-            self.stage_code(&phone, rec);
-            return self.after_commit(reply, Err(err));
+            self.stage_code(phone, rec);
+            return Err(err);
         }
+        Ok(rec)
+    }
+
+    /// Two-step verification, step 1: the code is right (not used up), and
+    /// a presented PIN is counted before it is checked, locking the number
+    /// once [`accounts::MAX_WRONG_PIN_ATTEMPTS`] have not been followed by a
+    /// registration.
+    fn check_code(
+        &mut self,
+        phone: String,
+        code: &str,
+        pin_presented: bool,
+        reply: Reply<CodeChecked>,
+    ) {
+        let now = now_ms();
+        let mut rec = match self.right_code(&phone, code, now, true) {
+            Ok(r) => r,
+            Err(e) => return self.after_commit(reply, Err(e)),
+        };
+        let user = match self.phone_user(&phone) {
+            Ok(u) => u,
+            Err(e) => return reply_now(reply, Err(e.into())),
+        };
+        let mut locked_until_ms = None;
+        if pin_presented && user.is_some() {
+            rec.pin_attempts += 1;
+            if rec.pin_attempts >= accounts::MAX_WRONG_PIN_ATTEMPTS {
+                // Locked unless this attempt succeeds (verify_code lifts it).
+                rec.pin_attempts = 0;
+                rec.pin_locked_until_ms = now + accounts::PIN_LOCKOUT_MS;
+                locked_until_ms = Some(rec.pin_locked_until_ms);
+            }
+            self.stage_code(&phone, rec);
+        }
+        self.after_commit(
+            reply,
+            Ok(CodeChecked {
+                user,
+                locked_until_ms,
+            }),
+        );
+    }
+
+    fn set_pin(&mut self, device: DeviceKey, pin_hash: String, reply: Reply<bool>) {
+        let mut rec = match self.user(device.user) {
+            Ok(Some(u)) => u.clone(),
+            Ok(None) => return reply_now(reply, Err(RouteError::Unauthenticated)),
+            Err(e) => return reply_now(reply, Err(e.into())),
+        };
+        if !rec
+            .devices
+            .iter()
+            .any(|d| d.device_id == device.device && d.primary)
+        {
+            return reply_now(reply, Err(RouteError::NotPrimary));
+        }
+        let enabled = !pin_hash.is_empty();
+        rec.pin_hash = pin_hash;
+        self.ops.push(Op::PutUser(rec.clone()));
+        self.users.insert(device.user, rec);
+        self.after_commit(reply, Ok(enabled));
+    }
+
+    /// Uses up a right code (after the PIN, if any, was checked) and returns
+    /// the phone's account, created if new.
+    fn verify_code(&mut self, phone: String, code: &str, reply: Reply<UserId>) {
+        let now = now_ms();
+        // Reached only once the PIN, if any, was right: a lock set by that
+        // same attempt (the last allowed one) does not apply.
+        let mut rec = match self.right_code(&phone, code, now, false) {
+            Ok(r) => r,
+            Err(e) => return self.after_commit(reply, Err(e)),
+        };
         // Right code: consume it (the request history stays for the limit).
         rec.code_hash.clear();
         rec.wrong_attempts = 0;
+        rec.pin_attempts = 0;
+        rec.pin_locked_until_ms = 0;
         self.stage_code(&phone, rec);
         let user = match self.phone_user(&phone) {
             Ok(Some(u)) => u,

@@ -28,6 +28,10 @@ pub struct UserRecord {
     /// When link codes were created, for the hourly limit (ms since epoch).
     #[prost(uint64, repeated, tag = "7")]
     pub link_codes_created_ms: Vec<u64>,
+    /// Two-step verification: Argon2id PHC string of the PIN; empty when
+    /// the account has none.
+    #[prost(string, tag = "8")]
+    pub pin_hash: String,
 }
 
 /// One device of a user.
@@ -68,6 +72,14 @@ pub struct CodeRecord {
     /// Wrong codes in that window, across every code requested in it.
     #[prost(uint32, tag = "11")]
     pub wrong_in_window: u32,
+    /// PINs presented since the last successful registration (counted
+    /// before they are checked, so parallel guesses cannot exceed the
+    /// limit); a new code does not reset them.
+    #[prost(uint32, tag = "5")]
+    pub pin_attempts: u32,
+    /// Re-registration is refused until then (ms since epoch).
+    #[prost(uint64, tag = "6")]
+    pub pin_locked_until_ms: u64,
 }
 
 /// An accepted send, remembered for deduplication.

@@ -483,6 +483,7 @@ pub async fn register_at(tcp: &str, data_dir: &Path, phone: &str) -> Account {
         .request(In::VerifyCode(pb::VerifyCode {
             phone: phone.into(),
             code,
+            pin: String::new(),
         }))
         .await
     {
