@@ -1,5 +1,6 @@
 //! Server configuration: built-in defaults, overridden by a TOML file,
 //! then by environment variables and flags (see `bin/switchboard.rs`).
+//! Each setting's env variable and flag derive from its key ([`settings`]).
 //!
 //! Every limit and timeout is a named field with its unit in the name.
 
@@ -25,9 +26,13 @@ pub enum LogFormat {
 }
 
 /// How verification codes reach phones.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum CodeSenderKind {
+    /// Not chosen: the development sender, refused on a non-loopback
+    /// listen address (serving the internet with it must be asked for).
+    #[default]
+    Auto,
     /// Development: writes each code to `<data_dir>/dev-codes/<phone>`.
     /// Anyone who can read the data dir can register any number.
     Dev,
@@ -131,11 +136,10 @@ pub struct Config {
     pub max_connections: usize,
     /// Seconds a connection may stay without authenticating or linking.
     pub unauthenticated_timeout_secs: u64,
-    /// How codes are delivered: `dev` or `webhook`. Unset means `dev`,
-    /// which is refused on a non-loopback listen address: serving the
-    /// internet with the dev sender must be asked for explicitly.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub code_sender: Option<CodeSenderKind>,
+    /// How codes are delivered: `auto` (the default: `dev`, refused on a
+    /// non-loopback listen address, where serving the internet with the dev
+    /// sender must be asked for explicitly), `dev` or `webhook`.
+    pub code_sender: CodeSenderKind,
     /// Webhook sender: the URL to POST `{"phone","code","locale"}` to
     /// (`http://` only; put a TLS relay in front of a remote https gateway).
     pub code_webhook_url: String,
@@ -198,7 +202,7 @@ impl Default for Config {
             connections_per_ip_per_min: 1_200,
             max_connections: 1_000_000,
             unauthenticated_timeout_secs: 120,
-            code_sender: None,
+            code_sender: CodeSenderKind::Auto,
             code_webhook_url: String::new(),
             code_webhook_auth_header: String::new(),
             // An SMS gateway answers in well under a second; 5 s covers a
@@ -236,6 +240,14 @@ pub enum ConfigError {
         /// The file.
         path: PathBuf,
         /// Parser message (names the offending key).
+        message: String,
+    },
+    /// An environment variable or flag does not parse for its setting.
+    #[error("invalid setting {setting}: {message}")]
+    Override {
+        /// The setting and where the value came from.
+        setting: String,
+        /// What is wrong.
         message: String,
     },
     /// A value is out of range.
@@ -413,7 +425,7 @@ impl Config {
             }
         }
         match self.code_sender {
-            Some(CodeSenderKind::Webhook) => {
+            CodeSenderKind::Webhook => {
                 if let Err(e) = crate::outbound::parse_url(&self.code_webhook_url) {
                     return bad("code_webhook_url", e.0);
                 }
@@ -445,8 +457,8 @@ impl Config {
                     );
                 }
             }
-            Some(CodeSenderKind::Dev) => {}
-            None => {
+            CodeSenderKind::Dev => {}
+            CodeSenderKind::Auto => {
                 for (what, addr) in [
                     ("tcp_listen", self.tcp_listen),
                     ("http_listen", self.http_listen),
@@ -473,7 +485,7 @@ impl Config {
     /// (allowed only when chosen explicitly; worth a warning at start).
     #[must_use]
     pub fn dev_sender_exposed(&self) -> bool {
-        self.code_sender.is_none_or(|k| k == CodeSenderKind::Dev)
+        self.code_sender != CodeSenderKind::Webhook
             && !(self.tcp_listen.ip().is_loopback() && self.http_listen.ip().is_loopback())
     }
 
@@ -534,6 +546,315 @@ impl Config {
     }
 }
 
+/// One line of help per setting, shown by `switchboard serve --help`.
+/// The env variable and flag of each setting come from its key
+/// ([`settings`]); a new `Config` field needs only its line here (a unit
+/// test fails while one is missing).
+const SETTING_HELP: &[(&str, &str)] = &[
+    (
+        "data_dir",
+        "Data directory (database, server key, dev codes).",
+    ),
+    ("tcp_listen", "Noise/TCP listen address for native clients."),
+    (
+        "http_listen",
+        "HTTP listen address (WebSocket at /ws, /healthz, /readyz, /metrics).",
+    ),
+    (
+        "shards",
+        "Router shards (0 = one per four CPU cores, at least one).",
+    ),
+    (
+        "queue_ttl_secs",
+        "Seconds an undelivered message is kept (default 30 days).",
+    ),
+    (
+        "dedup_window_secs",
+        "Seconds client message ids are remembered (at least 24 h).",
+    ),
+    ("sweep_interval_secs", "Seconds between expiry sweeps."),
+    (
+        "max_frame_bytes",
+        "Largest frame accepted from a client, in bytes.",
+    ),
+    (
+        "handshake_timeout_ms",
+        "Milliseconds allowed for the Noise handshake.",
+    ),
+    (
+        "idle_timeout_secs",
+        "Seconds of silence after which a connection is closed.",
+    ),
+    (
+        "frame_timeout_secs",
+        "Seconds a started frame has to be complete (slow-loris guard).",
+    ),
+    (
+        "write_timeout_ms",
+        "Milliseconds one socket write may take before the reader counts as slow.",
+    ),
+    (
+        "outbound_queue_frames",
+        "Pushes buffered per connection before it is dropped as a slow reader.",
+    ),
+    (
+        "max_unacked",
+        "Entries a connection may hold pushed but unacked (at least drain_batch).",
+    ),
+    (
+        "shard_inbox",
+        "Commands buffered per shard before senders wait.",
+    ),
+    (
+        "max_batch_commands",
+        "Most commands per storage batch (group commit).",
+    ),
+    (
+        "group_commit_interval_us",
+        "Least microseconds between two synced commits of a shard (0 = none).",
+    ),
+    (
+        "drain_batch",
+        "Entries per page when a device drains its queue (1 to 100).",
+    ),
+    ("max_cached_users", "User records cached per shard."),
+    (
+        "request_deadline_ms",
+        "Milliseconds a request may wait for its shard before OVERLOADED.",
+    ),
+    (
+        "max_concurrent_handshakes",
+        "Handshakes in progress at once; more wait in the accept queue.",
+    ),
+    (
+        "max_accepts_per_sec",
+        "New connections accepted per second (burst of one second's worth).",
+    ),
+    (
+        "shutdown_grace_ms",
+        "Milliseconds connections get to finish at shutdown.",
+    ),
+    ("log_format", "Log format: text or json."),
+    (
+        "sends_per_user_per_min",
+        "Messages one user may send per minute (burst of as many).",
+    ),
+    (
+        "sends_per_pair_per_min",
+        "Messages one user may send to one other user per minute.",
+    ),
+    (
+        "read_receipts_per_user_per_min",
+        "READ receipts one user may send per minute.",
+    ),
+    (
+        "lookups_per_user_per_hour",
+        "Phone-number lookups one user may make per hour.",
+    ),
+    (
+        "bundle_fetches_per_user_per_hour",
+        "Key-bundle fetches one user may make per hour.",
+    ),
+    (
+        "one_time_keys_per_device_per_hour",
+        "One-time keys of a device handed out per hour; then its fallback key.",
+    ),
+    (
+        "code_requests_per_ip_per_hour",
+        "Verification codes requested from one IP address per hour.",
+    ),
+    (
+        "code_requests_per_phone_per_hour",
+        "Verification codes requested for one number per hour.",
+    ),
+    (
+        "wrong_codes_per_phone_per_day",
+        "Wrong codes one number may get per day, across new codes.",
+    ),
+    (
+        "queue_max_entries_per_device",
+        "Entries one device's queue may hold; then QUEUE_FULL.",
+    ),
+    (
+        "queue_max_bytes_per_device",
+        "Bytes one device's queue may hold; then QUEUE_FULL.",
+    ),
+    (
+        "connections_per_ip_per_min",
+        "New connections from one IP address per minute; more are closed.",
+    ),
+    (
+        "max_connections",
+        "Open connections at most (lowered to fit the open-file limit).",
+    ),
+    (
+        "unauthenticated_timeout_secs",
+        "Seconds a connection may stay without authenticating.",
+    ),
+    (
+        "code_sender",
+        "How codes are sent: auto (dev, loopback only), dev or webhook.",
+    ),
+    (
+        "code_webhook_url",
+        "Webhook sender: the http:// URL to POST codes to.",
+    ),
+    (
+        "code_webhook_auth_header",
+        "Webhook sender: a header sent with each POST, \"Name: value\".",
+    ),
+    (
+        "code_webhook_timeout_ms",
+        "Webhook sender: milliseconds allowed for one attempt.",
+    ),
+    (
+        "code_webhook_attempts",
+        "Webhook sender: attempts per code, the first included.",
+    ),
+    (
+        "code_webhook_backoff_base_ms",
+        "Webhook sender: ceiling of the first retry's delay (doubles per retry).",
+    ),
+    (
+        "code_webhook_backoff_max_ms",
+        "Webhook sender: longest delay between two attempts.",
+    ),
+    (
+        "code_webhook_breaker_failures",
+        "Webhook sender: failures in a row that open the circuit.",
+    ),
+    (
+        "code_webhook_breaker_open_ms",
+        "Webhook sender: how long an open circuit refuses before a trial.",
+    ),
+];
+
+/// Prefix of every setting's environment variable.
+pub const ENV_PREFIX: &str = "SWITCHBOARD_";
+
+/// One setting as the command line and the environment see it, derived
+/// from a key of [`Config`]'s serialized form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Setting {
+    /// The config file key, e.g. `drain_batch`.
+    pub key: String,
+    /// The environment variable, e.g. `SWITCHBOARD_DRAIN_BATCH`.
+    pub env: String,
+    /// The long flag without dashes, e.g. `drain-batch`.
+    pub flag: String,
+    /// The default value as it would be written in the config file.
+    pub default: String,
+    /// One line of help ("" if the field has none yet).
+    pub help: &'static str,
+}
+
+/// Where an override came from, for error messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// An environment variable.
+    Env,
+    /// A command-line flag.
+    Flag,
+}
+
+fn default_table() -> toml::Table {
+    // A struct of plain fields always serializes to a table; an empty
+    // table would only hide settings, never misread one.
+    toml::Table::try_from(Config::default()).unwrap_or_default()
+}
+
+/// Every setting, in field order: each key `foo_bar` of the serialized
+/// default `Config` has env `SWITCHBOARD_FOO_BAR` and flag `--foo-bar`.
+#[must_use]
+pub fn settings() -> Vec<Setting> {
+    default_table()
+        .into_iter()
+        .map(|(key, value)| Setting {
+            env: format!("{ENV_PREFIX}{}", key.to_ascii_uppercase()),
+            flag: key.replace('_', "-"),
+            default: match &value {
+                toml::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            },
+            help: SETTING_HELP
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map_or("", |(_, h)| *h),
+            key,
+        })
+        .collect()
+}
+
+/// Parses one textual override as the TOML value the key's field takes:
+/// text as-is for string fields, a TOML literal for the others.
+fn parse_override(
+    default: Option<&toml::Value>,
+    key: &str,
+    text: &str,
+) -> Result<toml::Value, String> {
+    if let Some(toml::Value::String(_)) = default {
+        return Ok(toml::Value::String(text.to_owned()));
+    }
+    let doc = format!("v = {text}");
+    let mut table: toml::Table = toml::from_str(&doc).map_err(|_| match default {
+        Some(d) => format!("expected {}, got {text:?}", d.type_str()),
+        None => format!("{text:?} is not a TOML value"),
+    })?;
+    let value = table
+        .remove("v")
+        .ok_or_else(|| format!("no value given for {key}"))?;
+    match default {
+        Some(d) if d.type_str() != value.type_str() => {
+            Err(format!("expected {}, got {text:?}", d.type_str()))
+        }
+        _ => Ok(value),
+    }
+}
+
+impl Config {
+    /// Applies textual overrides (`key`, value, where it came from) in
+    /// order, later ones winning. Values are parsed per the field's type.
+    ///
+    /// # Errors
+    /// [`ConfigError::Override`] naming the setting and its source.
+    pub fn with_overrides<'a>(
+        &self,
+        overrides: impl IntoIterator<Item = (&'a str, &'a str, Source)>,
+    ) -> Result<Self, ConfigError> {
+        let defaults = default_table();
+        let mut table = toml::Table::try_from(self).map_err(|e| ConfigError::Override {
+            setting: "config".into(),
+            message: e.to_string(),
+        })?;
+        for (key, text, source) in overrides {
+            let setting = match source {
+                Source::Env => format!("{key} (env {ENV_PREFIX}{})", key.to_ascii_uppercase()),
+                Source::Flag => format!("{key} (--{})", key.replace('_', "-")),
+            };
+            let value = parse_override(defaults.get(key), key, text).map_err(|message| {
+                ConfigError::Override {
+                    setting: setting.clone(),
+                    message,
+                }
+            })?;
+            table.insert(key.to_owned(), value);
+            // Deserialize after each one so an error names its setting.
+            toml::Value::Table(table.clone())
+                .try_into::<Self>()
+                .map_err(|e| ConfigError::Override {
+                    setting,
+                    message: e.to_string().trim().replace('\n', " "),
+                })?;
+        }
+        toml::Value::Table(table)
+            .try_into::<Self>()
+            .map_err(|e| ConfigError::Override {
+                setting: "config".into(),
+                message: e.to_string(),
+            })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -581,7 +902,7 @@ mod tests {
         let err = open.validate().unwrap_err().to_string();
         assert!(err.contains("code_sender"), "{err}");
         let explicit = Config {
-            code_sender: Some(CodeSenderKind::Dev),
+            code_sender: CodeSenderKind::Dev,
             ..open.clone()
         };
         explicit.validate().unwrap();
@@ -614,5 +935,48 @@ mod tests {
         };
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("group_commit_interval_us"), "{err}");
+    }
+
+    #[test]
+    fn every_setting_has_help_and_every_help_a_setting() {
+        let all = settings();
+        for s in &all {
+            assert!(!s.help.is_empty(), "add a SETTING_HELP line for {}", s.key);
+        }
+        for (k, _) in SETTING_HELP {
+            assert!(all.iter().any(|s| s.key == *k), "stale help line {k}");
+        }
+        let d = all.iter().find(|s| s.key == "drain_batch").unwrap();
+        assert_eq!(d.env, "SWITCHBOARD_DRAIN_BATCH");
+        assert_eq!(d.flag, "drain-batch");
+    }
+
+    #[test]
+    fn overrides_parse_per_type_and_errors_name_the_setting() {
+        let c = Config::default()
+            .with_overrides([
+                ("drain_batch", "7", Source::Env),
+                ("log_format", "json", Source::Flag),
+                ("data_dir", "/x y", Source::Flag),
+            ])
+            .unwrap();
+        assert_eq!(c.drain_batch, 7);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.data_dir, PathBuf::from("/x y"));
+        let err = Config::default()
+            .with_overrides([("max_unacked", "lots", Source::Env)])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("SWITCHBOARD_MAX_UNACKED"), "{err}");
+        let err = Config::default()
+            .with_overrides([("tcp_listen", "nowhere", Source::Flag)])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--tcp-listen"), "{err}");
+        let err = Config::default()
+            .with_overrides([("shards", "-1", Source::Flag)])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--shards"), "{err}");
     }
 }

@@ -130,6 +130,7 @@ pub async fn run_with_store(
     // First, so every handle created below records into it.
     let metrics_handle = telemetry::install();
     limits::register_metrics();
+    outbound::register_metrics(CODE_SENDER_TARGET);
     std::fs::create_dir_all(&config.data_dir).map_err(io_err(format!(
         "cannot create data dir {}",
         config.data_dir.display()
@@ -245,12 +246,15 @@ pub async fn run_with_store(
     Ok(())
 }
 
+/// The `target` label of the code sender's outbound calls.
+const CODE_SENDER_TARGET: &str = "code_sender";
+
 /// The configured code sender (config already validated).
 fn code_sender(config: &Config) -> Result<Arc<dyn CodeSender>, ServerError> {
     match config.code_sender {
-        Some(CodeSenderKind::Webhook) => {
+        CodeSenderKind::Webhook => {
             let caller = outbound::HttpCaller::new(
-                "code_sender",
+                CODE_SENDER_TARGET,
                 &config.code_webhook_url,
                 Some(config.code_webhook_auth_header.as_str()).filter(|h| !h.is_empty()),
                 Duration::from_millis(config.code_webhook_timeout_ms),
@@ -272,7 +276,7 @@ fn code_sender(config: &Config) -> Result<Arc<dyn CodeSender>, ServerError> {
             })?;
             Ok(Arc::new(WebhookCodeSender::new(caller)))
         }
-        Some(CodeSenderKind::Dev) | None => {
+        CodeSenderKind::Dev | CodeSenderKind::Auto => {
             if config.dev_sender_exposed() {
                 tracing::warn!(
                     "the development code sender is serving a non-loopback address: anyone \

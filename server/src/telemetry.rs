@@ -104,11 +104,42 @@ pub fn install() -> Option<PrometheusHandle> {
             ] {
                 metrics::counter!(name).increment(0);
             }
+            register_labelled_at_zero();
             metrics::gauge!(AUTHENTICATED).increment(0.0);
             metrics::gauge!(QUEUED_ENTRIES).set(0.0);
             Some(handle)
         })
         .clone()
+}
+
+/// Transports, as connections label them (`Link::kind`).
+const TRANSPORTS: &[&str] = &["tcp", "ws"];
+/// Handshake failure reasons (`gateway::connection`).
+const HANDSHAKE_FAILURE_REASONS: &[&str] = &["timeout", "protocol", "refused", "io", "closed"];
+/// Where a panic can be caught.
+const PANIC_PLACES: &[&str] = &["shard", "connection"];
+
+/// Puts every labelled series operators alert on at zero, so that
+/// `rate(switchboard_panics_total[5m]) > 0` and friends have a series to
+/// evaluate before the first event (docs/OPERATIONS.md lists them all).
+fn register_labelled_at_zero() {
+    for transport in TRANSPORTS {
+        metrics::counter!(CONNECTIONS_ACCEPTED, "transport" => *transport).increment(0);
+        metrics::gauge!(CONNECTIONS, "transport" => *transport).increment(0.0);
+    }
+    for reason in HANDSHAKE_FAILURE_REASONS {
+        metrics::counter!(HANDSHAKE_FAILURES, "reason" => *reason).increment(0);
+    }
+    for place in PANIC_PLACES {
+        metrics::counter!(PANICS, "where" => *place).increment(0);
+    }
+    // Every wire error code the schema defines (new codes included).
+    for code in
+        (1..=u8::MAX).filter_map(|n| switchboard_proto::pb::ErrorCode::try_from(i32::from(n)).ok())
+    {
+        metrics::counter!(ERRORS, "code" => code.as_str_name()).increment(0);
+        metrics::counter!(GOODBYES, "code" => code.as_str_name()).increment(0);
+    }
 }
 
 fn describe() {

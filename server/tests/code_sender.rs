@@ -74,7 +74,7 @@ async fn webhook_server(
 ) -> TestServer {
     let url = url.to_owned();
     TestServer::start_with(move |c| {
-        c.code_sender = Some(CodeSenderKind::Webhook);
+        c.code_sender = CodeSenderKind::Webhook;
         c.code_webhook_url = url;
         c.code_webhook_auth_header = "Authorization: Bearer test-secret".into();
         c.code_webhook_backoff_base_ms = 10;

@@ -1,12 +1,13 @@
 //! `switchboard`: the server binary. Parses flags, sets up logging, binds,
 //! and hands over to `switchboard_server::run`.
 
-use std::net::SocketAddr;
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Arg, ArgAction, ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use switchboard_server::config::{Source, settings};
 use switchboard_server::{Config, LogFormat};
 
 /// mimalloc: measurably less time in malloc/free than glibc's allocator on
@@ -28,7 +29,7 @@ enum Command {
     /// Run the server. With no options it uses its embedded defaults: data in
     /// ./switchboard-data, Noise/TCP on 127.0.0.1:5222, HTTP and WebSocket on
     /// 127.0.0.1:8080. Settings come from the defaults, then the config file,
-    /// then environment variables, then flags.
+    /// then environment variables (SWITCHBOARD_<SETTING>), then flags.
     Serve(ServeArgs),
     /// Print the effective configuration as TOML (a starting config file).
     Config(ServeArgs),
@@ -39,78 +40,58 @@ struct ServeArgs {
     /// TOML config file; keys are the long flag names with '_' for '-'.
     #[arg(long, env = "SWITCHBOARD_CONFIG")]
     config: Option<PathBuf>,
-    /// Data directory (database, server key, dev codes).
-    #[arg(long, env = "SWITCHBOARD_DATA_DIR")]
-    data_dir: Option<PathBuf>,
-    /// Noise/TCP listen address for native clients.
-    #[arg(long, env = "SWITCHBOARD_TCP_LISTEN")]
-    tcp_listen: Option<SocketAddr>,
-    /// HTTP listen address (WebSocket at /ws, /healthz, /readyz).
-    #[arg(long, env = "SWITCHBOARD_HTTP_LISTEN")]
-    http_listen: Option<SocketAddr>,
-    /// Router shards (0 = one per four CPU cores, at least one).
-    #[arg(long, env = "SWITCHBOARD_SHARDS")]
-    shards: Option<usize>,
-    /// Seconds an undelivered message is kept (default 30 days).
-    #[arg(long, env = "SWITCHBOARD_QUEUE_TTL_SECS")]
-    queue_ttl_secs: Option<u64>,
-    /// Seconds client message ids are remembered for deduplication (default 48 h).
-    #[arg(long, env = "SWITCHBOARD_DEDUP_WINDOW_SECS")]
-    dedup_window_secs: Option<u64>,
-    /// Seconds between expiry sweeps.
-    #[arg(long, env = "SWITCHBOARD_SWEEP_INTERVAL_SECS")]
-    sweep_interval_secs: Option<u64>,
-    /// Largest frame accepted from a client, in bytes.
-    #[arg(long, env = "SWITCHBOARD_MAX_FRAME_BYTES")]
-    max_frame_bytes: Option<usize>,
-    /// Milliseconds allowed for the Noise handshake.
-    #[arg(long, env = "SWITCHBOARD_HANDSHAKE_TIMEOUT_MS")]
-    handshake_timeout_ms: Option<u64>,
-    /// Seconds of silence after which a connection is closed.
-    #[arg(long, env = "SWITCHBOARD_IDLE_TIMEOUT_SECS")]
-    idle_timeout_secs: Option<u64>,
-    /// Pushes buffered per connection before it is dropped as a slow reader.
-    #[arg(long, env = "SWITCHBOARD_OUTBOUND_QUEUE_FRAMES")]
-    outbound_queue_frames: Option<usize>,
-    /// Commands buffered per shard before senders wait.
-    #[arg(long, env = "SWITCHBOARD_SHARD_INBOX")]
-    shard_inbox: Option<usize>,
-    /// Least microseconds between two synced commits of a shard (0 = none).
-    #[arg(long, env = "SWITCHBOARD_GROUP_COMMIT_INTERVAL_US")]
-    group_commit_interval_us: Option<u64>,
-    /// Log format.
-    #[arg(long, env = "SWITCHBOARD_LOG_FORMAT", value_enum)]
-    log_format: Option<LogFormat>,
 }
 
-impl ServeArgs {
-    fn config(&self) -> anyhow::Result<Config> {
-        let mut c = match &self.config {
-            Some(path) => Config::from_file(path)?,
-            None => Config::default(),
-        };
-        macro_rules! set {
-            ($($field:ident),*) => { $( if let Some(v) = self.$field.clone() { c.$field = v; } )* };
+/// Adds one flag per setting, derived from `Config`'s keys, so a new field
+/// is a flag (and an env variable) with no edit here.
+fn with_setting_flags(cmd: clap::Command) -> clap::Command {
+    settings().into_iter().fold(cmd, |cmd, s| {
+        cmd.arg(
+            Arg::new(s.key.clone())
+                .long(s.flag)
+                .value_name("VALUE")
+                .action(ArgAction::Set)
+                .help(format!(
+                    "{} [env: {}] [default: {}]",
+                    s.help, s.env, s.default
+                )),
+        )
+    })
+}
+
+/// The effective configuration: defaults, then the config file, then the
+/// `SWITCHBOARD_*` environment variables, then flags.
+fn effective_config(args: &ServeArgs, matches: &ArgMatches) -> anyhow::Result<Config> {
+    let base = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    let all = settings();
+    let mut env = Vec::new();
+    for s in &all {
+        match std::env::var(&s.env) {
+            Ok(v) => env.push((s.key.as_str(), v)),
+            Err(std::env::VarError::NotPresent) => {}
+            Err(std::env::VarError::NotUnicode(_)) => {
+                anyhow::bail!("invalid setting {} (env {}): not valid UTF-8", s.key, s.env)
+            }
         }
-        set!(
-            data_dir,
-            tcp_listen,
-            http_listen,
-            shards,
-            queue_ttl_secs,
-            dedup_window_secs,
-            sweep_interval_secs,
-            max_frame_bytes,
-            handshake_timeout_ms,
-            idle_timeout_secs,
-            outbound_queue_frames,
-            shard_inbox,
-            group_commit_interval_us,
-            log_format
-        );
-        c.validate()?;
-        Ok(c)
     }
+    let flags: Vec<(&str, &String)> = all
+        .iter()
+        .filter_map(|s| {
+            matches
+                .get_one::<String>(&s.key)
+                .map(|v| (s.key.as_str(), v))
+        })
+        .collect();
+    let c = base.with_overrides(
+        env.iter()
+            .map(|(k, v)| (*k, v.as_str(), Source::Env))
+            .chain(flags.iter().map(|(k, v)| (*k, v.as_str(), Source::Flag))),
+    )?;
+    c.validate()?;
+    Ok(c)
 }
 
 /// Without `RUST_LOG`: the server's info lines, and only warnings from the
@@ -121,8 +102,11 @@ const DEFAULT_LOG_FILTER: &str = "info,lsm_tree=warn,fjall=warn";
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
+    // Colour only for a person at a terminal: escape codes in a log file
+    // or a journal are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -172,13 +156,23 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command()
+        .mut_subcommand("serve", with_setting_flags)
+        .mut_subcommand("config", with_setting_flags)
+        .get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let sub = matches
+        .subcommand()
+        .map_or_else(ArgMatches::default, |(_, m)| m.clone());
     let result = match cli.command {
-        Command::Config(args) => args.config().and_then(|c| {
+        Command::Config(args) => effective_config(&args, &sub).and_then(|c| {
             print!("{}", toml::to_string(&c)?);
             Ok(())
         }),
-        Command::Serve(args) => match args.config() {
+        Command::Serve(args) => match effective_config(&args, &sub) {
             Ok(config) => {
                 init_logging(config.log_format);
                 if let Err(e) = switchboard_server::os::disable_transparent_huge_pages() {

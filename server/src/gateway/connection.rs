@@ -36,6 +36,9 @@ use crate::router::{
 use crate::store::{DeviceKey, UserId};
 use crate::telemetry as tm;
 
+/// What a client is told when a frame is not a valid `ClientFrame`.
+pub(crate) const UNDECODABLE_FRAME: &str = "undecodable frame: not a valid ClientFrame \
+     (malformed protobuf, a wrong field type, or a string field that is not valid UTF-8)";
 /// Failed authentications tolerated on one connection before it is closed,
 /// so credentials cannot be guessed at line rate.
 const MAX_AUTH_FAILURES: u32 = 3;
@@ -558,13 +561,6 @@ impl<L: Link> Conn<L> {
         let auth_deadline = Instant::now() + self.gw.cfg.unauthenticated_timeout;
         // Set while a frame is partly received: it must complete in time.
         let mut partial_deadline: Option<Instant> = None;
-        // Frames may have arrived together with the last handshake message.
-        if let Err(end) = Box::pin(self.process_buffered()).await {
-            return self.end_with(end).await;
-        }
-        if let Err(end) = self.flush().await {
-            return end;
-        }
         // Made once: a new one per turn of the loop would register with
         // (and leave) the token's waiter list every time.
         let cancelled = shutdown.cancelled();
@@ -576,6 +572,18 @@ impl<L: Link> Conn<L> {
         // frame (about 1% of the server's CPU at 7,000 msgs/s).
         let timer = tokio::time::sleep_until(deadline.min(auth_deadline));
         tokio::pin!(timer);
+        // Frames may have arrived together with the last handshake message
+        // (PROTOCOL.md §5.2); a frame left incomplete there starts the frame
+        // clock like any other (§7.2.1).
+        if let Err(end) = self
+            .take_frames(&mut partial_deadline, timer.as_mut())
+            .await
+        {
+            return self.end_with(end).await;
+        }
+        if let Err(end) = self.flush().await {
+            return end;
+        }
         loop {
             if self.gw.is_stopping() {
                 return self.goodbye(shutting_down()).await;
@@ -703,11 +711,11 @@ impl<L: Link> Conn<L> {
                 .await
             }
             End::Proto(ProtoError::Decode(e)) => {
-                self.goodbye(error(
-                    ErrorCode::ProtocolViolation,
-                    format!("undecodable frame: {e}"),
-                ))
-                .await
+                // Our words, not the decoder's (PROTOCOL.md §10.1: no
+                // internals in messages); the detail goes to the log.
+                tracing::debug!(error = %e, "undecodable frame");
+                self.goodbye(error(ErrorCode::ProtocolViolation, UNDECODABLE_FRAME))
+                    .await
             }
             End::Proto(ProtoError::BadLength) => {
                 self.goodbye(error(ErrorCode::ProtocolViolation, "invalid frame length"))

@@ -27,6 +27,25 @@ pub const OUTBOUND_ATTEMPTS: &str = "switchboard_outbound_attempts_total";
 /// Gauge: 1 while the target's circuit is open or half-open, else 0.
 pub const OUTBOUND_BREAKER_OPEN: &str = "switchboard_outbound_breaker_open";
 
+/// Every `outcome` label of [`OUTBOUND_ATTEMPTS`].
+pub const OUTCOMES: [&str; 6] = [
+    "ok",
+    "status_4xx",
+    "status_5xx",
+    "timeout",
+    "connect",
+    "refused",
+];
+
+/// Registers `target`'s series at zero, so they are on `/metrics` from the
+/// start, whether or not the target is configured.
+pub fn register_metrics(target: &'static str) {
+    for outcome in OUTCOMES {
+        metrics::counter!(OUTBOUND_ATTEMPTS, "target" => target, "outcome" => outcome).absolute(0);
+    }
+    metrics::gauge!(OUTBOUND_BREAKER_OPEN, "target" => target).set(0.0);
+}
+
 /// Why an outbound call failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
