@@ -56,6 +56,10 @@ pub enum Command {
     Register {
         /// The phone number to register
         phone: String,
+        /// Register even though this home already holds an account (which
+        /// the new one replaces once verified, dropping its outbox)
+        #[arg(long)]
+        force: bool,
     },
     /// Verify the code sent for the pending registration and store the account
     Verify {
@@ -79,7 +83,8 @@ pub enum Command {
     },
     /// Print incoming messages and receipts, acknowledging each
     Recv {
-        /// Stop (successfully) after S seconds [default: run until Ctrl-C]
+        /// Stop after S seconds: exit 0 if the server was reached, else 1
+        /// [default: run until Ctrl-C]
         #[arg(long, value_name = "S", value_parser = parse_seconds)]
         timeout: Option<Duration>,
         /// Stop after N messages and receipts

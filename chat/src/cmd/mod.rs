@@ -34,7 +34,7 @@ pub async fn run(cli: Cli, out: &Output) -> Result<()> {
         ping_interval: cli.ping_interval,
     };
     match cli.command {
-        Command::Register { phone } => register::register(&ctx, &phone).await,
+        Command::Register { phone, force } => register::register(&ctx, &phone, force).await,
         Command::Verify { code } => register::verify(&ctx, &code).await,
         Command::Whoami => whoami::run(&ctx),
         Command::Send {
@@ -165,6 +165,8 @@ struct LinkStatus {
     announce: bool,
     connected_once: bool,
     down: bool,
+    /// Why the last attempt failed, for commands that must report it.
+    last_problem: Option<String>,
 }
 
 impl LinkStatus {
@@ -172,6 +174,20 @@ impl LinkStatus {
         Self {
             announce: true,
             ..Self::default()
+        }
+    }
+
+    /// An error if the server was never reached: a command that only
+    /// listens must not report success for a run that heard nothing.
+    fn require_reached(&self, server: &str) -> anyhow::Result<()> {
+        if self.connected_once {
+            return Ok(());
+        }
+        match &self.last_problem {
+            Some(problem) => Err(anyhow::anyhow!(
+                "could not reach the server {server}: {problem}"
+            )),
+            None => Err(anyhow::anyhow!("could not reach the server {server}")),
         }
     }
 
@@ -187,6 +203,7 @@ impl LinkStatus {
     }
 
     fn disconnected(&mut self, out: Output, reason: &switchboard_client::Error) {
+        self.last_problem = Some(reason.to_string());
         if !std::mem::replace(&mut self.down, true) {
             out.note(&format!(
                 "connection problem: {reason}; retrying in the background"
