@@ -21,6 +21,20 @@ impl std::fmt::Display for UsageError {
 
 impl std::error::Error for UsageError {}
 
+/// A message that got no ✓ in time but stays queued in the outbox and goes
+/// out with a later command (exit code 3): sending it again by hand would
+/// deliver it twice.
+#[derive(Debug)]
+pub struct QueuedError(pub String);
+
+impl std::fmt::Display for QueuedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for QueuedError {}
+
 /// Command-line client for a Switchboard server.
 #[derive(Debug, Parser)]
 #[command(name = "sbchat", version, about, propagate_version = true)]
@@ -68,7 +82,8 @@ pub enum Command {
     },
     /// Show the stored account
     Whoami,
-    /// Send TEXT to PHONE; exits 0 once the server stored it (✓)
+    /// Send TEXT to PHONE; exits 0 once the server stored it (✓), 3 if it
+    /// got no ✓ in time and stays queued in the outbox (do not resend it)
     Send {
         /// Recipient's phone number
         phone: String,

@@ -69,10 +69,18 @@ fn send_without_a_server_times_out_and_keeps_the_message() {
         dir.path(),
         &["--json", "send", "+15550008", "hello", "--timeout", "0.5"],
     );
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "a queued send has its own exit code"
+    );
     let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(line["event"], "error");
-    assert!(line["error"].as_str().unwrap().contains("outbox"), "{line}");
+    let error = line["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("queued") && error.contains("outbox"),
+        "{line}"
+    );
     let pending: Vec<_> = std::fs::read_dir(dir.path().join("outbox"))
         .unwrap()
         .collect();
