@@ -21,6 +21,20 @@ impl std::fmt::Display for UsageError {
 
 impl std::error::Error for UsageError {}
 
+/// A message that got no ✓ in time but stays queued in the outbox and goes
+/// out with a later command (exit code 3): sending it again by hand would
+/// deliver it twice.
+#[derive(Debug)]
+pub struct QueuedError(pub String);
+
+impl std::fmt::Display for QueuedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for QueuedError {}
+
 /// Command-line client for a Switchboard server.
 #[derive(Debug, Parser)]
 #[command(name = "sbchat", version, about, propagate_version = true)]
@@ -56,6 +70,10 @@ pub enum Command {
     Register {
         /// The phone number to register
         phone: String,
+        /// Register even though this home already holds an account (which
+        /// the new one replaces once verified, dropping its outbox)
+        #[arg(long)]
+        force: bool,
     },
     /// Verify the code sent for the pending registration and store the account
     Verify {
@@ -73,7 +91,8 @@ pub enum Command {
     },
     /// Show the stored account
     Whoami,
-    /// Send TEXT to PHONE; exits 0 once the server stored it (✓)
+    /// Send TEXT to PHONE; exits 0 once the server stored it (✓), 3 if it
+    /// got no ✓ in time and stays queued in the outbox (do not resend it)
     Send {
         /// Recipient's phone number
         phone: String,
@@ -88,7 +107,8 @@ pub enum Command {
     },
     /// Print incoming messages and receipts, acknowledging each
     Recv {
-        /// Stop (successfully) after S seconds [default: run until Ctrl-C]
+        /// Stop after S seconds: exit 0 if the server was reached, else 1
+        /// [default: run until Ctrl-C]
         #[arg(long, value_name = "S", value_parser = parse_seconds)]
         timeout: Option<Duration>,
         /// Stop after N messages and receipts

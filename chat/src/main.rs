@@ -3,7 +3,8 @@
 //!
 //! `main` only parses flags, sets up tracing and a runtime, runs the
 //! subcommand and maps the outcome to an exit code: 0 ok, 1 error, 2 usage
-//! (clap exits with 2 by itself for malformed command lines).
+//! (clap exits with 2 by itself for malformed command lines), 3 a message
+//! still queued in the outbox.
 
 mod cli;
 mod cmd;
@@ -47,6 +48,8 @@ fn main() -> ExitCode {
             out.error(&e);
             if e.is::<cli::UsageError>() {
                 ExitCode::from(2)
+            } else if e.is::<cli::QueuedError>() {
+                ExitCode::from(3)
             } else {
                 ExitCode::FAILURE
             }

@@ -69,10 +69,18 @@ fn send_without_a_server_times_out_and_keeps_the_message() {
         dir.path(),
         &["--json", "send", "+15550008", "hello", "--timeout", "0.5"],
     );
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "a queued send has its own exit code"
+    );
     let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(line["event"], "error");
-    assert!(line["error"].as_str().unwrap().contains("outbox"), "{line}");
+    let error = line["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("queued") && error.contains("outbox"),
+        "{line}"
+    );
     let pending: Vec<_> = std::fs::read_dir(dir.path().join("outbox"))
         .unwrap()
         .collect();
@@ -84,13 +92,21 @@ fn send_without_a_server_times_out_and_keeps_the_message() {
 }
 
 #[test]
-fn recv_with_a_timeout_exits_0_even_offline() {
+fn recv_that_never_reaches_the_server_exits_1() {
     let dir = tempfile::tempdir().unwrap();
-    write_account(dir.path(), &dead_server());
-    let out = sbchat(dir.path(), &["recv", "--timeout", "0.3"]);
+    let server = dead_server();
+    write_account(dir.path(), &server);
+    let out = sbchat(dir.path(), &["--json", "recv", "--timeout", "0.5"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let error = stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|l| l["event"] == "error")
+        .unwrap_or_else(|| panic!("no error line: {stdout}"));
+    let error = error["error"].as_str().unwrap();
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        error.contains("could not reach the server") && error.contains(&server),
+        "{error}"
     );
 }

@@ -262,3 +262,34 @@ async fn linked_devices_copies_revocation_and_safety_numbers() {
 
     env.server.take().unwrap().stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_keeps_an_existing_account_unless_forced() {
+    let env = server().await;
+    let home = tempfile::tempdir().unwrap();
+    register(&env, home.path(), "+15550003001").await;
+    let before = std::fs::read(home.path().join("account.json")).unwrap();
+
+    let (code, lines) = sbchat(home.path(), &env.tcp, &["register", "+15550003002"]).await;
+    assert_eq!(code, 1, "{lines:?}");
+    let error = lines[0]["error"].as_str().unwrap();
+    assert!(
+        error.contains("+15550003001") && error.contains("--force"),
+        "{error}"
+    );
+    assert!(events(&lines, "code_sent").is_empty(), "{lines:?}");
+    assert!(!env.data_dir.join("dev-codes/+15550003002").exists());
+    assert_eq!(
+        std::fs::read(home.path().join("account.json")).unwrap(),
+        before
+    );
+
+    let (code, lines) = sbchat(
+        home.path(),
+        &env.tcp,
+        &["register", "+15550003002", "--force"],
+    )
+    .await;
+    assert_eq!(code, 0, "{lines:?}");
+    assert_eq!(lines[0]["event"], "code_sent");
+}

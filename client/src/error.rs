@@ -68,6 +68,9 @@ impl Error {
             Self::Server(e) => e.is_retryable(),
             Self::Transport(_) | Self::OutboxFull { .. } | Self::Busy(_) | Self::Timeout(_) => true,
             Self::Closed(reason) => matches!(reason, CloseReason::ConnectionLost),
+            // A device that just verified publishes its keys when it first
+            // connects: the same send later finds them.
+            Self::Crypto(CryptoError::NoKeys { .. }) => true,
             _ => false,
         }
     }

@@ -467,3 +467,24 @@ async fn frames_the_server_routes_carry_only_ciphertext() {
     a.close().await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_device_without_keys_yet_is_a_retryable_error() {
+    let server = TestServer::start().await;
+    let alice = Peer::online(&server, server.register("+15550004001").await).await;
+    let bob = server.register_without_keys("+15550004002").await;
+    let err = alice
+        .client
+        .send_to_user(bob.user_id, Bytes::from_static(b"too early"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Crypto(switchboard_client::CryptoError::NoKeys { .. })
+        ),
+        "{err:?}"
+    );
+    // Transient: the device publishes its keys when it first connects.
+    assert!(err.is_retryable(), "{err}");
+}

@@ -35,7 +35,7 @@ pub async fn run(cli: Cli, out: &Output) -> Result<()> {
         ping_interval: cli.ping_interval,
     };
     match cli.command {
-        Command::Register { phone } => register::register(&ctx, &phone).await,
+        Command::Register { phone, force } => register::register(&ctx, &phone, force).await,
         Command::Verify { code, pin } => register::verify(&ctx, &code, pin.as_deref()).await,
         Command::Pin { action } => pin::run(&ctx, action).await,
         Command::Whoami => whoami::run(&ctx),
@@ -167,6 +167,8 @@ struct LinkStatus {
     announce: bool,
     connected_once: bool,
     down: bool,
+    /// Why the last attempt failed, for commands that must report it.
+    last_problem: Option<String>,
 }
 
 impl LinkStatus {
@@ -174,6 +176,20 @@ impl LinkStatus {
         Self {
             announce: true,
             ..Self::default()
+        }
+    }
+
+    /// An error if the server was never reached: a command that only
+    /// listens must not report success for a run that heard nothing.
+    fn require_reached(&self, server: &str) -> anyhow::Result<()> {
+        if self.connected_once {
+            return Ok(());
+        }
+        match &self.last_problem {
+            Some(problem) => Err(anyhow::anyhow!(
+                "could not reach the server {server}: {problem}"
+            )),
+            None => Err(anyhow::anyhow!("could not reach the server {server}")),
         }
     }
 
@@ -189,6 +205,7 @@ impl LinkStatus {
     }
 
     fn disconnected(&mut self, out: Output, reason: &switchboard_client::Error) {
+        self.last_problem = Some(reason.to_string());
         if !std::mem::replace(&mut self.down, true) {
             out.note(&format!(
                 "connection problem: {reason}; retrying in the background"

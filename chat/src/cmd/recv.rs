@@ -1,5 +1,6 @@
 //! `sbchat recv`: print incoming messages and receipts, acknowledging each
-//! after it is printed (so nothing is lost if sbchat dies mid-way).
+//! after it is printed (so nothing is lost if sbchat dies mid-way). A run
+//! that ends by `--timeout` without ever reaching the server exits 1.
 
 use std::time::Duration;
 
@@ -28,7 +29,9 @@ pub async fn run(ctx: &Ctx, limit: Option<Duration>, count: Option<u64>, read: b
             break Ok(());
         }
         tokio::select! {
-            () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => break Ok(()),
+            () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                break status.require_reached(&account.server);
+            }
             _ = &mut ctrl_c => break Ok(()),
             event = events.recv() => match event {
                 None => break Ok(()),

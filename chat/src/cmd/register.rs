@@ -8,9 +8,22 @@ use tokio::time::timeout;
 use super::{Ctx, REQUEST_TIMEOUT, connect_options, validate_phone};
 use crate::home::{Account, Pending};
 
-pub async fn register(ctx: &Ctx, phone: &str) -> Result<()> {
+pub async fn register(ctx: &Ctx, phone: &str, force: bool) -> Result<()> {
     let phone = validate_phone(phone)?;
-    let stored = ctx.home.account()?.map(|a| a.server);
+    let stored = ctx.home.account()?;
+    if let Some(old) = &stored
+        && !force
+    {
+        // Verifying would replace this account (and drop its outbox): a
+        // new user trying `register` again must not lose it by accident.
+        return Err(anyhow!(
+            "this home already holds the account {} (user {}); use another --home, \
+             or `sbchat register {phone} --force` to replace it",
+            old.creds.phone,
+            old.creds.user_id
+        ));
+    }
+    let stored = stored.map(|a| a.server);
     let (addr, endpoint) = ctx.server(stored.as_deref())?;
     let sent = timeout(
         REQUEST_TIMEOUT,

@@ -12,6 +12,8 @@ use bytes::Bytes;
 use serde_json::json;
 use switchboard_client::{Client, Event, Events, ReceiptKind, new_client_msg_id};
 
+use crate::cli::QueuedError;
+
 use super::{Ctx, LinkStatus, closed_error, kind_name, print_sent, validate_phone};
 
 /// How far the send got, to explain a timeout.
@@ -52,9 +54,10 @@ pub async fn run(
     match outcome {
         Ok(result) => result,
         Err(_) => Err(match stage {
-            Stage::Sending => anyhow!(
-                "no ✓ from the server within {limit:?}; the message stays in the outbox and goes out with the next sbchat command"
-            ),
+            Stage::Sending => anyhow::Error::new(QueuedError(format!(
+                "queued: no ✓ from the server within {limit:?}; the message stays in the outbox \
+                 and goes out with the next sbchat command (do not send it again)"
+            ))),
             Stage::WaitingForDelivery => {
                 anyhow!("sent (✓) but not delivered (✓✓) within {limit:?}")
             }

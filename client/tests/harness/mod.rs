@@ -132,6 +132,14 @@ impl TestServer {
     /// Registers `phone` (a new primary device, revoking any previous one)
     /// through the SDK, reading the code the development sender wrote.
     pub async fn register(&self, phone: &str) -> Credentials {
+        let creds = self.register_without_keys(phone).await;
+        self.publish_keys(&creds).await;
+        creds
+    }
+
+    /// Registers `phone` like [`Self::register`] but publishes no keys: a
+    /// device that verified and never connected.
+    pub async fn register_without_keys(&self, phone: &str) -> Credentials {
         let endpoint = self.endpoint();
         let options = ConnectOptions::default();
         let path = self.dev_code_path(phone);
@@ -155,7 +163,6 @@ impl TestServer {
             .await
             .unwrap();
         assert_eq!(creds.phone, phone);
-        self.publish_keys(&creds).await;
         creds
     }
 
