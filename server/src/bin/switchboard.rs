@@ -50,6 +50,8 @@ fn with_setting_flags(cmd: clap::Command) -> clap::Command {
             Arg::new(s.key.clone())
                 .long(s.flag)
                 .value_name("VALUE")
+                // A value may start with '-' (a header, a path).
+                .allow_hyphen_values(true)
                 .action(ArgAction::Set)
                 .help(format!(
                     "{} [env: {}] [default: {}]",
