@@ -624,11 +624,23 @@ impl<L: Link> Conn<L> {
                     if self.authed.is_none() {
                         due = due.min(auth_deadline);
                     }
+                    let mut resumed = false;
+                    if let Some(until) = self.limited_until {
+                        if until <= Instant::now() {
+                            // The pause is over: held frames are taken
+                            // below (no `continue`).
+                            self.limited_until = None;
+                            resumed = true;
+                        } else {
+                            due = due.min(until);
+                        }
+                    }
                     if due > Instant::now() {
                         timer.as_mut().reset(due);
-                        continue;
-                    }
-                    if self.authed.is_none() && auth_deadline <= Instant::now() {
+                        if !resumed {
+                            continue;
+                        }
+                    } else if self.authed.is_none() && auth_deadline <= Instant::now() {
                         return self.goodbye(error(
                             ErrorCode::IdleTimeout,
                             format!(
@@ -636,11 +648,11 @@ impl<L: Link> Conn<L> {
                                 self.gw.cfg.unauthenticated_timeout.as_secs()
                             ),
                         )).await;
-                    }
-                    if partial_deadline.is_some_and(|p| p <= Instant::now()) {
+                    } else if partial_deadline.is_some_and(|p| p <= Instant::now()) {
                         return self.goodbye(error(ErrorCode::IdleTimeout, "a frame was not completed in time")).await;
+                    } else {
+                        return self.goodbye(error(ErrorCode::IdleTimeout, "no frame within the keep-alive window")).await;
                     }
-                    return self.goodbye(error(ErrorCode::IdleTimeout, "no frame within the keep-alive window")).await;
                 }
                 // Last: a busy connection sees `is_stopping` above, so
                 // this (lock-taking) poll runs only when nothing else is
@@ -649,12 +661,13 @@ impl<L: Link> Conn<L> {
                 () = &mut cancelled, if self.push_rx.is_none() => {
                     return self.goodbye(shutting_down()).await;
                 }
-                () = tokio::time::sleep_until(self.limited_until.unwrap_or_else(Instant::now)),
-                    if self.limited_until.is_some() =>
-                {
-                    // The pause is over: held frames are taken below.
-                    self.limited_until = None;
-                }
+            }
+            // A pause begun this turn (see `respond_error`) ends on the
+            // shared timer: no timer of its own per turn.
+            if let Some(until) = self.limited_until
+                && until < timer.deadline()
+            {
+                timer.as_mut().reset(until);
             }
             // Answers and pushes that are ready too go into the same write
             // (one syscall and one Noise record for all of them).

@@ -210,8 +210,17 @@ impl Limits {
         limit: Limit,
         key: &K,
     ) -> Result<(), Refused> {
+        Self::check_at(limiter, limit, key, Instant::now())
+    }
+
+    fn check_at<K: std::hash::Hash + Eq + Clone>(
+        limiter: &KeyedLimiter<K>,
+        limit: Limit,
+        key: &K,
+        now: Instant,
+    ) -> Result<(), Refused> {
         limiter
-            .take(key, Instant::now())
+            .take(key, now)
             .map_err(|retry_after_ms| limit.refuse(retry_after_ms))
     }
 
@@ -220,8 +229,11 @@ impl Limits {
     /// # Errors
     /// [`Refused`] naming the limit that is exhausted (nothing is taken then).
     pub fn send(&self, from: UserId, to: UserId) -> Result<(), Refused> {
-        Self::check(&self.sends_per_user, Limit::UserSends, &from)?;
-        if let Err(refused) = Self::check(&self.sends_per_pair, Limit::PairSends, &(from, to)) {
+        let now = Instant::now();
+        Self::check_at(&self.sends_per_user, Limit::UserSends, &from, now)?;
+        if let Err(refused) =
+            Self::check_at(&self.sends_per_pair, Limit::PairSends, &(from, to), now)
+        {
             self.sends_per_user.give_back(&from);
             return Err(refused);
         }
