@@ -1299,19 +1299,28 @@ impl Shard {
         );
     }
 
-    fn set_pin(&mut self, device: DeviceKey, pin_hash: String, reply: Reply<bool>) {
-        let mut rec = match self.user(device.user) {
-            Ok(Some(u)) => u.clone(),
-            Ok(None) => return reply_now(reply, Err(RouteError::Unauthenticated)),
-            Err(e) => return reply_now(reply, Err(e.into())),
-        };
-        if !rec
+    /// The record of `device`'s user, if `device` is its primary device.
+    fn primary_user(&mut self, device: DeviceKey) -> Result<UserRecord, RouteError> {
+        let rec = self
+            .user(device.user)?
+            .cloned()
+            .ok_or(RouteError::Unauthenticated)?;
+        if rec
             .devices
             .iter()
             .any(|d| d.device_id == device.device && d.primary)
         {
-            return reply_now(reply, Err(RouteError::NotPrimary));
+            Ok(rec)
+        } else {
+            Err(RouteError::NotPrimary)
         }
+    }
+
+    fn set_pin(&mut self, device: DeviceKey, pin_hash: String, reply: Reply<bool>) {
+        let mut rec = match self.primary_user(device) {
+            Ok(r) => r,
+            Err(e) => return reply_now(reply, Err(e)),
+        };
         let enabled = !pin_hash.is_empty();
         rec.pin_hash = pin_hash;
         self.ops.push(Op::PutUser(rec.clone()));
@@ -1877,18 +1886,10 @@ impl Shard {
 
     fn create_link_code(&mut self, device: DeviceKey, reply: Reply<(String, u64)>) {
         let now = now_ms();
-        let mut rec = match self.user(device.user) {
-            Ok(Some(u)) => u.clone(),
-            Ok(None) => return reply_now(reply, Err(RouteError::Unauthenticated)),
-            Err(e) => return reply_now(reply, Err(e.into())),
+        let mut rec = match self.primary_user(device) {
+            Ok(r) => r,
+            Err(e) => return reply_now(reply, Err(e)),
         };
-        if !rec
-            .devices
-            .iter()
-            .any(|d| d.device_id == device.device && d.primary)
-        {
-            return reply_now(reply, Err(RouteError::NotPrimary));
-        }
         if rec.devices.len() > accounts::MAX_LINKED_DEVICES {
             return reply_now(reply, Err(RouteError::TooManyDevices));
         }
