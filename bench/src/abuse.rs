@@ -372,6 +372,7 @@ impl Flooder {
                 "fetch_bundles",
                 In::FetchBundles(pb::FetchBundles {
                     user_id: self.victim,
+                    ..Default::default()
                 }),
             ),
         }

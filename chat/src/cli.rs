@@ -49,6 +49,14 @@ pub struct Cli {
     #[arg(long, global = true, env = "SBCHAT_SERVER", value_name = "ADDR")]
     pub server: Option<String>,
 
+    /// The server's static public key (64 hex digits, printed by the server
+    /// at start as `server_key=…`) to pin. Without it the key the server
+    /// shows at registration is pinned (kept with the account), and a later
+    /// server presenting another key is refused
+    #[arg(long, global = true, env = "SBCHAT_SERVER_KEY", value_name = "HEX",
+          value_parser = parse_server_key)]
+    pub server_key: Option<ServerKey>,
+
     /// Print JSON lines instead of text
     #[arg(long, global = true)]
     pub json: bool,
@@ -208,5 +216,19 @@ mod tests {
         assert!(parse_seconds("-1").is_err());
         assert!(parse_seconds("soon").is_err());
         assert_eq!(parse_seconds("0").unwrap(), Duration::ZERO);
+    }
+}
+
+/// A server's static public key (32 bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerKey(pub Vec<u8>);
+
+/// A server key: 32 bytes as 64 hex digits.
+fn parse_server_key(s: &str) -> Result<ServerKey, String> {
+    match hex::decode(s.trim()) {
+        Ok(key) if key.len() == 32 => Ok(ServerKey(key)),
+        _ => Err(
+            "expected 64 hex digits (the server prints its key at start as server_key=…)".into(),
+        ),
     }
 }

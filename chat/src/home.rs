@@ -208,6 +208,7 @@ mod tests {
                 device_id: 1,
                 credential: vec![1, 2, 255],
                 phone: "+15550001111".into(),
+                server_key: None,
             },
         };
         home.save_account(&account).unwrap();

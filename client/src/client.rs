@@ -216,6 +216,39 @@ pub enum Event {
         /// The peer's phone number, when known.
         phone: String,
     },
+    /// A contact's devices changed: a device was linked or revoked, or the
+    /// contact re-registered (every device replaced). Reported when the
+    /// client learns it (a send corrected by the server, a message from a
+    /// new device, [`Client::safety_number`]); a change of keys comes with
+    /// [`Event::SafetyNumberChanged`] too.
+    ContactDevicesChanged {
+        /// The contact.
+        user_id: u64,
+        /// The contact's phone number, when known.
+        phone: String,
+        /// The contact's devices now, ascending.
+        devices: Vec<u32>,
+        /// Devices new since the last report.
+        added: Vec<u32>,
+        /// Devices gone since the last report.
+        removed: Vec<u32>,
+    },
+    /// Messages this account sent to `to_user` were never delivered: the
+    /// recipient re-registered its number and the devices that held them
+    /// were replaced. The device that sent them sends them again, once, to
+    /// the recipient's current devices (those in `resending`, with the same
+    /// ids; their ✓ comes as [`Event::Sent`]), after the change of the
+    /// recipient's keys is reported. Already acknowledged by the client.
+    Undelivered {
+        /// The recipient.
+        to_user: u64,
+        /// The recipient's phone number, when known.
+        phone: String,
+        /// The messages concerned.
+        client_msg_ids: Vec<String>,
+        /// The ones this client is sending again.
+        resending: Vec<String>,
+    },
     /// The account's device list changed (a device was linked or revoked).
     /// Already acknowledged by the client.
     DevicesChanged {
@@ -537,6 +570,21 @@ impl Client {
             None => (None, Vec::new()),
         };
         let (crypto, state_file) = open_crypto(config.state_dir.clone(), &creds).await?;
+        // The server key to pin: the caller's, else the one the device was
+        // registered with, else the one first seen by an earlier run.
+        let mut config = config;
+        if config.connect.server_key.is_none() {
+            config.connect.server_key = match (&creds.server_key, config.state_dir.clone()) {
+                (Some(key), _) => Some(key.clone()),
+                (None, Some(dir)) => {
+                    tokio::task::spawn_blocking(move || crate::store::load_server_key(&dir))
+                        .await
+                        .map_err(|e| StorageError::Task(e.to_string()))??
+                }
+                (None, None) => None,
+            };
+            config.validate()?;
+        }
         // Handles → task; bounded, callers wait when it is full.
         let (tx, commands) = mpsc::channel(config.command_capacity);
         // Task → application; bounded, the task stops reading the socket

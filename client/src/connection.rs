@@ -456,6 +456,7 @@ impl Connection {
                 device_id: v.device_id,
                 credential: v.credential.to_vec(),
                 phone: phone.to_owned(),
+                server_key: Some(self.server_key.clone()),
             }),
             other => Err(unexpected("Verified", Some(&other))),
         }
@@ -497,6 +498,7 @@ impl Connection {
                 device_id: v.device_id,
                 credential: v.credential.to_vec(),
                 phone: String::new(),
+                server_key: Some(self.server_key.clone()),
             }),
             other => Err(unexpected("Verified", Some(&other))),
         }

@@ -59,6 +59,10 @@ pub struct PendingSend {
     /// may have gone out before the restart.
     #[serde(skip)]
     pub never_sent: bool,
+    /// A resend after the server said the first one was never delivered
+    /// (`Undelivered`): not resent again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resent: bool,
     /// What to send.
     pub content: Content,
 }
@@ -140,9 +144,14 @@ fn file_seq(path: &Path) -> Option<u64> {
     digits.parse().ok()
 }
 
-fn read_send(path: &Path) -> Result<PendingSend, String> {
+/// Reads a stored send, whatever its file is named.
+fn read_any_send(path: &Path) -> Result<PendingSend, String> {
     let bytes = fs::read(path).map_err(|e| e.to_string())?;
-    let send: PendingSend = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+    serde_json::from_slice(&bytes).map_err(|e| e.to_string())
+}
+
+fn read_send(path: &Path) -> Result<PendingSend, String> {
+    let send = read_any_send(path)?;
     if Some(send.seq) != file_seq(path) {
         return Err("sequence number does not match the file name".to_owned());
     }
@@ -233,6 +242,110 @@ impl Store {
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(|e| StorageError::io(&self.dir, e))?;
+        Ok(())
+    }
+}
+
+/// Sends that got their ✓ and are kept, until their ✓✓ or for at most
+/// [`RETAIN_FOR`] (the server's queue lifetime), in case the server reports
+/// them undelivered (the recipient's devices were replaced) and they must
+/// be encrypted again for the new devices. A directory `sent/` beside the
+/// outbox's files, one file per send named by its hex message id, moved
+/// there from the outbox by a rename (no sync: losing one in a crash only
+/// loses that resend). At most [`RETAIN_MAX`] are kept, the oldest go first.
+#[derive(Debug)]
+pub(crate) struct Retained {
+    dir: PathBuf,
+}
+
+/// How long a sent message is kept for a resend.
+pub(crate) const RETAIN_FOR: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// Most sent messages kept for a resend.
+pub(crate) const RETAIN_MAX: usize = 1000;
+
+impl Retained {
+    /// Opens (creating) `outbox_dir/sent` and drops what is too old or too
+    /// many.
+    pub(crate) fn open(outbox_dir: &Path) -> Result<Self, StorageError> {
+        let dir = outbox_dir.join("sent");
+        fs::create_dir_all(&dir).map_err(|e| StorageError::io(&dir, e))?;
+        let this = Self { dir };
+        this.prune()?;
+        Ok(this)
+    }
+
+    fn path(&self, client_msg_id: &str) -> PathBuf {
+        self.dir
+            .join(format!("{}{FILE_SUFFIX}", hex::encode(client_msg_id)))
+    }
+
+    /// Moves outbox entry `seq` of `outbox` here, as `client_msg_id`.
+    pub(crate) fn keep(
+        &self,
+        outbox: &Store,
+        seq: u64,
+        client_msg_id: &str,
+    ) -> Result<(), StorageError> {
+        let from = outbox.path(seq, FILE_SUFFIX);
+        let to = self.path(client_msg_id);
+        match fs::rename(&from, &to) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StorageError::io(&from, e)),
+        }
+    }
+
+    /// Takes the kept send `client_msg_id` out, if it is here.
+    pub(crate) fn take(&self, client_msg_id: &str) -> Result<Option<PendingSend>, StorageError> {
+        let path = self.path(client_msg_id);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let send = read_any_send(&path);
+        self.forget(client_msg_id)?;
+        match send {
+            Ok(send) => Ok(Some(send)),
+            Err(why) => {
+                warn!(path = %path.display(), %why, "kept send does not parse; dropped");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Drops the kept send `client_msg_id` (delivered).
+    pub(crate) fn forget(&self, client_msg_id: &str) -> Result<(), StorageError> {
+        let path = self.path(client_msg_id);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StorageError::io(&path, e)),
+        }
+    }
+
+    /// Drops sends kept longer than [`RETAIN_FOR`], then the oldest past
+    /// [`RETAIN_MAX`].
+    pub(crate) fn prune(&self) -> Result<(), StorageError> {
+        let mut files = Vec::new();
+        for entry in fs::read_dir(&self.dir).map_err(|e| StorageError::io(&self.dir, e))? {
+            let entry = entry.map_err(|e| StorageError::io(&self.dir, e))?;
+            let modified = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::SystemTime::UNIX_EPOCH);
+            files.push((modified, entry.path()));
+        }
+        files.sort();
+        let now = std::time::SystemTime::now();
+        let excess = files.len().saturating_sub(RETAIN_MAX);
+        for (i, (modified, path)) in files.iter().enumerate() {
+            let old = now
+                .duration_since(*modified)
+                .is_ok_and(|age| age > RETAIN_FOR);
+            if i < excess || old {
+                let _ = fs::remove_file(path);
+            }
+        }
         Ok(())
     }
 }
@@ -381,6 +494,7 @@ mod tests {
             to_user: Some(7),
             to_phone: None,
             never_sent: false,
+            resent: false,
             content: Content::AllDevices {
                 payload: Bytes::from(text.to_owned()),
             },

@@ -38,6 +38,13 @@ impl<K: Hash + Eq + Clone, V> Recent<K, V> {
         self.map.get(key)
     }
 
+    /// Removes a key (its place in the order goes when it comes up).
+    pub(crate) fn remove(&mut self, key: &K) -> Option<V> {
+        let value = self.map.remove(key)?;
+        self.order.retain(|k| k != key);
+        Some(value)
+    }
+
     pub(crate) fn contains(&self, key: &K) -> bool {
         self.map.contains_key(key)
     }

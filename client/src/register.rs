@@ -25,6 +25,14 @@ pub struct Credentials {
     pub credential: Vec<u8>,
     /// The account's phone number (E.164).
     pub phone: String,
+    /// The server's static public key as it was when the device was
+    /// registered or linked: [`crate::Client::start`] pins it, so a server
+    /// that presents another key (a man in the middle) is refused with
+    /// [`crate::ProtocolError::ServerKeyMismatch`] before the credential is
+    /// sent. `None` for credentials stored before it was kept: the client
+    /// then pins the key it first sees (kept in its state directory).
+    #[serde(default, with = "hex_key", skip_serializing_if = "Option::is_none")]
+    pub server_key: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -34,6 +42,26 @@ impl std::fmt::Debug for Credentials {
             .field("device_id", &self.device_id)
             .field("phone", &self.phone)
             .finish_non_exhaustive()
+    }
+}
+
+mod hex_key {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[allow(clippy::ref_option)] // serde's `with` passes `&Option<T>`
+    pub(super) fn serialize<S: Serializer>(key: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match key {
+            Some(key) => s.serialize_str(&hex::encode(key)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Vec<u8>>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|s| hex::decode(s).map_err(serde::de::Error::custom))
+            .transpose()
     }
 }
 
@@ -226,6 +254,7 @@ mod tests {
             device_id: 1,
             credential: vec![0xde, 0xad, 0xbe, 0xef],
             phone: "+15550001111".into(),
+            server_key: None,
         };
         let json = serde_json::to_string(&creds).unwrap();
         assert_eq!(
@@ -234,6 +263,16 @@ mod tests {
         );
         assert_eq!(serde_json::from_str::<Credentials>(&json).unwrap(), creds);
         assert!(serde_json::from_str::<Credentials>(&json.replace("deadbeef", "xyz")).is_err());
+        let pinned = Credentials {
+            server_key: Some(vec![7; 32]),
+            ..creds
+        };
+        let json = serde_json::to_string(&pinned).unwrap();
+        assert!(
+            json.contains(&format!(r#""server_key":"{}""#, "07".repeat(32))),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<Credentials>(&json).unwrap(), pinned);
     }
 
     #[test]
@@ -243,6 +282,7 @@ mod tests {
             device_id: 2,
             credential: vec![0xab; 8],
             phone: "+1".into(),
+            server_key: None,
         };
         let shown = format!("{creds:?}");
         assert!(!shown.contains("abab"), "{shown}");

@@ -180,6 +180,34 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StorageError> {
     Ok(())
 }
 
+/// File holding the server's static key pinned on first use (hex), for
+/// credentials that do not carry one.
+pub const SERVER_KEY_FILE: &str = "server.key";
+
+/// Keeps the server key pinned on first use.
+pub(crate) fn save_server_key(dir: &Path, key: &[u8]) -> Result<(), StorageError> {
+    fs::create_dir_all(dir).map_err(|e| StorageError::io(dir, e))?;
+    let path = dir.join(SERVER_KEY_FILE);
+    let temp = dir.join(format!("{SERVER_KEY_FILE}.tmp"));
+    let mut file = File::create(&temp).map_err(|e| StorageError::io(&temp, e))?;
+    file.write_all(hex::encode(key).as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(|e| StorageError::io(&temp, e))?;
+    fs::rename(&temp, &path).map_err(|e| StorageError::io(&path, e))
+}
+
+/// The server key pinned on first use, if one was kept.
+pub(crate) fn load_server_key(dir: &Path) -> Result<Option<Vec<u8>>, StorageError> {
+    let path = dir.join(SERVER_KEY_FILE);
+    match fs::read_to_string(&path) {
+        Ok(text) => hex::decode(text.trim())
+            .map(Some)
+            .map_err(|_| corrupt(&path, "not a hex key")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StorageError::io(&path, e)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

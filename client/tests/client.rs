@@ -106,6 +106,9 @@ async fn send_to_phone_looks_up_and_fixes_device_mismatch() {
     assert_eq!(sent.to_user, bob.user_id);
     assert!(!sent.duplicate);
     let got = bob_old.message().await;
+    // Acked: otherwise the re-registration below reports it undelivered
+    // and Alice's client sends it again to the new device.
+    bob_old.client.ack([got.seq]).await.unwrap();
     assert_eq!(
         (
             got.client_msg_id,

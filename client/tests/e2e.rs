@@ -399,6 +399,7 @@ async fn a_low_key_stock_is_refilled() {
     loop {
         let body = In::FetchBundles(pb::FetchBundles {
             user_id: bob.user_id,
+            ..Default::default()
         });
         match conn.call(body).await.unwrap() {
             Out::Bundles(bundles) => match &bundles.devices[0].key {

@@ -58,6 +58,9 @@ pub struct Config {
     pub dedup_window_secs: u64,
     /// How often expired entries and dedup records are swept.
     pub sweep_interval_secs: u64,
+    /// How often the age of each shard's oldest queue entry is measured
+    /// (`oldest_queued_entry_age_seconds`; reads the head of every queue).
+    pub queue_age_interval_secs: u64,
     /// Largest frame accepted from a client.
     pub max_frame_bytes: usize,
     /// Time allowed to finish the Noise handshake.
@@ -171,6 +174,7 @@ impl Default for Config {
             queue_ttl_secs: 30 * 24 * 3600,
             dedup_window_secs: 48 * 3600,
             sweep_interval_secs: 600,
+            queue_age_interval_secs: 30,
             max_frame_bytes: switchboard_proto::limits::DEFAULT_MAX_FRAME_BYTES,
             handshake_timeout_ms: 10_000,
             idle_timeout_secs: 75,
@@ -352,6 +356,7 @@ impl Config {
             ("queue_ttl_secs", self.queue_ttl_secs),
             ("dedup_window_secs", self.dedup_window_secs),
             ("sweep_interval_secs", self.sweep_interval_secs),
+            ("queue_age_interval_secs", self.queue_age_interval_secs),
             ("handshake_timeout_ms", self.handshake_timeout_ms),
             ("idle_timeout_secs", self.idle_timeout_secs),
             ("frame_timeout_secs", self.frame_timeout_secs),
@@ -573,6 +578,10 @@ const SETTING_HELP: &[(&str, &str)] = &[
         "Seconds client message ids are remembered (at least 24 h).",
     ),
     ("sweep_interval_secs", "Seconds between expiry sweeps."),
+    (
+        "queue_age_interval_secs",
+        "Seconds between measurements of the oldest queue entry's age.",
+    ),
     (
         "max_frame_bytes",
         "Largest frame accepted from a client, in bytes.",

@@ -189,9 +189,13 @@ pub async fn run_with_store(
     let sweep_every = Duration::from_secs(config.sweep_interval_secs);
     let sweep_cancel = cancel.clone();
     let gauge_store = store.clone();
+    let shards = config.shard_count();
+    let queue_age_every = Duration::from_secs(config.queue_age_interval_secs);
+    telemetry::set_oldest_entry_ages(&vec![None; shards], 0);
     let sweep_task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(sweep_every);
         let mut upkeep = tokio::time::interval(telemetry::UPKEEP_INTERVAL);
+        let mut ages = tokio::time::interval(queue_age_every);
         loop {
             tokio::select! {
                 () = sweep_cancel.cancelled() => break,
@@ -202,6 +206,20 @@ pub async fn run_with_store(
                     }
                     metrics::gauge!(telemetry::QUEUED_ENTRIES)
                         .set(gauge_store.approximate_queue_entries() as f64);
+                    sweep_router.tick();
+                }
+                _ = ages.tick() => {
+                    // One seek per stored queue: off the runtime's threads.
+                    let store = gauge_store.clone();
+                    let oldest = tokio::task::spawn_blocking(move || {
+                        store.oldest_entries(shards, &|user| router::shard_of_user(user, shards))
+                    })
+                    .await;
+                    match oldest {
+                        Ok(Ok(oldest)) => telemetry::set_oldest_entry_ages(&oldest, clock::now_ms()),
+                        Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the queues' oldest entries"),
+                        Err(e) => tracing::warn!(error = %e, "queue age task failed"),
+                    }
                 }
             }
         }

@@ -44,6 +44,10 @@ pub const STORE_COMMIT_SECONDS: &str = "switchboard_store_commit_seconds";
 pub const STORE_COMMIT_FAILURES: &str = "switchboard_store_commit_failures_total";
 /// Queue entries stored for offline devices (approximate).
 pub const QUEUED_ENTRIES: &str = "switchboard_queued_entries";
+/// Age of the oldest queue entry of each shard's devices.
+pub const OLDEST_QUEUED_ENTRY_AGE: &str = "switchboard_oldest_queued_entry_age_seconds";
+/// Shard mail sent and not yet confirmed (`router/mail.rs`).
+pub const SHARD_MAIL_PENDING: &str = "switchboard_shard_mail_pending";
 /// Requests dropped unprocessed because their deadline had passed.
 pub const DISCARDED_REQUESTS: &str = "switchboard_discarded_requests_total";
 /// Connections closed because the client read too slowly.
@@ -66,6 +70,15 @@ const SIZE_BUCKETS: &[f64] = &[
 
 /// How often the recorder folds histogram samples.
 pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Sets `switchboard_oldest_queued_entry_age_seconds{shard}` from each
+/// shard's oldest entry timestamp (`None`: no entry, age 0).
+pub fn set_oldest_entry_ages(oldest_ms: &[Option<u64>], now_ms: u64) {
+    for (shard, oldest) in oldest_ms.iter().enumerate() {
+        let age = oldest.map_or(0.0, |t| now_ms.saturating_sub(t) as f64 / 1e3);
+        metrics::gauge!(OLDEST_QUEUED_ENTRY_AGE, "shard" => shard.to_string()).set(age);
+    }
+}
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -195,6 +208,14 @@ fn describe() {
     describe_gauge!(
         QUEUED_ENTRIES,
         "Queue entries stored for devices (approximate)."
+    );
+    describe_gauge!(
+        OLDEST_QUEUED_ENTRY_AGE,
+        "Age of the oldest queue entry of a shard's devices, in seconds (0: none)."
+    );
+    describe_gauge!(
+        SHARD_MAIL_PENDING,
+        "Mail from a shard to others not yet confirmed (undelivered notices)."
     );
     describe_counter!(
         DISCARDED_REQUESTS,

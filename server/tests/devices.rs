@@ -74,7 +74,10 @@ async fn concurrent_bundle_fetches_never_share_a_one_time_key() {
             for n in 0..10u32 {
                 c.send_frame(&pb::ClientFrame {
                     id: 100 + n,
-                    body: Some(In::FetchBundles(pb::FetchBundles { user_id: bob_id })),
+                    body: Some(In::FetchBundles(pb::FetchBundles {
+                        user_id: bob_id,
+                        ..Default::default()
+                    })),
                 })
                 .await;
             }

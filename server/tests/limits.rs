@@ -143,6 +143,7 @@ async fn bundle_fetches_are_limited_per_requesting_user_across_reconnects() {
     let eve = register(&server, "+15550009042").await;
     let fetch = In::FetchBundles(pb::FetchBundles {
         user_id: bob.user_id,
+        ..Default::default()
     });
     for _ in 0..3 {
         let mut e = online(&server, &eve).await;
@@ -173,6 +174,7 @@ async fn a_devices_one_time_keys_are_budgeted_and_fetchers_past_it_get_the_fallb
             let Out::Bundles(got) = f
                 .request(In::FetchBundles(pb::FetchBundles {
                     user_id: bob.user_id,
+                    ..Default::default()
                 }))
                 .await
             else {

@@ -8,7 +8,7 @@ use serde_json::json;
 use switchboard_client::{Client, Event, register};
 use tokio::time::timeout;
 
-use super::{Ctx, REQUEST_TIMEOUT, closed_error, connect_options, validate_phone};
+use super::{Ctx, REQUEST_TIMEOUT, closed_error, validate_phone};
 use crate::home::Account;
 
 /// Runs `work` with a client for the stored account, within
@@ -116,7 +116,7 @@ pub async fn link(ctx: &Ctx, code: &str) -> Result<()> {
     let (addr, endpoint) = ctx.server(None)?;
     let creds = timeout(
         REQUEST_TIMEOUT,
-        register::link_device(&endpoint, &connect_options(), code),
+        register::link_device(&endpoint, &ctx.connect_options(), code),
     )
     .await
     .map_err(|_| anyhow!("no answer from {addr} within {REQUEST_TIMEOUT:?}"))?

@@ -31,6 +31,7 @@ pub async fn run(cli: Cli, out: &Output) -> Result<()> {
     let ctx = Ctx {
         home: Home::resolve(cli.home)?,
         server_flag: cli.server,
+        server_key: cli.server_key.map(|k| k.0),
         out: *out,
         ping_interval: cli.ping_interval,
     };
@@ -63,6 +64,8 @@ pub async fn run(cli: Cli, out: &Output) -> Result<()> {
 pub struct Ctx {
     pub home: Home,
     server_flag: Option<String>,
+    /// `--server-key`: pinned instead of the key stored with the account.
+    server_key: Option<Vec<u8>>,
     pub out: Output,
     ping_interval: Duration,
 }
@@ -87,7 +90,7 @@ impl Ctx {
     async fn start_client(&self, account: &Account) -> Result<(Client, Events)> {
         let (_, endpoint) = self.server(Some(&account.server))?;
         let mut config = ClientConfig::new(endpoint);
-        config.connect = connect_options();
+        config.connect = self.connect_options();
         config.outbox_dir = Some(self.home.outbox_dir());
         config.state_dir = Some(self.home.state_dir());
         config.ping_interval = self.ping_interval;
@@ -122,10 +125,15 @@ impl Ctx {
     }
 }
 
-fn connect_options() -> ConnectOptions {
-    ConnectOptions {
-        user_agent: concat!("sbchat/", env!("CARGO_PKG_VERSION")).to_owned(),
-        ..ConnectOptions::default()
+impl Ctx {
+    /// Handshake options: sbchat's user agent and the `--server-key` pin
+    /// (the SDK pins the account's stored key when there is none).
+    fn connect_options(&self) -> ConnectOptions {
+        ConnectOptions {
+            user_agent: concat!("sbchat/", env!("CARGO_PKG_VERSION")).to_owned(),
+            server_key: self.server_key.clone(),
+            ..ConnectOptions::default()
+        }
     }
 }
 
@@ -296,6 +304,71 @@ fn print_security_event(out: Output, event: &Event) -> bool {
                     "from_device": from_device,
                     "client_msg_id": client_msg_id,
                     "reason": reason,
+                }),
+            );
+        }
+        Event::ContactDevicesChanged {
+            user_id,
+            phone,
+            devices,
+            added,
+            removed,
+        } => {
+            let who = if phone.is_empty() {
+                format!("user {user_id}")
+            } else {
+                phone.clone()
+            };
+            let mut what = Vec::new();
+            if !added.is_empty() {
+                what.push(format!("new device {added:?}"));
+            }
+            if !removed.is_empty() {
+                what.push(format!("removed device {removed:?}"));
+            }
+            out.event(
+                &format!(
+                    "⚠ {who}'s devices changed ({}); now {devices:?}",
+                    what.join(", ")
+                ),
+                &json!({
+                    "event": "contact_devices_changed",
+                    "user_id": user_id,
+                    "phone": phone,
+                    "devices": devices,
+                    "added": added,
+                    "removed": removed,
+                }),
+            );
+        }
+        Event::Undelivered {
+            to_user,
+            phone,
+            client_msg_ids,
+            resending,
+        } => {
+            let who = if phone.is_empty() {
+                format!("user {to_user}")
+            } else {
+                phone.clone()
+            };
+            let then = if resending.is_empty() {
+                String::new()
+            } else {
+                format!("; sending {} again", resending.len())
+            };
+            out.event(
+                &format!(
+                    "⚠ {} message(s) to {who} were never delivered (they re-registered){then}: {}",
+                    client_msg_ids.len(),
+                    client_msg_ids.join(", ")
+                ),
+                &json!({
+                    "event": "undelivered",
+                    "to_user": to_user,
+                    "to": phone,
+                    "client_msg_ids": client_msg_ids,
+                    "resending": resending,
                 }),
             );
         }

@@ -7,7 +7,7 @@ use switchboard_client::register;
 use tokio::io::AsyncBufReadExt;
 use tokio::time::timeout;
 
-use super::{Ctx, REQUEST_TIMEOUT, connect_options};
+use super::{Ctx, REQUEST_TIMEOUT};
 use crate::cli::PinAction;
 
 pub async fn run(ctx: &Ctx, action: PinAction) -> Result<()> {
@@ -21,7 +21,7 @@ pub async fn run(ctx: &Ctx, action: PinAction) -> Result<()> {
     let (addr, endpoint) = ctx.server(Some(&account.server))?;
     let enabled = timeout(
         REQUEST_TIMEOUT,
-        register::set_pin(&endpoint, &connect_options(), &account.creds, &pin),
+        register::set_pin(&endpoint, &ctx.connect_options(), &account.creds, &pin),
     )
     .await
     .map_err(|_| anyhow!("no answer from {addr} within {REQUEST_TIMEOUT:?}"))?

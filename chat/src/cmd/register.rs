@@ -5,7 +5,7 @@ use serde_json::json;
 use switchboard_client::register;
 use tokio::time::timeout;
 
-use super::{Ctx, REQUEST_TIMEOUT, connect_options, validate_phone};
+use super::{Ctx, REQUEST_TIMEOUT, validate_phone};
 use crate::home::{Account, Pending};
 
 pub async fn register(ctx: &Ctx, phone: &str, force: bool) -> Result<()> {
@@ -27,7 +27,7 @@ pub async fn register(ctx: &Ctx, phone: &str, force: bool) -> Result<()> {
     let (addr, endpoint) = ctx.server(stored.as_deref())?;
     let sent = timeout(
         REQUEST_TIMEOUT,
-        register::request_code(&endpoint, &connect_options(), &phone),
+        register::request_code(&endpoint, &ctx.connect_options(), &phone),
     )
     .await
     .map_err(|_| anyhow!("no answer from {addr} within {REQUEST_TIMEOUT:?}"))?
@@ -54,7 +54,7 @@ pub async fn verify(ctx: &Ctx, code: &str, pin: Option<&str>) -> Result<()> {
         REQUEST_TIMEOUT,
         register::verify_code_with_pin(
             &endpoint,
-            &connect_options(),
+            &ctx.connect_options(),
             &pending.phone,
             code.trim(),
             pin.unwrap_or_default(),

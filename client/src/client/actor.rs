@@ -30,11 +30,11 @@ use tracing::{Instrument, debug, info, warn};
 use super::{Command, Device, Event, Reply, Sent, Shared};
 use crate::connection::{Connection, Parts, goodbye_reason, unexpected};
 use crate::crypto::envelope::{KIND_MESSAGE, Plaintext};
-use crate::crypto::{Crypto, Decrypted, ONE_TIME_KEY_LOW};
+use crate::crypto::{BundleOutcome, Crypto, Decrypted, DeviceChange, ONE_TIME_KEY_LOW};
 use crate::error::{
     CloseReason, CryptoError, Error, ProtocolError, ServerError, StorageError, UsageError,
 };
-use crate::outbox::{Content, Next, PendingSend, Queue, State, Store};
+use crate::outbox::{Content, Next, PendingSend, Queue, Retained, State, Store};
 use crate::recent::Recent;
 use crate::register::Credentials;
 use crate::store::StateFile;
@@ -87,6 +87,10 @@ const DIRECTORY_CAPACITY: usize = 10_000;
 /// Shortest wait before retrying a send the server refused as retryable.
 const MIN_RETRY_DELAY: Duration = Duration::from_millis(50);
 
+/// Sent messages kept in memory for a resend when there is no outbox
+/// directory (with one, `outbox::RETAIN_MAX` are kept on disk).
+const RETAINED_IN_MEMORY: usize = 256;
+
 /// Time allowed to flush and close the link gracefully.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -117,6 +121,9 @@ enum Request {
     },
     FetchKeys {
         user_id: u64,
+        /// Only the devices' identity keys (no session made, no one-time
+        /// key used up): for safety numbers and noticing device changes.
+        identities_only: bool,
         reply: Reply<()>,
     },
 }
@@ -145,9 +152,14 @@ impl Request {
                     device_id: *device_id,
                 })
             }
-            Self::FetchKeys { user_id, .. } => {
-                client_frame::Body::FetchBundles(pb::FetchBundles { user_id: *user_id })
-            }
+            Self::FetchKeys {
+                user_id,
+                identities_only,
+                ..
+            } => client_frame::Body::FetchBundles(pb::FetchBundles {
+                user_id: *user_id,
+                identities_only: *identities_only,
+            }),
         }
     }
 
@@ -264,15 +276,17 @@ async fn write_loop(mut writer: Writer, mut rx: mpsc::Receiver<Bytes>) -> Result
     writer.shutdown().await
 }
 
+/// Connects and authenticates; also returns the server's static key.
 async fn connect_and_auth(
     config: &ClientConfig,
     creds: &Credentials,
-) -> Result<(Parts, pb::AuthOk), Error> {
+) -> Result<(Parts, pb::AuthOk, Vec<u8>), Error> {
     let mut conn = Connection::connect(&config.endpoint, &config.connect).await?;
+    let key = conn.server_public_key().to_vec();
     let ok = timeout(config.connect.connect_timeout, conn.auth(creds))
         .await
         .map_err(|_| Error::Timeout("authenticating"))??;
-    Ok((conn.into_parts(), ok))
+    Ok((conn.into_parts(), ok, key))
 }
 
 /// Failures after which reconnecting cannot help.
@@ -337,6 +351,17 @@ pub(super) struct Actor {
     admitting: Vec<(PendingSend, Reply<Sent>)>,
     /// Outbox files to delete.
     removals: Vec<u64>,
+    /// Sent messages kept for a resend after `Undelivered`, on disk (with
+    /// an outbox directory; opened on first use) ...
+    retained: Option<Arc<Retained>>,
+    /// ... or in memory.
+    retained_mem: Recent<String, PendingSend>,
+    /// Outbox files to move to `retained`: (outbox seq, message id).
+    retirements: Vec<(u64, String)>,
+    /// Kept sends to drop (delivered).
+    forgets: Vec<String>,
+    /// `Undelivered` notices for this device, to act on.
+    undelivered: Vec<pb::Undelivered>,
     requests: VecDeque<Request>,
     acks: VecDeque<u64>,
     /// Seqs the application acknowledged (redeliveries are re-acked).
@@ -410,6 +435,11 @@ impl Actor {
             waiters: HashMap::new(),
             admitting: Vec::new(),
             removals: Vec::new(),
+            retained: None,
+            retained_mem: Recent::new(RETAINED_IN_MEMORY),
+            retirements: Vec::new(),
+            forgets: Vec::new(),
+            undelivered: Vec::new(),
             requests: VecDeque::new(),
             acks: VecDeque::new(),
             app_acked: Recent::new(DEDUP_CAPACITY),
@@ -520,11 +550,40 @@ impl Actor {
                 return Err(reason);
             }
             tokio::select! {
-                result = &mut attempt => return Ok(result),
+                result = &mut attempt => {
+                    return Ok(match result {
+                        Ok((parts, ok, key)) => {
+                            self.pin_server_key(key).await;
+                            Ok((parts, ok))
+                        }
+                        Err(e) => Err(e),
+                    });
+                }
                 cmd = self.commands.recv() => self.on_commands(cmd).await,
                 permit = self.events.clone().reserve_owned(), if !self.pending_events.is_empty() => {
                     self.on_event_slot(permit);
                 }
+            }
+        }
+    }
+
+    /// Trust on first use: with no key pinned yet (credentials from before
+    /// keys were kept, no `ConnectOptions::server_key`), the first server
+    /// key seen is pinned for every later connection, and kept in the state
+    /// directory for later runs.
+    async fn pin_server_key(&mut self, key: Vec<u8>) {
+        if self.config.connect.server_key.is_some() {
+            return;
+        }
+        info!(server_key = %hex::encode(&key), "pinning the server's key (first use)");
+        self.config.connect.server_key = Some(key.clone());
+        if let Some(dir) = self.config.state_dir.clone() {
+            let saved =
+                tokio::task::spawn_blocking(move || crate::store::save_server_key(&dir, &key))
+                    .await
+                    .unwrap_or_else(|e| Err(StorageError::Task(e.to_string())));
+            if let Err(e) = saved {
+                warn!(error = %e, "cannot keep the server's key; it is pinned for this run only");
             }
         }
     }
@@ -709,6 +768,7 @@ impl Actor {
                     to_user,
                     to_phone,
                     never_sent: fresh_id,
+                    resent: false,
                     content,
                 };
                 self.admitting.push((send, reply));
@@ -743,14 +803,13 @@ impl Actor {
                 self.push_request(Request::RevokeDevice { device_id, reply });
             }
             Command::FetchKeys { user_id, reply } => {
-                let known = self.devices.get(&user_id).is_some_and(|devices| {
-                    devices.iter().all(|d| self.crypto.has_session(user_id, *d))
+                // The peer's current devices and identities, always asked
+                // afresh: a known list may hold devices since replaced.
+                self.push_request(Request::FetchKeys {
+                    user_id,
+                    identities_only: true,
+                    reply,
                 });
-                if known {
-                    let _ = reply.send(Ok(()));
-                } else {
-                    self.push_request(Request::FetchKeys { user_id, reply });
-                }
             }
             Command::SafetyNumber { user_id, reply } => {
                 let _ = reply.send(self.crypto.safety_number(user_id).map_err(Error::from));
@@ -902,6 +961,7 @@ impl Actor {
     }
 
     async fn flush_removals(&mut self) {
+        self.flush_retained().await;
         if self.removals.is_empty() {
             return;
         }
@@ -917,6 +977,107 @@ impl Actor {
                 warn!(error = %e, "cannot remove acknowledged sends from the outbox");
             }
         }
+    }
+
+    /// The kept sends (see `outbox::Retained`): the outbox files of sends
+    /// that got their ✓ move there, delivered ones go, and the ones the
+    /// server reported undelivered are sent again, once.
+    async fn flush_retained(&mut self) {
+        if self.retirements.is_empty() && self.forgets.is_empty() && self.undelivered.is_empty() {
+            return;
+        }
+        let retirements = std::mem::take(&mut self.retirements);
+        let forgets = std::mem::take(&mut self.forgets);
+        let notices = std::mem::take(&mut self.undelivered);
+        let ids: Vec<String> = notices
+            .iter()
+            .flat_map(|n| n.client_msg_ids.iter().cloned())
+            .collect();
+        let retained = self.retained_store().await;
+        let taken: Vec<Option<PendingSend>> = match (self.store.clone(), retained) {
+            (Some(store), Some(retained)) => tokio::task::spawn_blocking(move || {
+                for (seq, id) in retirements {
+                    if let Err(e) = retained.keep(&store, seq, &id) {
+                        warn!(error = %e, "cannot keep a sent message for a resend");
+                        let _ = store.remove(&[seq]);
+                    }
+                }
+                for id in forgets {
+                    let _ = retained.forget(&id);
+                }
+                ids.iter()
+                    .map(|id| retained.take(id).ok().flatten())
+                    .collect()
+            })
+            .await
+            .unwrap_or_default(),
+            (store, _) => {
+                if let Some(store) = store {
+                    // Nowhere to keep them: gone like any acknowledged send.
+                    let seqs: Vec<u64> = retirements.iter().map(|(seq, _)| *seq).collect();
+                    let _ = tokio::task::spawn_blocking(move || store.remove(&seqs)).await;
+                }
+                for id in &forgets {
+                    self.retained_mem.remove(id);
+                }
+                ids.iter().map(|id| self.retained_mem.remove(id)).collect()
+            }
+        };
+        let mut taken = taken.into_iter();
+        for notice in notices {
+            let mut resending = Vec::new();
+            for id in &notice.client_msg_ids {
+                let Some(Some(send)) = taken.next() else {
+                    continue;
+                };
+                if send.resent || send.to_user != Some(notice.to_user) {
+                    continue;
+                }
+                let resend = PendingSend {
+                    seq: self.queue.alloc_seq(),
+                    never_sent: false,
+                    resent: true,
+                    ..send
+                };
+                // Nobody waits for it: its ✓ comes as `Event::Sent`.
+                let (reply, _) = oneshot::channel();
+                self.admitting.push((resend, reply));
+                resending.push(id.clone());
+            }
+            info!(
+                to_user = notice.to_user,
+                undelivered = notice.client_msg_ids.len(),
+                resending = resending.len(),
+                "messages never delivered (the recipient's devices were replaced)"
+            );
+            let phone = self
+                .phones
+                .get(&notice.to_user)
+                .cloned()
+                .unwrap_or_default();
+            self.emit(Event::Undelivered {
+                to_user: notice.to_user,
+                phone,
+                client_msg_ids: notice.client_msg_ids,
+                resending,
+            });
+        }
+        self.admit().await;
+    }
+
+    /// The on-disk store of kept sends, opened on first use; `None` without
+    /// an outbox directory (or if it cannot be opened).
+    async fn retained_store(&mut self) -> Option<Arc<Retained>> {
+        if self.retained.is_none()
+            && let Some(dir) = self.config.outbox_dir.clone()
+        {
+            match tokio::task::spawn_blocking(move || Retained::open(&dir)).await {
+                Ok(Ok(r)) => self.retained = Some(Arc::new(r)),
+                Ok(Err(e)) => warn!(error = %e, "cannot open the store of sent messages"),
+                Err(e) => warn!(error = %e, "cannot open the store of sent messages"),
+            }
+        }
+        self.retained.clone()
     }
 
     fn queue_acks(&mut self, link: &mut Link) {
@@ -1066,6 +1227,7 @@ impl Actor {
                             id,
                             body: Some(client_frame::Body::FetchBundles(pb::FetchBundles {
                                 user_id: user,
+                                identities_only: false,
                             })),
                         });
                         link.in_flight.insert(id, InFlight::Fetch { seq, user });
@@ -1162,9 +1324,7 @@ impl Actor {
                         if user != self.shared.user_id {
                             self.devices.insert(user, devices.clone());
                         }
-                        if outcome.identity_changed {
-                            self.safety_number_changed(user);
-                        }
+                        self.report_changes(user, &outcome);
                         let Some(entry) = self.queue.get_mut(seq) else {
                             return Ok(());
                         };
@@ -1224,6 +1384,39 @@ impl Actor {
         let phone = self.phones.get(&user_id).cloned().unwrap_or_default();
         info!(user_id, "a peer's identity keys changed");
         self.emit(Event::SafetyNumberChanged { user_id, phone });
+    }
+
+    fn contact_devices_changed(&mut self, user_id: u64, change: DeviceChange) {
+        let phone = self.phones.get(&user_id).cloned().unwrap_or_default();
+        info!(user_id, added = ?change.added, removed = ?change.removed, "a peer's devices changed");
+        self.emit(Event::ContactDevicesChanged {
+            user_id,
+            phone,
+            devices: change.devices,
+            added: change.added,
+            removed: change.removed,
+        });
+    }
+
+    /// Tells the application what a batch of bundles changed about `user`.
+    fn report_changes(&mut self, user_id: u64, outcome: &BundleOutcome) {
+        if let Some(change) = outcome.devices_changed.clone() {
+            self.contact_devices_changed(user_id, change);
+        }
+        if outcome.identity_changed {
+            self.safety_number_changed(user_id);
+        }
+    }
+
+    /// Asks for `user_id`'s current devices and identities, for nobody in
+    /// particular (the answer reports any change).
+    fn refresh_devices(&mut self, user_id: u64) {
+        let (reply, _) = oneshot::channel();
+        self.push_request(Request::FetchKeys {
+            user_id,
+            identities_only: true,
+            reply,
+        });
     }
 
     /// Decodes every whole frame read so far.
@@ -1368,6 +1561,13 @@ impl Actor {
                 self.crypto.set_own_devices(&devices);
             }
             self.crypto.forget_devices(whose, &error.stale_devices);
+            // A replacement is reported once the new devices' keys are
+            // fetched; a removal alone, now.
+            if error.missing_devices.is_empty()
+                && let Some(change) = self.crypto.check_devices(whose)
+            {
+                self.contact_devices_changed(whose, change);
+            }
             return;
         }
         if error.is_retryable() {
@@ -1470,16 +1670,26 @@ impl Actor {
                     .forget_devices(self.shared.user_id, &[device_id]);
                 let _ = reply.send(Ok(()));
             }
-            (Request::FetchKeys { user_id, reply }, Some(Body::Bundles(bundles))) => {
-                match self.crypto.add_bundles(&bundles) {
+            (
+                Request::FetchKeys {
+                    user_id,
+                    identities_only,
+                    reply,
+                },
+                Some(Body::Bundles(bundles)),
+            ) => {
+                let outcome = if identities_only {
+                    self.crypto.refresh_identities(&bundles)
+                } else {
+                    self.crypto.add_bundles(&bundles)
+                };
+                match outcome {
                     Ok(outcome) => {
                         let devices = bundles.devices.iter().map(|d| d.device_id).collect();
                         if user_id != self.shared.user_id {
                             self.devices.insert(user_id, devices);
                         }
-                        if outcome.identity_changed {
-                            self.safety_number_changed(user_id);
-                        }
+                        self.report_changes(user_id, &outcome);
                         let _ = reply.send(Ok(()));
                     }
                     Err(e) => {
@@ -1502,8 +1712,19 @@ impl Actor {
         let Some(entry) = self.queue.remove(seq) else {
             return;
         };
-        if self.store.is_some() {
-            self.removals.push(seq);
+        // Kept until its ✓✓ in case the server reports it undelivered.
+        let keep = matches!(entry.send.content, Content::AllDevices { .. })
+            && !entry.send.resent
+            && entry.send.to_user.is_some_and(|u| u != self.shared.user_id);
+        match (&self.store, keep) {
+            (Some(_), true) => self
+                .retirements
+                .push((seq, entry.send.client_msg_id.clone())),
+            (Some(_), false) => self.removals.push(seq),
+            (None, true) => self
+                .retained_mem
+                .insert(entry.send.client_msg_id.clone(), entry.send.clone()),
+            (None, false) => {}
         }
         let sent = Sent {
             client_msg_id: entry.send.client_msg_id,
@@ -1559,6 +1780,9 @@ impl Actor {
                 self.phones.insert(r.from_user, r.from_phone.clone());
                 match ReceiptKind::try_from(r.kind) {
                     Ok(kind @ (ReceiptKind::Delivered | ReceiptKind::Read)) => {
+                        if r.from_user != self.shared.user_id {
+                            self.forgets.extend(r.client_msg_ids.iter().cloned());
+                        }
                         self.emit(Event::Receipt {
                             seq: entry.seq,
                             from_user: r.from_user,
@@ -1588,6 +1812,22 @@ impl Actor {
                     });
                 }
                 self.acks.push_back(entry.seq);
+            }
+            Some(Body::Undelivered(u)) => {
+                self.acks.push_back(entry.seq);
+                if u.from_device == self.shared.device_id {
+                    // Resent from `flush_retained`, after the link's turn.
+                    self.undelivered.push(u);
+                } else {
+                    // Another device of this account sent them; it resends.
+                    let phone = self.phones.get(&u.to_user).cloned().unwrap_or_default();
+                    self.emit(Event::Undelivered {
+                        to_user: u.to_user,
+                        phone,
+                        client_msg_ids: u.client_msg_ids,
+                        resending: Vec::new(),
+                    });
+                }
             }
             None => {
                 warn!(seq = entry.seq, "queue entry of unknown kind; dropping");
@@ -1620,9 +1860,19 @@ impl Actor {
         }
         self.crypto.seen.insert(key, seq);
         self.crypto.mark_dirty();
+        // A device of a known contact never seen before: its other devices
+        // may have changed too (a re-registration replaces them all).
+        let unknown_device = m.from_user != self.shared.user_id
+            && self
+                .crypto
+                .known_devices(m.from_user)
+                .is_some_and(|known| !known.contains(&m.from_device));
+        if unknown_device {
+            self.refresh_devices(m.from_user);
+        }
         let opened = self
             .crypto
-            .decrypt(m.from_user, m.from_device, &m.payload)
+            .decrypt(m.from_user, m.from_device, &m.payload, unknown_device)
             .and_then(|opened| {
                 let p = &opened.plaintext;
                 if p.kind != KIND_MESSAGE {

@@ -107,6 +107,17 @@ pub(crate) struct BundleOutcome {
     pub keyless: Vec<u32>,
     /// The user's set of device keys changed from a known, non-empty one.
     pub identity_changed: bool,
+    /// The user's set of devices changed from a known, non-empty one.
+    pub devices_changed: Option<DeviceChange>,
+}
+
+/// A peer's device set, changed from the one last reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DeviceChange {
+    /// The devices now, ascending.
+    pub devices: Vec<u32>,
+    pub added: Vec<u32>,
+    pub removed: Vec<u32>,
 }
 
 /// A decrypted payload.
@@ -114,6 +125,8 @@ pub(crate) struct BundleOutcome {
 pub(crate) struct Opened {
     pub plaintext: Plaintext,
     /// The sender's set of device keys changed (a new device or new keys).
+    /// (A change of its device set is reported by the refresh of its
+    /// devices that a message from an unknown device starts.)
     pub identity_changed: bool,
 }
 
@@ -157,6 +170,8 @@ pub(crate) struct Crypto {
     identities: BTreeMap<u64, BTreeMap<u32, DeviceIdentity>>,
     /// Each user's device keys when last compared, to report changes.
     baseline: HashMap<u64, BTreeSet<[u8; 32]>>,
+    /// Each user's devices when last compared, to report changes.
+    device_baseline: HashMap<u64, BTreeSet<u32>>,
     /// This account's other devices, once known.
     own_devices: Option<Vec<u32>>,
     /// (sender, sender's device, client message id) → queue seq of messages
@@ -224,6 +239,7 @@ impl Crypto {
             sessions: HashMap::new(),
             identities: BTreeMap::new(),
             baseline: HashMap::new(),
+            device_baseline: HashMap::new(),
             own_devices: None,
             seen: Recent::new(DEDUP_CAPACITY),
             unacked: BTreeMap::new(),
@@ -256,6 +272,7 @@ impl Crypto {
             sessions: HashMap::new(),
             identities: BTreeMap::new(),
             baseline: HashMap::new(),
+            device_baseline: HashMap::new(),
             own_devices: snap.own_devices,
             seen: Recent::new(DEDUP_CAPACITY),
             unacked: snap.unacked.into_iter().collect(),
@@ -278,6 +295,8 @@ impl Crypto {
         for user in users {
             let keys = crypto.key_set(user);
             crypto.baseline.insert(user, keys);
+            let devices = crypto.device_set(user);
+            crypto.device_baseline.insert(user, devices);
         }
         for (from_user, from_device, id, seq) in snap.seen {
             crypto.seen.insert((from_user, from_device, id), seq);
@@ -437,6 +456,35 @@ impl Crypto {
             .unwrap_or_default()
     }
 
+    fn device_set(&self, user_id: u64) -> BTreeSet<u32> {
+        self.identities
+            .get(&user_id)
+            .map(|d| d.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Compares `user`'s devices with the last comparison: the change when
+    /// a known, non-empty set changed. This account's own are not reported
+    /// (the server announces them with `DevicesChanged`).
+    pub(crate) fn check_devices(&mut self, user_id: u64) -> Option<DeviceChange> {
+        if user_id == self.user_id {
+            return None;
+        }
+        let now = self.device_set(user_id);
+        if now.is_empty() {
+            return None;
+        }
+        let before = self.device_baseline.insert(user_id, now.clone())?;
+        if before.is_empty() || before == now {
+            return None;
+        }
+        Some(DeviceChange {
+            devices: now.iter().copied().collect(),
+            added: now.difference(&before).copied().collect(),
+            removed: before.difference(&now).copied().collect(),
+        })
+    }
+
     /// Compares `user`'s keys with the last comparison; true when a known
     /// set of keys changed. This account's own changes are not reported.
     fn check_change(&mut self, user_id: u64) -> bool {
@@ -577,6 +625,47 @@ impl Crypto {
             self.push_session(user_id, device_id, session);
         }
         outcome.identity_changed = self.check_change(user_id);
+        outcome.devices_changed = self.check_devices(user_id);
+        Ok(outcome)
+    }
+
+    /// Takes a `Bundles` answer made with `identities_only`: records the
+    /// user's current devices and their verified identities (a changed
+    /// identity drops the sessions made with the old one); makes no session.
+    pub(crate) fn refresh_identities(
+        &mut self,
+        bundles: &pb::Bundles,
+    ) -> Result<BundleOutcome, CryptoError> {
+        let user_id = bundles.user_id;
+        let mut outcome = BundleOutcome::default();
+        let current: Vec<u32> = bundles
+            .devices
+            .iter()
+            .map(|d| d.device_id)
+            .filter(|d| user_id != self.user_id || *d != self.device_id)
+            .collect();
+        if user_id == self.user_id {
+            self.own_devices = Some(current.clone());
+        }
+        self.retain_devices(user_id, &current);
+        for bundle in &bundles.devices {
+            let device_id = bundle.device_id;
+            if user_id == self.user_id && device_id == self.device_id {
+                continue;
+            }
+            let Some(keys) = &bundle.identity else {
+                outcome.keyless.push(device_id);
+                continue;
+            };
+            let identity = verify_identity(keys).map_err(|reason| CryptoError::BadBundle {
+                user_id,
+                device_id,
+                reason,
+            })?;
+            self.learn(user_id, device_id, identity);
+        }
+        outcome.identity_changed = self.check_change(user_id);
+        outcome.devices_changed = self.check_devices(user_id);
         Ok(outcome)
     }
 
@@ -628,11 +717,15 @@ impl Crypto {
     /// Decrypts a payload from one device. A pre-key message for a session
     /// we do not have makes a new inbound session, which becomes the one we
     /// encrypt with (the peer lost or replaced the old one).
+    ///
+    /// With `defer_changes`, a change of the sender's keys is not compared
+    /// now (the caller refreshes the sender's devices, which reports it).
     pub(crate) fn decrypt(
         &mut self,
         user_id: u64,
         device_id: u32,
         payload: &[u8],
+        defer_changes: bool,
     ) -> Result<Opened, String> {
         let message = decode_wire(payload).map_err(|e| e.to_string())?;
         let mut no_sessions = Vec::new();
@@ -685,7 +778,7 @@ impl Crypto {
         }
         self.learn(user_id, device_id, identity);
         self.push_session(user_id, device_id, result.session);
-        let identity_changed = self.check_change(user_id);
+        let identity_changed = !defer_changes && self.check_change(user_id);
         Ok(Opened {
             plaintext,
             identity_changed,
@@ -774,12 +867,15 @@ mod tests {
         assert_eq!(wire[1], envelope::OLM_PRE_KEY);
         // What goes to the server holds no plaintext.
         assert!(!wire.windows(16).any(|w| w == b"plaintext-marker"));
-        let opened = bob.decrypt(1, 1, &wire).unwrap();
+        let opened = bob.decrypt(1, 1, &wire, false).unwrap();
         assert_eq!(opened.plaintext.body, "plaintext-marker");
         assert!(!opened.identity_changed);
         let reply = bob.encrypt(1, 1, &text("yo", 1)).unwrap();
         assert_eq!(reply[1], envelope::OLM_NORMAL);
-        assert_eq!(alice.decrypt(2, 1, &reply).unwrap().plaintext.body, "yo");
+        assert_eq!(
+            alice.decrypt(2, 1, &reply, false).unwrap().plaintext.body,
+            "yo"
+        );
         assert_eq!(
             alice.safety_number(2).unwrap(),
             bob.safety_number(1).unwrap()
@@ -794,15 +890,18 @@ mod tests {
             .unwrap();
         let wire = alice.encrypt(2, 1, &text("again", 2)).unwrap();
         assert_eq!(wire[1], envelope::OLM_NORMAL);
-        assert_eq!(bob.decrypt(1, 1, &wire).unwrap().plaintext.body, "again");
+        assert_eq!(
+            bob.decrypt(1, 1, &wire, false).unwrap().plaintext.body,
+            "again"
+        );
         assert!(
             Crypto::restore(&bob.snapshot().unwrap(), 2, 9)
                 .unwrap()
                 .is_none()
         );
         // Replaying a consumed message fails cleanly.
-        assert!(bob.decrypt(1, 1, &wire).is_err());
-        assert!(bob.decrypt(1, 1, b"\x01\x01junk").is_err());
+        assert!(bob.decrypt(1, 1, &wire, false).is_err());
+        assert!(bob.decrypt(1, 1, b"\x01\x01junk", false).is_err());
     }
 
     #[test]
@@ -811,7 +910,7 @@ mod tests {
         let mut bob = Crypto::new(2, 1);
         alice.add_bundles(&bundle(&mut bob)).unwrap();
         let wire = alice.encrypt(2, 1, &text("one", 2)).unwrap();
-        bob.decrypt(1, 1, &wire).unwrap();
+        bob.decrypt(1, 1, &wire, false).unwrap();
         // Bob loses the session; Alice's next normal message fails for him.
         bob.forget_sessions(1, 1);
         let reply = bob.encrypt(1, 1, &text("x", 1));
@@ -821,9 +920,15 @@ mod tests {
         bob.add_bundles(&bundle(&mut alice)).unwrap();
         let wire = bob.encrypt(1, 1, &text("fresh", 1)).unwrap();
         assert_eq!(wire[1], envelope::OLM_PRE_KEY);
-        assert_eq!(alice.decrypt(2, 1, &wire).unwrap().plaintext.body, "fresh");
+        assert_eq!(
+            alice.decrypt(2, 1, &wire, false).unwrap().plaintext.body,
+            "fresh"
+        );
         let wire = alice.encrypt(2, 1, &text("answer", 2)).unwrap();
-        assert_eq!(bob.decrypt(1, 1, &wire).unwrap().plaintext.body, "answer");
+        assert_eq!(
+            bob.decrypt(1, 1, &wire, false).unwrap().plaintext.body,
+            "answer"
+        );
     }
 
     #[test]

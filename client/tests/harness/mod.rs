@@ -284,7 +284,9 @@ impl Peer {
             loop {
                 let event = self.events.recv().await.expect("events ended");
                 if let Event::Receipt { seq, .. } = &event {
-                    self.client.ack([*seq]).await.unwrap();
+                    // Fails only once the client is closing (the test is
+                    // waiting for its end): nothing to redeliver then.
+                    let _ = self.client.ack([*seq]).await;
                 }
                 if let Some(t) = pick(event) {
                     return t;

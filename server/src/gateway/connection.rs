@@ -1227,7 +1227,10 @@ impl<L: Link> Conn<L> {
                 }
                 let gw = self.gw.clone();
                 self.pending.push(Box::pin(async move {
-                    let result = gw.router.fetch_bundles(device, req.user_id).await;
+                    let result = gw
+                        .router
+                        .fetch_bundles(device, req.user_id, req.identities_only)
+                        .await;
                     Some(answer(id, result, |devices| {
                         Out::Bundles(pb::Bundles {
                             user_id: req.user_id,

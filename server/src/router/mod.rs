@@ -9,6 +9,7 @@
 //! one shard only, so nothing needs a lock.
 
 mod error;
+mod mail;
 mod order;
 mod push;
 mod shard;
@@ -272,23 +273,27 @@ impl Router {
         cfg: RouterConfig,
     ) -> std::io::Result<(Self, ShardThreads)> {
         let n = cfg.shards.max(1);
-        let mut senders = Vec::with_capacity(n);
+        // The shards' inboxes. Held by every connection (through Router);
+        // when full, senders wait, which stops their socket reads:
+        // backpressure reaches the clients instead of memory growing.
+        // Shards hold weak handles too, for mail, and never wait on them.
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..n)
+            .map(|_| mpsc::channel::<Queued>(cfg.inbox_capacity.max(1)))
+            .unzip();
+        let senders: Arc<[mpsc::Sender<Queued>]> = senders.into();
+        let peers: Arc<[mpsc::WeakSender<Queued>]> =
+            senders.iter().map(mpsc::Sender::downgrade).collect();
         let mut threads = Vec::with_capacity(n);
-        for id in 0..n {
-            // The shard's inbox. Held by every connection (through Router);
-            // when full, senders wait, which stops their socket reads:
-            // backpressure reaches the clients instead of memory growing.
-            let (tx, rx) = mpsc::channel(cfg.inbox_capacity.max(1));
-            let shard = Shard::new(id, n, store.clone(), cfg.clone());
+        for (id, rx) in receivers.into_iter().enumerate() {
+            let shard = Shard::new(id, peers.clone(), store.clone(), cfg.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("shard-{id}"))
                 .spawn(move || shard.run(rx))?;
-            senders.push(tx);
             threads.push(handle);
         }
         Ok((
             Self {
-                shards: senders.into(),
+                shards: senders,
                 deadline: cfg.request_deadline,
             },
             ShardThreads(threads),
@@ -576,7 +581,8 @@ impl Router {
     }
 
     /// Key bundles of every current device of `user` (but the requester),
-    /// each consuming one one-time key.
+    /// each consuming one one-time key; with `identities_only`, only the
+    /// devices' identity keys (nothing used up).
     ///
     /// # Errors
     /// [`RouteError::UnknownUser`], storage.
@@ -584,10 +590,12 @@ impl Router {
         &self,
         requester: DeviceKey,
         user: UserId,
+        identities_only: bool,
     ) -> Result<Vec<pb::DeviceBundle>, RouteError> {
         self.call(self.user_shard(user), |reply| Command::FetchBundles {
             requester,
             user,
+            identities_only,
             reply,
         })
         .await
@@ -741,6 +749,14 @@ impl Router {
             // Overflow policy: a full inbox means the shard is busy; the
             // sweep simply waits for the next tick.
             let _ = shard.try_send(Queued::new(Command::Sweep));
+        }
+    }
+
+    /// Asks every shard for its periodic upkeep (mail not yet delivered is
+    /// posted again; skipped by busy shards).
+    pub fn tick(&self) {
+        for shard in self.shards.iter() {
+            let _ = shard.try_send(Queued::new(Command::Tick));
         }
     }
 

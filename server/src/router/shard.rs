@@ -18,6 +18,7 @@ use prost::Message;
 use switchboard_proto::pb;
 use tokio::sync::mpsc;
 
+use super::mail::{MailId, Mailroom};
 use super::order::{HeldBy, Holds, Part};
 use super::{
     AnswerTo, AuthInfo, CodeChecked, CodeIssued, ConnLink, Registered, Reply, RouteError,
@@ -29,10 +30,14 @@ use crate::keys;
 use crate::limits::{self, Limit, Rate};
 use crate::store::{
     CodeRecord, DedupKey, DedupRecord, DeviceId, DeviceKey, DeviceKeysRecord, DeviceRecord,
-    LinkCodeRecord, Op, Store, StoreError, StoredEntry, UserId, UserRecord,
+    LinkCodeRecord, MailRecord, Op, Store, StoreError, StoredEntry, UserId, UserRecord,
 };
 use crate::telemetry as tm;
 use crate::{FastMap, FastSet};
+
+/// The sending "device" in the dedup records of applied shard mail (no
+/// real device has this id: they count up from 1).
+const MAIL_DEVICE: DeviceId = DeviceId::MAX;
 
 /// The window of `wrong_codes_per_phone_per_day`.
 const WRONG_CODE_WINDOW: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
@@ -217,6 +222,9 @@ impl Command {
             | Command::Disconnected { .. }
             | Command::Closing
             | Command::Sweep
+            | Command::Tick
+            | Command::Mail { .. }
+            | Command::MailDone { .. }
             | Command::Shutdown) => return Some(other),
         }
         None
@@ -287,6 +295,8 @@ pub(super) enum Command {
     FetchBundles {
         requester: DeviceKey,
         user: UserId,
+        /// Identity keys only: no one-time or fallback key.
+        identities_only: bool,
         reply: Reply<Vec<pb::DeviceBundle>>,
     },
     CreateLinkCode {
@@ -360,6 +370,20 @@ pub(super) enum Command {
         conn_id: u64,
     },
     Sweep,
+    /// Periodic upkeep: post mail not yet delivered.
+    Tick,
+    /// Mail from shard `from` (see `router/mail.rs`): queue `record`'s
+    /// entry for every device of its user, then confirm.
+    Mail {
+        from: usize,
+        owner: UserId,
+        id: u64,
+        record: MailRecord,
+    },
+    /// This shard's mail `id` was applied by its receiver.
+    MailDone {
+        id: MailId,
+    },
     /// The server is shutting down: end every connection.
     Closing,
     Shutdown,
@@ -425,6 +449,7 @@ struct ShardMetrics {
     batch_ops: metrics::Histogram,
     commit_seconds: metrics::Histogram,
     send_ack_seconds: metrics::Histogram,
+    mail_pending: metrics::Gauge,
 }
 
 impl ShardMetrics {
@@ -435,16 +460,18 @@ impl ShardMetrics {
             batch_ops: metrics::Histogram::noop(),
             commit_seconds: metrics::Histogram::noop(),
             send_ack_seconds: metrics::Histogram::noop(),
+            mail_pending: metrics::Gauge::noop(),
         }
     }
 
-    fn registered() -> Self {
+    fn registered(shard: &str) -> Self {
         Self {
             inbox_wait: metrics::histogram!(tm::SHARD_INBOX_WAIT_SECONDS),
             messages_in: metrics::counter!(tm::MESSAGES_IN),
             batch_ops: metrics::histogram!(tm::STORE_BATCH_OPS),
             commit_seconds: metrics::histogram!(tm::STORE_COMMIT_SECONDS),
             send_ack_seconds: metrics::histogram!(tm::SEND_ACK_SECONDS),
+            mail_pending: metrics::gauge!(tm::SHARD_MAIL_PENDING, "shard" => shard.to_owned()),
         }
     }
 }
@@ -452,6 +479,8 @@ impl ShardMetrics {
 pub(super) struct Shard {
     id: usize,
     shards: usize,
+    /// Every shard's inbox (this one's too), for mail (`router/mail.rs`).
+    peers: Arc<[mpsc::WeakSender<Queued>]>,
     store: Arc<dyn Store>,
     cfg: RouterConfig,
     /// Cached user records (committed or staged in the current batch).
@@ -469,6 +498,8 @@ pub(super) struct Shard {
     queue_usage: FastMap<DeviceKey, QueueUsage>,
     /// Sends held behind an earlier refused one (`router::order`).
     holds: Holds,
+    /// Mail to and from other shards.
+    mail: Mailroom,
     /// Sends staged in this batch, held if its commit fails.
     batch_sends: Vec<((DeviceKey, UserId, Part), String)>,
     /// Size of `users` that triggers the next eviction.
@@ -535,12 +566,18 @@ fn reply_now<T>(reply: Reply<T>, result: Result<T, RouteError>) {
 }
 
 impl Shard {
-    pub(super) fn new(id: usize, shards: usize, store: Arc<dyn Store>, cfg: RouterConfig) -> Self {
+    pub(super) fn new(
+        id: usize,
+        peers: Arc<[mpsc::WeakSender<Queued>]>,
+        store: Arc<dyn Store>,
+        cfg: RouterConfig,
+    ) -> Self {
         let evict_at = cfg.max_cached_users.max(1);
         let one_time_keys_per_device = cfg.one_time_keys_per_device;
         Self {
             id,
-            shards,
+            shards: peers.len(),
+            peers,
             store,
             cfg,
             users: FastMap::default(),
@@ -553,6 +590,7 @@ impl Shard {
             ),
             queue_usage: FastMap::default(),
             holds: Holds::default(),
+            mail: Mailroom::default(),
             batch_sends: Vec::new(),
             evict_at,
             metrics: ShardMetrics::noop(),
@@ -577,8 +615,10 @@ impl Shard {
         let _enter = span.enter();
         let shard_label = self.id.to_string();
         let batch_size = metrics::histogram!(tm::SHARD_BATCH_COMMANDS);
-        self.metrics = ShardMetrics::registered();
+        self.metrics = ShardMetrics::registered(&shard_label);
+        self.metrics.mail_pending.set(0.0);
         let depth = metrics::gauge!(tm::SHARD_INBOX_DEPTH, "shard" => shard_label);
+        self.load_mail();
         let mut stopping = false;
         // When the last synced commit started (group commit pacing).
         let mut last_sync: Option<Instant> = None;
@@ -705,6 +745,7 @@ impl Shard {
     /// Throws away everything not yet committed and all memory state.
     fn restart(&mut self) {
         self.hold_batch_sends();
+        self.mail.discard_staged();
         self.ops.clear();
         self.messages_in = 0;
         self.live.clear();
@@ -815,8 +856,9 @@ impl Shard {
             Command::FetchBundles {
                 requester,
                 user,
+                identities_only,
                 reply,
-            } => self.fetch_bundles(requester, user, reply),
+            } => self.fetch_bundles(requester, user, identities_only, reply),
             Command::CreateLinkCode { device, reply } => self.create_link_code(device, reply),
             Command::StoreLinkCode {
                 code,
@@ -880,6 +922,18 @@ impl Shard {
                 }
             }
             Command::Sweep => self.sweep(),
+            Command::Tick => self.tick(),
+            Command::Mail {
+                from,
+                owner,
+                id,
+                record,
+            } => self.receive_mail(from, (owner, id), record),
+            Command::MailDone { id } => {
+                if let Some(op) = self.mail.done(id) {
+                    self.ops.push(op);
+                }
+            }
             Command::Closing => {
                 for (_, online) in self.online.drain() {
                     online.kick(KickReason::ShuttingDown);
@@ -940,6 +994,11 @@ impl Shard {
         for effect in std::mem::take(&mut self.effects) {
             effect(err.as_ref());
         }
+        let shards = self.shards;
+        self.mail
+            .after_commit(err.is_none(), self.id, &self.peers, |user| {
+                shard_of_user(user, shards)
+            });
         for mut answer in std::mem::take(&mut self.send_answers) {
             if let (Some(e), Ok(_)) = (&err, &answer.result) {
                 answer.result = Err(RouteError::Storage(e.clone()));
@@ -1401,6 +1460,11 @@ impl Shard {
             primary: true,
         });
         rec.devices.sort_by_key(|d| d.device_id);
+        // The messages waiting for the replaced devices will never reach
+        // them: their senders are told, durably, and may resend.
+        if let Err(e) = self.undelivered(user, &revoked) {
+            return reply_now(reply, Err(e.into()));
+        }
         self.revoke(user, &revoked);
         self.ops.push(Op::PutUser(rec.clone()));
         self.users.insert(user, rec);
@@ -1580,7 +1644,8 @@ impl Shard {
             return None;
         } else {
             match self.store.dedup(key) {
-                Ok(Some(rec)) => (rec.server_ts_ms, false),
+                Ok(Some(rec)) if !rec.voided => (rec.server_ts_ms, false),
+                Ok(Some(_)) => return None,
                 Ok(None) => return None,
                 Err(e) => return Some(Answer::now(Err(e.into()))),
             }
@@ -1657,6 +1722,7 @@ impl Shard {
             record: DedupRecord {
                 server_ts_ms: now,
                 accepted_ms: now,
+                voided: false,
             },
         });
         if count_in {
@@ -1799,6 +1865,7 @@ impl Shard {
         &mut self,
         requester: DeviceKey,
         user: UserId,
+        identities_only: bool,
         reply: Reply<Vec<pb::DeviceBundle>>,
     ) {
         let devices: Vec<u32> = match self.user(user) {
@@ -1817,7 +1884,16 @@ impl Shard {
                 user,
                 device: device_id,
             };
-            match self.take_bundle(device) {
+            let bundle = if identities_only {
+                self.device_keys(device).map(|rec| pb::DeviceBundle {
+                    device_id,
+                    identity: rec.and_then(|r| r.identity.clone()),
+                    key: None,
+                })
+            } else {
+                self.take_bundle(device)
+            };
+            match bundle {
                 Ok(b) => bundles.push(b),
                 Err(e) => return reply_now(reply, Err(e.into())),
             }
@@ -2245,6 +2321,202 @@ impl Shard {
                 self.online.remove(&device);
             }
         }
+    }
+
+    // ------------------------------------------------------------ mail
+
+    /// Loads the mail an earlier run left undelivered, and posts it.
+    fn load_mail(&mut self) {
+        if self.mail.loaded() {
+            return;
+        }
+        match self.store.mail() {
+            Ok(stored) => {
+                let (id, shards) = (self.id, self.shards);
+                self.mail
+                    .load(stored, |owner| shard_of_user(owner, shards) == id);
+                self.mail.post(
+                    self.id,
+                    &self.peers,
+                    |user| shard_of_user(user, shards),
+                    Instant::now(),
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot load shard mail; retrying on the next tick")
+            }
+        }
+    }
+
+    fn tick(&mut self) {
+        self.load_mail();
+        let shards = self.shards;
+        self.mail.post(
+            self.id,
+            &self.peers,
+            |user| shard_of_user(user, shards),
+            Instant::now(),
+        );
+        self.metrics.mail_pending.set(self.mail.pending() as f64);
+    }
+
+    /// Queues the entry of mail from shard `from` for every device of its
+    /// user; confirmed once committed. A user gone meanwhile needs nothing.
+    fn receive_mail(&mut self, from: usize, id: MailId, record: MailRecord) {
+        // Applied before (its confirmation was lost, or the sender
+        // restarted first): confirm again, queue nothing.
+        let applied = DedupKey {
+            to_user: record.to_user,
+            from: DeviceKey {
+                user: id.0,
+                device: MAIL_DEVICE,
+            },
+            client_msg_id: format!("mail-{}", id.1),
+        };
+        let seen = if self.staged_dedup.contains_key(&applied) {
+            true
+        } else {
+            match self.store.dedup(&applied) {
+                Ok(rec) => rec.is_some(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot apply shard mail now");
+                    return;
+                }
+            }
+        };
+        if seen {
+            super::mail::confirm(&self.peers, from, id);
+            return;
+        }
+        let devices: Vec<u32> = match self.user(record.to_user) {
+            Ok(Some(u)) => u.devices.iter().map(|d| d.device_id).collect(),
+            Ok(None) => Vec::new(),
+            Err(e) => {
+                // Not confirmed: the sender posts it again later.
+                tracing::warn!(error = %e, "cannot apply shard mail now");
+                return;
+            }
+        };
+        let body = record.entry.and_then(|e| e.body);
+        let mut seqs = Vec::with_capacity(devices.len());
+        if body.is_some() {
+            for d in devices {
+                let device = DeviceKey {
+                    user: record.to_user,
+                    device: d,
+                };
+                match self.next_seq(device) {
+                    Ok(seq) => seqs.push((device, seq)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot apply shard mail now");
+                        return;
+                    }
+                }
+            }
+        }
+        let now = now_ms();
+        if let Some(body) = body {
+            for (device, seq) in seqs {
+                self.stage_entry(device, seq, now, body.clone());
+            }
+        }
+        self.staged_dedup.insert(applied.clone(), now);
+        self.ops.push(Op::PutDedup {
+            key: applied,
+            record: DedupRecord {
+                server_ts_ms: now,
+                accepted_ms: now,
+                voided: false,
+            },
+        });
+        self.mail.applied(from, id);
+    }
+
+    /// The messages from other users waiting in the queues of `devices`
+    /// (about to be dropped), as `Undelivered` mail to each sender, and the
+    /// voiding of their dedup records so that resends are stored. Reads
+    /// each queue whole: bounded by the queue quota, and re-registration
+    /// by the code limits.
+    fn undelivered(&mut self, user: UserId, devices: &[DeviceId]) -> Result<(), StoreError> {
+        /// Message ids per notice.
+        const IDS_PER_NOTICE: usize = 512;
+        let mut by_sender: std::collections::BTreeMap<DeviceKey, BTreeSet<String>> =
+            std::collections::BTreeMap::new();
+        let mut note = |bytes: &[u8]| {
+            if let Ok(pb::QueueEntry {
+                body: Some(pb::queue_entry::Body::Message(m)),
+                ..
+            }) = pb::QueueEntry::decode(bytes)
+                && m.from_user != user
+            {
+                by_sender
+                    .entry(DeviceKey {
+                        user: m.from_user,
+                        device: m.from_device,
+                    })
+                    .or_default()
+                    .insert(m.client_msg_id);
+            }
+        };
+        for &d in devices {
+            let device = DeviceKey { user, device: d };
+            let mut after = 0;
+            loop {
+                let page = self.store.read_queue(device, after, 1024)?;
+                let Some(last) = page.last() else { break };
+                after = last.seq;
+                for e in &page {
+                    note(&e.bytes);
+                }
+            }
+        }
+        // Entries staged in this batch are not in the store yet.
+        for op in &self.ops {
+            if let Op::Enqueue { device, entry } = op
+                && device.user == user
+                && devices.contains(&device.device)
+            {
+                note(&entry.bytes);
+            }
+        }
+        let now = now_ms();
+        for (sender, ids) in by_sender {
+            for id in &ids {
+                let key = DedupKey {
+                    to_user: user,
+                    from: sender,
+                    client_msg_id: id.clone(),
+                };
+                self.staged_dedup.remove(&key);
+                self.ops.push(Op::PutDedup {
+                    key,
+                    record: DedupRecord {
+                        server_ts_ms: 0,
+                        accepted_ms: now,
+                        voided: true,
+                    },
+                });
+            }
+            let ids: Vec<String> = ids.into_iter().collect();
+            for chunk in ids.chunks(IDS_PER_NOTICE) {
+                let record = MailRecord {
+                    to_user: sender.user,
+                    entry: Some(pb::QueueEntry {
+                        seq: 0,
+                        server_ts_ms: now,
+                        body: Some(pb::queue_entry::Body::Undelivered(pb::Undelivered {
+                            to_user: user,
+                            from_device: sender.device,
+                            client_msg_ids: chunk.to_vec(),
+                            reason: pb::UndeliveredReason::DevicesReplaced.into(),
+                        })),
+                    }),
+                };
+                let op = self.mail.stage(user, record, now);
+                self.ops.push(op);
+            }
+        }
+        Ok(())
     }
 
     // ------------------------------------------------------------ expiry

@@ -15,6 +15,7 @@
 //! | `device_keys`| user, device                     | `DeviceKeysRecord` |
 //! | `otks`       | user, device, index              | `pb::SignedKey`  |
 //! | `link_codes` | code                             | `LinkCodeRecord` |
+//! | `mail`       | owner user, id                   | `MailRecord`     |
 //!
 //! Every batch is first appended to the store's own log (`log/` in the
 //! database directory, see `store/log.rs`), and a synced batch is durable
@@ -61,8 +62,8 @@ use super::hot::Hot;
 use super::keys;
 use super::log::{self as wal, Kind, Log, RawOp};
 use super::{
-    CodeRecord, DedupKey, DedupRecord, DeviceKey, DeviceKeysRecord, LinkCodeRecord, Op, Store,
-    StoreError, StoredEntry, UserId, UserRecord,
+    CodeRecord, DedupKey, DedupRecord, DeviceKey, DeviceKeysRecord, LinkCodeRecord, MailRecord, Op,
+    Store, StoreError, StoredEntry, UserId, UserRecord,
 };
 
 /// The embedded store.
@@ -135,6 +136,7 @@ const T_DEDUP: u8 = 5;
 const T_DEVICE_KEYS: u8 = 6;
 const T_OTKS: u8 = 7;
 const T_LINK_CODES: u8 = 8;
+const T_MAIL: u8 = 9;
 
 /// Time between attempts to reopen a failed database.
 const REOPEN_INTERVAL: Duration = Duration::from_millis(500);
@@ -154,6 +156,7 @@ struct Db {
     device_keys: Keyspace,
     otks: Keyspace,
     link_codes: Keyspace,
+    mail: Keyspace,
     /// The log. Held from a batch's append until it is applied, and by
     /// checkpoints, so a checkpoint never retires a batch not yet applied.
     log: Mutex<Log>,
@@ -330,6 +333,7 @@ impl Db {
             device_keys: ks("device_keys")?,
             otks: ks("otks")?,
             link_codes: ks("link_codes")?,
+            mail: ks("mail")?,
             log: Mutex::new(log),
             hot: Mutex::new(Hot::default()),
             held_dedup: Mutex::new(HeldDedup::new()),
@@ -410,6 +414,7 @@ impl Db {
             T_DEVICE_KEYS => self.device_keys.clone(),
             T_OTKS => self.otks.clone(),
             T_LINK_CODES => self.link_codes.clone(),
+            T_MAIL => self.mail.clone(),
             other => {
                 return Err(StoreError::Corrupt {
                     what: "log record",
@@ -932,6 +937,14 @@ fn to_raw(ops: Vec<Op>) -> Vec<RawOp> {
             Op::DeleteLinkCode(code) => {
                 raw.push(remove(T_LINK_CODES, Kind::Remove, code.into_bytes()));
             }
+            Op::PutMail { owner, id, record } => raw.push(put(
+                T_MAIL,
+                keys::mail(owner, id).to_vec(),
+                record.encode_to_vec().into(),
+            )),
+            Op::DeleteMail { owner, id } => {
+                raw.push(remove(T_MAIL, Kind::Remove, keys::mail(owner, id).to_vec()));
+            }
         }
     }
     raw
@@ -1151,6 +1164,57 @@ impl Db {
         Ok(out)
     }
 
+    fn mail(&self) -> Result<Vec<(UserId, u64, MailRecord)>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.mail.iter() {
+            let (k, v) = guard.into_inner().map_err(engine)?;
+            let (owner, id) = keys::parse_mail(&k).ok_or(StoreError::Corrupt {
+                what: "mail key",
+                detail: format!("{} bytes", k.len()),
+            })?;
+            out.push((owner, id, decode("mail", &v)?));
+        }
+        Ok(out)
+    }
+
+    fn oldest_entries(
+        &self,
+        buckets: usize,
+        bucket_of: &dyn Fn(UserId) -> usize,
+    ) -> Result<Vec<Option<u64>>, StoreError> {
+        let mut oldest: Vec<Option<u64>> = vec![None; buckets];
+        let mut note = |user: UserId, bytes: &[u8]| -> Result<(), StoreError> {
+            let entry: pb::QueueEntry = decode("queue entry", bytes)?;
+            if let Some(slot) = oldest.get_mut(bucket_of(user)) {
+                let ts = entry.server_ts_ms;
+                *slot = Some(slot.map_or(ts, |t| t.min(ts)));
+            }
+            Ok(())
+        };
+        // Entries in memory: the head of each device's queue there.
+        for (key, bytes) in self.lock_hot().heads() {
+            if let Some((device, _)) = keys::parse_queue_entry(&key) {
+                note(device.user, &bytes)?;
+            }
+        }
+        // Entries in fjall: one seek per queue, its head only.
+        let mut from: Vec<u8> = Vec::new();
+        loop {
+            let Some(guard) = self.queues.range(from.clone()..).next() else {
+                break;
+            };
+            let (k, v) = guard.into_inner().map_err(engine)?;
+            let (device, _) = keys::parse_queue_entry(&k).ok_or(StoreError::Corrupt {
+                what: "queue key",
+                detail: format!("{} bytes", k.len()),
+            })?;
+            note(device.user, &v)?;
+            from = keys::queue_entry(device, u64::MAX).to_vec();
+            from.push(0);
+        }
+        Ok(oldest)
+    }
+
     fn commit(&self, ops: Vec<Op>, sync: bool) -> Result<(), StoreError> {
         if ops.is_empty() {
             return Ok(());
@@ -1259,6 +1323,18 @@ impl Store for EmbeddedStore {
 
     fn expired_link_codes(&self, before_ms: u64, limit: usize) -> Result<Vec<String>, StoreError> {
         self.db()?.expired_link_codes(before_ms, limit)
+    }
+
+    fn mail(&self) -> Result<Vec<(UserId, u64, MailRecord)>, StoreError> {
+        self.db()?.mail()
+    }
+
+    fn oldest_entries(
+        &self,
+        buckets: usize,
+        bucket_of: &dyn Fn(UserId) -> usize,
+    ) -> Result<Vec<Option<u64>>, StoreError> {
+        self.db()?.oldest_entries(buckets, bucket_of)
     }
 
     fn commit(&self, ops: Vec<Op>, sync: bool) -> Result<(), StoreError> {
@@ -1486,6 +1562,7 @@ mod tests {
         let record = DedupRecord {
             server_ts_ms: accepted_ms + 1,
             accepted_ms,
+            voided: false,
         };
         store
             .commit(
@@ -1523,6 +1600,7 @@ mod tests {
                 record: DedupRecord {
                     server_ts_ms: DAY + 3,
                     accepted_ms: DAY + 2,
+                    voided: false,
                 },
             })
             .collect();
@@ -1775,6 +1853,7 @@ mod tests {
         let record = DedupRecord {
             server_ts_ms: 8,
             accepted_ms: 3 * DEDUP_BUCKET_MS + 1,
+            voided: false,
         };
         {
             // The layout before day keyspaces: one `dedup` keyspace and a

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use bytes::Bytes;
 
 use super::{
-    CodeRecord, DedupKey, DedupRecord, DeviceKey, DeviceKeysRecord, LinkCodeRecord, Op, Store,
-    StoreError, StoredEntry, UserId, UserRecord,
+    CodeRecord, DedupKey, DedupRecord, DeviceKey, DeviceKeysRecord, LinkCodeRecord, MailRecord, Op,
+    Store, StoreError, StoredEntry, UserId, UserRecord,
 };
 
 /// Wraps a store; faults are switched on and off at run time.
@@ -126,6 +126,18 @@ impl Store for FaultyStore {
     fn expired_link_codes(&self, before_ms: u64, limit: usize) -> Result<Vec<String>, StoreError> {
         self.inner.expired_link_codes(before_ms, limit)
     }
+    fn mail(&self) -> Result<Vec<(UserId, u64, MailRecord)>, StoreError> {
+        self.inner.mail()
+    }
+
+    fn oldest_entries(
+        &self,
+        buckets: usize,
+        bucket_of: &dyn Fn(UserId) -> usize,
+    ) -> Result<Vec<Option<u64>>, StoreError> {
+        self.inner.oldest_entries(buckets, bucket_of)
+    }
+
     fn commit(&self, ops: Vec<Op>, sync: bool) -> Result<(), StoreError> {
         if ops.iter().any(|op| matches!(op, Op::Enqueue { .. }))
             && self.panic_next_commit.swap(false, Ordering::SeqCst)

@@ -135,6 +135,18 @@ impl Hot {
             .collect()
     }
 
+    /// The first entry of each device's queue, keyed as in `keys::queue_entry`.
+    pub fn heads(&self) -> Vec<([u8; 20], Bytes)> {
+        self.devices
+            .iter()
+            .filter_map(|(device, queue)| {
+                queue
+                    .front()
+                    .map(|(seq, bytes)| (join(device, *seq), bytes.clone()))
+            })
+            .collect()
+    }
+
     /// Every entry with its queue key.
     pub fn entries(&self) -> Vec<([u8; 20], Bytes)> {
         let mut out = Vec::with_capacity(self.len);

@@ -27,6 +27,22 @@ pub fn parse_queue_entry(k: &[u8]) -> Option<(DeviceKey, u64)> {
     Some((DeviceKey { user, device }, seq))
 }
 
+/// `owner (8) | id (8)`: one piece of shard-to-shard mail.
+pub fn mail(owner: u64, id: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&owner.to_be_bytes());
+    k[8..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// Splits a [`mail`] key back into owner and id.
+pub fn parse_mail(k: &[u8]) -> Option<(u64, u64)> {
+    Some((
+        u64::from_be_bytes(k.get(..8)?.try_into().ok()?),
+        u64::from_be_bytes(k.get(8..16)?.try_into().ok()?),
+    ))
+}
+
 /// `to_user (8) | from_user (8) | from_device (4) | client_msg_id`.
 pub fn dedup(k: &DedupKey) -> Vec<u8> {
     let mut v = Vec::with_capacity(20 + k.client_msg_id.len());

@@ -14,7 +14,7 @@ pub mod records;
 
 pub use embedded::EmbeddedStore;
 pub use records::{
-    CodeRecord, DedupRecord, DeviceKeysRecord, DeviceRecord, LinkCodeRecord, UserRecord,
+    CodeRecord, DedupRecord, DeviceKeysRecord, DeviceRecord, LinkCodeRecord, MailRecord, UserRecord,
 };
 
 use bytes::Bytes;
@@ -141,6 +141,22 @@ pub enum Op {
     },
     /// Remove a link code (used or expired).
     DeleteLinkCode(String),
+    /// Keep a piece of shard-to-shard mail until it is delivered.
+    PutMail {
+        /// The user on whose behalf it was sent (its shard resends it).
+        owner: UserId,
+        /// Unique per owner.
+        id: u64,
+        /// The mail.
+        record: MailRecord,
+    },
+    /// Forget delivered mail.
+    DeleteMail {
+        /// As in [`Op::PutMail`].
+        owner: UserId,
+        /// As in [`Op::PutMail`].
+        id: u64,
+    },
 }
 
 impl Op {
@@ -150,7 +166,7 @@ impl Op {
     pub fn needs_sync(&self) -> bool {
         !matches!(
             self,
-            Op::Dequeue { .. } | Op::DropQueue(_) | Op::DeleteLinkCode(_)
+            Op::Dequeue { .. } | Op::DropQueue(_) | Op::DeleteLinkCode(_) | Op::DeleteMail { .. }
         )
     }
 }
@@ -289,6 +305,25 @@ pub trait Store: Send + Sync + 'static {
     /// # Errors
     /// [`StoreError`] on engine failure or corruption.
     fn expired_link_codes(&self, before_ms: u64, limit: usize) -> Result<Vec<String>, StoreError>;
+
+    /// Every piece of mail not yet delivered: `(owner, id, record)`, for
+    /// the owners' shards to resend after a restart.
+    ///
+    /// # Errors
+    /// [`StoreError`] on engine failure or corruption.
+    fn mail(&self) -> Result<Vec<(UserId, u64, MailRecord)>, StoreError>;
+
+    /// The timestamp of the oldest queue entry of each of `buckets` groups
+    /// of devices (`bucket_of` maps a user to its group; `None`: no
+    /// entry), for the backlog-age gauge. Reads the head of every queue.
+    ///
+    /// # Errors
+    /// [`StoreError`] on engine failure or corruption.
+    fn oldest_entries(
+        &self,
+        buckets: usize,
+        bucket_of: &dyn Fn(UserId) -> usize,
+    ) -> Result<Vec<Option<u64>>, StoreError>;
 
     /// Applies a batch atomically; with `sync`, returns only once it is on
     /// stable storage.

@@ -91,6 +91,24 @@ pub struct DedupRecord {
     /// When it was accepted (ms since epoch); drives expiry.
     #[prost(uint64, tag = "2")]
     pub accepted_ms: u64,
+    /// The send was voided: it never reached the recipient (its devices
+    /// were replaced) and its sender was told so; a resend under the same
+    /// id is stored again.
+    #[prost(bool, tag = "3")]
+    pub voided: bool,
+}
+
+/// Durable mail from one shard to the owner of another user (see
+/// `router/mail.rs`): kept by the sending shard until the receiving one
+/// has committed its effect.
+#[derive(Clone, PartialEq, Message)]
+pub struct MailRecord {
+    /// The user whose devices get the entry.
+    #[prost(uint64, tag = "1")]
+    pub to_user: u64,
+    /// The entry to queue for each of them (seq and time are set there).
+    #[prost(message, optional, tag = "2")]
+    pub entry: Option<pb::QueueEntry>,
 }
 
 /// The public keys a device has published.
