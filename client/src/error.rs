@@ -286,6 +286,11 @@ pub enum UsageError {
     /// The call needs a Tokio runtime and there is none.
     #[error("no Tokio runtime is running")]
     NoRuntime,
+    /// Another client (in this or another process) is using this state
+    /// directory: two would overwrite each other's keys, sessions and
+    /// outbox. Stop the other one, or give each device its own directory.
+    #[error("the state directory {} is in use by another client", .0.display())]
+    StateDirInUse(PathBuf),
 }
 
 /// End-to-end encryption failed.
