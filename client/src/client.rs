@@ -56,8 +56,9 @@ pub const DEFAULT_EVENT_CAPACITY: usize = 1024;
 pub const DEFAULT_COMMAND_CAPACITY: usize = 256;
 
 /// How a [`Client`] behaves. Build one with [`ClientConfig::new`] and change
-/// fields as needed.
+/// fields as needed (new fields may be added).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ClientConfig {
     /// The server.
     pub endpoint: Endpoint,
@@ -146,6 +147,7 @@ impl ClientConfig {
 /// A send that got its ✓: the server stored it durably for every recipient
 /// device.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Sent {
     /// The client message id.
     pub client_msg_id: String,
@@ -424,6 +426,7 @@ pub const MAX_PLAINTEXT_BYTES: usize = limits::MAX_PAYLOAD_BYTES - 1024;
 
 /// One device of this account, from [`Client::list_devices`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Device {
     /// The device id.
     pub device_id: u32,
@@ -576,8 +579,9 @@ impl Client {
         };
         // Handles → task; bounded, callers wait when it is full.
         let (tx, commands) = mpsc::channel(config.command_capacity);
-        // Task → application; bounded, the task stops reading the socket
-        // while it is full (see `Events`).
+        // Task → application; bounded. While it is full the task keeps
+        // events in its own queue and sets pushed entries aside (bounded by
+        // the server's unacked limit); it never stops reading answers.
         let (events_tx, events_rx) = mpsc::channel(config.event_capacity);
         let shared = Arc::new(Shared {
             closed: OnceLock::new(),

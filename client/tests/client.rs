@@ -48,20 +48,16 @@ async fn connection_handshake_ping_auth_and_key_pinning() {
     );
     conn.close().await.unwrap();
 
-    let pinned = ConnectOptions {
-        server_key: Some(server.public_key.clone()),
-        ..Default::default()
-    };
+    let mut pinned = ConnectOptions::default();
+    pinned.server_key = Some(server.public_key.clone());
     Connection::connect(&endpoint, &pinned)
         .await
         .unwrap()
         .close()
         .await
         .unwrap();
-    let wrong = ConnectOptions {
-        server_key: Some(vec![7; 32]),
-        ..Default::default()
-    };
+    let mut wrong = ConnectOptions::default();
+    wrong.server_key = Some(vec![7; 32]);
     let err = Connection::connect(&endpoint, &wrong).await.unwrap_err();
     assert!(
         matches!(
@@ -70,10 +66,8 @@ async fn connection_handshake_ping_auth_and_key_pinning() {
         ),
         "{err}"
     );
-    let old = ConnectOptions {
-        versions: vec![0],
-        ..Default::default()
-    };
+    let mut old = ConnectOptions::default();
+    old.versions = vec![0];
     let err = Connection::connect(&endpoint, &old).await.unwrap_err();
     assert_eq!(err.server_code(), Some(ErrorCode::UnsupportedVersion));
 

@@ -116,10 +116,9 @@ fn state_error(error: switchboard_client::Error) -> anyhow::Error {
 }
 
 fn connect_options() -> ConnectOptions {
-    ConnectOptions {
-        user_agent: concat!("sbchat/", env!("CARGO_PKG_VERSION")).to_owned(),
-        ..ConnectOptions::default()
-    }
+    let mut options = ConnectOptions::default();
+    options.user_agent = concat!("sbchat/", env!("CARGO_PKG_VERSION")).to_owned();
+    options
 }
 
 fn validate_phone(phone: &str) -> Result<String> {

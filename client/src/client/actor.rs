@@ -344,7 +344,8 @@ pub(super) struct Actor {
     /// From the handles. Bounded (`command_capacity`): callers wait.
     commands: mpsc::Receiver<Command>,
     /// To the application. Bounded (`event_capacity`); events wait in
-    /// `pending_events` and reading pauses while that is full.
+    /// `pending_events`, and while that is full pushed entries wait in
+    /// `deferred`.
     events: mpsc::Sender<Event>,
     pending_events: VecDeque<Event>,
     /// Pushes of the current link not yet turned into events, because

@@ -244,10 +244,7 @@ pub fn state_dir(creds: &Credentials) -> PathBuf {
 /// A client config for `endpoint` that reconnects quickly.
 pub fn client_config(endpoint: Endpoint) -> ClientConfig {
     let mut config = ClientConfig::new(endpoint);
-    config.backoff = Backoff {
-        initial: Duration::from_millis(10),
-        max: Duration::from_millis(50),
-    };
+    config.backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(50));
     config
 }
 
