@@ -3,7 +3,7 @@
 //!
 //! The task (see `actor.rs`) keeps the device connected and authenticated,
 //! reconnecting with [`Backoff`] after failures, pings when the link is
-//! quiet, writes sends from the [`crate::outbox`] with many in flight
+//! quiet, writes sends from the local outbox with many in flight
 //! at once, and turns pushed queue entries into [`Event`]s. Handles talk to
 //! it over a bounded channel and get answers over oneshot channels, so a
 //! handle never blocks on the network, only on the task's inbox.

@@ -80,7 +80,8 @@ mod hex_bytes {
 ///
 /// # Errors
 ///
-/// As [`Connection::connect`]; [`Error::Server`] with `INVALID_PHONE`, or
+/// [`Error::Transport`] when the server cannot be reached (or the
+/// handshake times out), [`Error::Protocol`] when it misbehaves; [`Error::Server`] with `INVALID_PHONE`, or
 /// `RATE_LIMITED` (see [`crate::ServerError::retry_after`]).
 ///
 /// # Example
@@ -117,11 +118,12 @@ pub async fn request_code(
 ///
 /// # Errors
 ///
-/// As [`Connection::connect`]; [`Error::Server`] with `CODE_INVALID`,
+/// [`Error::Transport`] when the server cannot be reached (or the
+/// handshake times out), [`Error::Protocol`] when it misbehaves; [`Error::Server`] with `CODE_INVALID`,
 /// `CODE_EXPIRED` or `CODE_LOCKED`; [`Error::Usage`] with
-/// [`crate::UsageError::StateDirInUse`] while a client uses `state_dir`;
-/// [`Error::Storage`] when it cannot be written; [`Error::Crypto`] when the
-/// server refuses the keys.
+/// [`crate::UsageError::StateDirInUse`] while a client uses `state_dir`, or
+/// [`Error::Storage`] when it cannot be created (both before the code is
+/// presented, so it stays usable).
 ///
 /// # Example
 ///
@@ -270,7 +272,8 @@ async fn save(state: &Arc<StateFile>, crypto: &Crypto) -> Result<(), Error> {
 ///
 /// # Errors
 ///
-/// As [`Connection::connect`]; [`Error::Server`] with `NOT_PRIMARY`,
+/// [`Error::Transport`] when the server cannot be reached (or the
+/// handshake times out), [`Error::Protocol`] when it misbehaves; [`Error::Server`] with `NOT_PRIMARY`,
 /// `UNAUTHENTICATED` or `BAD_REQUEST` (a PIN has 6 to 64 characters).
 ///
 /// # Example
@@ -304,7 +307,8 @@ pub async fn set_pin(
 ///
 /// # Errors
 ///
-/// As [`Connection::connect`]; [`Error::Server`] with `LINK_CODE_INVALID`
+/// [`Error::Transport`] when the server cannot be reached (or the
+/// handshake times out), [`Error::Protocol`] when it misbehaves; [`Error::Server`] with `LINK_CODE_INVALID`
 /// (unknown, used or expired code) or `TOO_MANY_DEVICES`; as
 /// [`verify_code`] for the state directory and keys.
 ///
