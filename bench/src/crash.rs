@@ -68,11 +68,10 @@ struct Report {
 }
 
 fn options() -> ConnectOptions {
-    ConnectOptions {
-        user_agent: "switchboard-bench/crash".into(),
-        connect_timeout: Duration::from_secs(5),
-        ..ConnectOptions::default()
-    }
+    let mut options = ConnectOptions::default();
+    options.user_agent = "switchboard-bench/crash".into();
+    options.connect_timeout = Duration::from_secs(5);
+    options
 }
 
 async fn connect(addr: &str, creds: &Credentials) -> Result<Connection> {

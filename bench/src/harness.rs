@@ -293,11 +293,10 @@ pub fn tcp_mem_bytes() -> Option<u64> {
 }
 
 pub fn options(agent: &str) -> ConnectOptions {
-    ConnectOptions {
-        user_agent: format!("switchboard-bench/{agent}"),
-        connect_timeout: Duration::from_secs(30),
-        ..ConnectOptions::default()
-    }
+    let mut options = ConnectOptions::default();
+    options.user_agent = format!("switchboard-bench/{agent}");
+    options.connect_timeout = Duration::from_secs(30);
+    options
 }
 
 /// Registers `n` users, `concurrency` at a time, with phone numbers made

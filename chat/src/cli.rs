@@ -100,7 +100,8 @@ pub enum Command {
     /// Show the stored account
     Whoami,
     /// Send TEXT to PHONE; exits 0 once the server stored it (✓), 3 if it
-    /// got no ✓ in time and stays queued in the outbox (do not resend it)
+    /// got no ✓ in time and stays queued in the outbox (do not resend it;
+    /// see `sbchat outbox`)
     Send {
         /// Recipient's phone number
         phone: String,
@@ -131,6 +132,12 @@ pub enum Command {
         /// The peer's phone number
         phone: String,
     },
+    /// List the messages queued in the outbox (no ✓ yet; they go out with
+    /// the next command that connects), or cancel one
+    Outbox {
+        #[command(subcommand)]
+        action: Option<OutboxAction>,
+    },
     /// List this account's devices
     Devices,
     /// Make a code to link a new device to this account (primary device only)
@@ -149,6 +156,16 @@ pub enum Command {
     Safety {
         /// The peer's phone number
         phone: String,
+    },
+}
+
+/// `sbchat outbox` actions (none: list).
+#[derive(Debug, Subcommand)]
+pub enum OutboxAction {
+    /// Cancel a queued message so it is never sent
+    Cancel {
+        /// Its id, as `sbchat outbox` lists it
+        id: String,
     },
 }
 

@@ -1,8 +1,10 @@
 //! The state directory: `account.json` (the device's credentials, mode
 //! 0600), `pending.json` (a registration waiting for its code), `outbox/`
-//! (the SDK's pending sends), `state/` (the SDK's encrypted end-to-end
-//! encryption keys and sessions) and `lock` (one sbchat per home at a time: two
-//! would connect as the same device and replace each other).
+//! (the SDK's pending sends, sealed with the state key), `state/` (the SDK's
+//! encrypted end-to-end encryption keys and sessions, locked by the SDK
+//! while a client or outbox uses them) and `lock` (one sbchat per home at a
+//! time, for the account files: two would also connect as the same device
+//! and replace each other).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -203,13 +205,7 @@ mod tests {
         assert!(home.account().unwrap().is_none());
         let account = Account {
             server: "127.0.0.1:5222".into(),
-            creds: Credentials {
-                user_id: 7,
-                device_id: 1,
-                credential: vec![1, 2, 255],
-                phone: "+15550001111".into(),
-                server_key: None,
-            },
+            creds: Credentials::new(7, 1, vec![1, 2, 255], "+15550001111".into()),
         };
         home.save_account(&account).unwrap();
         let text = fs::read_to_string(dir.path().join("h/account.json")).unwrap();

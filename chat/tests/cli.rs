@@ -110,3 +110,65 @@ fn recv_that_never_reaches_the_server_exits_1() {
         "{error}"
     );
 }
+
+fn json_lines(out: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn outbox_lists_and_cancels_a_queued_send_and_the_device_lock_is_explained() {
+    const MARKER: &str = "plaintext-marker-c41e";
+    let dir = tempfile::tempdir().unwrap();
+    write_account(dir.path(), &dead_server());
+    let out = sbchat(
+        dir.path(),
+        &["--json", "send", "+15550008", MARKER, "--timeout", "0.5"],
+    );
+    assert_eq!(out.status.code(), Some(3));
+    // Queued, but not readable on disk.
+    for entry in std::fs::read_dir(dir.path().join("outbox")).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        assert!(!bytes.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()));
+    }
+
+    let out = sbchat(dir.path(), &["--json", "outbox"]);
+    assert!(out.status.success(), "{out:?}");
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["event"], "queued");
+    assert_eq!(lines[0]["to"], "+15550008");
+    assert!(lines[0]["age_s"].as_u64().unwrap() < 600, "{lines:?}");
+    let id = lines[0]["client_msg_id"].as_str().unwrap().to_owned();
+    let text = sbchat(dir.path(), &["outbox"]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains(&id));
+
+    // Another program using the device's state (here: this test, through
+    // the SDK) stops sbchat with an explanation.
+    {
+        let _held =
+            switchboard_client::Outbox::open(dir.path().join("state"), dir.path().join("outbox"))
+                .unwrap();
+        for args in [&["outbox"][..], &["recv", "--timeout", "0.5"]] {
+            let out = sbchat(dir.path(), args);
+            assert_eq!(out.status.code(), Some(1), "{args:?}");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(stderr.contains("another program is using"), "{stderr}");
+        }
+    }
+
+    let out = sbchat(dir.path(), &["--json", "outbox", "cancel", &id]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(json_lines(&out)[0]["event"], "cancelled");
+    let out = sbchat(dir.path(), &["outbox", "cancel", &id]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no message"));
+    let out = sbchat(dir.path(), &["--json", "outbox"]);
+    assert!(out.status.success());
+    assert!(json_lines(&out).is_empty());
+    let out = sbchat(dir.path(), &["--json", "whoami"]);
+    assert_eq!(json_lines(&out)[0]["outbox_pending"], 0);
+}

@@ -13,6 +13,7 @@ pub const DEFAULT_MAX: Duration = Duration::from_secs(30);
 
 /// Exponential backoff with full jitter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Backoff {
     /// Ceiling of the first delay.
     pub initial: Duration,
@@ -30,6 +31,12 @@ impl Default for Backoff {
 }
 
 impl Backoff {
+    /// Ceilings from `initial`, doubling per attempt, up to `max`.
+    #[must_use]
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Self { initial, max }
+    }
+
     /// The ceiling for attempt `attempt` (0-based): `initial · 2^attempt`,
     /// capped at `max`.
     #[must_use]

@@ -3,7 +3,7 @@
 //!
 //! The task (see `actor.rs`) keeps the device connected and authenticated,
 //! reconnecting with [`Backoff`] after failures, pings when the link is
-//! quiet, writes sends from the [`crate::outbox`] with many in flight
+//! quiet, writes sends from the local outbox with many in flight
 //! at once, and turns pushed queue entries into [`Event`]s. Handles talk to
 //! it over a bounded channel and get answers over oneshot channels, so a
 //! handle never blocks on the network, only on the task's inbox.
@@ -47,7 +47,8 @@ pub const DEFAULT_MAX_IN_FLIGHT_SENDS: usize = 256;
 pub const DEFAULT_MAX_DEVICE_RETRIES: u32 = 5;
 
 /// Default capacity of the [`Events`] channel. When it is full the client
-/// stops reading from the server (which keeps messages queued for us).
+/// keeps reading answers (so a send awaited inside the event loop gets its
+/// ✓) and sets pushed messages aside until the application catches up.
 pub const DEFAULT_EVENT_CAPACITY: usize = 1024;
 
 /// Default capacity of the handle → task command channel. When full,
@@ -55,8 +56,9 @@ pub const DEFAULT_EVENT_CAPACITY: usize = 1024;
 pub const DEFAULT_COMMAND_CAPACITY: usize = 256;
 
 /// How a [`Client`] behaves. Build one with [`ClientConfig::new`] and change
-/// fields as needed.
+/// fields as needed (new fields may be added).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ClientConfig {
     /// The server.
     pub endpoint: Endpoint,
@@ -68,14 +70,18 @@ pub struct ClientConfig {
     pub ping_interval: Duration,
     /// Wait for an answer to a `Ping` before reconnecting.
     pub pong_timeout: Duration,
-    /// Where to keep pending sends across restarts; `None` keeps them in
-    /// memory only.
+    /// Where to keep pending sends across restarts (one file per send,
+    /// sealed with the state key, mode 0600 in a 0700 directory); `None`
+    /// keeps them in memory only. Needs `state_dir`; a subdirectory of it
+    /// is a good place. [`crate::Outbox`] reads it while no client runs.
     pub outbox_dir: Option<PathBuf>,
     /// Where to keep the device's end-to-end encryption state (identity
-    /// keys, sessions), encrypted at rest. `None` keeps it in memory only:
-    /// the device's identity then dies with the client, and a later client
-    /// for the same device is refused by the server (its identity keys may
-    /// never change), so only tests should leave it unset.
+    /// keys, sessions), encrypted at rest, mode 0700. `None` keeps it in
+    /// memory only: the device's identity then dies with the client, and a
+    /// later client for the same device is refused by the server (its
+    /// identity keys may never change), so only tests should leave it
+    /// unset. One client at a time may use it: [`Client::start`] locks it
+    /// until the client stops.
     pub state_dir: Option<PathBuf>,
     /// Most pending sends; more fail with [`Error::OutboxFull`].
     pub outbox_capacity: usize,
@@ -124,6 +130,11 @@ impl ClientConfig {
         if self.ping_interval.is_zero() || self.pong_timeout.is_zero() {
             return invalid("ping_interval and pong_timeout must be positive");
         }
+        if self.outbox_dir.is_some() && self.state_dir.is_none() {
+            return invalid(
+                "outbox_dir needs a state_dir (its files are sealed with the state key)",
+            );
+        }
         if let Some(key) = &self.connect.server_key
             && key.len() != switchboard_proto::noise::KEY_BYTES
         {
@@ -136,6 +147,7 @@ impl ClientConfig {
 /// A send that got its ✓: the server stored it durably for every recipient
 /// device.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Sent {
     /// The client message id.
     pub client_msg_id: String,
@@ -308,14 +320,29 @@ pub enum Event {
     },
 }
 
-/// The stream of [`Event`]s of one [`Client`].
+/// The stream of [`Event`]s of one [`Client`]: call [`Events::recv`], or
+/// use it as a [`futures_util::Stream`] (`while let Some(event) =
+/// events.next().await` with `StreamExt`).
 ///
-/// It must be drained: when it is full, the client stops reading from the
-/// server. Dropping it discards further events (messages then stay
-/// unacknowledged on the server).
+/// Drain it. Awaiting a send (or any call) inside the loop that drains it is
+/// fine: while the channel is full the client still reads answers and only
+/// sets pushed messages aside (as many as the server lets a connection hold
+/// unacknowledged). Dropping it discards further events (messages then
+/// stay unacknowledged on the server).
 #[derive(Debug)]
 pub struct Events {
     rx: mpsc::Receiver<Event>,
+}
+
+impl futures_util::Stream for Events {
+    type Item = Event;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Event>> {
+        self.rx.poll_recv(cx)
+    }
 }
 
 impl Events {
@@ -432,6 +459,7 @@ pub const MAX_PLAINTEXT_BYTES: usize = limits::MAX_PAYLOAD_BYTES - 1024;
 
 /// One device of this account, from [`Client::list_devices`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Device {
     /// The device id.
     pub device_id: u32,
@@ -481,9 +509,9 @@ fn check_phone(phone: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// Loads the device's crypto state from `dir` (creating it on first run, or
-/// when the stored state belongs to another device), or makes an in-memory
-/// one.
+/// Locks `dir` and loads the device's crypto state from it (creating it on
+/// first run, or when the stored state belongs to another device), or makes
+/// an in-memory one.
 async fn open_crypto(
     dir: Option<PathBuf>,
     creds: &Credentials,
@@ -494,24 +522,30 @@ async fn open_crypto(
     };
     tokio::task::spawn_blocking(move || {
         let file = StateFile::open(dir)?;
-        let restored = match file.load()? {
-            Some(bytes) => Crypto::restore(&bytes, user_id, device_id)?,
-            None => None,
-        };
-        let crypto = match restored {
-            Some(crypto) => crypto,
-            None => {
-                // A new identity: stored before its keys are ever uploaded,
-                // so the server never holds keys this device has lost.
-                let crypto = Crypto::new(user_id, device_id);
-                file.save(&crypto.snapshot()?)?;
-                crypto
-            }
-        };
+        let crypto = load_crypto(&file, user_id, device_id)?;
         Ok((crypto, Some(Arc::new(file))))
     })
     .await
     .map_err(|e| StorageError::Task(e.to_string()))?
+}
+
+/// The crypto state of device `device_id` of `user_id` in `file`, made and
+/// stored when there is none (or it belongs to another device). Blocks.
+pub(crate) fn load_crypto(file: &StateFile, user_id: u64, device_id: u32) -> Result<Crypto, Error> {
+    let restored = match file.load()? {
+        Some(bytes) => Crypto::restore(&bytes, user_id, device_id)?,
+        None => None,
+    };
+    Ok(match restored {
+        Some(crypto) => crypto,
+        None => {
+            // A new identity: stored before its keys are ever uploaded, so
+            // the server never holds keys this device has lost.
+            let crypto = Crypto::new(user_id, device_id);
+            file.save(&crypto.snapshot()?)?;
+            crypto
+        }
+    })
 }
 
 impl Client {
@@ -526,9 +560,10 @@ impl Client {
     /// # Errors
     ///
     /// [`Error::Usage`] for an invalid config or when called outside a Tokio
-    /// runtime; [`Error::Storage`] if the outbox or state directory cannot
-    /// be read or written; [`Error::Crypto`] if the stored crypto state is
-    /// unusable.
+    /// runtime, and with [`UsageError::StateDirInUse`] while another client
+    /// (in this or another process) uses `config.state_dir`;
+    /// [`Error::Storage`] if the outbox or state directory cannot be read or
+    /// written; [`Error::Crypto`] if the stored crypto state is unusable.
     /// Connection problems are not errors here: they show up as
     /// [`Event::Disconnected`] (retried) or [`Event::Closed`] (final, e.g. a
     /// rejected credential).
@@ -539,7 +574,8 @@ impl Client {
     /// # async fn demo(creds: switchboard_client::Credentials) -> Result<(), switchboard_client::Error> {
     /// use switchboard_client::{Client, ClientConfig, Event};
     /// let mut config = ClientConfig::new("ws://127.0.0.1:8080/ws".parse()?);
-    /// config.outbox_dir = Some("/tmp/sb-outbox".into());
+    /// config.state_dir = Some("/var/lib/myapp/sb-state".into());
+    /// config.outbox_dir = Some("/var/lib/myapp/sb-state/outbox".into());
     /// let (client, mut events) = Client::start(config, creds).await?;
     /// let ok = client.send_to_phone("+15550002222", "hi".into()).await?;
     /// println!("✓ {}", ok.client_msg_id);
@@ -560,16 +596,20 @@ impl Client {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(UsageError::NoRuntime.into());
         }
-        let (store, loaded) = match config.outbox_dir.clone() {
-            Some(dir) => {
-                let (store, sends) = tokio::task::spawn_blocking(move || outbox::Store::open(dir))
-                    .await
-                    .map_err(|e| StorageError::Task(e.to_string()))??;
+        // The state directory first: it is locked before anything in it (or
+        // in the outbox, sealed with its key) is read.
+        let (crypto, state_file) = open_crypto(config.state_dir.clone(), &creds).await?;
+        let (store, loaded) = match (config.outbox_dir.clone(), &state_file) {
+            (Some(dir), Some(state)) => {
+                let sealer = state.sealer();
+                let (store, sends) =
+                    tokio::task::spawn_blocking(move || outbox::Store::open(dir, sealer))
+                        .await
+                        .map_err(|e| StorageError::Task(e.to_string()))??;
                 (Some(Arc::new(store)), sends)
             }
-            None => (None, Vec::new()),
+            _ => (None, Vec::new()),
         };
-        let (crypto, state_file) = open_crypto(config.state_dir.clone(), &creds).await?;
         // The server key to pin: the caller's, else the one the device was
         // registered with, else the one first seen by an earlier run.
         let mut config = config;
@@ -587,8 +627,9 @@ impl Client {
         }
         // Handles → task; bounded, callers wait when it is full.
         let (tx, commands) = mpsc::channel(config.command_capacity);
-        // Task → application; bounded, the task stops reading the socket
-        // while it is full (see `Events`).
+        // Task → application; bounded. While it is full the task keeps
+        // events in its own queue and sets pushed entries aside (bounded by
+        // the server's unacked limit); it never stops reading answers.
         let (events_tx, events_rx) = mpsc::channel(config.event_capacity);
         let shared = Arc::new(Shared {
             closed: OnceLock::new(),

@@ -29,8 +29,10 @@ pub const MAX_BUFFERED_FRAMES: usize = 4096;
 /// enough for a slow mobile link, short enough that a dead server is noticed.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How to open a connection.
+/// How to open a connection. Start from [`ConnectOptions::default`] and set
+/// the fields you need (new fields may be added).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ConnectOptions {
     /// Sent in `ClientHello`, for the server's logs.
     pub user_agent: String,

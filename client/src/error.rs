@@ -68,8 +68,9 @@ impl Error {
             Self::Server(e) => e.is_retryable(),
             Self::Transport(_) | Self::OutboxFull { .. } | Self::Busy(_) | Self::Timeout(_) => true,
             Self::Closed(reason) => matches!(reason, CloseReason::ConnectionLost),
-            // A device that just verified publishes its keys when it first
-            // connects: the same send later finds them.
+            // A device whose registration could not publish its keys does
+            // so when its client first connects: the same send later finds
+            // them.
             Self::Crypto(CryptoError::NoKeys { .. }) => true,
             _ => false,
         }
@@ -286,6 +287,11 @@ pub enum UsageError {
     /// The call needs a Tokio runtime and there is none.
     #[error("no Tokio runtime is running")]
     NoRuntime,
+    /// Another client (in this or another process) is using this state
+    /// directory: two would overwrite each other's keys, sessions and
+    /// outbox. Stop the other one, or give each device its own directory.
+    #[error("the state directory {} is in use by another client", .0.display())]
+    StateDirInUse(PathBuf),
 }
 
 /// End-to-end encryption failed.
@@ -293,8 +299,9 @@ pub enum UsageError {
 #[non_exhaustive]
 pub enum CryptoError {
     /// A device of the recipient (or of this account) has not published its
-    /// keys yet (a freshly registered or linked device that has never
-    /// connected); it cannot be messaged until it does.
+    /// keys yet (registered by an older SDK, or its registration could not
+    /// publish them, and it has never connected since); it cannot be
+    /// messaged until it does. Retryable.
     #[error("device {device_id} of user {user_id} has not published its encryption keys yet")]
     NoKeys {
         /// The user.

@@ -3,12 +3,19 @@
 //! It owns two things: the in-memory `Queue` the client actor sends from
 //! (which entry goes next, which are in flight, which wait for a retry), and
 //! the optional on-disk copy (`Store`) that lets a send survive the
-//! process. Each pending send is one small JSON file named by a monotonically
+//! process. Each pending send is one small file named by a monotonically
 //! increasing sequence number, written atomically (temp file, fsync, rename,
 //! directory fsync) before the send first goes on the wire and removed after
 //! its ✓; loading sorts by that number, so resends keep the original order.
 //! One file per send keeps the write path a single create and the removal a
 //! single unlink, with nothing to compact.
+//!
+//! A file holds the send as JSON sealed with the state directory's key (see
+//! `store.rs`): unsent messages are plaintext until they are encrypted for
+//! their recipients, so they must not sit on disk readable. Files are 0600
+//! in a 0700 directory; plaintext files of earlier versions (`*.json`) are
+//! sealed when the outbox is opened. [`Outbox`] lists and cancels the sends
+//! of a stopped client.
 //!
 //! Order: entries go out in sequence order and are pipelined. When one must
 //! wait (a retryable server error, a recipient lookup), every later entry
@@ -17,7 +24,7 @@
 //! `OVERLOADED`) may be overtaken by a later one that the server accepted.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -26,17 +33,25 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tracing::warn;
 
-use crate::error::StorageError;
+use crate::error::{Error, StorageError};
+use crate::store::{Sealer, StateFile, create_private_dir};
 
 /// Default largest number of pending sends: generous for a person (days of
 /// offline chatting), while bounding memory to what the payloads weigh.
 pub const DEFAULT_CAPACITY: usize = 10_000;
 
+/// Magic bytes opening a stored send.
+const MAGIC: &[u8; 4] = b"SBOX";
+
 /// Suffix of a stored send.
-const FILE_SUFFIX: &str = ".json";
+const FILE_SUFFIX: &str = ".send";
 
 /// Suffix of a send being written; leftovers are deleted on load.
-const TEMP_SUFFIX: &str = ".json.tmp";
+const TEMP_SUFFIX: &str = ".tmp";
+
+/// Suffix of a plaintext send stored by an earlier version: sealed (and
+/// renamed) when the outbox is opened.
+const LEGACY_SUFFIX: &str = ".json";
 
 /// Suffix given to a file that does not parse, so it is kept for inspection
 /// but never retried.
@@ -44,7 +59,7 @@ const CORRUPT_SUFFIX: &str = ".corrupt";
 
 /// A send waiting for its ✓.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PendingSend {
+pub(crate) struct PendingSend {
     /// Position in the outbox: sends go out in this order.
     pub seq: u64,
     /// The client message id, kept across retries and restarts.
@@ -53,6 +68,10 @@ pub struct PendingSend {
     pub to_user: Option<u64>,
     /// The recipient's phone number, when the send was addressed by phone.
     pub to_phone: Option<String>,
+    /// When the send was made (ms since the Unix epoch; 0 for sends stored
+    /// by a version that did not record it).
+    #[serde(default)]
+    pub queued_at_ms: u64,
     /// The client made the id for this send and no frame has carried it
     /// yet, so the server need not look for an earlier copy
     /// (`Send.first_attempt`). Not stored: a send loaded from the outbox
@@ -70,7 +89,7 @@ pub struct PendingSend {
 /// The payloads of a pending send.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Content {
+pub(crate) enum Content {
     /// One payload for every current device of the recipient; the device
     /// list is looked up, and fixed after `DEVICE_MISMATCH`, by the client.
     AllDevices {
@@ -84,7 +103,7 @@ pub enum Content {
 
 /// One device's payload in [`Content::PerDevice`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StoredPayload {
+pub(crate) struct StoredPayload {
     /// The recipient device.
     pub device_id: u32,
     /// The opaque payload.
@@ -108,51 +127,141 @@ mod hex_payload {
     }
 }
 
-/// Reads the pending sends stored in `dir`, in order, without changing
-/// anything (for tools that want to show what is waiting).
-///
-/// # Errors
-///
-/// [`StorageError::Io`] when the directory cannot be read. Files that do not
-/// parse are skipped.
-pub fn pending_sends(dir: &Path) -> Result<Vec<PendingSend>, StorageError> {
-    let mut sends = Vec::new();
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(sends),
-        Err(e) => return Err(StorageError::io(dir, e)),
-    };
-    for entry in entries {
-        let entry = entry.map_err(|e| StorageError::io(dir, e))?;
-        let path = entry.path();
-        if file_seq(&path).is_some()
-            && let Ok(send) = read_send(&path)
-        {
-            sends.push(send);
-        }
-    }
-    sends.sort_by_key(|s| s.seq);
-    Ok(sends)
+/// A send waiting in an outbox directory, from [`Outbox::list`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QueuedSend {
+    /// Its client message id (what [`Outbox::cancel`] takes).
+    pub client_msg_id: String,
+    /// The recipient, when known.
+    pub to_user: Option<u64>,
+    /// The recipient's phone number, when it was addressed by phone.
+    pub to_phone: Option<String>,
+    /// When it was made (ms since the Unix epoch); 0 when unknown (stored
+    /// by an older version).
+    pub queued_at_ms: u64,
 }
 
-fn file_seq(path: &Path) -> Option<u64> {
+/// The outbox of a device whose client is not running: list the sends
+/// still waiting for their ✓ and cancel some, without a connection.
+///
+/// It holds the state directory's lock, like a running [`crate::Client`],
+/// so the two never run at once. Every method blocks on the file system
+/// (call it from `spawn_blocking` in async code).
+///
+/// # Example
+///
+/// ```no_run
+/// # fn demo() -> Result<(), switchboard_client::Error> {
+/// use switchboard_client::Outbox;
+/// let mut outbox = Outbox::open("/var/lib/myapp/sb-state", "/var/lib/myapp/sb-state/outbox")?;
+/// for send in outbox.list() {
+///     println!("{} to {:?}", send.client_msg_id, send.to_phone);
+/// }
+/// outbox.cancel("0123456789abcdef0123456789abcdef")?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Outbox {
+    store: Store,
+    sends: Vec<PendingSend>,
+    /// Held for the lock.
+    _state: StateFile,
+}
+
+impl Outbox {
+    /// Opens the outbox in `outbox_dir` of the device whose state is in
+    /// `state_dir` (the directories given to the client as
+    /// [`crate::ClientConfig::outbox_dir`] and
+    /// [`crate::ClientConfig::state_dir`]).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Usage`] with [`crate::UsageError::StateDirInUse`] while a
+    /// client (or another `Outbox`) uses `state_dir`; [`Error::Storage`]
+    /// when the directories cannot be read.
+    pub fn open(
+        state_dir: impl Into<PathBuf>,
+        outbox_dir: impl Into<PathBuf>,
+    ) -> Result<Self, Error> {
+        let state = StateFile::open(state_dir.into())?;
+        let (store, sends) = Store::open(outbox_dir.into(), state.sealer())?;
+        Ok(Self {
+            store,
+            sends,
+            _state: state,
+        })
+    }
+
+    /// The pending sends, in the order they will go out.
+    #[must_use]
+    pub fn list(&self) -> Vec<QueuedSend> {
+        self.sends
+            .iter()
+            .map(|s| QueuedSend {
+                client_msg_id: s.client_msg_id.clone(),
+                to_user: s.to_user,
+                to_phone: s.to_phone.clone(),
+                queued_at_ms: s.queued_at_ms,
+            })
+            .collect()
+    }
+
+    /// Removes the pending send with this client message id, so it never
+    /// goes out; returns false when there is none (it was sent, or
+    /// cancelled already).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Storage`] when its file cannot be removed.
+    pub fn cancel(&mut self, client_msg_id: &str) -> Result<bool, Error> {
+        let seqs: Vec<u64> = self
+            .sends
+            .iter()
+            .filter(|s| s.client_msg_id == client_msg_id)
+            .map(|s| s.seq)
+            .collect();
+        if seqs.is_empty() {
+            return Ok(false);
+        }
+        self.store.remove(&seqs)?;
+        self.store.sync_dir()?;
+        self.sends.retain(|s| s.client_msg_id != client_msg_id);
+        Ok(true)
+    }
+}
+
+/// The sequence number of a stored send's file, and whether it is a
+/// plaintext file of an earlier version.
+fn file_seq(path: &Path) -> Option<(u64, bool)> {
     let name = path.file_name()?.to_str()?;
-    let digits = name.strip_suffix(FILE_SUFFIX)?;
+    let (digits, legacy) = match name.strip_suffix(FILE_SUFFIX) {
+        Some(digits) => (digits, false),
+        None => (name.strip_suffix(LEGACY_SUFFIX)?, true),
+    };
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    digits.parse().ok()
+    Some((digits.parse().ok()?, legacy))
 }
 
-/// Reads a stored send, whatever its file is named.
-fn read_any_send(path: &Path) -> Result<PendingSend, String> {
+/// Opens a stored send's bytes (sealed, or plaintext JSON for `legacy`).
+fn open_send(path: &Path, legacy: bool, sealer: &Sealer) -> Result<PendingSend, String> {
     let bytes = fs::read(path).map_err(|e| e.to_string())?;
-    serde_json::from_slice(&bytes).map_err(|e| e.to_string())
+    let json = if legacy {
+        bytes
+    } else {
+        sealer
+            .open(MAGIC, &bytes, path)
+            .map_err(|e| e.to_string())?
+    };
+    serde_json::from_slice(&json).map_err(|e| e.to_string())
 }
 
-fn read_send(path: &Path) -> Result<PendingSend, String> {
-    let send = read_any_send(path)?;
-    if Some(send.seq) != file_seq(path) {
+fn read_send(path: &Path, sealer: &Sealer) -> Result<PendingSend, String> {
+    let (seq, legacy) = file_seq(path).ok_or("not an outbox file name")?;
+    let send = open_send(path, legacy, sealer)?;
+    if send.seq != seq {
         return Err("sequence number does not match the file name".to_owned());
     }
     Ok(send)
@@ -162,14 +271,21 @@ fn read_send(path: &Path) -> Result<PendingSend, String> {
 #[derive(Debug)]
 pub(crate) struct Store {
     dir: PathBuf,
+    /// The state directory's key.
+    sealer: Sealer,
 }
 
 impl Store {
     /// Opens (creating) `dir`, clears interrupted writes, sets aside files
-    /// that do not parse, and returns the stored sends in order.
-    pub(crate) fn open(dir: PathBuf) -> Result<(Self, Vec<PendingSend>), StorageError> {
-        fs::create_dir_all(&dir).map_err(|e| StorageError::io(&dir, e))?;
+    /// that do not parse, seals plaintext files of earlier versions, and
+    /// returns the stored sends in order.
+    pub(crate) fn open(
+        dir: PathBuf,
+        sealer: Sealer,
+    ) -> Result<(Self, Vec<PendingSend>), StorageError> {
+        create_private_dir(&dir)?;
         let mut sends = Vec::new();
+        let mut legacy = Vec::new();
         for entry in fs::read_dir(&dir).map_err(|e| StorageError::io(&dir, e))? {
             let path = entry.map_err(|e| StorageError::io(&dir, e))?.path();
             let name = path
@@ -181,11 +297,16 @@ impl Store {
                 fs::remove_file(&path).map_err(|e| StorageError::io(&path, e))?;
                 continue;
             }
-            if file_seq(&path).is_none() {
+            let Some((_, is_legacy)) = file_seq(&path) else {
                 continue;
-            }
-            match read_send(&path) {
-                Ok(send) => sends.push(send),
+            };
+            match read_send(&path, &sealer) {
+                Ok(send) => {
+                    if is_legacy {
+                        legacy.push(path);
+                    }
+                    sends.push(send);
+                }
                 Err(why) => {
                     warn!(path = %path.display(), %why, "outbox file does not parse; setting it aside");
                     let mut aside = path.clone().into_os_string();
@@ -195,27 +316,45 @@ impl Store {
             }
         }
         sends.sort_by_key(|s| s.seq);
-        Ok((Self { dir }, sends))
+        let store = Self { dir, sealer };
+        if !legacy.is_empty() {
+            // Sealed copies first, so a crash in between leaves both (the
+            // same send under the same seq), never neither.
+            store.write(&sends)?;
+            for path in legacy {
+                fs::remove_file(&path).map_err(|e| StorageError::io(&path, e))?;
+            }
+        }
+        Ok((store, sends))
     }
 
     fn path(&self, seq: u64, suffix: &str) -> PathBuf {
         self.dir.join(format!("{seq:020}{suffix}"))
     }
 
-    /// Durably stores `sends`: each is complete on disk before this returns.
+    /// Durably stores `sends`, sealed: each is complete on disk before this
+    /// returns.
     pub(crate) fn write(&self, sends: &[PendingSend]) -> Result<(), StorageError> {
         for send in sends {
-            let temp = self.path(send.seq, TEMP_SUFFIX);
+            let path = self.path(send.seq, FILE_SUFFIX);
             let json = serde_json::to_vec(send)
-                .map_err(|e| StorageError::io(&temp, std::io::Error::other(e)))?;
-            let mut file = File::create(&temp).map_err(|e| StorageError::io(&temp, e))?;
-            file.write_all(&json)
+                .map_err(|e| StorageError::io(&path, std::io::Error::other(e)))?;
+            let sealed = self.sealer.seal(MAGIC, &json, &path)?;
+            let temp = self.path(send.seq, &format!("{FILE_SUFFIX}{TEMP_SUFFIX}"));
+            let mut options = OpenOptions::new();
+            options.write(true).create(true).truncate(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let mut file = options
+                .open(&temp)
+                .map_err(|e| StorageError::io(&temp, e))?;
+            file.write_all(&sealed)
                 .and_then(|()| file.sync_all())
                 .map_err(|e| StorageError::io(&temp, e))?;
-            let path = self.path(send.seq, FILE_SUFFIX);
             fs::rename(&temp, &path).map_err(|e| StorageError::io(&path, e))?;
         }
         if !sends.is_empty() {
+            // One directory fsync per batch makes every rename durable.
             self.sync_dir()?;
         }
         Ok(())
@@ -236,7 +375,7 @@ impl Store {
         Ok(())
     }
 
-    /// Makes renames in the directory durable.
+    /// Makes renames and removals in the directory durable.
     fn sync_dir(&self) -> Result<(), StorageError> {
         #[cfg(unix)]
         File::open(&self.dir)
@@ -256,6 +395,8 @@ impl Store {
 #[derive(Debug)]
 pub(crate) struct Retained {
     dir: PathBuf,
+    /// Kept sends are moved here sealed, as in the outbox.
+    sealer: Sealer,
 }
 
 /// How long a sent message is kept for a resend.
@@ -267,10 +408,13 @@ pub(crate) const RETAIN_MAX: usize = 1000;
 impl Retained {
     /// Opens (creating) `outbox_dir/sent` and drops what is too old or too
     /// many.
-    pub(crate) fn open(outbox_dir: &Path) -> Result<Self, StorageError> {
-        let dir = outbox_dir.join("sent");
-        fs::create_dir_all(&dir).map_err(|e| StorageError::io(&dir, e))?;
-        let this = Self { dir };
+    pub(crate) fn open(outbox: &Store) -> Result<Self, StorageError> {
+        let dir = outbox.dir.join("sent");
+        create_private_dir(&dir)?;
+        let this = Self {
+            dir,
+            sealer: outbox.sealer.clone(),
+        };
         this.prune()?;
         Ok(this)
     }
@@ -302,7 +446,7 @@ impl Retained {
         if !path.exists() {
             return Ok(None);
         }
-        let send = read_any_send(&path);
+        let send = open_send(&path, false, &self.sealer);
         self.forget(client_msg_id)?;
         match send {
             Ok(send) => Ok(Some(send)),
@@ -493,6 +637,7 @@ mod tests {
             client_msg_id: format!("id-{seq}"),
             to_user: Some(7),
             to_phone: None,
+            queued_at_ms: 1_700_000_000_000 + seq,
             never_sent: false,
             resent: false,
             content: Content::AllDevices {
@@ -501,11 +646,18 @@ mod tests {
         }
     }
 
+    /// A state directory's key, and the directory (its lock is held).
+    fn key(dir: &Path) -> (Sealer, StateFile) {
+        let state = StateFile::open(dir.join("state")).unwrap();
+        (state.sealer(), state)
+    }
+
     #[test]
     fn store_round_trips_in_order_and_removes() {
         let dir = tempfile::tempdir().unwrap();
+        let (sealer, state) = key(dir.path());
         let path = dir.path().join("outbox");
-        let (store, loaded) = Store::open(path.clone()).unwrap();
+        let (store, loaded) = Store::open(path.clone(), sealer.clone()).unwrap();
         assert!(loaded.is_empty());
         // Written out of order, across two batches, with binary payloads.
         let mut per_device = send(2, "");
@@ -523,7 +675,7 @@ mod tests {
         ]);
         store.write(&[send(10, "ten"), per_device.clone()]).unwrap();
         store.write(&[send(3, "three")]).unwrap();
-        let (store, loaded) = Store::open(path.clone()).unwrap();
+        let (store, loaded) = Store::open(path.clone(), sealer).unwrap();
         assert_eq!(
             loaded.iter().map(|s| s.seq).collect::<Vec<_>>(),
             vec![2, 3, 10]
@@ -532,32 +684,101 @@ mod tests {
         assert_eq!(loaded[2], send(10, "ten"));
 
         store.remove(&[3, 99]).unwrap();
+        drop((store, state));
+        let outbox = Outbox::open(dir.path().join("state"), &path).unwrap();
         assert_eq!(
-            pending_sends(&path)
-                .unwrap()
+            outbox
+                .list()
                 .iter()
-                .map(|s| s.seq)
+                .map(|s| s.client_msg_id.as_str())
                 .collect::<Vec<_>>(),
-            vec![2, 10]
+            vec!["id-2", "id-10"]
         );
+    }
+
+    #[test]
+    fn files_are_sealed_and_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sealer, _state) = key(dir.path());
+        let path = dir.path().join("outbox");
+        let (store, _) = Store::open(path.clone(), sealer).unwrap();
+        store.write(&[send(1, "a secret marker")]).unwrap();
+        let file = path.join("00000000000000000001.send");
+        let raw = fs::read(&file).unwrap();
+        assert!(!raw.windows(6).any(|w| w == b"secret"));
+        assert!(!raw.windows(4).any(|w| w == b"id-1"));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode(&file), 0o600);
+            assert_eq!(mode(&path), 0o700);
+        }
+    }
+
+    #[test]
+    fn plaintext_files_of_earlier_versions_are_sealed_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sealer, _state) = key(dir.path());
+        let legacy = dir.path().join("00000000000000000005.json");
+        let mut old = send(5, "old secret");
+        old.queued_at_ms = 0;
+        let mut json = serde_json::to_value(&old).unwrap();
+        json.as_object_mut().unwrap().remove("queued_at_ms");
+        fs::write(&legacy, serde_json::to_vec(&json).unwrap()).unwrap();
+        let (_, loaded) = Store::open(dir.path().to_owned(), sealer.clone()).unwrap();
+        assert_eq!(loaded, vec![old.clone()]);
+        assert!(!legacy.exists());
+        let sealed = fs::read(dir.path().join("00000000000000000005.send")).unwrap();
+        assert!(!sealed.windows(6).any(|w| w == b"secret"));
+        let (_, loaded) = Store::open(dir.path().to_owned(), sealer).unwrap();
+        assert_eq!(loaded, vec![old]);
+    }
+
+    #[test]
+    fn cancel_removes_one_send_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox");
+        {
+            let (sealer, _state) = key(dir.path());
+            let (store, _) = Store::open(path.clone(), sealer).unwrap();
+            store.write(&[send(1, "a"), send(2, "b")]).unwrap();
+        }
+        let mut outbox = Outbox::open(dir.path().join("state"), &path).unwrap();
+        assert!(matches!(
+            Outbox::open(dir.path().join("state"), &path),
+            Err(Error::Usage(crate::UsageError::StateDirInUse(_)))
+        ));
+        assert!(outbox.cancel("id-1").unwrap());
+        assert!(!outbox.cancel("id-1").unwrap());
+        assert_eq!(outbox.list().len(), 1);
+        drop(outbox);
+        let outbox = Outbox::open(dir.path().join("state"), &path).unwrap();
+        let left = outbox.list();
+        assert_eq!(left[0].client_msg_id, "id-2");
+        assert_eq!(left[0].queued_at_ms, 1_700_000_000_002);
     }
 
     #[test]
     fn open_clears_temp_files_and_sets_aside_corrupt_ones() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(dir.path().to_owned()).unwrap();
+        let (sealer, _state) = key(dir.path());
+        let out = dir.path().join("outbox");
+        let (store, _) = Store::open(out.clone(), sealer.clone()).unwrap();
         store.write(&[send(1, "ok")]).unwrap();
-        fs::write(dir.path().join("00000000000000000002.json.tmp"), b"half").unwrap();
-        fs::write(dir.path().join("00000000000000000003.json"), b"{not json").unwrap();
+        fs::write(out.join("00000000000000000002.send.tmp"), b"half").unwrap();
+        fs::write(out.join("00000000000000000003.json"), b"{not json").unwrap();
         // A file whose name and content disagree is corrupt too.
         let mut wrong = serde_json::to_vec(&send(9, "x")).unwrap();
         wrong.push(b'\n');
-        fs::write(dir.path().join("00000000000000000004.json"), wrong).unwrap();
-        fs::write(dir.path().join("README"), b"ignored").unwrap();
+        fs::write(out.join("00000000000000000004.json"), wrong).unwrap();
+        // As is one sealed under another key.
+        fs::write(out.join("00000000000000000006.send"), b"SBOX\x01garbage").unwrap();
+        fs::write(out.join("README"), b"ignored").unwrap();
 
-        let (_, loaded) = Store::open(dir.path().to_owned()).unwrap();
+        let (_, loaded) = Store::open(out.clone(), sealer).unwrap();
         assert_eq!(loaded, vec![send(1, "ok")]);
-        let mut names: Vec<String> = fs::read_dir(dir.path())
+        let mut names: Vec<String> = fs::read_dir(&out)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
@@ -565,9 +786,10 @@ mod tests {
         assert_eq!(
             names,
             vec![
-                "00000000000000000001.json",
+                "00000000000000000001.send",
                 "00000000000000000003.json.corrupt",
                 "00000000000000000004.json.corrupt",
+                "00000000000000000006.send.corrupt",
                 "README",
             ]
         );
@@ -623,7 +845,7 @@ mod tests {
         let json = serde_json::to_string(&send(1, "hi")).unwrap();
         assert_eq!(
             json,
-            r#"{"seq":1,"client_msg_id":"id-1","to_user":7,"to_phone":null,"content":{"all_devices":{"payload":"6869"}}}"#
+            r#"{"seq":1,"client_msg_id":"id-1","to_user":7,"to_phone":null,"queued_at_ms":1700000000001,"content":{"all_devices":{"payload":"6869"}}}"#
         );
     }
 }

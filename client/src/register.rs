@@ -3,18 +3,29 @@
 //!
 //! Each call opens its own short connection; these flows happen once per
 //! device, so there is nothing to gain from keeping a link open.
+//!
+//! Verifying and linking also create the new device's identity in its state
+//! directory and publish its keys before returning, so peers can message
+//! the device at once, before it ever starts a [`crate::Client`].
+
+use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use switchboard_proto::pb;
-use tracing::instrument;
+use switchboard_proto::pb::{self, client_frame, server_frame};
+use tracing::{debug, instrument, warn};
 
-use crate::connection::{ConnectOptions, Connection};
+use crate::client::load_crypto;
+use crate::connection::{ConnectOptions, Connection, unexpected};
+use crate::crypto::Crypto;
 use crate::endpoint::Endpoint;
-use crate::error::Error;
+use crate::error::{CryptoError, Error, StorageError};
+use crate::store::StateFile;
 
 /// What a device needs to authenticate. Serializes with the credential as
 /// hex; `Debug` never shows the credential.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Credentials {
     /// The account.
     pub user_id: u64,
@@ -33,6 +44,21 @@ pub struct Credentials {
     /// then pins the key it first sees (kept in its state directory).
     #[serde(default, with = "hex_key", skip_serializing_if = "Option::is_none")]
     pub server_key: Option<Vec<u8>>,
+}
+
+impl Credentials {
+    /// Credentials kept from an earlier registration (without a pinned
+    /// server key: set [`Credentials::server_key`] if one was kept).
+    #[must_use]
+    pub fn new(user_id: u64, device_id: u32, credential: Vec<u8>, phone: String) -> Self {
+        Self {
+            user_id,
+            device_id,
+            credential,
+            phone,
+            server_key: None,
+        }
+    }
 }
 
 impl std::fmt::Debug for Credentials {
@@ -84,7 +110,8 @@ mod hex_bytes {
 ///
 /// # Errors
 ///
-/// As [`Connection::connect`]; [`Error::Server`] with `INVALID_PHONE`, or
+/// [`Error::Transport`] when the server cannot be reached (or the
+/// handshake times out), [`Error::Protocol`] when it misbehaves; [`Error::Server`] with `INVALID_PHONE`, or
 /// `RATE_LIMITED` (see [`crate::ServerError::retry_after`]).
 ///
 /// # Example
@@ -113,10 +140,20 @@ pub async fn request_code(
 /// Presents the code sent to `phone` and returns the credentials of the new
 /// primary device (a previous primary device of the account is revoked).
 ///
+/// The new device's identity is created in `state_dir` (locked meanwhile;
+/// give the same directory to [`crate::ClientConfig::state_dir`]) and its
+/// keys are published, so it can be messaged at once. Once the code is
+/// accepted the credentials are always returned: if publishing fails (the
+/// link dropped), the first [`crate::Client::start`] publishes the keys.
+///
 /// # Errors
 ///
-/// As [`Connection::connect`]; [`Error::Server`] with `CODE_INVALID`,
-/// `CODE_EXPIRED` or `CODE_LOCKED`.
+/// [`Error::Transport`] when the server cannot be reached (or the
+/// handshake times out), [`Error::Protocol`] when it misbehaves; [`Error::Server`] with `CODE_INVALID`,
+/// `CODE_EXPIRED` or `CODE_LOCKED`; [`Error::Usage`] with
+/// [`crate::UsageError::StateDirInUse`] while a client uses `state_dir`, or
+/// [`Error::Storage`] when it cannot be created (both before the code is
+/// presented, so it stays usable).
 ///
 /// # Example
 ///
@@ -124,18 +161,22 @@ pub async fn request_code(
 /// # async fn demo() -> Result<(), switchboard_client::Error> {
 /// use switchboard_client::register;
 /// let endpoint = "127.0.0.1:5222".parse()?;
-/// let creds = register::verify_code(&endpoint, &Default::default(), "+15550001111", "123456").await?;
+/// let state_dir = "/var/lib/myapp/sb-state";
+/// let creds =
+///     register::verify_code(&endpoint, &Default::default(), "+15550001111", "123456", state_dir)
+///         .await?;
 /// println!("user {} device {}", creds.user_id, creds.device_id);
 /// # Ok(()) }
 /// ```
-#[instrument(level = "debug", skip(options, code))]
+#[instrument(level = "debug", skip(options, code, state_dir))]
 pub async fn verify_code(
     endpoint: &Endpoint,
     options: &ConnectOptions,
     phone: &str,
     code: &str,
+    state_dir: impl AsRef<Path>,
 ) -> Result<Credentials, Error> {
-    verify_code_with_pin(endpoint, options, phone, code, "").await
+    verify_code_with_pin(endpoint, options, phone, code, "", state_dir).await
 }
 
 /// As [`verify_code`], for an account with two-step verification: `pin` is
@@ -157,21 +198,101 @@ pub async fn verify_code(
 /// let endpoint = "127.0.0.1:5222".parse()?;
 /// let creds = register::verify_code_with_pin(
 ///     &endpoint, &Default::default(), "+15550001111", "123456", "246810",
+///     "/var/lib/myapp/sb-state",
 /// ).await?;
 /// # Ok(()) }
 /// ```
-#[instrument(level = "debug", skip(options, code, pin))]
+#[instrument(level = "debug", skip(options, code, pin, state_dir))]
 pub async fn verify_code_with_pin(
     endpoint: &Endpoint,
     options: &ConnectOptions,
     phone: &str,
     code: &str,
     pin: &str,
+    state_dir: impl AsRef<Path>,
 ) -> Result<Credentials, Error> {
+    // Locked before the code is spent, so a busy directory costs no code.
+    let state = lock_state(state_dir.as_ref()).await?;
     let mut conn = Connection::connect(endpoint, options).await?;
     let creds = conn.verify_code_with_pin(phone, code, pin).await?;
+    Ok(publish_keys(conn, creds, state).await.0)
+}
+
+async fn lock_state(dir: &Path) -> Result<Arc<StateFile>, Error> {
+    let dir = dir.to_owned();
+    let state = tokio::task::spawn_blocking(move || StateFile::open(dir))
+        .await
+        .map_err(|e| StorageError::Task(e.to_string()))??;
+    Ok(Arc::new(state))
+}
+
+/// Publishes the keys of the new device `creds` from `state`, if it can:
+/// the credentials are the caller's either way (a device that did not
+/// publish does so when its client first connects). The error, if any, is
+/// returned beside them.
+async fn publish_keys(
+    conn: Connection,
+    mut creds: Credentials,
+    state: Arc<StateFile>,
+) -> (Credentials, Option<Error>) {
+    let (user_id, device_id) = (creds.user_id, creds.device_id);
+    match try_publish_keys(conn, &creds, state).await {
+        Ok(phone) => {
+            creds.phone = phone;
+            (creds, None)
+        }
+        Err(error) => {
+            warn!(user_id, device_id, %error, "cannot publish the new device's keys yet; its client will");
+            (creds, Some(error))
+        }
+    }
+}
+
+/// Authenticates `conn` as `creds`, creates its identity in `state` and
+/// uploads its keys unless the server has them; returns the account's phone
+/// number.
+async fn try_publish_keys(
+    mut conn: Connection,
+    creds: &Credentials,
+    state: Arc<StateFile>,
+) -> Result<String, Error> {
+    let (user_id, device_id) = (creds.user_id, creds.device_id);
+    let file = Arc::clone(&state);
+    let mut crypto = tokio::task::spawn_blocking(move || load_crypto(&file, user_id, device_id))
+        .await
+        .map_err(|e| StorageError::Task(e.to_string()))??;
+    let ok = conn.auth(creds).await?;
+    if !ok.has_keys {
+        let upload = crypto.upload(ok.one_time_keys_remaining, true);
+        // The keys going out are on disk first, so the server never holds
+        // keys this device has lost.
+        save(&state, &crypto).await?;
+        match conn.call(client_frame::Body::UploadKeys(upload)).await {
+            Ok(server_frame::Body::KeysUploaded(k)) => {
+                debug!(stock = k.one_time_keys_remaining, "keys published");
+                crypto.published();
+                save(&state, &crypto).await?;
+            }
+            Err(Error::Server(e)) if e.code == pb::ErrorCode::InvalidKeys => {
+                return Err(CryptoError::KeysRejected(e.to_string()).into());
+            }
+            Err(e) => return Err(e),
+            Ok(other) => return Err(unexpected("KeysUploaded", Some(&other))),
+        }
+    }
+    // The keys are in hand; a failed shutdown changes nothing for the caller.
     let _ = conn.close().await;
-    Ok(creds)
+    Ok(ok.phone)
+}
+
+/// Persists `crypto` to `state`, off the async threads.
+async fn save(state: &Arc<StateFile>, crypto: &Crypto) -> Result<(), Error> {
+    let bytes = crypto.snapshot()?;
+    let state = Arc::clone(state);
+    tokio::task::spawn_blocking(move || state.save(&bytes))
+        .await
+        .map_err(|e| StorageError::Task(e.to_string()))??;
+    Ok(())
 }
 
 /// Sets (or, with an empty `pin`, clears) the account's two-step
@@ -181,7 +302,8 @@ pub async fn verify_code_with_pin(
 ///
 /// # Errors
 ///
-/// As [`Connection::connect`]; [`Error::Server`] with `NOT_PRIMARY`,
+/// [`Error::Transport`] when the server cannot be reached (or the
+/// handshake times out), [`Error::Protocol`] when it misbehaves; [`Error::Server`] with `NOT_PRIMARY`,
 /// `UNAUTHENTICATED` or `BAD_REQUEST` (a PIN has 6 to 64 characters).
 ///
 /// # Example
@@ -209,14 +331,16 @@ pub async fn set_pin(
 
 /// Joins an existing account as a linked device, with a code made on its
 /// primary device ([`crate::Client::create_link_code`]). Returns the new
-/// device's credentials; start a [`crate::Client`] with them (and its own
-/// `state_dir`) to publish its keys, after which it gets every message of
-/// the account.
+/// device's credentials, with its identity created in `state_dir` and its
+/// keys published, so it gets every message of the account from now on;
+/// start a [`crate::Client`] with them and the same `state_dir`.
 ///
 /// # Errors
 ///
-/// As [`Connection::connect`]; [`Error::Server`] with `LINK_CODE_INVALID`
-/// (unknown, used or expired code) or `TOO_MANY_DEVICES`.
+/// [`Error::Transport`] when the server cannot be reached (or the
+/// handshake times out), [`Error::Protocol`] when it misbehaves; [`Error::Server`] with `LINK_CODE_INVALID`
+/// (unknown, used or expired code) or `TOO_MANY_DEVICES`; as
+/// [`verify_code`] for the state directory and keys.
 ///
 /// # Example
 ///
@@ -224,23 +348,29 @@ pub async fn set_pin(
 /// # async fn demo() -> Result<(), switchboard_client::Error> {
 /// use switchboard_client::register;
 /// let endpoint = "127.0.0.1:5222".parse()?;
-/// let creds = register::link_device(&endpoint, &Default::default(), "ABCD-EFGH-JKLM-NPQR").await?;
+/// let code = "ABCD-EFGH-JKLM-NPQR";
+/// let creds =
+///     register::link_device(&endpoint, &Default::default(), code, "/var/lib/myapp/sb-state")
+///         .await?;
 /// println!("linked as device {} of {}", creds.device_id, creds.phone);
 /// # Ok(()) }
 /// ```
-#[instrument(level = "debug", skip(options, code))]
+#[instrument(level = "debug", skip(options, code, state_dir))]
 pub async fn link_device(
     endpoint: &Endpoint,
     options: &ConnectOptions,
     code: &str,
+    state_dir: impl AsRef<Path>,
 ) -> Result<Credentials, Error> {
+    let state = lock_state(state_dir.as_ref()).await?;
     let mut conn = Connection::connect(endpoint, options).await?;
-    let mut creds = conn.link_device(code).await?;
+    let creds = conn.link_device(code).await?;
     // The phone number comes with the first authentication.
-    let ok = conn.auth(&creds).await?;
-    creds.phone = ok.phone;
-    let _ = conn.close().await;
-    Ok(creds)
+    match publish_keys(conn, creds, state).await {
+        // Without its phone number the device is not usable yet.
+        (creds, Some(error)) if creds.phone.is_empty() => Err(error),
+        (creds, _) => Ok(creds),
+    }
 }
 
 #[cfg(test)]

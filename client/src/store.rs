@@ -2,11 +2,16 @@
 //! encryption state (Olm account, sessions, known identity keys, the
 //! de-duplication window), encrypted at rest.
 //!
-//! Layout of the state directory:
-//! - `state.key`: 32 random bytes, mode 0600, created on first use;
+//! Layout of the state directory (mode 0700, every file 0600):
+//! - `lock`: held (`flock`) by the one process using the directory, so two
+//!   clients never overwrite each other's Olm state or outbox;
+//! - `state.key`: 32 random bytes, created on first use;
 //! - `state.bin`: `"SBST"`, a format byte (1), a 24-byte nonce, then the
 //!   XChaCha20-Poly1305 encryption of the state (JSON) under that key, with
 //!   the 5-byte header as associated data.
+//!
+//! The same key seals the outbox's files (see [`Sealer`]), with their own
+//! magic bytes.
 //!
 //! Writes are atomic (temp file, fsync, rename, directory fsync), so a crash
 //! leaves the old or the new state, never a mix. The key sits beside the
@@ -23,7 +28,10 @@ use std::path::{Path, PathBuf};
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 
-use crate::error::StorageError;
+use crate::error::{Error, StorageError, UsageError};
+
+/// File locked by the process using the directory.
+pub const LOCK_FILE: &str = "lock";
 
 /// File holding the encryption key.
 pub const KEY_FILE: &str = "state.key";
@@ -41,10 +49,86 @@ const HEADER_BYTES: usize = MAGIC.len() + 1;
 const NONCE_BYTES: usize = 24;
 const KEY_BYTES: usize = 32;
 
-/// An encrypted state file in a directory.
+/// Encrypts and decrypts files under the state key: a magic, a format
+/// byte, a nonce, then the ciphertext with the header as associated data.
+#[derive(Clone)]
+pub(crate) struct Sealer {
+    cipher: XChaCha20Poly1305,
+}
+
+impl std::fmt::Debug for Sealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sealer").finish_non_exhaustive()
+    }
+}
+
+impl Sealer {
+    /// `plain` sealed under `magic`; `path` names the file in errors.
+    pub(crate) fn seal(
+        &self,
+        magic: &[u8; 4],
+        plain: &[u8],
+        path: &Path,
+    ) -> Result<Vec<u8>, StorageError> {
+        let nonce: [u8; NONCE_BYTES] = rand::random();
+        let mut header = magic.to_vec();
+        header.push(FORMAT);
+        let ciphertext = self
+            .cipher
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: plain,
+                    aad: &header,
+                },
+            )
+            .map_err(|_| corrupt(path, "encryption failed"))?;
+        let mut out = header;
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&ciphertext);
+        Ok(out)
+    }
+
+    /// Whether `bytes` start like a file sealed under `magic`.
+    pub(crate) fn is_sealed(magic: &[u8; 4], bytes: &[u8]) -> bool {
+        bytes.starts_with(magic)
+    }
+
+    /// The plaintext of `bytes` sealed under `magic`.
+    pub(crate) fn open(
+        &self,
+        magic: &[u8; 4],
+        bytes: &[u8],
+        path: &Path,
+    ) -> Result<Vec<u8>, StorageError> {
+        if bytes.len() < HEADER_BYTES + NONCE_BYTES || !Self::is_sealed(magic, bytes) {
+            return Err(corrupt(path, "not a Switchboard state file"));
+        }
+        if bytes[magic.len()] != FORMAT {
+            return Err(corrupt(path, "unknown state file format"));
+        }
+        let (header, rest) = bytes.split_at(HEADER_BYTES);
+        let (nonce, ciphertext) = rest.split_at(NONCE_BYTES);
+        self.cipher
+            .decrypt(
+                XNonce::from_slice(nonce),
+                Payload {
+                    msg: ciphertext,
+                    aad: header,
+                },
+            )
+            .map_err(|_| corrupt(path, "cannot decrypt (wrong key or damaged file)"))
+    }
+}
+
+/// An encrypted state file in a directory, and the directory's lock: one
+/// `StateFile` per directory at a time, across processes.
 pub(crate) struct StateFile {
     dir: PathBuf,
-    cipher: XChaCha20Poly1305,
+    sealer: Sealer,
+    /// Holds the directory's `flock` until dropped (the OS releases it if
+    /// the process dies).
+    _lock: File,
 }
 
 impl std::fmt::Debug for StateFile {
@@ -62,16 +146,52 @@ fn corrupt(path: &Path, why: &str) -> StorageError {
     )
 }
 
+/// Creates `dir` (and missing parents) readable by the owner only, and
+/// makes an existing `dir` so.
+pub(crate) fn create_private_dir(dir: &Path) -> Result<(), StorageError> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir).map_err(|e| StorageError::io(dir, e))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(|e| StorageError::io(dir, e))?;
+    }
+    Ok(())
+}
+
+/// Takes the exclusive lock of `dir` (created), failing at once with
+/// [`UsageError::StateDirInUse`] while another holder has it.
+fn lock_dir(dir: &Path) -> Result<File, Error> {
+    let path = dir.join(LOCK_FILE);
+    let mut options = OpenOptions::new();
+    options.create(true).truncate(false).write(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let file = options
+        .open(&path)
+        .map_err(|e| StorageError::io(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(UsageError::StateDirInUse(dir.to_owned()).into()),
+        Err(fs::TryLockError::Error(e)) => Err(StorageError::io(&path, e).into()),
+    }
+}
+
 impl StateFile {
-    /// Opens (creating) `dir` and its key.
-    pub(crate) fn open(dir: PathBuf) -> Result<Self, StorageError> {
-        let mut builder = fs::DirBuilder::new();
-        builder.recursive(true);
-        #[cfg(unix)]
-        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-        builder
-            .create(&dir)
-            .map_err(|e| StorageError::io(&dir, e))?;
+    /// Opens (creating) `dir`, takes its lock, and reads (creating) its key.
+    ///
+    /// # Errors
+    ///
+    /// [`UsageError::StateDirInUse`] while another `StateFile` (in this or
+    /// another process) has `dir`; [`Error::Storage`] when it cannot be
+    /// created or read.
+    pub(crate) fn open(dir: PathBuf) -> Result<Self, Error> {
+        create_private_dir(&dir)?;
+        let lock = lock_dir(&dir)?;
         let key_path = dir.join(KEY_FILE);
         let key = match fs::read(&key_path) {
             Ok(key) => key,
@@ -80,14 +200,23 @@ impl StateFile {
                 write_atomic(&key_path, &key)?;
                 key.to_vec()
             }
-            Err(e) => return Err(StorageError::io(&key_path, e)),
+            Err(e) => return Err(StorageError::io(&key_path, e).into()),
         };
         if key.len() != KEY_BYTES {
-            return Err(corrupt(&key_path, "the key file is not 32 bytes"));
+            return Err(corrupt(&key_path, "the key file is not 32 bytes").into());
         }
         let cipher = XChaCha20Poly1305::new_from_slice(&key)
             .map_err(|_| corrupt(&key_path, "unusable key"))?;
-        Ok(Self { dir, cipher })
+        Ok(Self {
+            dir,
+            sealer: Sealer { cipher },
+            _lock: lock,
+        })
+    }
+
+    /// The directory's key, for other files kept beside the state.
+    pub(crate) fn sealer(&self) -> Sealer {
+        self.sealer.clone()
     }
 
     /// Path of the state file.
@@ -103,57 +232,19 @@ impl StateFile {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(StorageError::io(&path, e)),
         };
-        if bytes.len() < HEADER_BYTES + NONCE_BYTES || &bytes[..MAGIC.len()] != MAGIC {
-            return Err(corrupt(&path, "not a Switchboard state file"));
-        }
-        if bytes[MAGIC.len()] != FORMAT {
-            return Err(corrupt(&path, "unknown state file format"));
-        }
-        let (header, rest) = bytes.split_at(HEADER_BYTES);
-        let (nonce, ciphertext) = rest.split_at(NONCE_BYTES);
-        let plain = self
-            .cipher
-            .decrypt(
-                XNonce::from_slice(nonce),
-                Payload {
-                    msg: ciphertext,
-                    aad: header,
-                },
-            )
-            .map_err(|_| {
-                corrupt(
-                    &path,
-                    "cannot decrypt the state (wrong key or damaged file)",
-                )
-            })?;
-        Ok(Some(plain))
+        self.sealer.open(MAGIC, &bytes, &path).map(Some)
     }
 
     /// Durably replaces the stored state with `plain`, encrypted.
     pub(crate) fn save(&self, plain: &[u8]) -> Result<(), StorageError> {
         let path = self.path();
-        let nonce: [u8; NONCE_BYTES] = rand::random();
-        let mut header = MAGIC.to_vec();
-        header.push(FORMAT);
-        let ciphertext = self
-            .cipher
-            .encrypt(
-                XNonce::from_slice(&nonce),
-                Payload {
-                    msg: plain,
-                    aad: &header,
-                },
-            )
-            .map_err(|_| corrupt(&path, "encryption failed"))?;
-        let mut out = header;
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&ciphertext);
+        let out = self.sealer.seal(MAGIC, plain, &path)?;
         write_atomic(&path, &out)
     }
 }
 
 /// Replaces `path` with `bytes` atomically and durably, mode 0600.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StorageError> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StorageError> {
     // A unique temporary name, so two writers never share a half-written
     // file (the last rename wins, whole).
     let mut temp_name = path.as_os_str().to_owned();
@@ -219,6 +310,7 @@ mod tests {
         assert_eq!(state.load().unwrap(), None);
         state.save(b"secret state one").unwrap();
         state.save(b"secret state two").unwrap();
+        drop(state);
         let reopened = StateFile::open(dir.path().join("s")).unwrap();
         assert_eq!(reopened.load().unwrap().unwrap(), b"secret state two");
         let raw = fs::read(reopened.path()).unwrap();
@@ -226,7 +318,12 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            for name in [KEY_FILE, STATE_FILE] {
+            let dir_mode = fs::metadata(dir.path().join("s"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(dir_mode & 0o777, 0o700);
+            for name in [KEY_FILE, STATE_FILE, LOCK_FILE] {
                 let mode = fs::metadata(dir.path().join("s").join(name))
                     .unwrap()
                     .permissions()
@@ -248,9 +345,22 @@ mod tests {
         assert!(state.load().is_err());
         state.save(b"y").unwrap();
         fs::write(dir.path().join(KEY_FILE), [9u8; 32]).unwrap();
+        drop(state);
         let other = StateFile::open(dir.path().to_owned()).unwrap();
         assert!(other.load().is_err());
-        fs::write(state.path(), b"plain text").unwrap();
+        fs::write(other.path(), b"plain text").unwrap();
         assert!(other.load().is_err());
+    }
+
+    #[test]
+    fn one_holder_per_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateFile::open(dir.path().to_owned()).unwrap();
+        assert!(matches!(
+            StateFile::open(dir.path().to_owned()),
+            Err(Error::Usage(UsageError::StateDirInUse(_)))
+        ));
+        drop(state);
+        StateFile::open(dir.path().to_owned()).unwrap();
     }
 }

@@ -10,11 +10,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use futures_util::future::{join, join_all};
-use harness::{Peer, TestServer, WAIT, client_config};
+use harness::{Peer, TestServer, WAIT, client_config, state_dir};
 use switchboard_client::pb;
 use switchboard_client::{
     Client, CloseReason, ConnectOptions, Connection, DevicePayload, Error, ErrorCode, Event,
-    ProtocolError, ReceiptKind, UsageError,
+    Outbox, ProtocolError, ReceiptKind, UsageError,
 };
 use tokio::time::timeout;
 
@@ -48,20 +48,16 @@ async fn connection_handshake_ping_auth_and_key_pinning() {
     );
     conn.close().await.unwrap();
 
-    let pinned = ConnectOptions {
-        server_key: Some(server.public_key.clone()),
-        ..Default::default()
-    };
+    let mut pinned = ConnectOptions::default();
+    pinned.server_key = Some(server.public_key.clone());
     Connection::connect(&endpoint, &pinned)
         .await
         .unwrap()
         .close()
         .await
         .unwrap();
-    let wrong = ConnectOptions {
-        server_key: Some(vec![7; 32]),
-        ..Default::default()
-    };
+    let mut wrong = ConnectOptions::default();
+    wrong.server_key = Some(vec![7; 32]);
     let err = Connection::connect(&endpoint, &wrong).await.unwrap_err();
     assert!(
         matches!(
@@ -70,10 +66,8 @@ async fn connection_handshake_ping_auth_and_key_pinning() {
         ),
         "{err}"
     );
-    let old = ConnectOptions {
-        versions: vec![0],
-        ..Default::default()
-    };
+    let mut old = ConnectOptions::default();
+    old.versions = vec![0];
     let err = Connection::connect(&endpoint, &old).await.unwrap_err();
     assert_eq!(err.server_code(), Some(ErrorCode::UnsupportedVersion));
 
@@ -296,7 +290,7 @@ async fn outbox_survives_the_process_and_resends_in_order() {
         assert!(matches!(err, Error::Closed(CloseReason::ByClient)), "{err}");
     }
     drop(a);
-    let pending = switchboard_client::outbox::pending_sends(&outbox).unwrap();
+    let pending = Outbox::open(state_dir(&alice), &outbox).unwrap().list();
     let pending: Vec<(&str, Option<&str>)> = pending
         .iter()
         .map(|s| (s.client_msg_id.as_str(), s.to_phone.as_deref()))
@@ -306,7 +300,7 @@ async fn outbox_survives_the_process_and_resends_in_order() {
     // The "next run": the server is back.
     server.restart().await;
     let mut b = Peer::online(&server, bob.clone()).await;
-    let mut a = Peer::start(config, alice).await;
+    let mut a = Peer::start(config, alice.clone()).await;
     let mut sent = Vec::new();
     while sent.len() < ids.len() {
         let s = a
@@ -329,8 +323,9 @@ async fn outbox_survives_the_process_and_resends_in_order() {
     }
     a.close().await;
     assert!(
-        switchboard_client::outbox::pending_sends(&outbox)
+        Outbox::open(state_dir(&alice), &outbox)
             .unwrap()
+            .list()
             .is_empty()
     );
     b.close().await;
@@ -462,8 +457,16 @@ async fn bad_credential_and_replaced_close_for_good() {
         "{err}"
     );
 
+    // The same device twice needs two copies of its state: one client at a
+    // time may use a state directory.
+    let copy = tempfile::tempdir().unwrap();
+    for name in ["state.key", "state.bin"] {
+        std::fs::copy(state_dir(&alice).join(name), copy.path().join(name)).unwrap();
+    }
     let mut first = Peer::online(&server, alice.clone()).await;
-    let mut second = Peer::online(&server, alice.clone()).await;
+    let mut config = client_config(server.endpoint());
+    config.state_dir = Some(copy.path().to_owned());
+    let mut second = Peer::online_with(config, alice.clone()).await;
     let reason = first.closed().await;
     assert!(
         matches!(&reason, CloseReason::Goodbye(e) if e.code == ErrorCode::Replaced),

@@ -245,10 +245,8 @@ async fn the_server_key_is_pinned_from_registration_or_first_use() {
 
     // Credentials without one (kept by an older client): the first key
     // seen is pinned in the state directory, for later runs too.
-    let bare = switchboard_client::Credentials {
-        server_key: None,
-        ..creds.clone()
-    };
+    let mut bare = creds.clone();
+    bare.server_key = None;
     let mut p = Peer::start(client_config(server.endpoint()), bare.clone()).await;
     p.up_to_date().await;
     p.close().await;

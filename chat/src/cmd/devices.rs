@@ -8,7 +8,7 @@ use serde_json::json;
 use switchboard_client::{Client, Event, register};
 use tokio::time::timeout;
 
-use super::{Ctx, REQUEST_TIMEOUT, closed_error, validate_phone};
+use super::{Ctx, REQUEST_TIMEOUT, closed_error, state_error, validate_phone};
 use crate::home::Account;
 
 /// Runs `work` with a client for the stored account, within
@@ -116,18 +116,24 @@ pub async fn link(ctx: &Ctx, code: &str) -> Result<()> {
     let (addr, endpoint) = ctx.server(None)?;
     let creds = timeout(
         REQUEST_TIMEOUT,
-        register::link_device(&endpoint, &ctx.connect_options(), code),
+        register::link_device(
+            &endpoint,
+            &ctx.connect_options(),
+            code,
+            ctx.home.state_dir(),
+        ),
     )
     .await
     .map_err(|_| anyhow!("no answer from {addr} within {REQUEST_TIMEOUT:?}"))?
+    .map_err(state_error)
     .context("cannot link this device")?;
     let (phone, user_id, device_id) = (creds.phone.clone(), creds.user_id, creds.device_id);
     let account = Account {
         server: addr,
         creds,
     };
+    // Its keys are published (by the SDK, from the home's state directory).
     ctx.home.save_account(&account)?;
-    ctx.publish_keys(&account).await?;
     ctx.out.event(
         &format!("linked to {phone}: user {user_id}, device {device_id}"),
         &json!({"event": "linked", "phone": phone, "user_id": user_id, "device_id": device_id}),

@@ -3,6 +3,7 @@
 
 mod chat;
 mod devices;
+mod outbox;
 mod pin;
 mod recv;
 mod register;
@@ -11,11 +12,11 @@ mod whoami;
 
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use serde_json::json;
 use switchboard_client::{
     Client, ClientConfig, CloseReason, ConnectOptions, Endpoint, ErrorCode, Event, Events,
-    ReceiptKind, Sent,
+    ReceiptKind, Sent, UsageError as SdkUsageError,
 };
 
 use crate::cli::{Cli, Command, DEFAULT_SERVER, UsageError};
@@ -52,6 +53,7 @@ pub async fn run(cli: Cli, out: &Output) -> Result<()> {
             read,
         } => recv::run(&ctx, timeout, count, read).await,
         Command::Chat { phone } => chat::run(&ctx, &phone).await,
+        Command::Outbox { action } => outbox::run(&ctx, action),
         Command::Devices => devices::list(&ctx).await,
         Command::LinkCode => devices::link_code(&ctx).await,
         Command::Link { code } => devices::link(&ctx, &code).await,
@@ -96,32 +98,23 @@ impl Ctx {
         config.ping_interval = self.ping_interval;
         Client::start(config, account.creds.clone())
             .await
+            .map_err(state_error)
             .context("cannot start the client")
     }
+}
 
-    /// Starts the client for `account`, waits until this device's keys are
-    /// in the server's key directory (so others can message it), and stops.
-    async fn publish_keys(&self, account: &Account) -> Result<()> {
-        let (client, mut events) = self.start_client(account).await?;
-        let published = tokio::time::timeout(REQUEST_TIMEOUT, async {
-            let keys = client.keys_published();
-            tokio::pin!(keys);
-            loop {
-                tokio::select! {
-                    done = &mut keys => return done.context("cannot publish this device's keys"),
-                    event = events.recv() => match event {
-                        Some(Event::Closed { reason }) => return Err(closed_error(&reason)),
-                        None => bail!("the client stopped unexpectedly"),
-                        // Messages wait on the server for `recv`.
-                        Some(_) => {}
-                    },
-                }
-            }
-        })
-        .await
-        .map_err(|_| anyhow!("keys not published within {REQUEST_TIMEOUT:?}"));
-        let _ = client.close().await;
-        published?
+/// Explains an SDK error about the home's state directory; others pass
+/// through.
+fn state_error(error: switchboard_client::Error) -> anyhow::Error {
+    match &error {
+        switchboard_client::Error::Usage(SdkUsageError::StateDirInUse(dir)) => {
+            let advice = format!(
+                "another program is using this device's keys and outbox in {}                  (stop it first; use another --home for a second account)",
+                dir.display()
+            );
+            anyhow::Error::new(error).context(advice)
+        }
+        _ => anyhow::Error::new(error),
     }
 }
 
@@ -129,11 +122,10 @@ impl Ctx {
     /// Handshake options: sbchat's user agent and the `--server-key` pin
     /// (the SDK pins the account's stored key when there is none).
     fn connect_options(&self) -> ConnectOptions {
-        ConnectOptions {
-            user_agent: concat!("sbchat/", env!("CARGO_PKG_VERSION")).to_owned(),
-            server_key: self.server_key.clone(),
-            ..ConnectOptions::default()
-        }
+        let mut options = ConnectOptions::default();
+        options.user_agent = concat!("sbchat/", env!("CARGO_PKG_VERSION")).to_owned();
+        options.server_key.clone_from(&self.server_key);
+        options
     }
 }
 

@@ -5,7 +5,7 @@ use serde_json::json;
 use switchboard_client::register;
 use tokio::time::timeout;
 
-use super::{Ctx, REQUEST_TIMEOUT, validate_phone};
+use super::{Ctx, REQUEST_TIMEOUT, state_error, validate_phone};
 use crate::home::{Account, Pending};
 
 pub async fn register(ctx: &Ctx, phone: &str, force: bool) -> Result<()> {
@@ -58,10 +58,12 @@ pub async fn verify(ctx: &Ctx, code: &str, pin: Option<&str>) -> Result<()> {
             &pending.phone,
             code.trim(),
             pin.unwrap_or_default(),
+            ctx.home.state_dir(),
         ),
     )
     .await
     .map_err(|_| anyhow!("no answer from {addr} within {REQUEST_TIMEOUT:?}"))?
+    .map_err(state_error)
     .with_context(|| format!("cannot verify {}", pending.phone))?;
     if let Some(old) = ctx.home.account()?
         && old.creds.user_id != creds.user_id
@@ -74,11 +76,10 @@ pub async fn verify(ctx: &Ctx, code: &str, pin: Option<&str>) -> Result<()> {
         server: addr,
         creds,
     };
+    // The SDK has published the new identity's keys from the home's state
+    // directory: others can message this device before it ever runs `recv`.
     ctx.home.save_account(&account)?;
     ctx.home.remove_pending()?;
-    // A new device has a new identity: publish its keys now, so others can
-    // message it before it ever runs `recv`.
-    ctx.publish_keys(&account).await?;
     ctx.out.event(
         &format!("verified {phone}: user {user_id}, device {device_id}"),
         &json!({"event": "verified", "phone": phone, "user_id": user_id, "device_id": device_id}),

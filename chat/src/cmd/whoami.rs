@@ -7,13 +7,22 @@ use super::Ctx;
 
 pub fn run(ctx: &Ctx) -> Result<()> {
     let account = ctx.home.require_account()?;
-    let pending = switchboard_client::outbox::pending_sends(&ctx.home.outbox_dir())?.len();
+    // Unknown (null) while another sbchat holds the device's outbox.
+    let pending = switchboard_client::Outbox::open(ctx.home.state_dir(), ctx.home.outbox_dir())
+        .ok()
+        .map(|outbox| outbox.list().len());
     let (server, _) = ctx.server(Some(&account.server))?;
     let c = &account.creds;
     ctx.out.event(
         &format!(
-            "{} (user {}, device {}) on {server}; {pending} message(s) waiting in the outbox",
-            c.phone, c.user_id, c.device_id
+            "{} (user {}, device {}) on {server}; {} waiting in the outbox",
+            c.phone,
+            c.user_id,
+            c.device_id,
+            pending.map_or_else(
+                || "an unknown number of messages (in use by another sbchat)".to_owned(),
+                |n| format!("{n} message(s)")
+            ),
         ),
         &json!({
             "event": "whoami",

@@ -8,8 +8,14 @@
 //!
 //! While driving the link, reads and writes never wait for each other:
 //! sealed bytes go to a small writer task through a bounded channel, and the
-//! task stops taking new work while too many bytes wait to be written, and
-//! stops reading while the application is behind on events.
+//! task stops taking new work while too many bytes wait to be written.
+//!
+//! A slow application never stops the reading: an app that awaits a send
+//! inside its event loop needs the ✓ to be read while its events channel is
+//! full. Instead, pushed queue entries are set aside (`deferred`) and turned
+//! into events only as the application takes them; the server bounds what
+//! can pile up there (it never has more than `max_unacked` entries
+//! unacknowledged on one connection).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -80,6 +86,13 @@ const MAX_KEY_WAITS: u32 = 20;
 
 /// Wait between those fetches (so about 5 s in all).
 const KEY_WAIT_DELAY: Duration = Duration::from_millis(250);
+
+/// Pushed queue entries set aside while the application is behind on
+/// events. The server never leaves more than `max_unacked` (8192 by
+/// default) entries unacknowledged on a connection, so this is not reached
+/// against a well-behaved server; past it, reading pauses (the ✓ of a send
+/// awaited inside the event loop then waits too).
+const MAX_DEFERRED_ENTRIES: usize = 16_384;
 
 /// Users whose device list and phone number are cached.
 const DIRECTORY_CAPACITY: usize = 10_000;
@@ -211,6 +224,13 @@ enum InFlight {
     Ping,
 }
 
+/// A push set aside until the application takes events again, in arrival
+/// order.
+enum Deferred {
+    Entry(pb::QueueEntry),
+    UpToDate,
+}
+
 /// How a link ended.
 enum Down {
     /// Stop the client.
@@ -338,9 +358,14 @@ pub(super) struct Actor {
     /// From the handles. Bounded (`command_capacity`): callers wait.
     commands: mpsc::Receiver<Command>,
     /// To the application. Bounded (`event_capacity`); events wait in
-    /// `pending_events` and reading pauses while that is full.
+    /// `pending_events`, and while that is full pushed entries wait in
+    /// `deferred`.
     events: mpsc::Sender<Event>,
     pending_events: VecDeque<Event>,
+    /// Pushes of the current link not yet turned into events, because
+    /// `pending_events` is full; cleared with the link (the server
+    /// redelivers what was not acknowledged).
+    deferred: VecDeque<Deferred>,
     /// The application dropped `Events`: discard instead of queueing.
     events_gone: bool,
     store: Option<Arc<Store>>,
@@ -429,6 +454,7 @@ impl Actor {
             commands,
             events,
             pending_events: VecDeque::new(),
+            deferred: VecDeque::new(),
             events_gone: false,
             store,
             queue: Queue::new(loaded),
@@ -515,6 +541,18 @@ impl Actor {
                 debug!("events receiver dropped; discarding events");
                 self.events_gone = true;
                 self.pending_events.clear();
+            }
+        }
+    }
+
+    /// Turns deferred pushes into events while the application has room.
+    fn take_deferred(&mut self) {
+        while self.pending_events.len() < self.config.event_capacity
+            && let Some(push) = self.deferred.pop_front()
+        {
+            match push {
+                Deferred::Entry(entry) => self.on_entry(entry),
+                Deferred::UpToDate => self.emit(Event::UpToDate),
             }
         }
     }
@@ -641,6 +679,7 @@ impl Actor {
             if let Some(reason) = self.stop.clone() {
                 return Down::Stop(reason);
             }
+            self.take_deferred();
             if let Err(e) = self.pump(link) {
                 return Down::retry(e);
             }
@@ -648,8 +687,8 @@ impl Actor {
             // that made them is on disk (the writer gets `out` below).
             self.save_crypto().await;
             let now = Instant::now();
-            let can_read = self.pending_events.len() < self.config.event_capacity
-                && link.unwritten() < READ_PAUSE_BYTES;
+            let can_read =
+                self.deferred.len() < MAX_DEFERRED_ENTRIES && link.unwritten() < READ_PAUSE_BYTES;
             let can_take_commands = link.has_room();
             let can_ping = link.pong_deadline.is_none() && link.out.is_empty();
             let ping_at = link.last_write + self.config.ping_interval;
@@ -710,6 +749,7 @@ impl Actor {
         } else {
             link.writer.abort();
         }
+        self.deferred.clear();
         self.queue.reset_in_flight();
         let mut requests: Vec<(u32, Request)> = link
             .in_flight
@@ -767,6 +807,7 @@ impl Actor {
                     client_msg_id,
                     to_user,
                     to_phone,
+                    queued_at_ms: now_ms(),
                     never_sent: fresh_id,
                     resent: false,
                     content,
@@ -1069,9 +1110,9 @@ impl Actor {
     /// an outbox directory (or if it cannot be opened).
     async fn retained_store(&mut self) -> Option<Arc<Retained>> {
         if self.retained.is_none()
-            && let Some(dir) = self.config.outbox_dir.clone()
+            && let Some(store) = self.store.clone()
         {
-            match tokio::task::spawn_blocking(move || Retained::open(&dir)).await {
+            match tokio::task::spawn_blocking(move || Retained::open(&store)).await {
                 Ok(Ok(r)) => self.retained = Some(Arc::new(r)),
                 Ok(Err(e)) => warn!(error = %e, "cannot open the store of sent messages"),
                 Err(e) => warn!(error = %e, "cannot open the store of sent messages"),
@@ -1466,14 +1507,15 @@ impl Actor {
         }
         match frame.body {
             Some(Body::Deliver(deliver)) => {
-                for entry in deliver.entries {
-                    self.on_entry(entry);
-                }
+                self.deferred
+                    .extend(deliver.entries.into_iter().map(Deferred::Entry));
+                self.take_deferred();
             }
             Some(Body::UpToDate(_)) => {
                 debug!("queue drained");
                 self.attempt = 0;
-                self.emit(Event::UpToDate);
+                self.deferred.push_back(Deferred::UpToDate);
+                self.take_deferred();
             }
             Some(Body::KeysLow(low)) => {
                 debug!(stock = low.one_time_keys_remaining, "one-time keys low");
@@ -1993,6 +2035,10 @@ impl Actor {
         }
         self.flush_removals().await;
         self.save_crypto().await;
+        // Unlocks the state directory before `close()` returns, so a new
+        // client may start on it at once.
+        self.state_file = None;
+        self.store = None;
         for reply in self.close_replies.drain(..) {
             let _ = reply.send(());
         }

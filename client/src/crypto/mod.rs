@@ -7,7 +7,7 @@
 //! before any ciphertext made from new state leaves the process (so a crash
 //! can never make a message key be used twice).
 //!
-//! - [`envelope`]: the wire and plaintext envelopes;
+//! - `envelope`: the wire and plaintext envelopes (internal);
 //! - [`safety`]: safety numbers.
 //!
 //! Trust model: keys come from the server's key directory and are accepted
@@ -15,6 +15,7 @@
 //! Ed25519 identity key. Users compare [`safety`] numbers to detect a
 //! lying server; a change of a peer's device keys is reported.
 
+#[doc(hidden)]
 pub mod envelope;
 pub mod safety;
 

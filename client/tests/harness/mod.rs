@@ -1,8 +1,8 @@
 //! The real server for the SDK's tests: `switchboard_server::start` on
 //! ephemeral ports with a temporary data dir, restartable on the same ports
 //! (so a running client reconnects to the same endpoint), accounts
-//! registered through the SDK with the development code file (and brought
-//! online once, so their keys are published), and a [`Peer`] pairing a
+//! registered through the SDK with the development code file (which
+//! publishes their keys), and a [`Peer`] pairing a
 //! client with its events. Every client gets a crypto state directory named
 //! after its server and device, so a restarted client keeps its identity.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use switchboard_client::{
-    Backoff, Client, ClientConfig, CloseReason, ConnectOptions, Credentials, Endpoint, Error,
-    Event, Events, ReceiptKind, register,
+    Backoff, Client, ClientConfig, CloseReason, ConnectOptions, Connection, Credentials, Endpoint,
+    Error, Event, Events, ReceiptKind, register,
 };
 use switchboard_server::{Config, RunningServer, ServerError};
 use tempfile::TempDir;
@@ -130,16 +130,40 @@ impl TestServer {
     }
 
     /// Registers `phone` (a new primary device, revoking any previous one)
-    /// through the SDK, reading the code the development sender wrote.
+    /// through the SDK, reading the code the development sender wrote; the
+    /// SDK publishes the device's keys from its state directory.
     pub async fn register(&self, phone: &str) -> Credentials {
-        let creds = self.register_without_keys(phone).await;
-        self.publish_keys(&creds).await;
+        let code = self.code_for(phone).await;
+        let dir = new_state_dir();
+        let creds = register::verify_code(
+            &self.endpoint(),
+            &ConnectOptions::default(),
+            phone,
+            &code,
+            &dir,
+        )
+        .await
+        .unwrap();
+        assert_eq!(creds.phone, phone);
+        adopt_state_dir(&dir, &creds);
         creds
     }
 
-    /// Registers `phone` like [`Self::register`] but publishes no keys: a
-    /// device that verified and never connected.
+    /// Registers `phone` with a raw connection, publishing no keys: a
+    /// device that verified and never connected (as older SDKs left it).
     pub async fn register_without_keys(&self, phone: &str) -> Credentials {
+        let code = self.code_for(phone).await;
+        let mut conn = Connection::connect(&self.endpoint(), &ConnectOptions::default())
+            .await
+            .unwrap();
+        let creds = conn.verify_code(phone, &code).await.unwrap();
+        let _ = conn.close().await;
+        assert_eq!(creds.phone, phone);
+        creds
+    }
+
+    /// Asks for a code for `phone` and reads it from the dev code file.
+    pub async fn code_for(&self, phone: &str) -> String {
         let endpoint = self.endpoint();
         let options = ConnectOptions::default();
         let path = self.dev_code_path(phone);
@@ -149,7 +173,7 @@ impl TestServer {
         register::request_code(&endpoint, &options, phone)
             .await
             .unwrap();
-        let code = tokio::time::timeout(WAIT, async {
+        tokio::time::timeout(WAIT, async {
             loop {
                 if let Ok(code) = tokio::fs::read_to_string(&path).await {
                     return code.trim().to_owned();
@@ -158,49 +182,60 @@ impl TestServer {
             }
         })
         .await
-        .expect("the dev code file never appeared");
-        let creds = register::verify_code(&endpoint, &options, phone, &code)
-            .await
-            .unwrap();
-        assert_eq!(creds.phone, phone);
-        creds
+        .expect("the dev code file never appeared")
     }
 
     /// Links a new device to the account of `primary` (a running primary
-    /// device) and publishes its keys.
+    /// device); the SDK publishes its keys.
     pub async fn link(&self, primary: &Client) -> Credentials {
         let code = primary.create_link_code().await.unwrap();
-        let creds = register::link_device(&self.endpoint(), &ConnectOptions::default(), &code.code)
-            .await
-            .unwrap();
+        let dir = new_state_dir();
+        let creds = register::link_device(
+            &self.endpoint(),
+            &ConnectOptions::default(),
+            &code.code,
+            &dir,
+        )
+        .await
+        .unwrap();
         assert_eq!(creds.user_id, primary.user_id());
-        self.publish_keys(&creds).await;
+        adopt_state_dir(&dir, &creds);
         creds
     }
+}
 
-    /// Brings a device online once, so its keys are in the key directory
-    /// (as a real device does right after registering).
-    async fn publish_keys(&self, creds: &Credentials) {
-        let peer = Peer::start(client_config(self.endpoint()), creds.clone()).await;
-        tokio::time::timeout(WAIT, peer.client.keys_published())
-            .await
-            .expect("keys never published")
-            .unwrap();
-        peer.close().await;
-    }
+fn test_root() -> &'static Path {
+    static ROOT: OnceLock<TempDir> = OnceLock::new();
+    ROOT.get_or_init(|| tempfile::tempdir().unwrap()).path()
+}
+
+/// A fresh directory for a device that is not registered yet.
+pub fn new_state_dir() -> PathBuf {
+    let name = next_id();
+    test_root().join(format!("new-{name:016x}"))
+}
+
+fn next_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Moves a state directory made at registration to the device's own.
+fn adopt_state_dir(dir: &Path, creds: &Credentials) {
+    std::fs::rename(dir, state_dir(creds)).unwrap();
 }
 
 /// The crypto state directory of a device (named by its credential, which
 /// is random per device, so servers and transports never share one).
 pub fn state_dir(creds: &Credentials) -> PathBuf {
-    static ROOT: OnceLock<TempDir> = OnceLock::new();
-    let root = ROOT.get_or_init(|| tempfile::tempdir().unwrap());
+    let root = test_root();
     let credential: String = creds
         .credential
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    root.path().join(format!(
+    root.join(format!(
         "{}-{}-{credential}",
         creds.user_id, creds.device_id
     ))
@@ -209,10 +244,7 @@ pub fn state_dir(creds: &Credentials) -> PathBuf {
 /// A client config for `endpoint` that reconnects quickly.
 pub fn client_config(endpoint: Endpoint) -> ClientConfig {
     let mut config = ClientConfig::new(endpoint);
-    config.backoff = Backoff {
-        initial: Duration::from_millis(10),
-        max: Duration::from_millis(50),
-    };
+    config.backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(50));
     config
 }
 
