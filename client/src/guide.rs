@@ -82,6 +82,16 @@
 //! pending sends can be listed and cancelled with
 //! [`Outbox`](crate::Outbox).
 //!
+//! A message that was waiting for a contact's old devices when the contact
+//! re-registered comes back as [`Event::Undelivered`](crate::Event::Undelivered):
+//! the client sends it once more, same id, to the new devices (sent
+//! messages are kept until their ✓✓ for that; in `outbox_dir/sent/` when
+//! there is an outbox directory), after reporting the contact's new keys.
+//! Changes of a contact's devices come as
+//! [`Event::ContactDevicesChanged`](crate::Event::ContactDevicesChanged) and
+//! [`Event::SafetyNumberChanged`](crate::Event::SafetyNumberChanged): show
+//! them in the conversation.
+//!
 //! [`Error::is_retryable`](crate::Error::is_retryable) says whether the same
 //! call may succeed later (e.g. a recipient device that has not published
 //! its keys yet, a rate limit, a lost connection).
@@ -101,3 +111,8 @@
 //!   a `state_dir`; a subdirectory of it is a good place.
 //! - The key beside the state protects files copied alone (backups, sync
 //!   tools), not an attacker who can read the whole directory.
+//! - Keep [`Credentials`](crate::Credentials) whole, `server_key` included:
+//!   it pins the server's key seen at registration, and a server presenting
+//!   another is refused before the credential is sent
+//!   ([`CloseReason::ServerKeyMismatch`](crate::CloseReason::ServerKeyMismatch)).
+//!   Credentials without one pin the first key seen, kept in `state_dir`.
