@@ -6,6 +6,24 @@ use std::io::Write;
 use serde_json::{Value, json};
 use switchboard_client::Error as SdkError;
 
+/// `error` and its causes, each said once: the SDK's errors repeat their
+/// cause in their own message (`invalid use: X` caused by `X`), which
+/// `{:#}` would print twice. A cause that ends the text so far is skipped.
+pub fn describe(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let part = cause.to_string();
+        if text.ends_with(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
+}
+
 /// The printer chosen by `--json`.
 #[derive(Debug, Clone, Copy)]
 pub struct Output {
@@ -51,10 +69,29 @@ impl Output {
                 .map(|c| c.as_str_name());
             self.event(
                 "",
-                &json!({"event": "error", "error": format!("{error:#}"), "code": code}),
+                &json!({"event": "error", "error": describe(error), "code": code}),
             );
         } else {
-            self.note(&format!("sbchat: error: {error:#}"));
+            self.note(&format!("sbchat: error: {}", describe(error)));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn describe_says_each_cause_once() {
+        let sdk = SdkError::from(switchboard_client::UsageError::Invalid(
+            "empty phone number",
+        ));
+        let error = anyhow::Error::new(sdk).context("cannot send to +1555");
+        assert_eq!(
+            describe(&error),
+            "cannot send to +1555: invalid use: empty phone number"
+        );
+        let error = anyhow::anyhow!("root").context("middle").context("top");
+        assert_eq!(describe(&error), "top: middle: root");
     }
 }
