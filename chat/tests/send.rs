@@ -1,5 +1,5 @@
-//! `sbchat send` end to end against a real server: how a refusal is
-//! reported.
+//! `sbchat send` end to end against a real server: the text from stdin or
+//! a file, the size limit, and how a refusal is reported.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -8,6 +8,89 @@ use common::Env;
 
 const ALICE: &str = "+15550005001";
 const BOB: &str = "+15550005002";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_comes_from_stdin_or_a_file_up_to_the_limit() {
+    let env = Env::start().await;
+    let alice = env.register("alice", ALICE).await;
+    let bob = env.register("bob", BOB).await;
+
+    // `-` reads standard input (one trailing newline dropped).
+    let run = env
+        .run(&alice, &["send", BOB, "-"], Some(b"line one\nline two\n"))
+        .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    // No text with a piped standard input reads it too.
+    let run = env.run(&alice, &["send", BOB], Some(b"piped")).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    // --file PATH.
+    let file = env.dir.path().join("note.txt");
+    std::fs::write(&file, "from a file\n").unwrap();
+    let run = env
+        .run(
+            &alice,
+            &["send", BOB, "--file", file.to_str().unwrap()],
+            None,
+        )
+        .await;
+    assert_eq!(run.code, 0, "{run:?}");
+
+    let run = env
+        .run(&bob, &["recv", "--timeout", "10", "--count", "3"], None)
+        .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let texts: Vec<&str> = run
+        .events("message")
+        .iter()
+        .map(|m| m["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["line one\nline two", "piped", "from a file"]);
+
+    // Too long, empty, not UTF-8, or two sources: refused locally (usage).
+    let big = vec![b'x'; 70 * 1024];
+    std::fs::write(&file, &big).unwrap();
+    let run = env
+        .run_text(
+            &alice,
+            &["send", BOB, "--file", file.to_str().unwrap()],
+            None,
+        )
+        .await;
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.contains("64 KiB"), "{run:?}");
+    assert!(run.stderr.lines().count() == 1, "{run:?}");
+    let run = env.run_text(&alice, &["send", BOB, "-"], Some(&big)).await;
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.contains("64 KiB"), "{run:?}");
+    let run = env.run_text(&alice, &["send", BOB, "-"], Some(b"")).await;
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.contains("empty"), "{run:?}");
+    let run = env
+        .run_text(&alice, &["send", BOB, "-"], Some(b"\xff\xfe"))
+        .await;
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.contains("UTF-8"), "{run:?}");
+    let run = env
+        .run_text(
+            &alice,
+            &["send", BOB, "hi", "--file", file.to_str().unwrap()],
+            None,
+        )
+        .await;
+    assert_eq!(run.code, 2, "{run:?}");
+
+    // --help states the limit and the ways to give the text.
+    let run = env.run_text(&alice, &["send", "--help"], None).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stdout.contains("64 KiB"), "{}", run.stdout);
+    assert!(run.stdout.contains("--file"), "{}", run.stdout);
+    assert!(run.stdout.contains("standard input"), "{}", run.stdout);
+
+    // Nothing refused reached Bob.
+    let run = env.run(&bob, &["recv", "--timeout", "3"], None).await;
+    assert!(run.events("message").is_empty(), "{run:?}");
+    env.stop().await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_send_is_reported_once() {

@@ -15,7 +15,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde_json::json;
 use switchboard_client::{
     Client, ClientConfig, CloseReason, ConnectOptions, Endpoint, ErrorCode, Event, Events,
-    ReceiptKind, Sent,
+    MAX_PLAINTEXT_BYTES, ReceiptKind, Sent,
 };
 
 use crate::cli::{Cli, Command, DEFAULT_SERVER, UsageError};
@@ -42,9 +42,13 @@ pub async fn run(cli: Cli, out: &Output) -> Result<()> {
         Command::Send {
             phone,
             text,
+            file,
             wait_delivered,
             timeout,
-        } => send::run(&ctx, &phone, text, wait_delivered, timeout).await,
+        } => {
+            let source = send::Source::new(text, file.as_deref())?;
+            send::run(&ctx, &phone, source, wait_delivered, timeout).await
+        }
         Command::Recv {
             timeout,
             count,
@@ -219,6 +223,23 @@ fn kind_name(kind: ReceiptKind) -> &'static str {
         ReceiptKind::Read => "read",
         ReceiptKind::Delivered | ReceiptKind::Unspecified => "delivered",
     }
+}
+
+/// Refuses a message too long to send, locally and without echoing it.
+/// `complete` is false when only the first bytes of the input were read.
+fn check_message_len(len: usize, complete: bool) -> Result<()> {
+    if len > MAX_PLAINTEXT_BYTES {
+        let size = if complete {
+            format!("{len} bytes")
+        } else {
+            format!("more than {MAX_PLAINTEXT_BYTES} bytes")
+        };
+        return Err(anyhow!(UsageError(format!(
+            "message too long: {size}, at most {MAX_PLAINTEXT_BYTES} \
+             (64 KiB per message, less 1 KiB for the encryption)"
+        ))));
+    }
+    Ok(())
 }
 
 /// A decrypted message, as the SDK's `Event::Message` gives it.
