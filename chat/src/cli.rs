@@ -110,7 +110,8 @@ pub enum Command {
         /// Read the message from the file PATH
         #[arg(long, value_name = "PATH")]
         file: Option<PathBuf>,
-        /// Also wait until a device of the recipient received it (✓✓)
+        /// Also wait until a device of the recipient received it (✓✓);
+        /// messages and receipts queued ahead of it are kept for `recv`
         #[arg(long)]
         wait_delivered: bool,
         /// Give up after S seconds

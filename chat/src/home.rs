@@ -1,7 +1,8 @@
 //! The state directory: `account.json` (the device's credentials, mode
 //! 0600), `pending.json` (a registration waiting for its code), `outbox/`
 //! (the SDK's pending sends), `state/` (the SDK's encrypted end-to-end
-//! encryption keys and sessions) and `lock` (one sbchat per home at a time: two
+//! encryption keys and sessions), `contacts.json` (phones seen, by user id:
+//! see `contacts`) and `lock` (one sbchat per home at a time: two
 //! would connect as the same device and replace each other).
 
 use std::fs::{self, File, OpenOptions};
@@ -147,6 +148,19 @@ impl Home {
         }
     }
 
+    fn contacts_path(&self) -> PathBuf {
+        self.dir.join("contacts.json")
+    }
+
+    pub fn read_contacts<T: serde::de::DeserializeOwned>(&self) -> Result<Option<T>> {
+        read_json(&self.contacts_path())
+    }
+
+    pub fn save_contacts(&self, bytes: &[u8]) -> Result<()> {
+        self.create()?;
+        write_private(&self.contacts_path(), bytes)
+    }
+
     /// Deletes pending sends (they belong to a previous account).
     pub fn clear_outbox(&self) -> Result<()> {
         let dir = self.outbox_dir();
@@ -170,7 +184,7 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
 }
 
 /// Replaces `path` atomically with `bytes`, readable by the owner only.
-fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut temp_name = path.as_os_str().to_owned();
     temp_name.push(".tmp");
     let temp = PathBuf::from(temp_name);

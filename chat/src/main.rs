@@ -8,7 +8,9 @@
 
 mod cli;
 mod cmd;
+mod contacts;
 mod home;
+mod inbox;
 mod output;
 
 use std::process::ExitCode;

@@ -1,5 +1,6 @@
-//! `sbchat send` end to end against a real server: the text from stdin or
-//! a file, the size limit, and how a refusal is reported.
+//! `sbchat send` end to end against a real server: waiting for this
+//! message's ✓✓ among older receipts, the text from stdin or a file, the
+//! size limit, and how a refusal is reported.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -8,6 +9,48 @@ use common::Env;
 
 const ALICE: &str = "+15550005001";
 const BOB: &str = "+15550005002";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_delivered_waits_for_this_message_among_older_receipts() {
+    let env = Env::start().await;
+    let alice = env.register("alice", ALICE).await;
+    let bob = env.register("bob", BOB).await;
+
+    // An older message whose ✓✓ is still queued for Alice.
+    let run = env.run(&alice, &["send", BOB, "older"], None).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let older = run.events("sent")[0]["client_msg_id"].clone();
+    let run = env
+        .run(&bob, &["recv", "--timeout", "10", "--count", "1"], None)
+        .await;
+    assert_eq!(run.code, 0, "{run:?}");
+
+    // With Bob online, the new send must wait for its own ✓✓.
+    let bob_recv = env.run(&bob, &["recv", "--timeout", "20", "--count", "1"], None);
+    let send = env.run(
+        &alice,
+        &["send", BOB, "newer", "--wait-delivered", "--timeout", "20"],
+        None,
+    );
+    let (recv, send) = tokio::join!(bob_recv, send);
+    assert_eq!(send.code, 0, "{send:?}");
+    let id = send.events("sent")[0]["client_msg_id"].clone();
+    let delivered = send.events("delivered");
+    assert_eq!(delivered.len(), 1, "{send:?}");
+    assert_eq!(delivered[0]["client_msg_id"], id, "{send:?}");
+    assert_eq!(recv.code, 0, "{recv:?}");
+    assert_eq!(recv.events("message")[0]["text"], "newer", "{recv:?}");
+
+    // The older receipt is not lost: `recv` still shows it.
+    let run = env.run(&alice, &["recv", "--timeout", "5"], None).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let receipts = run.events("receipt");
+    assert!(
+        receipts.iter().any(|r| r["client_msg_ids"][0] == older),
+        "{run:?}"
+    );
+    env.stop().await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_comes_from_stdin_or_a_file_up_to_the_limit() {

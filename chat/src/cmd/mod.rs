@@ -249,7 +249,7 @@ pub struct Shown<'a> {
     pub from_device: u32,
     /// For a copy sent by another device of this account: the peer.
     pub own_copy_to: Option<u64>,
-    /// The peer's phone when `own_copy_to` is the chat's peer.
+    /// The peer's phone for `own_copy_to`, when known.
     pub to_phone: Option<&'a str>,
     pub client_msg_id: &'a str,
     pub payload: &'a [u8],
@@ -276,6 +276,7 @@ fn print_message(out: Output, m: &Shown<'_>) {
             "from_device": m.from_device,
             "from_own_device": m.own_copy_to.is_some(),
             "to_user": m.own_copy_to,
+            "to": m.own_copy_to.and(m.to_phone),
             "client_msg_id": m.client_msg_id,
             "text": text,
             "server_ts_ms": m.server_ts_ms,

@@ -4,8 +4,11 @@
 //! checked against the size limit before anything connects. The message is
 //! written to the outbox before it goes out, so if this process dies or
 //! times out before ✓, the next sbchat command sends it (with the same id,
-//! so the server stores it once). Messages and unrelated receipts that
-//! arrive meanwhile are left on the server for `sbchat recv`.
+//! so the server stores it once). Without `--wait-delivered`, messages and
+//! receipts that arrive meanwhile are left on the server for `sbchat recv`;
+//! with it, those queued ahead of the ✓✓ are moved to the home's inbox
+//! (see `inbox`), since the server hands out nothing newer until they are
+//! acknowledged.
 
 use std::io::IsTerminal;
 use std::path::Path;
@@ -20,6 +23,8 @@ use switchboard_client::{
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::cli::{QueuedError, UsageError};
+use crate::contacts::Contacts;
+use crate::inbox::{Inbox, Kept};
 
 use super::{
     Ctx, LinkStatus, check_message_len, closed_error, kind_name, print_sent, validate_phone,
@@ -119,13 +124,19 @@ pub async fn run(
     let text = source.read().await?;
     let account = ctx.home.require_account()?;
     let _lock = ctx.home.lock()?;
+    let mut contacts = Contacts::load(&ctx.home);
+    let inbox = Inbox::new(&ctx.home);
     let (client, mut events) = ctx.start_client(&account).await?;
     let mut stage = Stage::Sending;
     let outcome = tokio::time::timeout(
         limit,
         drive(
-            ctx,
-            &client,
+            Drive {
+                ctx,
+                client: &client,
+                contacts: &mut contacts,
+                inbox: &inbox,
+            },
             &mut events,
             &phone,
             text,
@@ -151,15 +162,28 @@ pub async fn run(
     }
 }
 
+/// What `drive` works with.
+struct Drive<'a> {
+    ctx: &'a Ctx,
+    client: &'a Client,
+    contacts: &'a mut Contacts,
+    inbox: &'a Inbox,
+}
+
 async fn drive(
-    ctx: &Ctx,
-    client: &Client,
+    d: Drive<'_>,
     events: &mut Events,
     phone: &str,
     text: String,
     wait_delivered: bool,
     stage: &mut Stage,
 ) -> Result<()> {
+    let Drive {
+        ctx,
+        client,
+        contacts,
+        inbox,
+    } = d;
     let out = ctx.out;
     let id = new_client_msg_id();
     let send = client.send_to_phone_with_id(id.clone(), phone, Bytes::from(text));
@@ -174,15 +198,17 @@ async fn drive(
         tokio::select! {
             result = &mut send, if !sent => {
                 let ok = result.with_context(|| format!("cannot send to {phone}"))?;
+                contacts.learn(ok.to_user, phone);
                 print_sent(out, &ok, Some(phone), false);
                 sent = true;
                 *stage = Stage::WaitingForDelivery;
             }
             event = events.recv() => match event {
                 None => bail!("the client stopped unexpectedly"),
-                Some(Event::Receipt { seq, kind, client_msg_ids, from_phone, from_device, server_ts_ms, .. })
+                Some(Event::Receipt { seq, kind, client_msg_ids, from_user, from_phone, from_device, server_ts_ms, .. })
                     if wait_delivered && client_msg_ids.contains(&id) =>
                 {
+                    contacts.learn(from_user, &from_phone);
                     if kind == ReceiptKind::Delivered || kind == ReceiptKind::Read {
                         let name = kind_name(kind);
                         out.event(
@@ -199,14 +225,47 @@ async fn drive(
                     }
                     client.ack([seq]).await?;
                 }
-                Some(Event::Sent(earlier)) => print_sent(out, &earlier, None, true),
+                // Queued ahead of our ✓✓: kept for `recv`, then acked so
+                // the server hands out what follows.
+                Some(Event::Receipt { seq, kind, client_msg_ids, from_user, from_phone, server_ts_ms, .. }) if wait_delivered => {
+                    contacts.learn(from_user, &from_phone);
+                    inbox.keep(&Kept::Receipt {
+                        read: kind == ReceiptKind::Read,
+                        from_user,
+                        from_phone,
+                        client_msg_ids,
+                        server_ts_ms,
+                    })?;
+                    client.ack([seq]).await?;
+                }
+                Some(Event::Message { seq, from_user, from_device, from_phone, to_user, from_own_device, client_msg_id, payload, server_ts_ms, .. }) if wait_delivered => {
+                    if !from_own_device {
+                        contacts.learn(from_user, &from_phone);
+                    }
+                    inbox.keep(&Kept::Message {
+                        from_user,
+                        from_device,
+                        from_phone,
+                        to_user,
+                        from_own_device,
+                        client_msg_id,
+                        text: String::from_utf8_lossy(&payload).into_owned(),
+                        server_ts_ms,
+                    })?;
+                    client.ack([seq]).await?;
+                }
+                Some(Event::Sent(earlier)) => {
+                    let to = contacts.phone(earlier.to_user);
+                    print_sent(out, &earlier, to, true);
+                }
                 Some(Event::SendFailed { client_msg_id, error, .. }) => {
                     out.note(&format!("an earlier queued message ({client_msg_id}) failed: {error}"));
                 }
                 Some(Event::Connected { phone: me, .. }) => status.connected(out, &me),
                 Some(Event::Disconnected { reason }) => status.disconnected(out, &reason),
                 Some(Event::Closed { reason }) => return Err(closed_error(&reason)),
-                // Messages and other receipts wait for `sbchat recv`.
+                // Without --wait-delivered, messages and receipts stay on
+                // the server for `sbchat recv`.
                 Some(_) => {}
             },
         }
