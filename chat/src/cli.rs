@@ -131,7 +131,9 @@ pub enum Command {
         #[arg(long)]
         read: bool,
     },
-    /// Chat interactively with PHONE: type lines to send, /quit or EOF to exit
+    /// Chat interactively with PHONE: type lines to send; /help lists the
+    /// commands, /quit or EOF leaves. Messages from others show as a notice
+    /// and wait for `recv` or a chat with them
     Chat {
         /// The peer's phone number
         phone: String,

@@ -40,6 +40,20 @@ pub enum Kept {
     },
 }
 
+impl Kept {
+    /// The user at the other end of the conversation it belongs to.
+    pub fn peer(&self) -> u64 {
+        match self {
+            Kept::Message {
+                from_own_device: true,
+                to_user,
+                ..
+            } => *to_user,
+            Kept::Message { from_user, .. } | Kept::Receipt { from_user, .. } => *from_user,
+        }
+    }
+}
+
 /// The home's inbox file. Only used under the home's lock.
 #[derive(Debug)]
 pub struct Inbox {
@@ -165,6 +179,7 @@ mod tests {
             inbox.load().unwrap(),
             vec![message(3, "one"), receipt.clone()]
         );
+        assert_eq!(receipt.peer(), 4);
         inbox.replace(std::slice::from_ref(&receipt)).unwrap();
         assert_eq!(inbox.load().unwrap(), vec![receipt]);
         inbox.replace(&[]).unwrap();

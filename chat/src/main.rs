@@ -12,6 +12,7 @@ mod contacts;
 mod home;
 mod inbox;
 mod output;
+mod prompt;
 
 use std::process::ExitCode;
 

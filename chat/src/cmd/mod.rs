@@ -242,6 +242,21 @@ fn check_message_len(len: usize, complete: bool) -> Result<()> {
     Ok(())
 }
 
+/// `ms` since the Unix epoch as the local time of day, `HH:MM`.
+fn clock(ms: u64) -> String {
+    i64::try_from(ms)
+        .ok()
+        .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+        .map_or_else(
+            || "--:--".to_owned(),
+            |t| {
+                t.to_zoned_datetime(jiff::tz::TimeZone::system())
+                    .strftime("%H:%M")
+                    .to_string()
+            },
+        )
+}
+
 /// A decrypted message, as the SDK's `Event::Message` gives it.
 pub struct Shown<'a> {
     pub from_phone: &'a str,
@@ -254,6 +269,8 @@ pub struct Shown<'a> {
     pub client_msg_id: &'a str,
     pub payload: &'a [u8],
     pub server_ts_ms: u64,
+    /// Prefix the text line with the local time (`chat`).
+    pub stamped: bool,
 }
 
 fn print_message(out: Output, m: &Shown<'_>) {
@@ -266,6 +283,11 @@ fn print_message(out: Output, m: &Shown<'_>) {
             format!("→ {to}: {text} (from your other device)")
         }
         None => format!("{}: {text}", m.from_phone),
+    };
+    let shown = if m.stamped {
+        format!("{} {shown}", clock(m.server_ts_ms))
+    } else {
+        shown
     };
     out.event(
         &shown,

@@ -60,6 +60,7 @@ pub async fn run(ctx: &Ctx, limit: Option<Duration>, count: Option<u64>, read: b
                         client_msg_id: &client_msg_id,
                         payload: &payload,
                         server_ts_ms,
+                        stamped: false,
                     });
                     seen += 1;
                     client.ack([seq]).await?;
@@ -159,6 +160,7 @@ pub fn show_kept(out: Output, entry: &Kept, contacts: &Contacts) {
                 client_msg_id,
                 payload: text.as_bytes(),
                 server_ts_ms: *server_ts_ms,
+                stamped: false,
             },
         ),
         Kept::Receipt {
