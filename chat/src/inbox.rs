@@ -73,7 +73,10 @@ impl Inbox {
     ///
     /// When the file cannot be written: the caller must not ack then.
     pub fn keep(&self, entry: &Kept) -> Result<()> {
-        let mut line = serde_json::to_vec(entry)?;
+        // Led by a newline too: a line cut short by a crash mid-append
+        // then spoils only itself, not the entry written after it.
+        let mut line = vec![b'\n'];
+        line.extend(serde_json::to_vec(entry)?);
         line.push(b'\n');
         let mut options = OpenOptions::new();
         options.append(true).create(true);
@@ -175,9 +178,10 @@ mod tests {
             .unwrap()
             .write_all(b"{\"entry\":\"mess")
             .unwrap();
+        inbox.keep(&message(5, "two")).unwrap();
         assert_eq!(
             inbox.load().unwrap(),
-            vec![message(3, "one"), receipt.clone()]
+            vec![message(3, "one"), receipt.clone(), message(5, "two")]
         );
         assert_eq!(receipt.peer(), 4);
         inbox.replace(std::slice::from_ref(&receipt)).unwrap();
