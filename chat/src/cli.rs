@@ -35,6 +35,12 @@ impl std::fmt::Display for QueuedError {
 
 impl std::error::Error for QueuedError {}
 
+/// The message limit, for `send --help` (a unit test checks it against the
+/// SDK's `MAX_PLAINTEXT_BYTES`).
+const SEND_HELP: &str = "A message is UTF-8 text of at most 64,512 bytes: 64 KiB per message, \
+less 1 KiB for the encryption. Longer ones are refused before anything is sent. Text read \
+from standard input or a file loses one trailing newline.";
+
 /// Command-line client for a Switchboard server.
 #[derive(Debug, Parser)]
 #[command(name = "sbchat", version, about, propagate_version = true)]
@@ -99,15 +105,22 @@ pub enum Command {
     },
     /// Show the stored account
     Whoami,
-    /// Send TEXT to PHONE; exits 0 once the server stored it (✓), 3 if it
-    /// got no ✓ in time and stays queued in the outbox (do not resend it;
+    /// Send a message to PHONE; exits 0 once the server stored it (✓), 3 if
+    /// it got no ✓ in time and stays queued in the outbox (do not resend it;
     /// see `sbchat outbox`)
+    #[command(after_help = SEND_HELP)]
     Send {
         /// Recipient's phone number
         phone: String,
-        /// Message text
-        text: String,
-        /// Also wait until a device of the recipient received it (✓✓)
+        /// Message text; `-` reads it from standard input, as does leaving
+        /// it out when standard input is not a terminal
+        #[arg(conflicts_with = "file")]
+        text: Option<String>,
+        /// Read the message from the file PATH
+        #[arg(long, value_name = "PATH")]
+        file: Option<PathBuf>,
+        /// Also wait until a device of the recipient received it (✓✓);
+        /// messages and receipts queued ahead of it are kept for `recv`
         #[arg(long)]
         wait_delivered: bool,
         /// Give up after S seconds
@@ -127,7 +140,9 @@ pub enum Command {
         #[arg(long)]
         read: bool,
     },
-    /// Chat interactively with PHONE: type lines to send, /quit or EOF to exit
+    /// Chat interactively with PHONE: type lines to send; /help lists the
+    /// commands, /quit or EOF leaves. Messages from others show as a notice
+    /// and wait for `recv` or a chat with them
     Chat {
         /// The peer's phone number
         phone: String,
@@ -217,15 +232,41 @@ mod tests {
             Command::Send {
                 phone,
                 text,
+                file,
                 wait_delivered,
                 timeout,
             } => {
-                assert_eq!((phone.as_str(), text.as_str()), ("+1555", "hi there"));
+                assert_eq!(
+                    (phone.as_str(), text.as_deref()),
+                    ("+1555", Some("hi there"))
+                );
+                assert_eq!(file, None);
                 assert!(wait_delivered);
                 assert_eq!(timeout, Duration::from_millis(2500));
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn send_help_states_the_sdk_limit() {
+        let limit = switchboard_client::MAX_PLAINTEXT_BYTES;
+        let shown = format!("{},{:03}", limit / 1000, limit % 1000);
+        assert!(SEND_HELP.contains(&shown), "{SEND_HELP}");
+        assert_eq!(switchboard_client::MAX_PLAINTEXT_BYTES + 1024, 64 * 1024);
+    }
+
+    #[test]
+    fn send_takes_text_or_a_file_not_both() {
+        let cli = Cli::try_parse_from(["sbchat", "send", "+1555", "--file", "m.txt"]).unwrap();
+        match cli.command {
+            Command::Send { text, file, .. } => {
+                assert_eq!(text, None);
+                assert_eq!(file, Some(PathBuf::from("m.txt")));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from(["sbchat", "send", "+1555", "hi", "--file", "m"]).is_err());
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //! 0600), `pending.json` (a registration waiting for its code), `outbox/`
 //! (the SDK's pending sends, sealed with the state key), `state/` (the SDK's
 //! encrypted end-to-end encryption keys and sessions, locked by the SDK
-//! while a client or outbox uses them) and `lock` (one sbchat per home at a
-//! time, for the account files: two would also connect as the same device
-//! and replace each other).
+//! while a client or outbox uses them), `contacts.json` (phones seen, by
+//! user id: see `contacts`), `inbox.jsonl` (entries acknowledged before they
+//! were shown) and `lock` (one sbchat per home at a time, for the account
+//! files: two would also connect as the same device and replace each other).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -149,6 +150,19 @@ impl Home {
         }
     }
 
+    fn contacts_path(&self) -> PathBuf {
+        self.dir.join("contacts.json")
+    }
+
+    pub fn read_contacts<T: serde::de::DeserializeOwned>(&self) -> Result<Option<T>> {
+        read_json(&self.contacts_path())
+    }
+
+    pub fn save_contacts(&self, bytes: &[u8]) -> Result<()> {
+        self.create()?;
+        write_private(&self.contacts_path(), bytes)
+    }
+
     /// Deletes pending sends (they belong to a previous account).
     pub fn clear_outbox(&self) -> Result<()> {
         let dir = self.outbox_dir();
@@ -172,7 +186,7 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
 }
 
 /// Replaces `path` atomically with `bytes`, readable by the owner only.
-fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut temp_name = path.as_os_str().to_owned();
     temp_name.push(".tmp");
     let temp = PathBuf::from(temp_name);

@@ -8,8 +8,11 @@
 
 mod cli;
 mod cmd;
+mod contacts;
 mod home;
+mod inbox;
 mod output;
+mod prompt;
 
 use std::process::ExitCode;
 

@@ -16,7 +16,7 @@ use anyhow::{Context, Result, anyhow};
 use serde_json::json;
 use switchboard_client::{
     Client, ClientConfig, CloseReason, ConnectOptions, Endpoint, ErrorCode, Event, Events,
-    ReceiptKind, Sent, UsageError as SdkUsageError,
+    MAX_PLAINTEXT_BYTES, ReceiptKind, Sent, UsageError as SdkUsageError,
 };
 
 use crate::cli::{Cli, Command, DEFAULT_SERVER, UsageError};
@@ -44,9 +44,13 @@ pub async fn run(cli: Cli, out: &Output) -> Result<()> {
         Command::Send {
             phone,
             text,
+            file,
             wait_delivered,
             timeout,
-        } => send::run(&ctx, &phone, text, wait_delivered, timeout).await,
+        } => {
+            let source = send::Source::new(text, file.as_deref())?;
+            send::run(&ctx, &phone, source, wait_delivered, timeout).await
+        }
         Command::Recv {
             timeout,
             count,
@@ -221,6 +225,38 @@ fn kind_name(kind: ReceiptKind) -> &'static str {
     }
 }
 
+/// Refuses a message too long to send, locally and without echoing it.
+/// `complete` is false when only the first bytes of the input were read.
+fn check_message_len(len: usize, complete: bool) -> Result<()> {
+    if len > MAX_PLAINTEXT_BYTES {
+        let size = if complete {
+            format!("{len} bytes")
+        } else {
+            format!("more than {MAX_PLAINTEXT_BYTES} bytes")
+        };
+        return Err(anyhow!(UsageError(format!(
+            "message too long: {size}, at most {MAX_PLAINTEXT_BYTES} \
+             (64 KiB per message, less 1 KiB for the encryption)"
+        ))));
+    }
+    Ok(())
+}
+
+/// `ms` since the Unix epoch as the local time of day, `HH:MM`.
+fn clock(ms: u64) -> String {
+    i64::try_from(ms)
+        .ok()
+        .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+        .map_or_else(
+            || "--:--".to_owned(),
+            |t| {
+                t.to_zoned_datetime(jiff::tz::TimeZone::system())
+                    .strftime("%H:%M")
+                    .to_string()
+            },
+        )
+}
+
 /// A decrypted message, as the SDK's `Event::Message` gives it.
 pub struct Shown<'a> {
     pub from_phone: &'a str,
@@ -228,11 +264,13 @@ pub struct Shown<'a> {
     pub from_device: u32,
     /// For a copy sent by another device of this account: the peer.
     pub own_copy_to: Option<u64>,
-    /// The peer's phone when `own_copy_to` is the chat's peer.
+    /// The peer's phone for `own_copy_to`, when known.
     pub to_phone: Option<&'a str>,
     pub client_msg_id: &'a str,
     pub payload: &'a [u8],
     pub server_ts_ms: u64,
+    /// Prefix the text line with the local time (`chat`).
+    pub stamped: bool,
 }
 
 fn print_message(out: Output, m: &Shown<'_>) {
@@ -246,6 +284,11 @@ fn print_message(out: Output, m: &Shown<'_>) {
         }
         None => format!("{}: {text}", m.from_phone),
     };
+    let shown = if m.stamped {
+        format!("{} {shown}", clock(m.server_ts_ms))
+    } else {
+        shown
+    };
     out.event(
         &shown,
         &json!({
@@ -255,6 +298,7 @@ fn print_message(out: Output, m: &Shown<'_>) {
             "from_device": m.from_device,
             "from_own_device": m.own_copy_to.is_some(),
             "to_user": m.own_copy_to,
+            "to": m.own_copy_to.and(m.to_phone),
             "client_msg_id": m.client_msg_id,
             "text": text,
             "server_ts_ms": m.server_ts_ms,
