@@ -40,6 +40,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// Nice value of the thread that measures the oldest queue entry's age.
+const QUEUE_AGE_NICE: i32 = 19;
+
 pub use config::{CodeSenderKind, Config, ConfigError, LogFormat};
 
 use accounts::{CodeSender, DevCodeSender, WebhookCodeSender};
@@ -209,16 +212,27 @@ pub async fn run_with_store(
                     sweep_router.tick();
                 }
                 _ = ages.tick() => {
-                    // One seek per stored queue: off the runtime's threads.
+                    // One seek per stored queue, on a thread of its own at
+                    // the lowest priority: measuring must not delay messages.
                     let store = gauge_store.clone();
-                    let oldest = tokio::task::spawn_blocking(move || {
-                        store.oldest_entries(shards, &|user| router::shard_of_user(user, shards))
-                    })
-                    .await;
-                    match oldest {
-                        Ok(Ok(oldest)) => telemetry::set_oldest_entry_ages(&oldest, clock::now_ms()),
-                        Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the queues' oldest entries"),
-                        Err(e) => tracing::warn!(error = %e, "queue age task failed"),
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    let spawned = std::thread::Builder::new()
+                        .name("queue-age".into())
+                        .spawn(move || {
+                            if let Err(e) = os::lower_own_priority(QUEUE_AGE_NICE) {
+                                tracing::debug!(error = %e, "cannot lower the queue-age thread's priority");
+                            }
+                            let _ = tx.send(store.oldest_entries(shards, &|user| {
+                                router::shard_of_user(user, shards)
+                            }));
+                        });
+                    match spawned.map(|_| rx) {
+                        Ok(rx) => match rx.await {
+                            Ok(Ok(oldest)) => telemetry::set_oldest_entry_ages(&oldest, clock::now_ms()),
+                            Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the queues' oldest entries"),
+                            Err(_) => tracing::warn!("the queue-age thread ended without an answer"),
+                        },
+                        Err(e) => tracing::warn!(error = %e, "cannot start the queue-age thread"),
                     }
                 }
             }
