@@ -88,6 +88,10 @@ pub enum Command {
         /// the new one replaces once verified, dropping its outbox)
         #[arg(long)]
         force: bool,
+        /// The language of the code message, a BCP 47 tag such as pt-BR
+        /// [default: from LC_ALL, LC_MESSAGES or LANG, e.g. pt_BR.UTF-8]
+        #[arg(long, env = "SBCHAT_LOCALE", value_name = "TAG")]
+        locale: Option<String>,
     },
     /// Verify the code sent for the pending registration and store the account
     Verify {

@@ -293,3 +293,31 @@ async fn register_keeps_an_existing_account_unless_forced() {
     assert_eq!(code, 0, "{lines:?}");
     assert_eq!(lines[0]["event"], "code_sent");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_passes_the_locale_to_the_server() {
+    let env = server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("h");
+    // A malformed tag reaches the server, which refuses it by name.
+    let (code, lines) = sbchat(
+        &home,
+        &env.tcp,
+        &["register", "+15553300001", "--locale", "pt_BR"],
+    )
+    .await;
+    assert_eq!(code, 1, "{lines:?}");
+    let error = events(&lines, "error");
+    assert_eq!(error[0]["code"], "BAD_REQUEST", "{lines:?}");
+    assert!(
+        error[0]["error"].as_str().unwrap().contains("BCP 47"),
+        "{lines:?}"
+    );
+    let (code, lines) = sbchat(
+        &home,
+        &env.tcp,
+        &["register", "+15553300001", "--locale", "pt-BR"],
+    )
+    .await;
+    assert_eq!(code, 0, "{lines:?}");
+}

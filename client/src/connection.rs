@@ -415,8 +415,23 @@ impl Connection {
     /// As [`Connection::call`]; the server may say `INVALID_PHONE` or
     /// `RATE_LIMITED`.
     pub async fn request_code(&mut self, phone: &str) -> Result<pb::CodeSent, Error> {
+        self.request_code_in(phone, "").await
+    }
+
+    /// As [`Connection::request_code`], asking for the message in `locale`
+    /// (a BCP 47 tag such as `pt-BR`; empty: the gateway's default).
+    ///
+    /// # Errors
+    ///
+    /// As [`Connection::request_code`]; `BAD_REQUEST` for a malformed locale.
+    pub async fn request_code_in(
+        &mut self,
+        phone: &str,
+        locale: &str,
+    ) -> Result<pb::CodeSent, Error> {
         let body = client_frame::Body::RequestCode(pb::RequestCode {
             phone: phone.to_owned(),
+            locale: locale.to_owned(),
         });
         match self.call(body).await? {
             server_frame::Body::CodeSent(c) => Ok(c),

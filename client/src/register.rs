@@ -130,8 +130,26 @@ pub async fn request_code(
     options: &ConnectOptions,
     phone: &str,
 ) -> Result<pb::CodeSent, Error> {
+    request_code_in(endpoint, options, phone, "").await
+}
+
+/// As [`request_code`], asking for the message in `locale`: a BCP 47 tag
+/// such as `pt-BR` that the server passes to its SMS gateway (empty: the
+/// gateway's default).
+///
+/// # Errors
+///
+/// As [`request_code`]; [`Error::Server`] with `BAD_REQUEST` for a
+/// malformed locale.
+#[instrument(level = "debug", skip(options))]
+pub async fn request_code_in(
+    endpoint: &Endpoint,
+    options: &ConnectOptions,
+    phone: &str,
+    locale: &str,
+) -> Result<pb::CodeSent, Error> {
     let mut conn = Connection::connect(endpoint, options).await?;
-    let sent = conn.request_code(phone).await?;
+    let sent = conn.request_code_in(phone, locale).await?;
     // The answer is in hand; a failed shutdown changes nothing for the caller.
     let _ = conn.close().await;
     Ok(sent)

@@ -87,6 +87,7 @@ async fn webhook_server(
 async fn request_code(c: &mut Raw, phone: &str) -> Out {
     c.request(In::RequestCode(pb::RequestCode {
         phone: phone.into(),
+        ..Default::default()
     }))
     .await
 }
@@ -118,6 +119,31 @@ async fn webhook_posts_json_with_the_auth_header_and_the_code_verifies() {
         }))
         .await;
     assert!(matches!(out, Out::Verified(_)), "{out:?}");
+}
+
+#[tokio::test]
+async fn the_clients_locale_reaches_the_gateway_and_a_malformed_one_is_refused() {
+    let mut rx = receiver(&[]).await;
+    let server = webhook_server(&rx.url, |_| {}).await;
+    let mut c = raw_tcp(&server.tcp()).await;
+    let ask = |phone: &str, locale: &str| {
+        In::RequestCode(pb::RequestCode {
+            phone: phone.into(),
+            locale: locale.into(),
+        })
+    };
+    let out = c.request(ask("+15550001011", "pt-BR")).await;
+    assert!(matches!(out, Out::CodeSent(_)), "{out:?}");
+    let (_, body) = rx.next().await;
+    assert_eq!(body["locale"], "pt-BR", "{body}");
+    for bad in ["pt_BR", "en-US; rm -rf", &"x".repeat(36), "-"] {
+        let out = c.request(ask("+15550001012", bad)).await;
+        let Out::Error(e) = out else {
+            panic!("{bad:?}: {out:?}")
+        };
+        assert_eq!(e.code(), pb::ErrorCode::BadRequest, "{bad:?}");
+        assert!(e.message.contains("BCP 47"), "{}", e.message);
+    }
 }
 
 #[tokio::test]

@@ -128,6 +128,7 @@ async fn five_wrong_codes_lock_the_code_and_requests_are_rate_limited() {
     let req = || {
         In::RequestCode(pb::RequestCode {
             phone: phone.into(),
+            ..Default::default()
         })
     };
     assert!(matches!(c.request(req()).await, Out::CodeSent(_)));
@@ -177,6 +178,7 @@ async fn five_wrong_codes_lock_the_code_and_requests_are_rate_limited() {
     let out = c
         .request(In::RequestCode(pb::RequestCode {
             phone: "555-1234".into(),
+            ..Default::default()
         }))
         .await;
     assert_eq!(error_code(&out), ErrorCode::InvalidPhone);

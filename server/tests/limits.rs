@@ -344,6 +344,7 @@ async fn code_requests_are_limited_per_ip_address() {
         let out = c
             .request(In::RequestCode(pb::RequestCode {
                 phone: format!("+1555000{:04}", 9300 + i),
+                ..Default::default()
             }))
             .await;
         assert!(matches!(out, Out::CodeSent(_)), "{out:?}");
@@ -353,6 +354,7 @@ async fn code_requests_are_limited_per_ip_address() {
     let out = c
         .request(In::RequestCode(pb::RequestCode {
             phone: "+15550009399".into(),
+            ..Default::default()
         }))
         .await;
     let err = refused(&out, ErrorCode::RateLimited);
@@ -366,6 +368,7 @@ async fn wrong_codes_are_capped_per_number_per_day_across_new_codes() {
     let mut c = raw_tcp(&server.tcp()).await;
     let request = In::RequestCode(pb::RequestCode {
         phone: phone.into(),
+        ..Default::default()
     });
     let verify = |code: &str| {
         In::VerifyCode(pb::VerifyCode {

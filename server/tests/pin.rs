@@ -21,6 +21,7 @@ async fn new_code(server: &TestServer, phone: &str) -> (Raw, String) {
     match c
         .request(In::RequestCode(pb::RequestCode {
             phone: phone.into(),
+            ..Default::default()
         }))
         .await
     {

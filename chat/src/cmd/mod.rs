@@ -37,7 +37,11 @@ pub async fn run(cli: Cli, out: &Output) -> Result<()> {
         ping_interval: cli.ping_interval,
     };
     match cli.command {
-        Command::Register { phone, force } => register::register(&ctx, &phone, force).await,
+        Command::Register {
+            phone,
+            force,
+            locale,
+        } => register::register(&ctx, &phone, force, locale).await,
         Command::Verify { code, pin } => register::verify(&ctx, &code, pin.as_deref()).await,
         Command::Pin { action } => pin::run(&ctx, action).await,
         Command::Whoami => whoami::run(&ctx),

@@ -8,7 +8,22 @@ use tokio::time::timeout;
 use super::{Ctx, REQUEST_TIMEOUT, state_error, validate_phone};
 use crate::home::{Account, Pending};
 
-pub async fn register(ctx: &Ctx, phone: &str, force: bool) -> Result<()> {
+/// The locale of the environment (`pt_BR.UTF-8` → `pt-BR`), if it names a
+/// language (not `C` or `POSIX`).
+fn env_locale() -> Option<String> {
+    let raw = ["LC_ALL", "LC_MESSAGES", "LANG"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))?;
+    let tag = raw.split(['.', '@']).next()?.replace('_', "-");
+    let usable = !matches!(tag.as_str(), "" | "C" | "POSIX")
+        && tag
+            .split('-')
+            .all(|p| (1..=8).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_alphanumeric()));
+    usable.then_some(tag)
+}
+
+pub async fn register(ctx: &Ctx, phone: &str, force: bool, locale: Option<String>) -> Result<()> {
+    let locale = locale.or_else(env_locale).unwrap_or_default();
     let phone = validate_phone(phone)?;
     let stored = ctx.home.account()?;
     if let Some(old) = &stored
@@ -27,7 +42,7 @@ pub async fn register(ctx: &Ctx, phone: &str, force: bool) -> Result<()> {
     let (addr, endpoint) = ctx.server(stored.as_deref())?;
     let sent = timeout(
         REQUEST_TIMEOUT,
-        register::request_code(&endpoint, &ctx.connect_options(), &phone),
+        register::request_code_in(&endpoint, &ctx.connect_options(), &phone, &locale),
     )
     .await
     .map_err(|_| anyhow!("no answer from {addr} within {REQUEST_TIMEOUT:?}"))?

@@ -81,6 +81,30 @@ pub fn is_e164(phone: &str) -> bool {
         && !digits.starts_with('0')
 }
 
+/// Longest locale tag accepted in `RequestCode` (BCP 47 allows longer,
+/// but no SMS gateway words a message by more than language, script and
+/// region).
+pub const MAX_LOCALE_BYTES: usize = 35;
+
+/// Checks a `RequestCode.locale`: empty, or a BCP 47-shaped tag of ASCII
+/// letters, digits and hyphens (`en`, `pt-BR`, `zh-Hant-TW`).
+///
+/// # Errors
+/// A message for the client naming the rule.
+pub fn check_locale(locale: &str) -> Result<(), String> {
+    let shaped = locale.len() <= MAX_LOCALE_BYTES
+        && locale.split('-').all(|part| {
+            (1..=8).contains(&part.len()) && part.bytes().all(|b| b.is_ascii_alphanumeric())
+        });
+    if locale.is_empty() || shaped {
+        Ok(())
+    } else {
+        Err(format!(
+            "locale must be a BCP 47 tag such as \"en-US\" (letters, digits, hyphens; at most {MAX_LOCALE_BYTES} bytes)"
+        ))
+    }
+}
+
 /// A fresh 6-digit code.
 #[must_use]
 pub fn new_code() -> String {

@@ -831,6 +831,10 @@ impl<L: Link> Conn<L> {
                 }),
             ),
             In::RequestCode(req) => {
+                if let Err(why) = crate::accounts::check_locale(&req.locale) {
+                    self.respond_error(id, route_error(&RouteError::BadRequest(why)));
+                    return Ok(());
+                }
                 if let Err(refused) = self.gw.limits.code_request(self.peer) {
                     self.respond_error(id, route_error(&refused.into()));
                     return Ok(());
@@ -846,8 +850,9 @@ impl<L: Link> Conn<L> {
                         };
                         gw.code_sender.check_available().map_err(sent)?;
                         let issued = gw.router.request_code(req.phone.clone()).await?;
+                        let locale = Some(req.locale.as_str()).filter(|l| !l.is_empty());
                         gw.code_sender
-                            .send(&req.phone, &issued.code, None)
+                            .send(&req.phone, &issued.code, locale)
                             .await
                             .map_err(sent)?;
                         Ok::<_, RouteError>(issued.expires_at_ms)

@@ -472,6 +472,7 @@ pub async fn register_at(tcp: &str, data_dir: &Path, phone: &str) -> Account {
     match c
         .request(In::RequestCode(pb::RequestCode {
             phone: phone.into(),
+            ..Default::default()
         }))
         .await
     {
