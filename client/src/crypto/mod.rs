@@ -569,15 +569,10 @@ impl Crypto {
         bad
     }
 
-    /// Takes a `Bundles` answer: records the user's current devices and
-    /// their verified identities, and makes an outbound session for every
-    /// device without one (or whose identity changed).
-    pub(crate) fn add_bundles(
-        &mut self,
-        bundles: &pb::Bundles,
-    ) -> Result<BundleOutcome, CryptoError> {
+    /// The devices a `Bundles` answer lists are the user's current ones:
+    /// forgets the others (identities and sessions).
+    fn take_device_list(&mut self, bundles: &pb::Bundles) {
         let user_id = bundles.user_id;
-        let mut outcome = BundleOutcome::default();
         let current: Vec<u32> = bundles
             .devices
             .iter()
@@ -588,6 +583,18 @@ impl Crypto {
             self.own_devices = Some(current.clone());
         }
         self.retain_devices(user_id, &current);
+    }
+
+    /// Takes a `Bundles` answer: records the user's current devices and
+    /// their verified identities, and makes an outbound session for every
+    /// device without one (or whose identity changed).
+    pub(crate) fn add_bundles(
+        &mut self,
+        bundles: &pb::Bundles,
+    ) -> Result<BundleOutcome, CryptoError> {
+        let user_id = bundles.user_id;
+        let mut outcome = BundleOutcome::default();
+        self.take_device_list(bundles);
         for bundle in &bundles.devices {
             let device_id = bundle.device_id;
             if user_id == self.user_id && device_id == self.device_id {
@@ -639,16 +646,7 @@ impl Crypto {
     ) -> Result<BundleOutcome, CryptoError> {
         let user_id = bundles.user_id;
         let mut outcome = BundleOutcome::default();
-        let current: Vec<u32> = bundles
-            .devices
-            .iter()
-            .map(|d| d.device_id)
-            .filter(|d| user_id != self.user_id || *d != self.device_id)
-            .collect();
-        if user_id == self.user_id {
-            self.own_devices = Some(current.clone());
-        }
-        self.retain_devices(user_id, &current);
+        self.take_device_list(bundles);
         for bundle in &bundles.devices {
             let device_id = bundle.device_id;
             if user_id == self.user_id && device_id == self.device_id {
