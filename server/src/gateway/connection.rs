@@ -1,10 +1,12 @@
 //! One task per connection: handshake, authentication, the frame loop.
 //!
 //! The task owns the link, the Noise session and the read/write buffers. It
-//! reads frames in order and hands sends to the router in that order (so a
-//! device's messages keep their order); answers that need the router are
-//! awaited concurrently in `pending`, so a slow ✓ never blocks reading.
-//! Pushes from the owning shard arrive on a bounded channel.
+//! reads frames in order and hands each to its request kind's module
+//! (`gateway/cmd/`, one per kind), which calls the router; sends reach the
+//! router in frame order (so a device's messages keep their order).
+//! Answers that need the router are awaited concurrently in `pending`, so a
+//! slow ✓ never blocks reading. Pushes from the owning shard arrive on a
+//! bounded channel.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -23,35 +25,24 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::Gateway;
+use super::cmd;
 use super::link::Link;
-use super::wire::{HELD_MESSAGE, error, error_frame, kick_error, route_error, shutting_down};
+use super::wire::{error, error_frame, kick_error, shutting_down};
 use crate::FastMap;
-use crate::accounts::CodeSendError;
 use crate::clock::now_ms;
 use crate::limits::{Limit, Slot};
-use crate::router::{
-    AnswerTo, ConnLink, Notice, OwedReceipt, Push, PushRx, Received, RouteError, SendAccepted,
-    SendRequest, push_channel,
-};
+use crate::router::{Notice, Push, PushRx, Received};
 use crate::store::{DeviceKey, UserId};
 use crate::telemetry as tm;
 
 /// What a client is told when a frame is not a valid `ClientFrame`.
 pub(crate) const UNDECODABLE_FRAME: &str = "undecodable frame: not a valid ClientFrame \
      (malformed protobuf, a wrong field type, or a string field that is not valid UTF-8)";
-/// Failed authentications tolerated on one connection before it is closed,
-/// so credentials cannot be guessed at line rate.
-const MAX_AUTH_FAILURES: u32 = 3;
 
 /// Longest pause of a connection after a RATE_LIMITED answer: long enough
 /// that a client ignoring the hint costs little, short enough that a
 /// well-behaved one pipelining past a burst barely notices.
 const RATE_LIMITED_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Recipients a connection holds sends for at once: a client refused for
-/// more recipients than this at a time (only a flooder is) gets no order
-/// guarantee for the rest, and the connection's memory stays bounded.
-const MAX_HELD_RECIPIENTS: usize = 64;
 
 /// When a client refused at the connection cap should try again (this or
 /// another server): long enough for connections to end, and spread by the
@@ -77,14 +68,10 @@ const PENDING_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 /// limit, so every client accepts it. One entry (≤ 64 KiB payload) always fits.
 const MAX_DELIVER_FRAME_BYTES: usize = limits::DEFAULT_MAX_FRAME_BYTES / 2;
 
-/// Most devices one send may address: a user has at most five devices, and
-/// 16 full payloads still fit the default frame limit.
-const MAX_PAYLOADS_PER_SEND: usize = 16;
-
 /// Why a connection ended (for logs).
 #[derive(Debug)]
 #[allow(dead_code, reason = "fields are read through Debug in logs")]
-enum End {
+pub(super) enum End {
     PeerClosed,
     Io(std::io::Error),
     Proto(ProtoError),
@@ -94,16 +81,16 @@ enum End {
 }
 
 /// Who a connection is, once authenticated.
-struct Authed {
-    device: DeviceKey,
-    phone: String,
+pub(super) struct Authed {
+    pub(super) device: DeviceKey,
+    pub(super) phone: String,
     /// The user's other devices as this connection last heard (AuthOk, then
     /// DevicesChanged entries), to check `self_payloads` before anything is
     /// stored. The owning shard checks again.
-    other_devices: BTreeSet<u32>,
+    pub(super) other_devices: BTreeSet<u32>,
 }
 
-type Pending = FuturesUnordered<BoxFuture<'static, Option<pb::ServerFrame>>>;
+pub(super) type Pending = FuturesUnordered<BoxFuture<'static, Option<pb::ServerFrame>>>;
 
 /// Awaits `call`, a router call that may wait for room in a shard's inbox,
 /// while still driving the connection's pending requests; returns its
@@ -115,7 +102,7 @@ type Pending = FuturesUnordered<BoxFuture<'static, Option<pb::ServerFrame>>>;
 /// first; awaiting `call` alone, the connection would never poll it and
 /// would wait for itself. That happened under overload (8-slot inboxes): an
 /// inline ack waited behind the connection's own queued deletions.
-async fn alongside_pending<T>(
+pub(super) async fn alongside_pending<T>(
     pending: &mut Pending,
     call: impl Future<Output = T>,
 ) -> (T, Vec<pb::ServerFrame>) {
@@ -354,31 +341,33 @@ async fn handshake<L: Link>(
     Ok((session, rbuf, slot))
 }
 
-struct Conn<L: Link> {
+/// A connection's state, owned by its task; the request kinds (`cmd/`)
+/// borrow it while they handle a frame.
+pub(super) struct Conn<L: Link> {
     link: L,
     session: Session,
     rbuf: BytesMut,
     wbuf: BytesMut,
-    gw: Arc<Gateway>,
-    conn_id: u64,
-    authed: Option<Authed>,
+    pub(super) gw: Arc<Gateway>,
+    pub(super) conn_id: u64,
+    pub(super) authed: Option<Authed>,
     /// Pushes from the owning shard (after authentication).
-    push_rx: Option<PushRx>,
-    auth_failures: u32,
+    pub(super) push_rx: Option<PushRx>,
+    pub(super) auth_failures: u32,
     /// The client's IP address (for the per-address limits).
-    peer: IpAddr,
+    pub(super) peer: IpAddr,
     /// Per recipient, a send refused before reaching its shard and the
-    /// refusal: later sends to that user wait for it (see `on_authed_frame`).
-    /// At most [`MAX_HELD_RECIPIENTS`].
-    held_sends: FastMap<UserId, (String, pb::Error)>,
+    /// refusal: later sends to that user wait for it (see `cmd::send`).
+    /// At most `cmd::send::MAX_HELD_RECIPIENTS`.
+    pub(super) held_sends: FastMap<UserId, (String, pb::Error)>,
     /// Answers being prepared by the router.
-    pending: Pending,
+    pub(super) pending: Pending,
     /// Entries pushed and not yet acked: seq → (sender, client id) for
     /// messages from other users (a delivery receipt is owed), `None`
     /// otherwise; with the entry's server timestamp.
-    delivered: FastMap<u64, (Option<(UserId, String)>, u64)>,
+    pub(super) delivered: FastMap<u64, (Option<(UserId, String)>, u64)>,
     /// Sends whose ✓ will come through the push queue.
-    sends_in_flight: usize,
+    pub(super) sends_in_flight: usize,
     /// Whole frames may wait in `rbuf`, left there while the connection
     /// had [`MAX_IN_FLIGHT`] requests in flight or was paused.
     frames_held: bool,
@@ -416,20 +405,20 @@ impl<L: Link> Conn<L> {
         self.session.queue(&frame);
     }
 
-    fn queue_all(&mut self, frames: Vec<pb::ServerFrame>) {
+    pub(super) fn queue_all(&mut self, frames: Vec<pb::ServerFrame>) {
         for frame in frames {
             self.queue(frame);
         }
     }
 
-    fn respond(&mut self, id: u32, body: Out) {
+    pub(super) fn respond(&mut self, id: u32, body: Out) {
         self.queue(pb::ServerFrame {
             id,
             body: Some(body),
         });
     }
 
-    fn respond_error(&mut self, id: u32, err: pb::Error) {
+    pub(super) fn respond_error(&mut self, id: u32, err: pb::Error) {
         if err.code() == ErrorCode::RateLimited {
             // A client past a limit is told when to come back; meanwhile
             // its connection reads and handles nothing more (for at most
@@ -798,7 +787,7 @@ impl<L: Link> Conn<L> {
             }
             Push::SendAnswer { frame, result } => {
                 self.sends_in_flight = self.sends_in_flight.saturating_sub(1);
-                let frame = answer(frame, result.map_err(|e| *e), send_ok);
+                let frame = cmd::answer(frame, result.map_err(|e| *e), cmd::send::send_ok);
                 self.queue(frame);
             }
             Push::Notice(Notice::UpToDate) => self.respond(0, Out::UpToDate(pb::UpToDate {})),
@@ -812,6 +801,8 @@ impl<L: Link> Conn<L> {
         Ok(())
     }
 
+    /// One frame, handed to its request kind's module (`gateway/cmd/`).
+    /// Kinds other than these five need authentication first.
     async fn on_frame(&mut self, frame: pb::ClientFrame) -> Result<(), End> {
         let id = frame.id;
         let Some(body) = frame.body else {
@@ -821,617 +812,83 @@ impl<L: Link> Conn<L> {
             return Err(End::Violation("requests need a nonzero id"));
         }
         match body {
-            // Before authentication nothing was delivered, so there is
-            // nothing to acknowledge.
-            In::Ack(_) if self.authed.is_none() => {}
-            In::Ping(_) => self.respond(
-                id,
-                Out::Pong(pb::Pong {
-                    server_time_ms: now_ms(),
-                }),
-            ),
-            In::RequestCode(req) => {
-                if let Err(why) = crate::accounts::check_locale(&req.locale) {
-                    self.respond_error(id, route_error(&RouteError::BadRequest(why)));
-                    return Ok(());
-                }
-                if let Err(refused) = self.gw.limits.code_request(self.peer) {
-                    self.respond_error(id, route_error(&refused.into()));
-                    return Ok(());
-                }
-                let gw = self.gw.clone();
-                self.pending.push(Box::pin(async move {
-                    let result = async {
-                        let sent = |e: CodeSendError| match e {
-                            CodeSendError::Unavailable { retry_after_ms } => {
-                                RouteError::CodeSenderUnavailable { retry_after_ms }
-                            }
-                            other => RouteError::CodeDelivery(other.to_string()),
-                        };
-                        gw.code_sender.check_available().map_err(sent)?;
-                        let issued = gw.router.request_code(req.phone.clone()).await?;
-                        let locale = Some(req.locale.as_str()).filter(|l| !l.is_empty());
-                        gw.code_sender
-                            .send(&req.phone, &issued.code, locale)
-                            .await
-                            .map_err(sent)?;
-                        Ok::<_, RouteError>(issued.expires_at_ms)
-                    }
-                    .await;
-                    Some(answer(id, result, |expires_at_ms| {
-                        Out::CodeSent(pb::CodeSent { expires_at_ms })
-                    }))
-                }));
-            }
-            In::VerifyCode(req) => {
-                let gw = self.gw.clone();
-                self.pending.push(Box::pin(async move {
-                    let result = gw.router.verify_code(req.phone, req.code, req.pin).await;
-                    Some(answer(id, result, |r| {
-                        Out::Verified(pb::Verified {
-                            user_id: r.user,
-                            device_id: r.device,
-                            credential: r.credential.into(),
-                        })
-                    }))
-                }));
-            }
-            In::Auth(req) => self.on_auth(id, req).await?,
-            In::LinkDevice(req) => {
-                if self.authed.is_some() {
-                    self.respond_error(
-                        id,
-                        error(ErrorCode::AlreadyAuthenticated, "already authenticated"),
-                    );
-                    return Ok(());
-                }
-                let (linked, answers) =
-                    alongside_pending(&mut self.pending, self.gw.router.link_device(&req.code))
-                        .await;
-                self.queue_all(answers);
-                match linked {
-                    Ok(r) => self.respond(
-                        id,
-                        Out::Verified(pb::Verified {
-                            user_id: r.user,
-                            device_id: r.device,
-                            credential: r.credential.into(),
-                        }),
-                    ),
-                    Err(e) => {
-                        self.respond_error(id, route_error(&e));
-                        if matches!(e, RouteError::LinkCodeInvalid) {
-                            self.auth_failures += 1;
-                            if self.auth_failures >= MAX_AUTH_FAILURES {
-                                return Err(End::Goodbye(ErrorCode::LinkCodeInvalid));
-                            }
-                        }
-                    }
+            In::Ping(_) => cmd::ping::run(self, id),
+            In::RequestCode(req) => cmd::request_code::run(self, id, req),
+            In::VerifyCode(req) => cmd::verify_code::run(self, id, req),
+            In::Auth(req) => cmd::auth::run(self, id, req).await?,
+            In::LinkDevice(req) => cmd::link_device::run(self, id, req).await?,
+            In::Ack(ack) => {
+                // Before authentication nothing was delivered, so there is
+                // nothing to acknowledge.
+                if let Some(a) = &self.authed {
+                    cmd::ack::run(self, a.device, ack).await?;
                 }
             }
-            body => {
-                if self.authed.is_none() {
-                    self.respond_error(id, error(ErrorCode::Unauthenticated, "authenticate first"));
-                    return Ok(());
+            In::Send(req) => {
+                if let Some(device) = self.authed_or_refuse(id) {
+                    cmd::send::run(self, id, device, req).await?;
                 }
-                self.on_authed_frame(id, body).await?;
             }
-        }
-        Ok(())
-    }
-
-    async fn on_auth(&mut self, id: u32, req: pb::Auth) -> Result<(), End> {
-        if self.authed.is_some() {
-            self.respond_error(
-                id,
-                error(ErrorCode::AlreadyAuthenticated, "already authenticated"),
-            );
-            return Ok(());
-        }
-        let device = DeviceKey {
-            user: req.user_id,
-            device: req.device_id,
-        };
-        // The connection's push queue. The shard holds the sender and uses
-        // try_send; when it is full the shard kicks us as a slow reader.
-        // Room for the answers of the sends that may be in flight, too.
-        let (push_tx, push_rx) = push_channel(self.gw.cfg.outbound_queue_frames + MAX_IN_FLIGHT);
-        let link = ConnLink {
-            conn_id: self.conn_id,
-            push: push_tx,
-        };
-        let (authenticated, answers) = alongside_pending(
-            &mut self.pending,
-            self.gw
-                .router
-                .authenticate(device, req.credential.to_vec(), link),
-        )
-        .await;
-        self.queue_all(answers);
-        match authenticated {
-            Ok(info) => {
-                tracing::Span::current().record("user", device.user);
-                tracing::debug!(user = device.user, device = device.device, "authenticated");
-                self.respond(
-                    id,
-                    Out::AuthOk(pb::AuthOk {
-                        phone: info.phone.clone(),
-                        server_time_ms: now_ms(),
-                        one_time_keys_remaining: info.one_time_keys,
-                        has_keys: info.has_keys,
-                        primary: info.primary,
-                    }),
-                );
-                metrics::gauge!(tm::AUTHENTICATED).increment(1.0);
-                self.authed = Some(Authed {
-                    device,
-                    phone: info.phone,
-                    other_devices: info
-                        .devices
-                        .into_iter()
-                        .filter(|d| *d != device.device)
-                        .collect(),
-                });
-                self.push_rx = Some(push_rx);
+            In::LookupUser(req) => {
+                if let Some(device) = self.authed_or_refuse(id) {
+                    cmd::lookup_user::run(self, id, device, req);
+                }
             }
-            Err(e) => {
-                self.respond_error(id, route_error(&e));
-                if matches!(e, RouteError::Unauthenticated) {
-                    self.auth_failures += 1;
-                    if self.auth_failures >= MAX_AUTH_FAILURES {
-                        return Err(End::Goodbye(ErrorCode::Unauthenticated));
-                    }
+            In::SendReceipt(req) => {
+                if let Some(device) = self.authed_or_refuse(id) {
+                    cmd::send_receipt::run(self, id, device, req);
+                }
+            }
+            In::UploadKeys(req) => {
+                if let Some(device) = self.authed_or_refuse(id) {
+                    cmd::upload_keys::run(self, id, device, req);
+                }
+            }
+            In::FetchBundles(req) => {
+                if let Some(device) = self.authed_or_refuse(id) {
+                    cmd::fetch_bundles::run(self, id, device, req);
+                }
+            }
+            In::CreateLinkCode(_) => {
+                if let Some(device) = self.authed_or_refuse(id) {
+                    cmd::create_link_code::run(self, id, device);
+                }
+            }
+            In::SetPin(req) => {
+                if let Some(device) = self.authed_or_refuse(id) {
+                    cmd::set_pin::run(self, id, device, req);
+                }
+            }
+            In::ListDevices(_) => {
+                if let Some(device) = self.authed_or_refuse(id) {
+                    cmd::list_devices::run(self, id, device);
+                }
+            }
+            In::RevokeDevice(req) => {
+                if let Some(device) = self.authed_or_refuse(id) {
+                    cmd::revoke_device::run(self, id, device, req);
                 }
             }
         }
         Ok(())
     }
 
-    /// Holds later sends to `to_user` on this connection behind the send
-    /// `client_msg_id`, refused with `err` before it reached a shard
-    /// (retryable refusals only; the first refused send is the one held).
-    fn hold_sends(&mut self, to_user: UserId, client_msg_id: String, err: &pb::Error) {
-        if err.retry_after_ms > 0 && self.held_sends.len() < MAX_HELD_RECIPIENTS {
-            self.held_sends
-                .entry(to_user)
-                .or_insert_with(|| (client_msg_id, err.clone()));
+    /// The authenticated device; before authentication, answers request
+    /// `id` with UNAUTHENTICATED and gives None.
+    fn authed_or_refuse(&mut self, id: u32) -> Option<DeviceKey> {
+        let device = self.authed.as_ref().map(|a| a.device);
+        if device.is_none() {
+            self.respond_error(id, error(ErrorCode::Unauthenticated, "authenticate first"));
         }
+        device
     }
 
     /// The authenticated account's phone number (empty before auth).
-    fn phone(&self) -> String {
+    pub(super) fn phone(&self) -> String {
         self.authed
             .as_ref()
             .map(|a| a.phone.clone())
             .unwrap_or_default()
-    }
-
-    /// Whether a send's `self_payloads` miss or name devices other than the
-    /// account's other devices. Device ids in one list are unique
-    /// (`validate_send`), so equal lengths and inclusion mean equal sets.
-    fn own_devices_mismatch(&self, device: DeviceKey, req: &pb::Send) -> Option<RouteError> {
-        let other_devices = &self.authed.as_ref()?.other_devices;
-        if req.self_payloads.len() == other_devices.len()
-            && req
-                .self_payloads
-                .iter()
-                .all(|p| other_devices.contains(&p.device_id))
-        {
-            return None;
-        }
-        let addressed: BTreeSet<u32> = req.self_payloads.iter().map(|p| p.device_id).collect();
-        Some(RouteError::DeviceMismatch {
-            user: device.user,
-            missing: other_devices.difference(&addressed).copied().collect(),
-            stale: addressed.difference(other_devices).copied().collect(),
-        })
-    }
-
-    async fn on_authed_frame(&mut self, id: u32, body: In) -> Result<(), End> {
-        let Some(device) = self.authed.as_ref().map(|a| a.device) else {
-            return Ok(());
-        };
-        match body {
-            In::LookupUser(req) => {
-                if let Err(refused) = self.gw.limits.lookup(device.user) {
-                    self.respond_error(id, route_error(&refused.into()));
-                    return Ok(());
-                }
-                let gw = self.gw.clone();
-                self.pending.push(Box::pin(async move {
-                    let result = gw.router.lookup_phone(req.phone).await;
-                    Some(answer(id, result, |u| {
-                        Out::UserInfo(pb::UserInfo {
-                            user_id: u.user,
-                            phone: u.phone,
-                            devices: u.devices,
-                        })
-                    }))
-                }));
-            }
-            In::Send(req) => {
-                if let Err(msg) = validate_send(&req) {
-                    self.respond_error(id, error(ErrorCode::BadRequest, msg));
-                    return Ok(());
-                }
-                if let Some(too_big) = req
-                    .payloads
-                    .iter()
-                    .chain(&req.self_payloads)
-                    .find(|p| p.payload.len() > limits::MAX_PAYLOAD_BYTES)
-                {
-                    self.respond_error(
-                        id,
-                        error(
-                            ErrorCode::PayloadTooLarge,
-                            format!(
-                                "payload for device {} is {} bytes; the maximum is {}",
-                                too_big.device_id,
-                                too_big.payload.len(),
-                                limits::MAX_PAYLOAD_BYTES
-                            ),
-                        ),
-                    );
-                    return Ok(());
-                }
-                if req.to_user == device.user && !req.self_payloads.is_empty() {
-                    self.respond_error(
-                        id,
-                        error(
-                            ErrorCode::BadRequest,
-                            "a note to self addresses the other devices in payloads; self_payloads must be empty",
-                        ),
-                    );
-                    return Ok(());
-                }
-                let to_self = req.to_user == device.user;
-                if !to_self && let Some(mismatch) = self.own_devices_mismatch(device, &req) {
-                    self.respond_error(id, route_error(&mismatch));
-                    return Ok(());
-                }
-                // A send refused here (below) holds later sends to the same
-                // user on this connection until it is sent again, so its
-                // retry cannot land after them (the shards do the same for
-                // their refusals: `router::order`).
-                if let Some((refused_id, err)) = self.held_sends.get(&req.to_user) {
-                    if *refused_id != req.client_msg_id {
-                        let err = pb::Error {
-                            message: HELD_MESSAGE.into(),
-                            ..err.clone()
-                        };
-                        self.respond_error(id, err);
-                        return Ok(());
-                    }
-                    self.held_sends.remove(&req.to_user);
-                }
-                if let Err(refused) = self.gw.limits.send(device.user, req.to_user) {
-                    let err = route_error(&refused.into());
-                    self.hold_sends(req.to_user, req.client_msg_id, &err);
-                    self.respond_error(id, err);
-                    return Ok(());
-                }
-                let phone = self.phone();
-                let send = SendRequest {
-                    from: device,
-                    from_phone: phone.clone(),
-                    client_msg_id: req.client_msg_id.clone(),
-                    to_user: req.to_user,
-                    payloads: req.payloads,
-                    first_attempt: req.first_attempt,
-                };
-                let copies = (!to_self).then(|| SendRequest {
-                    from: device,
-                    from_phone: phone,
-                    client_msg_id: req.client_msg_id,
-                    to_user: req.to_user,
-                    payloads: req.self_payloads,
-                    first_attempt: req.first_attempt,
-                });
-                // Both parts are enqueued in frame order (so each device's
-                // messages keep their order); the ✓ means both parts are
-                // durable. It usually comes as a push; across shards it is
-                // awaited concurrently.
-                let to = AnswerTo {
-                    conn_id: self.conn_id,
-                    frame: id,
-                };
-                let to_user = req.to_user;
-                let msg_id = send.client_msg_id.clone();
-                let (submitted, answers) = alongside_pending(
-                    &mut self.pending,
-                    self.gw.router.submit_send(send, copies, to),
-                )
-                .await;
-                self.queue_all(answers);
-                let ticket = match submitted {
-                    Ok(Some(t)) => t,
-                    Ok(None) => {
-                        self.sends_in_flight += 1;
-                        return Ok(());
-                    }
-                    Err(e) => {
-                        let err = route_error(&e);
-                        self.hold_sends(to_user, msg_id, &err);
-                        self.respond_error(id, err);
-                        return Ok(());
-                    }
-                };
-                let started = std::time::Instant::now();
-                let ack_seconds = self.gw.metrics.send_ack_seconds.clone();
-                self.pending.push(Box::pin(async move {
-                    let result = ticket.accepted().await;
-                    if result.is_ok() {
-                        ack_seconds.record(started.elapsed().as_secs_f64());
-                    }
-                    Some(answer(id, result, send_ok))
-                }));
-            }
-            In::Ack(ack) => self.on_ack(device, ack).await?,
-            In::SendReceipt(req) => {
-                if req.kind() != pb::ReceiptKind::Read {
-                    self.respond_error(
-                        id,
-                        error(ErrorCode::BadRequest, "clients may only send READ receipts"),
-                    );
-                    return Ok(());
-                }
-                if req.client_msg_ids.is_empty()
-                    || req.client_msg_ids.len() > limits::MAX_RECEIPT_IDS
-                    || req.client_msg_ids.iter().any(|m| !valid_msg_id(m))
-                {
-                    self.respond_error(
-                        id,
-                        error(
-                            ErrorCode::BadRequest,
-                            format!(
-                                "a receipt names 1 to {} valid message ids",
-                                limits::MAX_RECEIPT_IDS
-                            ),
-                        ),
-                    );
-                    return Ok(());
-                }
-                if let Err(refused) = self.gw.limits.read_receipt(device.user) {
-                    self.respond_error(id, route_error(&refused.into()));
-                    return Ok(());
-                }
-                let receipt = pb::Receipt {
-                    from_user: device.user,
-                    from_device: device.device,
-                    from_phone: self.phone(),
-                    kind: pb::ReceiptKind::Read as i32,
-                    client_msg_ids: req.client_msg_ids,
-                };
-                let gw = self.gw.clone();
-                self.pending.push(Box::pin(async move {
-                    let result = gw.router.enqueue_receipt(req.to_user, receipt, true).await;
-                    Some(answer(id, result, |()| Out::ReceiptOk(pb::ReceiptOk {})))
-                }));
-            }
-            In::UploadKeys(up) => {
-                if let Err(msg) = crate::keys::verify_upload(&up) {
-                    self.respond_error(id, error(ErrorCode::InvalidKeys, msg));
-                    return Ok(());
-                }
-                let gw = self.gw.clone();
-                self.pending.push(Box::pin(async move {
-                    let result = gw.router.upload_keys(device, up).await;
-                    Some(answer(id, result, |n| {
-                        Out::KeysUploaded(pb::KeysUploaded {
-                            one_time_keys_remaining: n,
-                        })
-                    }))
-                }));
-            }
-            In::FetchBundles(req) => {
-                // Per requesting user; the targets' one-time keys are
-                // budgeted per device by their shard.
-                if let Err(refused) = self.gw.limits.bundle_fetch(device.user) {
-                    self.respond_error(id, route_error(&refused.into()));
-                    return Ok(());
-                }
-                let gw = self.gw.clone();
-                self.pending.push(Box::pin(async move {
-                    let result = gw
-                        .router
-                        .fetch_bundles(device, req.user_id, req.identities_only)
-                        .await;
-                    Some(answer(id, result, |devices| {
-                        Out::Bundles(pb::Bundles {
-                            user_id: req.user_id,
-                            devices,
-                        })
-                    }))
-                }));
-            }
-            In::CreateLinkCode(_) => {
-                let gw = self.gw.clone();
-                self.pending.push(Box::pin(async move {
-                    let result = gw.router.create_link_code(device).await;
-                    Some(answer(id, result, |(code, expires_at_ms)| {
-                        Out::LinkCode(pb::LinkCode {
-                            code,
-                            expires_at_ms,
-                        })
-                    }))
-                }));
-            }
-            In::SetPin(req) => {
-                let gw = self.gw.clone();
-                self.pending.push(Box::pin(async move {
-                    let result = async {
-                        let hash = if req.pin.is_empty() {
-                            String::new()
-                        } else {
-                            crate::accounts::validate_pin(&req.pin)
-                                .map_err(|e| RouteError::BadRequest(e.to_string()))?;
-                            // Argon2 is slow on purpose: off the runtime.
-                            tokio::task::spawn_blocking(move || crate::accounts::hash_pin(&req.pin))
-                                .await
-                                .map_err(|_| RouteError::Internal)?
-                                .map_err(|e| RouteError::BadRequest(e.to_string()))?
-                        };
-                        gw.router.set_pin(device, hash).await
-                    }
-                    .await;
-                    Some(answer(id, result, |enabled| {
-                        Out::PinSet(pb::PinSet { enabled })
-                    }))
-                }));
-            }
-            In::ListDevices(_) => {
-                let gw = self.gw.clone();
-                self.pending.push(Box::pin(async move {
-                    let result = gw.router.list_devices(device.user).await;
-                    Some(answer(id, result, |devices| {
-                        Out::DeviceList(pb::DeviceList { devices })
-                    }))
-                }));
-            }
-            In::RevokeDevice(req) => {
-                let gw = self.gw.clone();
-                self.pending.push(Box::pin(async move {
-                    let result = gw.router.revoke_device(device, req.device_id).await;
-                    Some(answer(id, result, |()| {
-                        Out::DeviceRevoked(pb::DeviceRevoked {})
-                    }))
-                }));
-            }
-            In::Ping(_)
-            | In::RequestCode(_)
-            | In::VerifyCode(_)
-            | In::Auth(_)
-            | In::LinkDevice(_) => {}
-        }
-        Ok(())
-    }
-
-    /// An ack: the drain may go on at once; delivery receipts are made
-    /// durable for the senders before the entries are deleted, so a crash in
-    /// between causes a redelivery, never a lost receipt.
-    async fn on_ack(&mut self, device: DeviceKey, ack: pb::Ack) -> Result<(), End> {
-        if ack.seqs.len() > limits::MAX_ACK_SEQS {
-            return Err(End::Goodbye(ErrorCode::ProtocolViolation));
-        }
-        let mut seqs = Vec::with_capacity(ack.seqs.len());
-        // Per sender: the acked message ids and their entries.
-        let mut owed: FastMap<UserId, (Vec<String>, Vec<u64>)> = FastMap::default();
-        let mut receipt_seqs = Vec::new();
-        for seq in ack.seqs {
-            // Only entries delivered on this connection can be acked here.
-            let Some((entry, server_ts_ms)) = self.delivered.remove(&seq) else {
-                continue;
-            };
-            seqs.push(seq);
-            if entry.is_some() {
-                let delay_ms = now_ms().saturating_sub(server_ts_ms);
-                self.gw
-                    .metrics
-                    .delivery_seconds
-                    .record(delay_ms as f64 / 1000.0);
-            }
-            match entry {
-                Some((from_user, msg_id)) => {
-                    let (ids, entries) = owed.entry(from_user).or_default();
-                    ids.push(msg_id);
-                    entries.push(seq);
-                }
-                None => receipt_seqs.push(seq),
-            }
-        }
-        if seqs.is_empty() {
-            return Ok(());
-        }
-        let phone = if owed.is_empty() {
-            String::new()
-        } else {
-            self.phone()
-        };
-        let owed: Vec<OwedReceipt> = owed
-            .into_iter()
-            .map(|(to_user, (ids, message_seqs))| OwedReceipt {
-                to_user,
-                receipt: pb::Receipt {
-                    from_user: device.user,
-                    from_device: device.device,
-                    from_phone: phone.clone(),
-                    kind: pb::ReceiptKind::Delivered as i32,
-                    client_msg_ids: ids,
-                },
-                message_seqs,
-            })
-            .collect();
-        let router = self.gw.router.clone();
-        let (remote, answers) = alongside_pending(
-            &mut self.pending,
-            router.ack(device, self.conn_id, seqs, receipt_seqs, owed),
-        )
-        .await;
-        self.queue_all(answers);
-        if remote.is_empty() {
-            return Ok(());
-        }
-        // Senders on other shards: queue each receipt there first, then
-        // remove the messages it covers.
-        self.pending.push(Box::pin(async move {
-            for owed in remote {
-                match router.enqueue_receipt(owed.to_user, owed.receipt, false).await {
-                    Ok(()) => router.delete(device, owed.message_seqs).await,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "delivery receipt not stored; entries kept for redelivery");
-                    }
-                }
-            }
-            None
-        }));
-        Ok(())
-    }
-}
-
-/// The ✓ of a send.
-fn send_ok(a: SendAccepted) -> Out {
-    Out::SendOk(pb::SendOk {
-        server_ts_ms: a.server_ts_ms,
-        duplicate: a.duplicate,
-    })
-}
-
-fn valid_msg_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= limits::MAX_CLIENT_MSG_ID_BYTES
-}
-
-fn validate_send(req: &pb::Send) -> Result<(), String> {
-    if !valid_msg_id(&req.client_msg_id) {
-        return Err(format!(
-            "client_msg_id must be 1 to {} bytes",
-            limits::MAX_CLIENT_MSG_ID_BYTES
-        ));
-    }
-    if req.to_user == 0 {
-        return Err("to_user is required".into());
-    }
-    if req.payloads.len() + req.self_payloads.len() > MAX_PAYLOADS_PER_SEND {
-        return Err(format!("at most {MAX_PAYLOADS_PER_SEND} payloads per send"));
-    }
-    // At most 16 payloads: comparing pairs is cheaper than hashing.
-    for list in [&req.payloads, &req.self_payloads] {
-        for (i, p) in list.iter().enumerate() {
-            if list.iter().take(i).any(|q| q.device_id == p.device_id) {
-                return Err(format!("device {} addressed twice", p.device_id));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// A response frame from a router result.
-fn answer<T>(id: u32, result: Result<T, RouteError>, ok: impl FnOnce(T) -> Out) -> pb::ServerFrame {
-    match result {
-        Ok(v) => pb::ServerFrame {
-            id,
-            body: Some(ok(v)),
-        },
-        Err(e) => error_frame(id, route_error(&e)),
     }
 }
 

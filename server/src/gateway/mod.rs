@@ -4,6 +4,7 @@
 //! alive, the bounded push queue) and nothing else: every piece of user
 //! state lives in the router's shards.
 
+mod cmd;
 mod connection;
 mod crypto;
 mod link;

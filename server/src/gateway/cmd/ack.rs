@@ -1,0 +1,97 @@
+//! `Ack`: the device received entries; the one kind that may carry frame id
+//! 0, and that is ignored (nothing was delivered) before authentication.
+
+use switchboard_proto::limits;
+use switchboard_proto::pb::{self, ErrorCode};
+
+use crate::FastMap;
+use crate::clock::now_ms;
+use crate::gateway::connection::{Conn, End, alongside_pending};
+use crate::gateway::link::Link;
+use crate::router::OwedReceipt;
+use crate::store::{DeviceKey, UserId};
+
+/// An ack: the drain may go on at once; delivery receipts are made
+/// durable for the senders before the entries are deleted, so a crash in
+/// between causes a redelivery, never a lost receipt.
+pub(in crate::gateway) async fn run<L: Link>(
+    conn: &mut Conn<L>,
+    device: DeviceKey,
+    ack: pb::Ack,
+) -> Result<(), End> {
+    if ack.seqs.len() > limits::MAX_ACK_SEQS {
+        return Err(End::Goodbye(ErrorCode::ProtocolViolation));
+    }
+    let mut seqs = Vec::with_capacity(ack.seqs.len());
+    // Per sender: the acked message ids and their entries.
+    let mut owed: FastMap<UserId, (Vec<String>, Vec<u64>)> = FastMap::default();
+    let mut receipt_seqs = Vec::new();
+    for seq in ack.seqs {
+        // Only entries delivered on this connection can be acked here.
+        let Some((entry, server_ts_ms)) = conn.delivered.remove(&seq) else {
+            continue;
+        };
+        seqs.push(seq);
+        if entry.is_some() {
+            let delay_ms = now_ms().saturating_sub(server_ts_ms);
+            conn.gw
+                .metrics
+                .delivery_seconds
+                .record(delay_ms as f64 / 1000.0);
+        }
+        match entry {
+            Some((from_user, msg_id)) => {
+                let (ids, entries) = owed.entry(from_user).or_default();
+                ids.push(msg_id);
+                entries.push(seq);
+            }
+            None => receipt_seqs.push(seq),
+        }
+    }
+    if seqs.is_empty() {
+        return Ok(());
+    }
+    let phone = if owed.is_empty() {
+        String::new()
+    } else {
+        conn.phone()
+    };
+    let owed: Vec<OwedReceipt> = owed
+        .into_iter()
+        .map(|(to_user, (ids, message_seqs))| OwedReceipt {
+            to_user,
+            receipt: pb::Receipt {
+                from_user: device.user,
+                from_device: device.device,
+                from_phone: phone.clone(),
+                kind: pb::ReceiptKind::Delivered as i32,
+                client_msg_ids: ids,
+            },
+            message_seqs,
+        })
+        .collect();
+    let router = conn.gw.router.clone();
+    let (remote, answers) = alongside_pending(
+        &mut conn.pending,
+        router.ack(device, conn.conn_id, seqs, receipt_seqs, owed),
+    )
+    .await;
+    conn.queue_all(answers);
+    if remote.is_empty() {
+        return Ok(());
+    }
+    // Senders on other shards: queue each receipt there first, then
+    // remove the messages it covers.
+    conn.pending.push(Box::pin(async move {
+        for owed in remote {
+            match router.enqueue_receipt(owed.to_user, owed.receipt, false).await {
+                Ok(()) => router.delete(device, owed.message_seqs).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "delivery receipt not stored; entries kept for redelivery");
+                }
+            }
+        }
+        None
+    }));
+    Ok(())
+}

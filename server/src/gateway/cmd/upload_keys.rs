@@ -1,0 +1,31 @@
+//! `UploadKeys`: a device publishes its keys; the signatures are checked
+//! here, before the owning shard stores them.
+
+use switchboard_proto::pb::{self, ErrorCode, server_frame::Body as Out};
+
+use super::answer;
+use crate::gateway::connection::Conn;
+use crate::gateway::link::Link;
+use crate::gateway::wire::error;
+use crate::store::DeviceKey;
+
+pub(in crate::gateway) fn run<L: Link>(
+    conn: &mut Conn<L>,
+    id: u32,
+    device: DeviceKey,
+    up: pb::UploadKeys,
+) {
+    if let Err(msg) = crate::keys::verify_upload(&up) {
+        conn.respond_error(id, error(ErrorCode::InvalidKeys, msg));
+        return;
+    }
+    let gw = conn.gw.clone();
+    conn.pending.push(Box::pin(async move {
+        let result = gw.router.upload_keys(device, up).await;
+        Some(answer(id, result, |n| {
+            Out::KeysUploaded(pb::KeysUploaded {
+                one_time_keys_remaining: n,
+            })
+        }))
+    }));
+}

@@ -1,0 +1,51 @@
+//! The expiry sweep: expired queue entries, dedup days and link codes.
+
+use super::Shard;
+use crate::clock::now_ms;
+use crate::router::shard_of_phone;
+use crate::store::Op;
+
+/// Most entries the expiry sweep removes per tick, so one sweep never
+/// stalls a shard for long; the next tick continues.
+const SWEEP_LIMIT: usize = 10_000;
+
+impl Shard {
+    pub(super) fn sweep(&mut self) {
+        let now = now_ms();
+        // Dedup records expire in whole day keyspaces shared by all
+        // shards; one shard drops them.
+        if self.id == 0 {
+            match self
+                .store
+                .expire_dedup(now.saturating_sub(self.cfg.dedup_window_ms))
+            {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(buckets = n, "expired dedup records dropped"),
+                Err(e) => tracing::warn!(error = %e, "dedup sweep failed"),
+            }
+        }
+        match self
+            .store
+            .expired_entries(now.saturating_sub(self.cfg.queue_ttl_ms), SWEEP_LIMIT)
+        {
+            Ok(list) => {
+                for (device, seq) in list {
+                    if self.owns_user(device.user) {
+                        self.stage_dequeue(device, seq, None);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "queue expiry sweep failed"),
+        }
+        match self.store.expired_link_codes(now, SWEEP_LIMIT) {
+            Ok(codes) => {
+                for code in codes {
+                    if shard_of_phone(&code, self.shards) == self.id {
+                        self.ops.push(Op::DeleteLinkCode(code));
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "link code sweep failed"),
+        }
+    }
+}
