@@ -26,6 +26,18 @@ use switchboard_client::{Client, ClientConfig, Credentials, Error, Event, Events
 /// # Errors
 ///
 /// [`Error::Closed`] if the client stops while an ack is being queued.
+/// Acknowledges `seq`; false once the client is closing (whatever was not
+/// acknowledged comes again on the next start).
+async fn acked(client: &Client, seq: u64) -> bool {
+    match client.ack([seq]).await {
+        Ok(()) => true,
+        Err(error) => {
+            eprintln!("cannot acknowledge {seq}, stopping: {error}");
+            false
+        }
+    }
+}
+
 pub async fn echo(client: &Client, mut events: Events) -> Result<u64, Error> {
     let mut echoed = 0;
     while let Some(event) = events.next().await {
@@ -54,11 +66,18 @@ pub async fn echo(client: &Client, mut events: Events) -> Result<u64, Error> {
                     // echoed must not come back on every connect.
                     Err(error) => eprintln!("cannot echo message {seq}: {error}"),
                 }
-                client.ack([seq]).await?;
+                if !acked(client, seq).await {
+                    break;
+                }
             }
             // Copies of our own sends, and receipts (✓✓ of the echoes):
-            // acknowledge, or they come back on every connect for 30 days.
-            Event::Message { seq, .. } | Event::Receipt { seq, .. } => client.ack([seq]).await?,
+            // acknowledge (in the guard), or they come back on every connect
+            // for 30 days; stop if the client is closing.
+            Event::Message { seq, .. } | Event::Receipt { seq, .. }
+                if !acked(client, seq).await =>
+            {
+                break;
+            }
             Event::Closed { reason } => {
                 eprintln!("closed: {reason}");
                 break;
