@@ -31,7 +31,7 @@ use super::wire::{error, error_frame, kick_error, shutting_down};
 use crate::FastMap;
 use crate::clock::now_ms;
 use crate::limits::{Limit, Slot};
-use crate::router::{Notice, Push, PushRx, Received};
+use crate::router::{ConnRx, Notice, Received, ToConn};
 use crate::store::{DeviceKey, UserId};
 use crate::telemetry as tm;
 
@@ -352,7 +352,7 @@ pub(super) struct Conn<L: Link> {
     pub(super) conn_id: u64,
     pub(super) authed: Option<Authed>,
     /// Pushes from the owning shard (after authentication).
-    pub(super) push_rx: Option<PushRx>,
+    pub(super) push_rx: Option<ConnRx>,
     pub(super) auth_failures: u32,
     /// The client's IP address (for the per-address limits).
     pub(super) peer: IpAddr,
@@ -377,7 +377,7 @@ pub(super) struct Conn<L: Link> {
 }
 
 /// Waits on an optional receiver; never resolves when there is none.
-async fn recv_push(push: &mut Option<PushRx>) -> Received {
+async fn recv_push(push: &mut Option<ConnRx>) -> Received {
     match push {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
@@ -586,7 +586,7 @@ impl<L: Link> Conn<L> {
                 }
                 push = recv_push(&mut self.push_rx) => {
                     let push = match push {
-                        Received::Push(push) => push,
+                        Received::Item(push) => push,
                         Received::Kicked(reason) => {
                             return self.goodbye(kick_error(reason)).await;
                         }
@@ -691,7 +691,7 @@ impl<L: Link> Conn<L> {
                 }
                 more = true;
             }
-            if let Some(push) = self.push_rx.as_mut().and_then(PushRx::try_recv) {
+            if let Some(push) = self.push_rx.as_mut().and_then(ConnRx::try_recv) {
                 self.on_push(push)?;
                 more = true;
             }
@@ -737,9 +737,9 @@ impl<L: Link> Conn<L> {
         }
     }
 
-    fn on_push(&mut self, push: Push) -> Result<(), End> {
+    fn on_push(&mut self, push: ToConn) -> Result<(), End> {
         match push {
-            Push::Deliver(entries) => {
+            ToConn::Deliver(entries) => {
                 for e in &entries {
                     if let (Some(pb::queue_entry::Body::DevicesChanged(dc)), Some(a)) =
                         (&e.body, self.authed.as_mut())
@@ -785,13 +785,13 @@ impl<L: Link> Conn<L> {
                     self.respond(0, Out::Deliver(pb::Deliver { entries: frame }));
                 }
             }
-            Push::SendAnswer { frame, result } => {
+            ToConn::SendAnswer { frame, result } => {
                 self.sends_in_flight = self.sends_in_flight.saturating_sub(1);
                 let frame = cmd::answer(frame, result.map_err(|e| *e), cmd::send::send_ok);
                 self.queue(frame);
             }
-            Push::Notice(Notice::UpToDate) => self.respond(0, Out::UpToDate(pb::UpToDate {})),
-            Push::Notice(Notice::KeysLow(n)) => self.respond(
+            ToConn::Notice(Notice::UpToDate) => self.respond(0, Out::UpToDate(pb::UpToDate {})),
+            ToConn::Notice(Notice::KeysLow(n)) => self.respond(
                 0,
                 Out::KeysLow(pb::KeysLow {
                     one_time_keys_remaining: n,

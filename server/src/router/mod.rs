@@ -8,17 +8,17 @@
 //! user (devices, queue counters, online connections, dedup) is touched by
 //! one shard only, so nothing needs a lock.
 
+mod conn_queue;
 mod error;
 mod mail;
 mod order;
-mod push;
 mod shard;
 
+pub use conn_queue::{ConnRx, ConnTx, Received, TrySendError, conn_queue};
 pub use error::RouteError;
 pub use order::HeldBy;
-pub use push::{PushRx, PushTx, Received, TrySendError, push_channel};
 use shard::Queued;
-pub use shard::{KickReason, Notice, OwedReceipt, Push};
+pub use shard::{KickReason, Notice, OwedReceipt, ToConn};
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -103,7 +103,7 @@ pub struct ConnLink {
     /// Pushes for the connection, and its end. Bounded: the shard uses
     /// `try_send`, and a connection whose queue is full is kicked as a slow
     /// reader (its entries stay in its durable queue).
-    pub push: PushTx,
+    pub push: ConnTx,
 }
 
 /// A send as submitted by the sender's connection (already validated for
@@ -177,10 +177,10 @@ pub(super) enum SendReply {
     /// Through a oneshot in a [`SendTicket`] (the sender's copies went to
     /// another shard, and the ✓ joins two answers).
     Ticket(Reply<SendAccepted>),
-    /// Through the sender's push queue as [`Push::SendAnswer`]: the
+    /// Through the sender's push queue as [`ToConn::SendAnswer`]: the
     /// answering shard owns the sender, so its connection is registered
     /// there. No oneshot and no future per send.
-    Push {
+    Queued {
         to: AnswerTo,
         /// When the send was submitted (for the ✓ latency histogram).
         submitted: std::time::Instant,
@@ -486,7 +486,7 @@ impl Router {
     /// peer) to the sender's shard. Returns once both are in their inboxes
     /// (so sends from one connection keep their order). When one shard owns
     /// both users (always, with one shard), the ✓ comes once both parts are
-    /// durable as a [`Push::SendAnswer`] for frame `to.frame` through the
+    /// durable as a [`ToConn::SendAnswer`] for frame `to.frame` through the
     /// connection's push queue, and this returns `None`; otherwise the
     /// returned [`SendTicket`] yields it.
     ///
@@ -511,7 +511,7 @@ impl Router {
                 Command::Send {
                     req,
                     copies,
-                    reply: SendReply::Push {
+                    reply: SendReply::Queued {
                         to,
                         submitted: std::time::Instant::now(),
                     },

@@ -98,9 +98,9 @@ const STORAGE_RETRY_AFTER_MS: u64 = 1000;
 
 /// What a shard pushes to a connection.
 #[derive(Debug)]
-pub enum Push {
+pub enum ToConn {
     /// Queue entries, in queue order. A boxed slice (and one variant for
-    /// the small notices) keeps `Push` small: its size is that of every
+    /// the small notices) keeps `ToConn` small: its size is that of every
     /// queued push's node in its connection's channel.
     Deliver(Box<[pb::QueueEntry]>),
     /// A notice with no queue entry.
@@ -122,8 +122,8 @@ pub enum Notice {
     KeysLow(u32),
 }
 
-// Kept small on purpose (see `Push::Deliver`).
-const _: () = assert!(std::mem::size_of::<Push>() <= 24);
+// Kept small on purpose (see `ToConn::Deliver`).
+const _: () = assert!(std::mem::size_of::<ToConn>() <= 24);
 
 /// Why a shard ended a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,7 +210,7 @@ impl Command {
             Command::ListDevices { reply, .. } => reply_now(reply, Err(err)),
             Command::LookupUser { reply, .. } => reply_now(reply, Err(err)),
             other @ (Command::Send {
-                reply: SendReply::Push { .. },
+                reply: SendReply::Queued { .. },
                 ..
             }
             | Command::Delete { .. }
@@ -395,7 +395,7 @@ enum Drain {
 
 struct Online {
     conn_id: u64,
-    push: super::PushTx,
+    push: super::ConnTx,
     drain: Drain,
 }
 
@@ -510,7 +510,7 @@ pub(super) struct Shard {
     send_answers: Vec<PendingAnswer>,
     live: Vec<(DeviceKey, pb::QueueEntry)>,
     kicks: Vec<(DeviceKey, KickReason)>,
-    pushes: Vec<(DeviceKey, Push)>,
+    pushes: Vec<(DeviceKey, ToConn)>,
     staged_dedup: HashMap<DedupKey, u64>,
     staged_codes: HashMap<String, CodeRecord>,
     staged_phones: HashMap<String, UserId>,
@@ -672,7 +672,7 @@ impl Shard {
                 cmd = match c.reject(overloaded()) {
                     Some(Command::Send {
                         req,
-                        reply: reply @ SendReply::Push { .. },
+                        reply: reply @ SendReply::Queued { .. },
                         ..
                     }) => {
                         self.answer_send(reply, req.from, Answer::now(Err(overloaded())));

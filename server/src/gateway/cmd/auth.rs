@@ -9,7 +9,7 @@ use crate::clock::now_ms;
 use crate::gateway::connection::{Authed, Conn, End, MAX_IN_FLIGHT, alongside_pending};
 use crate::gateway::link::Link;
 use crate::gateway::wire::{error, route_error};
-use crate::router::{ConnLink, RouteError, push_channel};
+use crate::router::{ConnLink, RouteError, conn_queue};
 use crate::store::DeviceKey;
 use crate::telemetry as tm;
 
@@ -32,7 +32,7 @@ pub(in crate::gateway) async fn run<L: Link>(
     // The connection's push queue. The shard holds the sender and uses
     // try_send; when it is full the shard kicks us as a slow reader.
     // Room for the answers of the sends that may be in flight, too.
-    let (push_tx, push_rx) = push_channel(conn.gw.cfg.outbound_queue_frames + MAX_IN_FLIGHT);
+    let (push_tx, push_rx) = conn_queue(conn.gw.cfg.outbound_queue_frames + MAX_IN_FLIGHT);
     let link = ConnLink {
         conn_id: conn.conn_id,
         push: push_tx,

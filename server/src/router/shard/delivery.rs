@@ -5,7 +5,7 @@
 use prost::Message;
 use switchboard_proto::pb;
 
-use super::{Drain, KickReason, Notice, Online, OwedReceipt, Push, Shard, reply_now};
+use super::{Drain, KickReason, Notice, Online, OwedReceipt, Shard, ToConn, reply_now};
 use crate::FastSet;
 use crate::accounts;
 use crate::clock::now_ms;
@@ -139,13 +139,13 @@ impl Shard {
         };
         if page.is_empty() {
             online.drain = Drain::Live;
-            self.push(device, Push::Notice(Notice::UpToDate));
+            self.push(device, ToConn::Notice(Notice::UpToDate));
         } else {
             online.drain = Drain::Draining {
                 cursor,
                 inflight: page.iter().map(|e| e.seq).collect(),
             };
-            self.push(device, Push::Deliver(page.into_boxed_slice()));
+            self.push(device, ToConn::Deliver(page.into_boxed_slice()));
         }
     }
 
@@ -157,11 +157,11 @@ impl Shard {
                 ..
             })
         ) {
-            self.push(device, Push::Deliver(entries.into_boxed_slice()));
+            self.push(device, ToConn::Deliver(entries.into_boxed_slice()));
         }
     }
 
-    pub(super) fn push(&mut self, device: DeviceKey, push: Push) {
+    pub(super) fn push(&mut self, device: DeviceKey, push: ToConn) {
         let Some(online) = self.online.get_mut(&device) else {
             return;
         };

@@ -6,7 +6,7 @@ use std::time::Instant;
 use prost::Message;
 use switchboard_proto::pb;
 
-use super::{Notice, Push, Shard, reply_now};
+use super::{Notice, Shard, ToConn, reply_now};
 use crate::keys;
 use crate::limits::Limit;
 use crate::router::{Reply, RouteError};
@@ -171,7 +171,7 @@ impl Shard {
                 rec.one_time_keys = rec.one_time_keys.saturating_sub(1);
                 if rec.one_time_keys < keys::LOW_STOCK_ONE_TIME_KEYS {
                     self.pushes
-                        .push((device, Push::Notice(Notice::KeysLow(rec.one_time_keys))));
+                        .push((device, ToConn::Notice(Notice::KeysLow(rec.one_time_keys))));
                 }
                 self.stage_device_keys(device, rec);
             }
@@ -181,7 +181,8 @@ impl Shard {
                     .clone()
                     .map(pb::device_bundle::Key::FallbackKey);
                 if within_budget {
-                    self.pushes.push((device, Push::Notice(Notice::KeysLow(0))));
+                    self.pushes
+                        .push((device, ToConn::Notice(Notice::KeysLow(0))));
                 }
             }
         }

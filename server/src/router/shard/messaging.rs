@@ -6,7 +6,8 @@ use std::collections::BTreeSet;
 use switchboard_proto::pb;
 
 use super::{
-    Answer, ENTRY_OVERHEAD_BYTES, PendingAnswer, Push, QUEUE_FULL_RETRY_AFTER_MS, Shard, reply_now,
+    Answer, ENTRY_OVERHEAD_BYTES, PendingAnswer, QUEUE_FULL_RETRY_AFTER_MS, Shard, ToConn,
+    reply_now,
 };
 use crate::clock::now_ms;
 use crate::router::order::{HeldBy, Part};
@@ -266,7 +267,7 @@ impl Shard {
                 self.after_commit(reply, answer.result);
             }
             SendReply::Ticket(reply) => reply_now(reply, answer.result),
-            SendReply::Push { to, submitted } => {
+            SendReply::Queued { to, submitted } => {
                 let pending = PendingAnswer {
                     device: from,
                     to,
@@ -297,7 +298,7 @@ impl Shard {
         {
             self.push(
                 answer.device,
-                Push::SendAnswer {
+                ToConn::SendAnswer {
                     frame: answer.to.frame,
                     result: answer.result.map_err(Box::new),
                 },

@@ -1,4 +1,5 @@
-//! A connection's push queue: what its shard sends it (queue entries,
+//! A connection's queue (`ConnTx`/`ConnRx`; "push" is kept for push
+//! notifications): what its shard sends it (queue entries,
 //! notices, answers to sends) and, in the same place, whether the shard has
 //! ended the connection and why.
 //!
@@ -17,7 +18,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
-use super::shard::{KickReason, Push};
+use super::shard::{KickReason, ToConn};
 
 /// Room the queue keeps after it empties, so a connection's steady trickle
 /// of pushes does not allocate per push, while a burst's growth is given
@@ -25,7 +26,7 @@ use super::shard::{KickReason, Push};
 const KEEP_CAPACITY: usize = 4;
 
 struct State {
-    pushes: VecDeque<Push>,
+    pushes: VecDeque<ToConn>,
     /// The connection's task, to wake when something arrives.
     waker: Option<Waker>,
     /// Set when the shard ends the connection; seen before any push still
@@ -51,22 +52,22 @@ impl Shared {
 }
 
 /// The shard's end of a connection's push queue.
-pub struct PushTx(Arc<Shared>);
+pub struct ConnTx(Arc<Shared>);
 
 /// The connection's end of its push queue.
-pub struct PushRx(Arc<Shared>);
+pub struct ConnRx(Arc<Shared>);
 
-impl std::fmt::Debug for PushTx {
+impl std::fmt::Debug for ConnTx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PushTx")
+        f.debug_struct("ConnTx")
             .field("capacity", &self.0.capacity)
             .finish_non_exhaustive()
     }
 }
 
-impl std::fmt::Debug for PushRx {
+impl std::fmt::Debug for ConnRx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PushRx")
+        f.debug_struct("ConnRx")
             .field("capacity", &self.0.capacity)
             .finish_non_exhaustive()
     }
@@ -74,7 +75,7 @@ impl std::fmt::Debug for PushRx {
 
 /// A push queue holding `capacity` pushes at most.
 #[must_use]
-pub fn push_channel(capacity: usize) -> (PushTx, PushRx) {
+pub fn conn_queue(capacity: usize) -> (ConnTx, ConnRx) {
     let shared = Arc::new(Shared {
         capacity: capacity.max(1),
         state: Mutex::new(State {
@@ -85,7 +86,7 @@ pub fn push_channel(capacity: usize) -> (PushTx, PushRx) {
             receiver_gone: false,
         }),
     });
-    (PushTx(shared.clone()), PushRx(shared))
+    (ConnTx(shared.clone()), ConnRx(shared))
 }
 
 /// Why a push was not queued.
@@ -97,12 +98,12 @@ pub enum TrySendError {
     Gone,
 }
 
-impl PushTx {
+impl ConnTx {
     /// Queues `push` and wakes the connection, without waiting.
     ///
     /// # Errors
     /// [`TrySendError::Full`] or [`TrySendError::Gone`]; `push` is dropped.
-    pub fn try_send(&self, push: Push) -> Result<(), TrySendError> {
+    pub fn try_send(&self, push: ToConn) -> Result<(), TrySendError> {
         let waker = {
             let mut state = self.0.lock();
             if state.receiver_gone {
@@ -128,7 +129,7 @@ impl PushTx {
     }
 }
 
-impl Drop for PushTx {
+impl Drop for ConnTx {
     fn drop(&mut self) {
         let waker = {
             let mut state = self.0.lock();
@@ -145,14 +146,14 @@ impl Drop for PushTx {
 #[derive(Debug)]
 pub enum Received {
     /// A push, in the order queued.
-    Push(Push),
+    Item(ToConn),
     /// The shard ended the connection.
     Kicked(KickReason),
     /// The shard let go without a reason (it stopped).
     Closed,
 }
 
-impl PushRx {
+impl ConnRx {
     /// The next push, kick or end; registers the task's waker when there
     /// is none yet.
     pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Received> {
@@ -161,7 +162,7 @@ impl PushRx {
             return Poll::Ready(Received::Kicked(reason));
         }
         if let Some(push) = pop(&mut state) {
-            return Poll::Ready(Received::Push(push));
+            return Poll::Ready(Received::Item(push));
         }
         if state.sender_gone {
             return Poll::Ready(Received::Closed);
@@ -178,8 +179,8 @@ impl PushRx {
         std::future::poll_fn(|cx| self.poll_recv(cx)).await
     }
 
-    /// A push queued now, if any. A kick is left for [`PushRx::recv`].
-    pub fn try_recv(&mut self) -> Option<Push> {
+    /// A push queued now, if any. A kick is left for [`ConnRx::recv`].
+    pub fn try_recv(&mut self) -> Option<ToConn> {
         let mut state = self.0.lock();
         if state.kicked.is_some() {
             return None;
@@ -188,7 +189,7 @@ impl PushRx {
     }
 }
 
-impl Drop for PushRx {
+impl Drop for ConnRx {
     fn drop(&mut self) {
         let pushes = {
             let mut state = self.0.lock();
@@ -202,7 +203,7 @@ impl Drop for PushRx {
 }
 
 /// Takes the first push; an emptied queue gives back what a burst grew.
-fn pop(state: &mut State) -> Option<Push> {
+fn pop(state: &mut State) -> Option<ToConn> {
     let push = state.pushes.pop_front()?;
     if state.pushes.is_empty() && state.pushes.capacity() > KEEP_CAPACITY {
         state.pushes.shrink_to(KEEP_CAPACITY);
@@ -225,20 +226,20 @@ mod tests {
         }
     }
 
-    fn notice(n: u32) -> Push {
-        Push::Notice(Notice::KeysLow(n))
+    fn notice(n: u32) -> ToConn {
+        ToConn::Notice(Notice::KeysLow(n))
     }
 
     fn received_keys_low(r: Poll<Received>) -> Option<u32> {
         match r {
-            Poll::Ready(Received::Push(Push::Notice(Notice::KeysLow(n)))) => Some(n),
+            Poll::Ready(Received::Item(ToConn::Notice(Notice::KeysLow(n)))) => Some(n),
             _ => None,
         }
     }
 
     #[test]
     fn pushes_arrive_in_order_and_wake_the_waiting_connection() {
-        let (tx, mut rx) = push_channel(8);
+        let (tx, mut rx) = conn_queue(8);
         let count = Arc::new(Count(AtomicUsize::new(0)));
         let waker = Waker::from(count.clone());
         let mut cx = Context::from_waker(&waker);
@@ -250,20 +251,20 @@ mod tests {
         assert_eq!(received_keys_low(rx.poll_recv(&mut cx)), Some(1));
         assert!(matches!(
             rx.try_recv(),
-            Some(Push::Notice(Notice::KeysLow(2)))
+            Some(ToConn::Notice(Notice::KeysLow(2)))
         ));
         assert!(rx.try_recv().is_none());
     }
 
     #[test]
     fn a_full_queue_refuses_and_an_emptied_one_gives_back_its_growth() {
-        let (tx, mut rx) = push_channel(100);
+        let (tx, mut rx) = conn_queue(100);
         for n in 0..100 {
             tx.try_send(notice(n)).unwrap();
         }
         assert_eq!(tx.try_send(notice(100)), Err(TrySendError::Full));
         for n in 0..100 {
-            assert!(matches!(rx.try_recv(), Some(Push::Notice(Notice::KeysLow(m))) if m == n));
+            assert!(matches!(rx.try_recv(), Some(ToConn::Notice(Notice::KeysLow(m))) if m == n));
         }
         assert!(rx.0.lock().pushes.capacity() <= KEEP_CAPACITY);
         tx.try_send(notice(7)).unwrap();
@@ -273,7 +274,7 @@ mod tests {
     fn a_kick_comes_before_what_is_queued_and_an_end_after_it() {
         let waker = Waker::noop();
         let mut cx = Context::from_waker(waker);
-        let (tx, mut rx) = push_channel(8);
+        let (tx, mut rx) = conn_queue(8);
         tx.try_send(notice(1)).unwrap();
         tx.kick(KickReason::SlowReader);
         assert!(rx.try_recv().is_none());
@@ -282,7 +283,7 @@ mod tests {
             Poll::Ready(Received::Kicked(KickReason::SlowReader))
         ));
 
-        let (tx, mut rx) = push_channel(8);
+        let (tx, mut rx) = conn_queue(8);
         tx.try_send(notice(1)).unwrap();
         drop(tx);
         assert_eq!(received_keys_low(rx.poll_recv(&mut cx)), Some(1));
@@ -294,7 +295,7 @@ mod tests {
 
     #[test]
     fn pushes_to_a_gone_connection_are_refused() {
-        let (tx, rx) = push_channel(8);
+        let (tx, rx) = conn_queue(8);
         drop(rx);
         assert_eq!(tx.try_send(notice(1)), Err(TrySendError::Gone));
     }
