@@ -10,7 +10,7 @@ mod harness;
 use std::path::Path;
 
 use bytes::Bytes;
-use harness::{Peer, Received, TestServer, state_dir};
+use harness::{Peer, TestServer, hear, say, state_dir};
 use switchboard_client::pb::{self, client_frame::Body as In, server_frame::Body as Out};
 use switchboard_client::{
     CloseReason, ConnectOptions, Connection, DevicePayload, Error, ErrorCode, Event,
@@ -32,26 +32,6 @@ fn files(dir: &Path) -> Vec<std::path::PathBuf> {
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-/// Sends `text` from `from` to `to_user` and returns its id.
-async fn say(from: &Peer, to_user: u64, text: &str) -> String {
-    from.client
-        .send_to_user(to_user, Bytes::from(text.to_owned()))
-        .await
-        .unwrap()
-        .client_msg_id
-}
-
-/// The next message (acknowledged), checked to be `text` under `id`.
-async fn hear(peer: &mut Peer, id: &str, text: &str) -> Received {
-    let m = peer.message().await;
-    assert_eq!(
-        (m.client_msg_id.as_str(), &m.payload[..]),
-        (id, text.as_bytes())
-    );
-    peer.client.ack([m.seq]).await.unwrap();
-    m
 }
 
 async fn safety_changed(peer: &mut Peer) -> u64 {

@@ -6,28 +6,8 @@
 
 mod harness;
 
-use bytes::Bytes;
-use harness::{Peer, TestServer, client_config, state_dir};
+use harness::{Peer, TestServer, client_config, hear, say, state_dir};
 use switchboard_client::{Error, ErrorCode, Event, ReceiptKind};
-
-/// Sends `text` from `from` to `to_user` and returns its id.
-async fn say(from: &Peer, to_user: u64, text: &str) -> String {
-    from.client
-        .send_to_user(to_user, Bytes::from(text.to_owned()))
-        .await
-        .unwrap()
-        .client_msg_id
-}
-
-/// The next message (acknowledged), checked to be `text` under `id`.
-async fn hear(peer: &mut Peer, id: &str, text: &str) {
-    let m = peer.message().await;
-    assert_eq!(
-        (m.client_msg_id.as_str(), &m.payload[..]),
-        (id, text.as_bytes())
-    );
-    peer.client.ack([m.seq]).await.unwrap();
-}
 
 /// The next `ContactDevicesChanged` about `user`: (devices, added, removed).
 async fn devices_changed(peer: &mut Peer, user: u64) -> (Vec<u32>, Vec<u32>, Vec<u32>) {

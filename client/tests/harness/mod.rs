@@ -416,3 +416,23 @@ impl Peer {
         self.client.close().await.unwrap();
     }
 }
+
+/// Sends `text` from `from` to `to_user` and returns its id.
+pub async fn say(from: &Peer, to_user: u64, text: &str) -> String {
+    from.client
+        .send_to_user(to_user, Bytes::from(text.to_owned()))
+        .await
+        .unwrap()
+        .client_msg_id
+}
+
+/// The next message (acknowledged), checked to be `text` under `id`.
+pub async fn hear(peer: &mut Peer, id: &str, text: &str) -> Received {
+    let m = peer.message().await;
+    assert_eq!(
+        (m.client_msg_id.as_str(), &m.payload[..]),
+        (id, text.as_bytes())
+    );
+    peer.client.ack([m.seq]).await.unwrap();
+    m
+}
