@@ -11,6 +11,10 @@ use switchboard_proto::pb::{self, ErrorCode};
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in the SDK.
+///
+/// Each variant's message already names its cause, so no variant reports a
+/// `source()`: a reporter that walks the chain (`anyhow`'s `{:#}`) would
+/// print the cause twice.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -19,16 +23,16 @@ pub enum Error {
     Server(ServerError),
     /// The byte stream failed (connect, read, write, WebSocket).
     #[error("transport: {0}")]
-    Transport(#[from] TransportError),
+    Transport(TransportError),
     /// The peer sent something the protocol does not allow.
     #[error("protocol: {0}")]
-    Protocol(#[from] ProtocolError),
+    Protocol(ProtocolError),
     /// The connection or client is closed; see the reason.
     #[error("closed: {0}")]
     Closed(CloseReason),
     /// The caller passed something invalid; retrying as is will not help.
     #[error("invalid use: {0}")]
-    Usage(#[from] UsageError),
+    Usage(UsageError),
     /// The outbox holds its maximum number of pending sends; retry once some
     /// have been acknowledged.
     #[error("outbox full: {capacity} sends are pending")]
@@ -41,10 +45,10 @@ pub enum Error {
     Busy(usize),
     /// Reading or writing local state (outbox, crypto store) failed.
     #[error("local storage: {0}")]
-    Storage(#[from] StorageError),
+    Storage(StorageError),
     /// End-to-end encryption could not be set up or used.
     #[error("end-to-end encryption: {0}")]
-    Crypto(#[from] CryptoError),
+    Crypto(CryptoError),
     /// An operation did not complete in time.
     #[error("timed out while {0}")]
     Timeout(&'static str),
@@ -162,10 +166,10 @@ impl std::fmt::Display for ServerError {
 pub enum TransportError {
     /// A socket operation failed.
     #[error("{0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     /// The WebSocket layer failed (handshake, framing).
     #[error("websocket: {0}")]
-    WebSocket(#[source] Box<dyn std::error::Error + Send + Sync>),
+    WebSocket(Box<dyn std::error::Error + Send + Sync>),
     /// Connecting and completing the handshake took longer than allowed.
     #[error("connect timed out after {0:?}")]
     ConnectTimeout(Duration),
@@ -177,7 +181,7 @@ pub enum TransportError {
 pub enum ProtocolError {
     /// The wire format layer rejected bytes (bad record, decryption, decode).
     #[error("{0}")]
-    Proto(#[from] switchboard_proto::ProtoError),
+    Proto(switchboard_proto::ProtoError),
     /// The server's static key is not the pinned one.
     #[error("server key mismatch: expected {expected}, got {got}")]
     ServerKeyMismatch {
@@ -368,6 +372,28 @@ impl StorageError {
     }
 }
 
+/// `From` conversions for `?`, without making the inner error a `source()`
+/// (see [`Error`]).
+macro_rules! from_without_source {
+    ($($from:ty => $to:ident :: $variant:ident),* $(,)?) => {
+        $(impl From<$from> for $to {
+            fn from(e: $from) -> Self {
+                Self::$variant(e)
+            }
+        })*
+    };
+}
+
+from_without_source! {
+    TransportError => Error::Transport,
+    ProtocolError => Error::Protocol,
+    UsageError => Error::Usage,
+    StorageError => Error::Storage,
+    CryptoError => Error::Crypto,
+    std::io::Error => TransportError::Io,
+    switchboard_proto::ProtoError => ProtocolError::Proto,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -402,5 +428,15 @@ mod tests {
             err(ErrorCode::QueueFull).retry_after,
             Some(Duration::from_secs(1))
         );
+    }
+
+    #[test]
+    fn a_cause_is_named_once_in_a_reported_chain() {
+        let e: Error = TransportError::from(std::io::Error::other("connection refused")).into();
+        assert_eq!(e.to_string(), "transport: connection refused");
+        assert!(std::error::Error::source(&e).is_none());
+        let e: Error = UsageError::Invalid("max_in_flight_sends must be at least 1").into();
+        assert!(std::error::Error::source(&e).is_none());
+        assert_eq!(e.to_string().matches("at least 1").count(), 1);
     }
 }
