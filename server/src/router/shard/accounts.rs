@@ -290,3 +290,134 @@ impl Shard {
         self.after_commit(reply, r);
     }
 }
+
+// ------------------------------------------------------------ the Router side
+
+/// The `Router` methods that hand this concern's commands to the shards.
+mod router_side {
+    use super::super::Command;
+    use super::*;
+
+    impl crate::router::Router {
+        /// Issues a verification code for `phone` (not yet delivered).
+        ///
+        /// # Errors
+        /// [`RouteError::InvalidPhone`], [`RouteError::RateLimited`], storage.
+        pub async fn request_code(&self, phone: String) -> Result<CodeIssued, RouteError> {
+            if !crate::accounts::is_e164(&phone) {
+                return Err(RouteError::InvalidPhone);
+            }
+            self.call(self.phone_shard(&phone), |reply| Command::RequestCode {
+                phone,
+                reply,
+            })
+            .await
+        }
+
+        /// Checks a code and, if right, registers a new primary device.
+        ///
+        /// # Errors
+        /// The code errors, storage.
+        pub async fn verify_code(
+            &self,
+            phone: String,
+            code: String,
+            pin: String,
+        ) -> Result<Registered, RouteError> {
+            if !crate::accounts::is_e164(&phone) {
+                return Err(RouteError::InvalidPhone);
+            }
+            let checked = self
+                .call(self.phone_shard(&phone), |reply| Command::CheckCode {
+                    phone: phone.clone(),
+                    code: code.clone(),
+                    pin_presented: !pin.is_empty(),
+                    reply,
+                })
+                .await?;
+            if let Some(user) = checked.user {
+                let stored = self
+                    .call(self.user_shard(user), |reply| Command::UserPin {
+                        user,
+                        reply,
+                    })
+                    .await?;
+                if !stored.is_empty() {
+                    if pin.is_empty() {
+                        return Err(RouteError::PinRequired);
+                    }
+                    // Argon2 is slow on purpose: off the shard and the runtime.
+                    let right = tokio::task::spawn_blocking(move || {
+                        crate::accounts::verify_pin(&pin, &stored)
+                    })
+                    .await
+                    .map_err(|_| RouteError::Internal)?
+                    .map_err(|e| {
+                        tracing::error!(error = %e, user, "stored PIN hash unreadable");
+                        RouteError::Internal
+                    })?;
+                    if !right {
+                        return Err(match checked.locked_until_ms {
+                            Some(until) => RouteError::PinLocked {
+                                retry_after_ms: until.saturating_sub(crate::clock::now_ms()),
+                            },
+                            None => RouteError::PinInvalid,
+                        });
+                    }
+                }
+            }
+            let user = self
+                .call(self.phone_shard(&phone), |reply| Command::VerifyCode {
+                    phone: phone.clone(),
+                    code,
+                    reply,
+                })
+                .await?;
+            self.call(self.user_shard(user), |reply| Command::RegisterDevice {
+                user,
+                phone,
+                reply,
+            })
+            .await
+        }
+
+        /// Sets the account's PIN hash (empty: clears it); primary device only.
+        /// Returns whether a PIN is now set.
+        ///
+        /// # Errors
+        /// [`RouteError::NotPrimary`], storage.
+        pub async fn set_pin(
+            &self,
+            device: DeviceKey,
+            pin_hash: String,
+        ) -> Result<bool, RouteError> {
+            self.call(self.user_shard(device.user), |reply| Command::SetPin {
+                device,
+                pin_hash,
+                reply,
+            })
+            .await
+        }
+
+        /// Looks a user up by phone number.
+        ///
+        /// # Errors
+        /// [`RouteError::UnknownUser`], storage.
+        pub async fn lookup_phone(&self, phone: String) -> Result<UserSummary, RouteError> {
+            if !crate::accounts::is_e164(&phone) {
+                return Err(RouteError::InvalidPhone);
+            }
+            let user = self
+                .call(self.phone_shard(&phone), |reply| Command::LookupPhone {
+                    phone,
+                    reply,
+                })
+                .await?;
+            self.call(self.user_shard(user), |reply| Command::LookupUser {
+                user,
+                reply,
+            })
+            .await
+        }
+    }
+}

@@ -229,3 +229,85 @@ impl Shard {
         }
     }
 }
+
+// ------------------------------------------------------------ the Router side
+
+/// The `Router` methods that hand this concern's commands to the shards.
+mod router_side {
+    use super::super::{Command, Queued};
+    use super::*;
+    use crate::router::shard_of_user;
+
+    impl crate::router::Router {
+        /// Authenticates a connection as `device` and starts draining its queue
+        /// into `link`. Returns the user's phone.
+        ///
+        /// # Errors
+        /// [`RouteError::Unauthenticated`], storage.
+        pub async fn authenticate(
+            &self,
+            device: DeviceKey,
+            credential: Vec<u8>,
+            link: ConnLink,
+        ) -> Result<AuthInfo, RouteError> {
+            self.call(self.user_shard(device.user), |reply| {
+                Command::Authenticate {
+                    device,
+                    credential,
+                    link,
+                    reply,
+                }
+            })
+            .await
+        }
+
+        /// A device's ack of `seqs` on connection `conn_id`: the receipt
+        /// entries among them (`receipt_seqs`) are removed, and each sender in
+        /// `owed` gets a delivery receipt, after which the message entries it
+        /// covers are removed. For senders on the device's shard (all of them,
+        /// with one shard) this is one command and one atomic batch. The
+        /// receipts for senders on other shards come back, for the caller to
+        /// queue ([`Router::enqueue_receipt`]) and only then [`Router::delete`]
+        /// their messages.
+        pub async fn ack(
+            &self,
+            device: DeviceKey,
+            conn_id: u64,
+            seqs: Vec<u64>,
+            receipt_seqs: Vec<u64>,
+            owed: Vec<OwedReceipt>,
+        ) -> Vec<OwedReceipt> {
+            let n = self.shards.len();
+            let mine = shard_of_user(device.user, n);
+            let (local, remote): (Vec<_>, Vec<_>) = owed
+                .into_iter()
+                .partition(|o| shard_of_user(o.to_user, n) == mine);
+            let _ = self.shards[mine]
+                .send(Queued::new(Command::Ack {
+                    device,
+                    conn_id,
+                    seqs,
+                    delete: receipt_seqs,
+                    receipts: local,
+                }))
+                .await;
+            remote
+        }
+
+        /// Removes entries from a device's queue.
+        pub async fn delete(&self, device: DeviceKey, seqs: Vec<u64>) {
+            let _ = self
+                .user_shard(device.user)
+                .send(Queued::new(Command::Delete { device, seqs }))
+                .await;
+        }
+
+        /// Connection `conn_id` of `device` has ended.
+        pub async fn disconnected(&self, device: DeviceKey, conn_id: u64) {
+            let _ = self
+                .user_shard(device.user)
+                .send(Queued::new(Command::Disconnected { device, conn_id }))
+                .await;
+        }
+    }
+}

@@ -212,3 +212,93 @@ impl Shard {
         self.after_commit(reply, Ok(()));
     }
 }
+
+// ------------------------------------------------------------ the Router side
+
+/// The `Router` methods that hand this concern's commands to the shards.
+mod router_side {
+    use super::super::Command;
+    use super::*;
+
+    impl crate::router::Router {
+        /// A link code for the primary `device`'s account: (code, expiry).
+        ///
+        /// # Errors
+        /// [`RouteError::NotPrimary`], [`RouteError::TooManyDevices`], rate limit.
+        pub async fn create_link_code(
+            &self,
+            device: DeviceKey,
+        ) -> Result<(String, u64), RouteError> {
+            let (code, expires_ms) = self
+                .call(self.user_shard(device.user), |reply| {
+                    Command::CreateLinkCode { device, reply }
+                })
+                .await?;
+            let canonical =
+                crate::accounts::normalize_link_code(&code).ok_or(RouteError::LinkCodeInvalid)?;
+            self.call(self.phone_shard(&canonical), |reply| {
+                Command::StoreLinkCode {
+                    code: canonical.clone(),
+                    record: crate::store::LinkCodeRecord {
+                        user_id: device.user,
+                        expires_ms,
+                    },
+                    reply,
+                }
+            })
+            .await?;
+            Ok((code, expires_ms))
+        }
+
+        /// Joins the account behind `code` as a new linked device.
+        ///
+        /// # Errors
+        /// [`RouteError::LinkCodeInvalid`], [`RouteError::TooManyDevices`].
+        pub async fn link_device(&self, code: &str) -> Result<Registered, RouteError> {
+            let code =
+                crate::accounts::normalize_link_code(code).ok_or(RouteError::LinkCodeInvalid)?;
+            let user = self
+                .call(self.phone_shard(&code), |reply| Command::TakeLinkCode {
+                    code: code.clone(),
+                    reply,
+                })
+                .await?;
+            self.call(self.user_shard(user), |reply| Command::AddLinkedDevice {
+                user,
+                code,
+                reply,
+            })
+            .await
+        }
+
+        /// The user's devices with their identity keys.
+        ///
+        /// # Errors
+        /// [`RouteError::UnknownUser`], storage.
+        pub async fn list_devices(&self, user: UserId) -> Result<Vec<pb::DeviceInfo>, RouteError> {
+            self.call(self.user_shard(user), |reply| Command::ListDevices {
+                user,
+                reply,
+            })
+            .await
+        }
+
+        /// The primary device `by` revokes another device of its user.
+        ///
+        /// # Errors
+        /// [`RouteError::NotPrimary`], [`RouteError::BadRequest`] for an unknown
+        /// device or the primary itself.
+        pub async fn revoke_device(
+            &self,
+            by: DeviceKey,
+            target: DeviceId,
+        ) -> Result<(), RouteError> {
+            self.call(self.user_shard(by.user), |reply| Command::RevokeDevice {
+                by,
+                target,
+                reply,
+            })
+            .await
+        }
+    }
+}

@@ -189,3 +189,52 @@ impl Shard {
         Ok(bundle)
     }
 }
+
+// ------------------------------------------------------------ the Router side
+
+/// The `Router` methods that hand this concern's commands to the shards.
+mod router_side {
+    use super::super::Command;
+    use super::*;
+
+    impl crate::router::Router {
+        /// Publishes a device's keys (already signature-checked). Returns the
+        /// one-time keys in stock.
+        ///
+        /// # Errors
+        /// [`RouteError::InvalidKeys`] for a changed identity or a full stock.
+        pub async fn upload_keys(
+            &self,
+            device: DeviceKey,
+            upload: pb::UploadKeys,
+        ) -> Result<u32, RouteError> {
+            self.call(self.user_shard(device.user), |reply| Command::UploadKeys {
+                device,
+                upload,
+                reply,
+            })
+            .await
+        }
+
+        /// Key bundles of every current device of `user` (but the requester),
+        /// each consuming one one-time key; with `identities_only`, only the
+        /// devices' identity keys (nothing used up).
+        ///
+        /// # Errors
+        /// [`RouteError::UnknownUser`], storage.
+        pub async fn fetch_bundles(
+            &self,
+            requester: DeviceKey,
+            user: UserId,
+            identities_only: bool,
+        ) -> Result<Vec<pb::DeviceBundle>, RouteError> {
+            self.call(self.user_shard(user), |reply| Command::FetchBundles {
+                requester,
+                user,
+                identities_only,
+                reply,
+            })
+            .await
+        }
+    }
+}

@@ -226,3 +226,20 @@ impl Shard {
         }
     }
 }
+
+// ------------------------------------------------------------ the Router side
+
+/// The `Router` methods that hand this concern's commands to the shards.
+mod router_side {
+    use super::super::{Command, Queued};
+
+    impl crate::router::Router {
+        /// Asks every shard for its periodic upkeep (mail not yet delivered is
+        /// posted again; skipped by busy shards).
+        pub fn tick(&self) {
+            for shard in self.shards.iter() {
+                let _ = shard.try_send(Queued::new(Command::Tick));
+            }
+        }
+    }
+}

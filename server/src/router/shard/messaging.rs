@@ -417,3 +417,117 @@ mod tests {
         assert_eq!(mismatch(&[1, 2], &[1, 1]), (7, vec![2], vec![]));
     }
 }
+
+// ------------------------------------------------------------ the Router side
+
+/// The `Router` methods that hand this concern's commands to the shards.
+mod router_side {
+    use super::super::Command;
+    use super::*;
+    use crate::router::{AnswerTo, SendTicket, shard_of_user};
+    use tokio::sync::oneshot;
+
+    impl crate::router::Router {
+        /// Hands a send to the recipient's shard and the sender's copies for its
+        /// other devices (`copies`, whose `to_user` names the conversation
+        /// peer) to the sender's shard. Returns once both are in their inboxes
+        /// (so sends from one connection keep their order). When one shard owns
+        /// both users (always, with one shard), the ✓ comes once both parts are
+        /// durable as a [`ToConn::SendAnswer`] for frame `to.frame` through the
+        /// connection's push queue, and this returns `None`; otherwise the
+        /// returned [`SendTicket`] yields it.
+        ///
+        /// When both users live on the same shard the two parts travel as one
+        /// command and are stored in one batch.
+        ///
+        /// # Errors
+        /// [`RouteError::Overloaded`] or [`RouteError::ShuttingDown`]. If the
+        /// copies could not be queued, the recipient's part may still be
+        /// stored; a retry of the send is answered as a duplicate.
+        pub async fn submit_send(
+            &self,
+            req: SendRequest,
+            copies: Option<SendRequest>,
+            to: AnswerTo,
+        ) -> Result<Option<SendTicket>, RouteError> {
+            let n = self.shards.len();
+            let shard = self.user_shard(req.to_user);
+            if shard_of_user(req.from.user, n) == shard_of_user(req.to_user, n) {
+                self.enqueue(
+                    shard,
+                    Command::Send {
+                        req,
+                        copies,
+                        reply: SendReply::Queued {
+                            to,
+                            submitted: std::time::Instant::now(),
+                        },
+                    },
+                )
+                .await?;
+                return Ok(None);
+            }
+            let (tx, peer) = oneshot::channel();
+            match copies {
+                Some(copies) => {
+                    self.enqueue(
+                        shard,
+                        Command::Send {
+                            req,
+                            copies: None,
+                            reply: SendReply::Ticket(tx),
+                        },
+                    )
+                    .await?;
+                    let (own_tx, own) = oneshot::channel();
+                    let own_shard = self.user_shard(copies.from.user);
+                    self.enqueue(
+                        own_shard,
+                        Command::SendSelf {
+                            req: copies,
+                            reply: own_tx,
+                        },
+                    )
+                    .await?;
+                    Ok(Some(SendTicket {
+                        peer,
+                        own: Some(own),
+                    }))
+                }
+                None => {
+                    self.enqueue(
+                        shard,
+                        Command::Send {
+                            req,
+                            copies: None,
+                            reply: SendReply::Ticket(tx),
+                        },
+                    )
+                    .await?;
+                    Ok(Some(SendTicket { peer, own: None }))
+                }
+            }
+        }
+
+        /// Durably queues a receipt for every device of `to_user`. With
+        /// `must_exist`, an unknown user is an error; otherwise the receipt is
+        /// dropped (the sender's account is gone).
+        ///
+        /// # Errors
+        /// [`RouteError::UnknownUser`], storage, shutdown.
+        pub async fn enqueue_receipt(
+            &self,
+            to_user: UserId,
+            receipt: pb::Receipt,
+            must_exist: bool,
+        ) -> Result<(), RouteError> {
+            self.call(self.user_shard(to_user), |reply| Command::EnqueueReceipt {
+                to_user,
+                receipt,
+                must_exist,
+                reply,
+            })
+            .await
+        }
+    }
+}

@@ -49,3 +49,21 @@ impl Shard {
         }
     }
 }
+
+// ------------------------------------------------------------ the Router side
+
+/// The `Router` methods that hand this concern's commands to the shards.
+mod router_side {
+    use super::super::{Command, Queued};
+
+    impl crate::router::Router {
+        /// Asks every shard to run its expiry sweep (skipped by busy shards).
+        pub fn sweep(&self) {
+            for shard in self.shards.iter() {
+                // Overflow policy: a full inbox means the shard is busy; the
+                // sweep simply waits for the next tick.
+                let _ = shard.try_send(Queued::new(Command::Sweep));
+            }
+        }
+    }
+}
