@@ -174,7 +174,7 @@ impl Default for Config {
             queue_ttl_secs: 30 * 24 * 3600,
             dedup_window_secs: 48 * 3600,
             sweep_interval_secs: 600,
-            queue_age_interval_secs: 30,
+            queue_age_interval_secs: 300,
             max_frame_bytes: switchboard_proto::limits::DEFAULT_MAX_FRAME_BYTES,
             handshake_timeout_ms: 10_000,
             idle_timeout_secs: 75,

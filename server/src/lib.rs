@@ -198,7 +198,11 @@ pub async fn run_with_store(
     let sweep_task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(sweep_every);
         let mut upkeep = tokio::time::interval(telemetry::UPKEEP_INTERVAL);
-        let mut ages = tokio::time::interval(queue_age_every);
+        // The first measurement after one interval (the gauges start at 0).
+        let mut ages = tokio::time::interval_at(
+            tokio::time::Instant::now() + queue_age_every,
+            queue_age_every,
+        );
         loop {
             tokio::select! {
                 () = sweep_cancel.cancelled() => break,
