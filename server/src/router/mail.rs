@@ -3,7 +3,7 @@
 //! re-registration, for the senders of the messages it discarded; next:
 //! group fan-out).
 //!
-//! The sending shard stores the mail ([`Op::PutMail`]) in the same batch as
+//! The sending shard stores the mail ([`MailOp::Put`]) in the same batch as
 //! the change that owes it, so the two commit or fail together. After the
 //! commit it posts the mail to the owning shard's inbox; that shard queues
 //! the entry for every device of the user, and after *its* commit posts a
@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::shard::{Command, Queued};
-use crate::store::{MailRecord, Op, UserId};
+use crate::store::{MailOp, MailRecord, UserId};
 
 /// Time to wait for `MailDone` before posting mail again.
 pub(super) const RESEND_AFTER: Duration = Duration::from_secs(10);
@@ -64,13 +64,13 @@ pub(super) struct Mailroom {
 impl Mailroom {
     /// Stages mail to `record.to_user` on behalf of `owner`: returns the
     /// write to add to the batch.
-    pub(super) fn stage(&mut self, owner: UserId, record: MailRecord, now_ms: u64) -> Op {
+    pub(super) fn stage(&mut self, owner: UserId, record: MailRecord, now_ms: u64) -> MailOp {
         // Millisecond time in the high bits keeps ids rising across
         // restarts; the low bits count within a millisecond.
         let id = (now_ms << 20).max(self.next_id);
         self.next_id = id + 1;
         self.staged.push(((owner, id), record.clone()));
-        Op::PutMail { owner, id, record }
+        MailOp::Put { owner, id, record }
     }
 
     /// Loads the mail an earlier run left (`owned` says which owners are
@@ -109,8 +109,8 @@ impl Mailroom {
 
     /// Own mail `id` was delivered: returns the deletion to stage, if it
     /// was pending.
-    pub(super) fn done(&mut self, id: MailId) -> Option<Op> {
-        self.pending.remove(&id).map(|_| Op::DeleteMail {
+    pub(super) fn done(&mut self, id: MailId) -> Option<MailOp> {
+        self.pending.remove(&id).map(|_| MailOp::Delete {
             owner: id.0,
             id: id.1,
         })

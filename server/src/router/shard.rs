@@ -51,8 +51,8 @@ use super::{
 use crate::clock::now_ms;
 use crate::limits::{self, Limit};
 use crate::store::{
-    CodeRecord, DedupKey, DeviceId, DeviceKey, DeviceKeysRecord, LinkCodeRecord, MailRecord, Op,
-    Store, StoreError, StoredEntry, UserId, UserRecord,
+    AccountOp, CodeRecord, DedupKey, DeviceId, DeviceKey, DeviceKeysRecord, LinkCodeRecord,
+    MailRecord, Op, QueueOp, Store, StoreError, StoredEntry, UserId, UserRecord,
 };
 use crate::telemetry as tm;
 use crate::{FastMap, FastSet};
@@ -859,6 +859,11 @@ impl Shard {
         }));
     }
 
+    /// Adds a write, of any domain, to the batch being built.
+    pub(super) fn stage(&mut self, op: impl Into<Op>) {
+        self.ops.push(op.into());
+    }
+
     fn commit(&mut self) {
         let ops = std::mem::take(&mut self.ops);
         let sync = ops.iter().any(Op::needs_sync);
@@ -988,7 +993,7 @@ impl Shard {
 
     fn stage_code(&mut self, phone: &str, record: CodeRecord) {
         self.staged_codes.insert(phone.to_owned(), record.clone());
-        self.ops.push(Op::PutCode {
+        self.stage(AccountOp::PutCode {
             phone: phone.to_owned(),
             record,
         });
@@ -1014,7 +1019,7 @@ impl Shard {
         if next > counter.reserved {
             counter.reserved = next.saturating_add(SEQ_BLOCK - 1);
             let upto = counter.reserved;
-            self.ops.push(Op::ReserveSeqs { device, upto });
+            self.stage(QueueOp::ReserveSeqs { device, upto });
         }
         Ok(next)
     }
@@ -1035,7 +1040,7 @@ impl Shard {
             usage.entries += 1;
             usage.bytes += size;
         }
-        self.ops.push(Op::Enqueue {
+        self.stage(QueueOp::Enqueue {
             device,
             entry: StoredEntry { seq, bytes },
         });
@@ -1087,7 +1092,7 @@ impl Shard {
             usage.entries = usage.entries.saturating_sub(1);
             usage.bytes = usage.bytes.saturating_sub(size);
         }
-        self.ops.push(Op::Dequeue { device, seq });
+        self.stage(QueueOp::Dequeue { device, seq });
     }
 
     /// A device's queue usage: from the cache, or counted in the store (plus

@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use bytes::Bytes;
 
 use super::{
-    CodeRecord, DedupKey, DedupRecord, DeviceKey, DeviceKeysRecord, LinkCodeRecord, MailRecord, Op,
+    Accounts, CodeRecord, Dedup, DedupKey, DedupRecord, DeviceKey, DeviceKeysRecord, Keys,
+    LinkCodeRecord, MailRecord, Mailboxes, Op, PayloadId, PayloadRecord, Payloads, QueueOp, Queues,
     Store, StoreError, StoredEntry, UserId, UserRecord,
 };
 
@@ -70,13 +71,13 @@ impl FaultyStore {
         self.synced_commits.load(Ordering::SeqCst)
     }
 
-    /// Queue seq reservations ([`Op::ReserveSeqs`]) committed so far.
+    /// Queue seq reservations ([`QueueOp::ReserveSeqs`]) committed so far.
     pub fn seq_reservations(&self) -> u64 {
         self.seq_reservations.load(Ordering::SeqCst)
     }
 }
 
-impl Store for FaultyStore {
+impl Accounts for FaultyStore {
     fn user(&self, user: UserId) -> Result<Option<UserRecord>, StoreError> {
         self.inner.user(user)
     }
@@ -86,9 +87,28 @@ impl Store for FaultyStore {
     fn code(&self, phone: &str) -> Result<Option<CodeRecord>, StoreError> {
         self.inner.code(phone)
     }
-    fn dedup(&self, key: &DedupKey) -> Result<Option<DedupRecord>, StoreError> {
-        self.inner.dedup(key)
+    fn link_code(&self, code: &str) -> Result<Option<LinkCodeRecord>, StoreError> {
+        self.inner.link_code(code)
     }
+    fn expired_link_codes(&self, before_ms: u64, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.inner.expired_link_codes(before_ms, limit)
+    }
+}
+
+impl Keys for FaultyStore {
+    fn device_keys(&self, device: DeviceKey) -> Result<Option<DeviceKeysRecord>, StoreError> {
+        self.inner.device_keys(device)
+    }
+    fn first_one_time_key(
+        &self,
+        device: DeviceKey,
+        from: u64,
+    ) -> Result<Option<(u64, Bytes)>, StoreError> {
+        self.inner.first_one_time_key(device, from)
+    }
+}
+
+impl Queues for FaultyStore {
     fn reserved_seq(&self, device: DeviceKey) -> Result<u64, StoreError> {
         self.inner.reserved_seq(device)
     }
@@ -100,8 +120,8 @@ impl Store for FaultyStore {
     ) -> Result<Vec<StoredEntry>, StoreError> {
         self.inner.read_queue(device, after, limit)
     }
-    fn expire_dedup(&self, before_ms: u64) -> Result<usize, StoreError> {
-        self.inner.expire_dedup(before_ms)
+    fn queue_usage(&self, device: DeviceKey) -> Result<(u64, u64), StoreError> {
+        self.inner.queue_usage(device)
     }
     fn expired_entries(
         &self,
@@ -110,26 +130,6 @@ impl Store for FaultyStore {
     ) -> Result<Vec<(DeviceKey, u64)>, StoreError> {
         self.inner.expired_entries(before_ms, limit)
     }
-    fn device_keys(&self, device: DeviceKey) -> Result<Option<DeviceKeysRecord>, StoreError> {
-        self.inner.device_keys(device)
-    }
-    fn first_one_time_key(
-        &self,
-        device: DeviceKey,
-        from: u64,
-    ) -> Result<Option<(u64, Bytes)>, StoreError> {
-        self.inner.first_one_time_key(device, from)
-    }
-    fn link_code(&self, code: &str) -> Result<Option<LinkCodeRecord>, StoreError> {
-        self.inner.link_code(code)
-    }
-    fn expired_link_codes(&self, before_ms: u64, limit: usize) -> Result<Vec<String>, StoreError> {
-        self.inner.expired_link_codes(before_ms, limit)
-    }
-    fn mail(&self) -> Result<Vec<(UserId, u64, MailRecord)>, StoreError> {
-        self.inner.mail()
-    }
-
     fn oldest_entries(
         &self,
         buckets: usize,
@@ -137,9 +137,40 @@ impl Store for FaultyStore {
     ) -> Result<Vec<Option<u64>>, StoreError> {
         self.inner.oldest_entries(buckets, bucket_of)
     }
+    fn approximate_queue_entries(&self) -> u64 {
+        self.inner.approximate_queue_entries()
+    }
+}
 
+impl Dedup for FaultyStore {
+    fn dedup(&self, key: &DedupKey) -> Result<Option<DedupRecord>, StoreError> {
+        self.inner.dedup(key)
+    }
+    fn expire_dedup(&self, before_ms: u64) -> Result<usize, StoreError> {
+        self.inner.expire_dedup(before_ms)
+    }
+}
+
+impl Mailboxes for FaultyStore {
+    fn mail(&self) -> Result<Vec<(UserId, u64, MailRecord)>, StoreError> {
+        self.inner.mail()
+    }
+}
+
+impl Payloads for FaultyStore {
+    fn payload(&self, id: PayloadId) -> Result<Option<PayloadRecord>, StoreError> {
+        self.inner.payload(id)
+    }
+    fn expired_payloads(&self, before_ms: u64, limit: usize) -> Result<Vec<PayloadId>, StoreError> {
+        self.inner.expired_payloads(before_ms, limit)
+    }
+}
+
+impl Store for FaultyStore {
     fn commit(&self, ops: Vec<Op>, sync: bool) -> Result<(), StoreError> {
-        if ops.iter().any(|op| matches!(op, Op::Enqueue { .. }))
+        if ops
+            .iter()
+            .any(|op| matches!(op, Op::Queue(QueueOp::Enqueue { .. })))
             && self.panic_next_commit.swap(false, Ordering::SeqCst)
         {
             panic!("injected panic in commit");
@@ -156,7 +187,7 @@ impl Store for FaultyStore {
         }
         let reservations = ops
             .iter()
-            .filter(|op| matches!(op, Op::ReserveSeqs { .. }))
+            .filter(|op| matches!(op, Op::Queue(QueueOp::ReserveSeqs { .. })))
             .count() as u64;
         let synced = sync && !ops.is_empty();
         self.inner.commit(ops, sync)?;
@@ -166,9 +197,6 @@ impl Store for FaultyStore {
         self.seq_reservations
             .fetch_add(reservations, Ordering::SeqCst);
         Ok(())
-    }
-    fn approximate_queue_entries(&self) -> u64 {
-        self.inner.approximate_queue_entries()
     }
     fn flush(&self) -> Result<(), StoreError> {
         self.inner.flush()

@@ -1,23 +1,48 @@
-//! Storage: the traits the router writes through, and the embedded backend.
+//! Storage, by domain: one trait per kind of state, and the backends.
 //!
-//! The router never talks to a database directly. It reads through [`Store`]
-//! and writes by handing a whole batch of [`Op`]s to [`Store::commit`], so a
-//! shard's group commit is one call, and a cluster backend (PostgreSQL +
-//! Redis) can later implement the same trait without touching the router.
+//! The router never talks to a database directly. It reads through the
+//! domain traits and writes by handing a batch of [`Op`]s (each one
+//! domain's write) to [`Store::commit`], so a shard's group commit is one
+//! call. The domains, their atomicity units and where a cluster backend
+//! keeps them (docs/ARCHITECTURE.md, "Storage by domain", has the whole
+//! mapping):
+//!
+//! | domain | trait | writes | atomic unit | cluster |
+//! |---|---|---|---|---|
+//! | accounts, phones, codes, link codes | [`Accounts`] | [`AccountOp`] | the batch | PostgreSQL, one transaction |
+//! | device keys, one-time keys | [`Keys`] | [`KeyOp`] | the batch | PostgreSQL, the same transaction |
+//! | device queues | [`Queues`] | [`QueueOp`] | one user | Redis, the user's hash slot |
+//! | dedup records | [`Dedup`] | [`DedupOp`] | one user (the recipient), together with its queues | Redis, the same slot |
+//! | shard-to-shard mail | [`Mailboxes`] | [`MailOp`] | one owner user | Redis, the owner's slot |
+//! | shared payloads | [`Payloads`] | [`PayloadOp`] | one payload | Redis, the payload's slot |
+//!
+//! [`Store::commit`] states what a batch spanning several units promises;
+//! the embedded backend is stronger (a whole batch is atomic), and the
+//! router relies only on the weaker promise. Every backend passes the one
+//! [`conformance`] suite.
 
+mod accounts;
+pub mod conformance;
+mod dedup;
+mod device_keys;
 mod embedded;
 pub mod faults;
-mod hot;
-mod keys;
-mod log;
+mod mail;
+mod payloads;
+mod queues;
 pub mod records;
 
+pub use accounts::{AccountOp, Accounts};
+pub use dedup::{DEDUP_EXPIRY_SLACK_MS, Dedup, DedupKey, DedupOp};
+pub use device_keys::{KeyOp, Keys};
 pub use embedded::EmbeddedStore;
+pub use mail::{MailOp, Mailboxes};
+pub use payloads::{PayloadId, PayloadOp, Payloads};
+pub use queues::{QueueOp, Queues, StoredEntry};
 pub use records::{
-    CodeRecord, DedupRecord, DeviceKeysRecord, DeviceRecord, LinkCodeRecord, MailRecord, UserRecord,
+    CodeRecord, DedupRecord, DeviceKeysRecord, DeviceRecord, LinkCodeRecord, MailRecord,
+    PayloadRecord, UserRecord,
 };
-
-use bytes::Bytes;
 
 /// A user's id: random, never reused.
 pub type UserId = u64;
@@ -33,130 +58,22 @@ pub struct DeviceKey {
     pub device: DeviceId,
 }
 
-/// Identifies one accepted send for deduplication: the recipient, the sending
-/// device and the client's message id.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct DedupKey {
-    /// The recipient user (the owner of this record).
-    pub to_user: UserId,
-    /// The sending device.
-    pub from: DeviceKey,
-    /// The sender's client message id.
-    pub client_msg_id: String,
-}
-
-/// One queue entry as stored: its sequence number and the encoded
-/// `pb::QueueEntry` (which repeats the sequence number and timestamp).
-#[derive(Clone, Debug)]
-pub struct StoredEntry {
-    /// Position in the device's queue.
-    pub seq: u64,
-    /// Encoded `pb::QueueEntry`.
-    pub bytes: Bytes,
-}
-
-/// One write. A batch of them is applied atomically by [`Store::commit`].
+/// One write, of one domain. A batch of them is applied by
+/// [`Store::commit`].
 #[derive(Clone, Debug)]
 pub enum Op {
-    /// Create or replace a user record.
-    PutUser(UserRecord),
-    /// Map a phone number to a user.
-    PutPhone {
-        /// E.164 phone number.
-        phone: String,
-        /// Its user.
-        user: UserId,
-    },
-    /// Create or replace the code state of a phone number.
-    PutCode {
-        /// E.164 phone number.
-        phone: String,
-        /// The state.
-        record: CodeRecord,
-    },
-    /// Append an entry to a device's queue. Its seq must have been
-    /// reserved (see [`Op::ReserveSeqs`]) in this batch or an earlier one.
-    Enqueue {
-        /// The queue.
-        device: DeviceKey,
-        /// The entry.
-        entry: StoredEntry,
-    },
-    /// Reserve the seqs of a device's queue up to `upto`, so none of them is
-    /// handed out again after a restart. Shards reserve a block at a time:
-    /// one counter write per block of entries instead of one per entry.
-    ReserveSeqs {
-        /// The queue.
-        device: DeviceKey,
-        /// The highest seq reserved.
-        upto: u64,
-    },
-    /// Remove an entry from a device's queue.
-    Dequeue {
-        /// The queue.
-        device: DeviceKey,
-        /// The entry.
-        seq: u64,
-    },
-    /// Remove a device's whole queue and counter (device revoked).
-    DropQueue(DeviceKey),
-    /// Remember an accepted send.
-    PutDedup {
-        /// Which send.
-        key: DedupKey,
-        /// What was answered.
-        record: DedupRecord,
-    },
-    /// Create or replace a device's key record.
-    PutDeviceKeys {
-        /// The device.
-        device: DeviceKey,
-        /// Its keys.
-        record: DeviceKeysRecord,
-    },
-    /// Store one one-time key.
-    PutOneTimeKey {
-        /// The device.
-        device: DeviceKey,
-        /// Its index (ascending in upload order).
-        index: u64,
-        /// The key (encoded `pb::SignedKey`).
-        key: Bytes,
-    },
-    /// Remove one one-time key (handed out).
-    DeleteOneTimeKey {
-        /// The device.
-        device: DeviceKey,
-        /// Its index.
-        index: u64,
-    },
-    /// Remove every key of a device (revoked).
-    DropDeviceKeys(DeviceKey),
-    /// Store a link code.
-    PutLinkCode {
-        /// The code.
-        code: String,
-        /// What it links to.
-        record: LinkCodeRecord,
-    },
-    /// Remove a link code (used or expired).
-    DeleteLinkCode(String),
-    /// Keep a piece of shard-to-shard mail until it is delivered.
-    PutMail {
-        /// The user on whose behalf it was sent (its shard resends it).
-        owner: UserId,
-        /// Unique per owner.
-        id: u64,
-        /// The mail.
-        record: MailRecord,
-    },
-    /// Forget delivered mail.
-    DeleteMail {
-        /// As in [`Op::PutMail`].
-        owner: UserId,
-        /// As in [`Op::PutMail`].
-        id: u64,
-    },
+    /// Accounts, phones, codes, link codes.
+    Account(AccountOp),
+    /// Device keys and one-time keys.
+    Key(KeyOp),
+    /// Device queues.
+    Queue(QueueOp),
+    /// Dedup records.
+    Dedup(DedupOp),
+    /// Shard-to-shard mail.
+    Mail(MailOp),
+    /// Shared payloads.
+    Payload(PayloadOp),
 }
 
 impl Op {
@@ -166,10 +83,44 @@ impl Op {
     pub fn needs_sync(&self) -> bool {
         !matches!(
             self,
-            Op::Dequeue { .. } | Op::DropQueue(_) | Op::DeleteLinkCode(_) | Op::DeleteMail { .. }
+            Op::Queue(QueueOp::Dequeue { .. } | QueueOp::DropQueue(_))
+                | Op::Account(AccountOp::DeleteLinkCode(_))
+                | Op::Mail(MailOp::Delete { .. })
         )
     }
+
+    /// The order in which a backend that cannot apply a whole batch
+    /// atomically makes the domains' parts of it durable (see
+    /// [`Store::commit`]); lower first.
+    #[must_use]
+    pub fn domain_rank(&self) -> u8 {
+        match self {
+            Op::Payload(_) => 0,
+            Op::Mail(_) => 1,
+            Op::Queue(_) | Op::Dedup(_) => 2,
+            Op::Key(_) => 3,
+            Op::Account(_) => 4,
+        }
+    }
 }
+
+macro_rules! op_from {
+    ($($domain:ident => $variant:ident),* $(,)?) => {
+        $(impl From<$domain> for Op {
+            fn from(op: $domain) -> Self {
+                Op::$variant(op)
+            }
+        })*
+    };
+}
+op_from!(
+    AccountOp => Account,
+    KeyOp => Key,
+    QueueOp => Queue,
+    DedupOp => Dedup,
+    MailOp => Mail,
+    PayloadOp => Payload,
+);
 
 /// Storage failures. All are infrastructure faults: retryable by the client.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -188,153 +139,31 @@ pub enum StoreError {
     },
 }
 
-/// Everything the router needs from storage. Reads may be served from any
-/// thread; writes come only through [`Store::commit`], one batch at a time
-/// per shard.
-pub trait Store: Send + Sync + 'static {
-    /// A user's record.
+/// A whole storage backend: every domain, and the one way to write.
+/// Reads may be served from any thread; writes come only through
+/// [`Store::commit`], one batch at a time per shard.
+pub trait Store:
+    Accounts + Keys + Queues + Dedup + Mailboxes + Payloads + Send + Sync + 'static
+{
+    /// Applies a batch; with `sync`, returns only once it is on stable
+    /// storage.
+    ///
+    /// **What a batch promises.** Each domain's writes within one atomic
+    /// unit (the table in the module docs: the batch for accounts and keys,
+    /// one user for queues and dedup, one owner for mail, one payload) are
+    /// applied all or none, in the batch's order. Across units a backend
+    /// may make the parts durable one after another, in the order of
+    /// [`Op::domain_rank`] (payloads, mail, queues and dedup, keys,
+    /// accounts): after a crash in the middle, a later part may be missing
+    /// while an earlier one is there, never the reverse. Nothing of a
+    /// failed batch is acknowledged. The router builds its batches so that
+    /// every such prefix is safe (ARCHITECTURE.md lists why, per batch).
+    /// The embedded backend applies a whole batch atomically.
     ///
     /// # Errors
-    /// [`StoreError`] on engine failure or corruption.
-    fn user(&self, user: UserId) -> Result<Option<UserRecord>, StoreError>;
-
-    /// The user a phone number belongs to.
-    ///
-    /// # Errors
-    /// [`StoreError`] on engine failure.
-    fn phone(&self, phone: &str) -> Result<Option<UserId>, StoreError>;
-
-    /// The code state of a phone number.
-    ///
-    /// # Errors
-    /// [`StoreError`] on engine failure or corruption.
-    fn code(&self, phone: &str) -> Result<Option<CodeRecord>, StoreError>;
-
-    /// An accepted send, if it is still remembered.
-    ///
-    /// # Errors
-    /// [`StoreError`] on engine failure or corruption.
-    fn dedup(&self, key: &DedupKey) -> Result<Option<DedupRecord>, StoreError>;
-
-    /// The highest sequence number ever reserved for a device's queue (0 if
-    /// none): every seq used so far is at or below it.
-    ///
-    /// # Errors
-    /// [`StoreError`] on engine failure or corruption.
-    fn reserved_seq(&self, device: DeviceKey) -> Result<u64, StoreError>;
-
-    /// Up to `limit` entries of a device's queue with `seq > after`, in order.
-    ///
-    /// # Errors
-    /// [`StoreError`] on engine failure.
-    fn read_queue(
-        &self,
-        device: DeviceKey,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<StoredEntry>, StoreError>;
-
-    /// How many entries and bytes a device's queue holds (for its quota).
-    /// Reads the whole queue by default; a backend that keeps counts may
-    /// answer from them.
-    ///
-    /// # Errors
-    /// [`StoreError`] on engine failure.
-    fn queue_usage(&self, device: DeviceKey) -> Result<(u64, u64), StoreError> {
-        /// Entries read per page while counting.
-        const PAGE: usize = 1024;
-        let (mut entries, mut bytes, mut after) = (0u64, 0u64, 0u64);
-        loop {
-            let page = self.read_queue(device, after, PAGE)?;
-            let Some(last) = page.last() else {
-                return Ok((entries, bytes));
-            };
-            after = last.seq;
-            entries += page.len() as u64;
-            bytes += page.iter().map(|e| e.bytes.len() as u64).sum::<u64>();
-            if page.len() < PAGE {
-                return Ok((entries, bytes));
-            }
-        }
-    }
-
-    /// Forgets dedup records accepted before `before_ms`, in whole time
-    /// buckets: a record is remembered at least until `before_ms` passes
-    /// its `accepted_ms`, and at most one bucket longer. Says how many
-    /// buckets were dropped.
-    ///
-    /// # Errors
-    /// [`StoreError`] on engine failure.
-    fn expire_dedup(&self, before_ms: u64) -> Result<usize, StoreError>;
-
-    /// Queue entries anywhere whose timestamp is before `before_ms`, for the
-    /// TTL sweep: `(device, seq)` pairs, at most `limit`, scanning from `from`.
-    ///
-    /// # Errors
-    /// [`StoreError`] on engine failure or corruption.
-    fn expired_entries(
-        &self,
-        before_ms: u64,
-        limit: usize,
-    ) -> Result<Vec<(DeviceKey, u64)>, StoreError>;
-
-    /// A device's published keys.
-    ///
-    /// # Errors
-    /// [`StoreError`] on engine failure or corruption.
-    fn device_keys(&self, device: DeviceKey) -> Result<Option<DeviceKeysRecord>, StoreError>;
-
-    /// The device's one-time key with the lowest index `>= from`.
-    ///
-    /// # Errors
-    /// [`StoreError`] on engine failure or corruption.
-    fn first_one_time_key(
-        &self,
-        device: DeviceKey,
-        from: u64,
-    ) -> Result<Option<(u64, Bytes)>, StoreError>;
-
-    /// A link code.
-    ///
-    /// # Errors
-    /// [`StoreError`] on engine failure or corruption.
-    fn link_code(&self, code: &str) -> Result<Option<LinkCodeRecord>, StoreError>;
-
-    /// Link codes that expired before `before_ms`, at most `limit`.
-    ///
-    /// # Errors
-    /// [`StoreError`] on engine failure or corruption.
-    fn expired_link_codes(&self, before_ms: u64, limit: usize) -> Result<Vec<String>, StoreError>;
-
-    /// Every piece of mail not yet delivered: `(owner, id, record)`, for
-    /// the owners' shards to resend after a restart.
-    ///
-    /// # Errors
-    /// [`StoreError`] on engine failure or corruption.
-    fn mail(&self) -> Result<Vec<(UserId, u64, MailRecord)>, StoreError>;
-
-    /// The timestamp of the oldest queue entry of each of `buckets` groups
-    /// of devices (`bucket_of` maps a user to its group; `None`: no
-    /// entry), for the backlog-age gauge. Reads the head of every queue.
-    ///
-    /// # Errors
-    /// [`StoreError`] on engine failure or corruption.
-    fn oldest_entries(
-        &self,
-        buckets: usize,
-        bucket_of: &dyn Fn(UserId) -> usize,
-    ) -> Result<Vec<Option<u64>>, StoreError>;
-
-    /// Applies a batch atomically; with `sync`, returns only once it is on
-    /// stable storage.
-    ///
-    /// # Errors
-    /// [`StoreError::Engine`] if the batch could not be written or synced; then
-    /// none of it must be acknowledged.
+    /// [`StoreError::Engine`] if the batch could not be written or synced;
+    /// then none of it must be acknowledged.
     fn commit(&self, ops: Vec<Op>, sync: bool) -> Result<(), StoreError>;
-
-    /// Roughly how many queue entries are stored (for the backlog gauge).
-    fn approximate_queue_entries(&self) -> u64;
 
     /// Flushes everything to stable storage (at shutdown).
     ///

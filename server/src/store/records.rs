@@ -141,3 +141,14 @@ pub struct LinkCodeRecord {
     #[prost(uint64, tag = "2")]
     pub expires_ms: u64,
 }
+
+/// A payload stored once for many queue entries (see `store/payloads.rs`).
+#[derive(Clone, PartialEq, Message)]
+pub struct PayloadRecord {
+    /// The bytes every referencing entry delivers.
+    #[prost(bytes = "bytes", tag = "1")]
+    pub body: bytes::Bytes,
+    /// When it was stored (ms since epoch); drives expiry.
+    #[prost(uint64, tag = "2")]
+    pub created_ms: u64,
+}

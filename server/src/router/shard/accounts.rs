@@ -7,7 +7,9 @@ use crate::accounts;
 use crate::clock::now_ms;
 use crate::limits::{self, Limit};
 use crate::router::{CodeChecked, CodeIssued, Registered, Reply, RouteError, UserSummary};
-use crate::store::{CodeRecord, DeviceKey, DeviceRecord, Op, StoreError, UserId, UserRecord};
+use crate::store::{
+    AccountOp, CodeRecord, DeviceKey, DeviceRecord, StoreError, UserId, UserRecord,
+};
 
 /// The window of `wrong_codes_per_phone_per_day`.
 const WRONG_CODE_WINDOW: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
@@ -157,7 +159,7 @@ impl Shard {
         };
         let enabled = !pin_hash.is_empty();
         rec.pin_hash = pin_hash;
-        self.ops.push(Op::PutUser(rec.clone()));
+        self.stage(AccountOp::PutUser(rec.clone()));
         self.users.insert(device.user, rec);
         self.after_commit(reply, Ok(enabled));
     }
@@ -183,7 +185,7 @@ impl Shard {
             Ok(None) => match self.allocate_user_id() {
                 Ok(u) => {
                     self.staged_phones.insert(phone.clone(), u);
-                    self.ops.push(Op::PutPhone { phone, user: u });
+                    self.stage(AccountOp::PutPhone { phone, user: u });
                     u
                 }
                 Err(e) => return reply_now(reply, Err(e.into())),
@@ -246,7 +248,7 @@ impl Shard {
             return reply_now(reply, Err(e.into()));
         }
         self.revoke(user, &revoked);
-        self.ops.push(Op::PutUser(rec.clone()));
+        self.stage(AccountOp::PutUser(rec.clone()));
         self.users.insert(user, rec);
         self.after_commit(
             reply,

@@ -10,7 +10,8 @@ use crate::clock::now_ms;
 use crate::limits::{self, Limit, Rate};
 use crate::router::{Registered, Reply, RouteError};
 use crate::store::{
-    DeviceId, DeviceKey, DeviceRecord, LinkCodeRecord, Op, StoreError, UserId, UserRecord,
+    AccountOp, DeviceId, DeviceKey, DeviceRecord, KeyOp, LinkCodeRecord, QueueOp, StoreError,
+    UserId, UserRecord,
 };
 
 /// Link codes a user may create.
@@ -36,7 +37,7 @@ impl Shard {
             return reply_now(reply, Err(RouteError::LinkCodeInvalid));
         };
         rec.link_code = canonical;
-        self.ops.push(Op::PutUser(rec.clone()));
+        self.stage(AccountOp::PutUser(rec.clone()));
         self.users.insert(device.user, rec);
         self.after_commit(reply, Ok((code, now + accounts::LINK_CODE_TTL_MS)));
     }
@@ -44,7 +45,7 @@ impl Shard {
     pub(super) fn take_link_code(&mut self, code: String, reply: Reply<UserId>) {
         match self.store.link_code(&code) {
             Ok(Some(rec)) if rec.expires_ms > now_ms() => {
-                self.ops.push(Op::DeleteLinkCode(code));
+                self.stage(AccountOp::DeleteLinkCode(code));
                 self.after_commit(reply, Ok(rec.user_id));
             }
             Ok(_) => reply_now(reply, Err(RouteError::LinkCodeInvalid)),
@@ -80,7 +81,7 @@ impl Shard {
         if let Err(e) = self.announce_devices(&rec, Some(device_id)) {
             return reply_now(reply, Err(e.into()));
         }
-        self.ops.push(Op::PutUser(rec.clone()));
+        self.stage(AccountOp::PutUser(rec.clone()));
         self.users.insert(user, rec);
         self.after_commit(
             reply,
@@ -153,7 +154,7 @@ impl Shard {
             return reply_now(reply, Err(e.into()));
         }
         self.revoke(by.user, &[target]);
-        self.ops.push(Op::PutUser(rec.clone()));
+        self.stage(AccountOp::PutUser(rec.clone()));
         self.users.insert(by.user, rec);
         self.after_commit(reply, Ok(()));
     }
@@ -162,10 +163,10 @@ impl Shard {
     pub(super) fn revoke(&mut self, user: UserId, devices: &[DeviceId]) {
         for &d in devices {
             let device = DeviceKey { user, device: d };
-            self.ops.push(Op::DropQueue(device));
+            self.stage(QueueOp::DropQueue(device));
             self.queue_usage.remove(&device);
             self.batch_enqueued.remove(&device);
-            self.ops.push(Op::DropDeviceKeys(device));
+            self.stage(KeyOp::DropDeviceKeys(device));
             self.last_seq.remove(&device);
             self.keys.remove(&device);
             self.kicks.push((device, KickReason::Revoked));
@@ -208,7 +209,7 @@ impl Shard {
         record: LinkCodeRecord,
         reply: Reply<()>,
     ) {
-        self.ops.push(Op::PutLinkCode { code, record });
+        self.stage(AccountOp::PutLinkCode { code, record });
         self.after_commit(reply, Ok(()));
     }
 }

@@ -10,7 +10,7 @@ use super::{Notice, Shard, ToConn, reply_now};
 use crate::keys;
 use crate::limits::Limit;
 use crate::router::{Reply, RouteError};
-use crate::store::{DeviceKey, DeviceKeysRecord, Op, StoreError, UserId};
+use crate::store::{DeviceKey, DeviceKeysRecord, KeyOp, StoreError, UserId};
 
 impl Shard {
     pub(super) fn device_keys(
@@ -30,7 +30,7 @@ impl Shard {
 
     fn stage_device_keys(&mut self, device: DeviceKey, record: DeviceKeysRecord) {
         self.keys.insert(device, record.clone());
-        self.ops.push(Op::PutDeviceKeys { device, record });
+        self.stage(KeyOp::PutDeviceKeys { device, record });
     }
 
     /// True if `device` is a current device of its user.
@@ -80,7 +80,7 @@ impl Shard {
             let index = rec.next_index;
             rec.next_index += 1;
             rec.one_time_keys += 1;
-            self.ops.push(Op::PutOneTimeKey {
+            self.stage(KeyOp::PutOneTimeKey {
                 device,
                 index,
                 key: key.encode_to_vec().into(),
@@ -166,7 +166,7 @@ impl Shard {
                     detail: e.to_string(),
                 })?;
                 bundle.key = Some(pb::device_bundle::Key::OneTimeKey(key));
-                self.ops.push(Op::DeleteOneTimeKey { device, index });
+                self.stage(KeyOp::DeleteOneTimeKey { device, index });
                 rec.consumed_below = index + 1;
                 rec.one_time_keys = rec.one_time_keys.saturating_sub(1);
                 if rec.one_time_keys < keys::LOW_STOCK_ONE_TIME_KEYS {

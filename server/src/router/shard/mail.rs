@@ -13,7 +13,8 @@ use crate::clock::now_ms;
 use crate::router::mail::MailId;
 use crate::router::shard_of_user;
 use crate::store::{
-    DedupKey, DedupRecord, DeviceId, DeviceKey, MailRecord, Op, StoreError, UserId,
+    DedupKey, DedupOp, DedupRecord, DeviceId, DeviceKey, MailRecord, Op, QueueOp, StoreError,
+    UserId,
 };
 
 /// The sending "device" in the dedup records of applied shard mail (no
@@ -117,7 +118,7 @@ impl Shard {
             }
         }
         self.staged_dedup.insert(applied.clone(), now);
-        self.ops.push(Op::PutDedup {
+        self.stage(DedupOp::Put {
             key: applied,
             record: DedupRecord {
                 server_ts_ms: now,
@@ -172,7 +173,7 @@ impl Shard {
         }
         // Entries staged in this batch are not in the store yet.
         for op in &self.ops {
-            if let Op::Enqueue { device, entry } = op
+            if let Op::Queue(QueueOp::Enqueue { device, entry }) = op
                 && device.user == user
                 && devices.contains(&device.device)
             {
@@ -188,7 +189,7 @@ impl Shard {
                     client_msg_id: id.clone(),
                 };
                 self.staged_dedup.remove(&key);
-                self.ops.push(Op::PutDedup {
+                self.stage(DedupOp::Put {
                     key,
                     record: DedupRecord {
                         server_ts_ms: 0,
@@ -213,7 +214,7 @@ impl Shard {
                     }),
                 };
                 let op = self.mail.stage(user, record, now);
-                self.ops.push(op);
+                self.stage(op);
             }
         }
         Ok(())
@@ -222,7 +223,7 @@ impl Shard {
     /// This shard's mail `id` was applied: it is forgotten.
     pub(super) fn mail_done(&mut self, id: MailId) {
         if let Some(op) = self.mail.done(id) {
-            self.ops.push(op);
+            self.stage(op);
         }
     }
 }

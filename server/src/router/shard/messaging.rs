@@ -12,7 +12,7 @@ use super::{
 use crate::clock::now_ms;
 use crate::router::order::{HeldBy, Part};
 use crate::router::{Reply, RouteError, SendAccepted, SendReply, SendRequest};
-use crate::store::{DedupKey, DedupRecord, DeviceKey, Op, UserId};
+use crate::store::{DedupKey, DedupOp, DedupRecord, DeviceKey, UserId};
 
 /// The hold key of a send part stored for `owner`'s devices: the recipient's
 /// part when `owner` is the recipient (or a note to self), else the
@@ -239,7 +239,7 @@ impl Shard {
         self.batch_sends
             .push((order_key(req, owner), req.client_msg_id.clone()));
         self.staged_dedup.insert(key.clone(), now);
-        self.ops.push(Op::PutDedup {
+        self.stage(DedupOp::Put {
             key,
             record: DedupRecord {
                 server_ts_ms: now,

@@ -3,7 +3,7 @@
 use super::Shard;
 use crate::clock::now_ms;
 use crate::router::shard_of_phone;
-use crate::store::Op;
+use crate::store::AccountOp;
 
 /// Most entries the expiry sweep removes per tick, so one sweep never
 /// stalls a shard for long; the next tick continues.
@@ -41,7 +41,7 @@ impl Shard {
             Ok(codes) => {
                 for code in codes {
                     if shard_of_phone(&code, self.shards) == self.id {
-                        self.ops.push(Op::DeleteLinkCode(code));
+                        self.stage(AccountOp::DeleteLinkCode(code));
                     }
                 }
             }

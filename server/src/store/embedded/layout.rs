@@ -1,7 +1,7 @@
 //! Key layouts of the embedded store. Integers are big-endian so byte order
 //! is numeric order and a device's queue is one contiguous, ordered range.
 
-use super::{DedupKey, DeviceKey};
+use crate::store::{DedupKey, DeviceKey};
 
 /// `user (8) | device (4)`: the prefix of a device's queue.
 pub fn device(d: DeviceKey) -> [u8; 12] {

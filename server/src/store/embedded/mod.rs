@@ -16,6 +16,7 @@
 //! | `otks`       | user, device, index              | `pb::SignedKey`  |
 //! | `link_codes` | code                             | `LinkCodeRecord` |
 //! | `mail`       | owner user, id                   | `MailRecord`     |
+//! | `payloads`   | owner, seq                       | `PayloadRecord`  |
 //!
 //! Every batch is first appended to the store's own log (`log/` in the
 //! database directory, see `store/log.rs`), and a synced batch is durable
@@ -58,13 +59,24 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use prost::Message;
 use switchboard_proto::pb;
 
-use super::hot::Hot;
-use super::keys;
-use super::log::{self as wal, Kind, Log, RawOp};
+mod accounts;
+mod dedup;
+mod hot;
+mod keys;
+mod layout;
+mod log;
+mod mail;
+mod payloads;
+mod queues;
+
 use super::{
-    CodeRecord, DedupKey, DedupRecord, DeviceKey, DeviceKeysRecord, LinkCodeRecord, MailRecord, Op,
-    Store, StoreError, StoredEntry, UserId, UserRecord,
+    AccountOp, Accounts, CodeRecord, Dedup, DedupKey, DedupOp, DedupRecord, DeviceKey,
+    DeviceKeysRecord, KeyOp, Keys, LinkCodeRecord, MailOp, MailRecord, Mailboxes, Op, PayloadId,
+    PayloadOp, PayloadRecord, Payloads, QueueOp, Queues, Store, StoreError, StoredEntry, UserId,
+    UserRecord,
 };
+use hot::Hot;
+use log::{self as wal, Kind, Log, RawOp};
 
 /// The embedded store.
 ///
@@ -137,6 +149,7 @@ const T_DEVICE_KEYS: u8 = 6;
 const T_OTKS: u8 = 7;
 const T_LINK_CODES: u8 = 8;
 const T_MAIL: u8 = 9;
+const T_PAYLOADS: u8 = 10;
 
 /// Time between attempts to reopen a failed database.
 const REOPEN_INTERVAL: Duration = Duration::from_millis(500);
@@ -157,6 +170,7 @@ struct Db {
     otks: Keyspace,
     link_codes: Keyspace,
     mail: Keyspace,
+    payloads: Keyspace,
     /// The log. Held from a batch's append until it is applied, and by
     /// checkpoints, so a checkpoint never retires a batch not yet applied.
     log: Mutex<Log>,
@@ -192,7 +206,7 @@ enum Finish {
     KeepCurrent { carry_dedup: bool },
 }
 
-/// Dedup records by key (`keys::dedup`): their day and encoded record.
+/// Dedup records by key (`layout::dedup`): their day and encoded record.
 /// The keys hold client-chosen ids, hence std's hasher.
 type HeldDedup = std::collections::HashMap<Vec<u8>, (u64, Bytes)>;
 
@@ -334,6 +348,7 @@ impl Db {
             otks: ks("otks")?,
             link_codes: ks("link_codes")?,
             mail: ks("mail")?,
+            payloads: ks("payloads")?,
             log: Mutex::new(log),
             hot: Mutex::new(Hot::default()),
             held_dedup: Mutex::new(HeldDedup::new()),
@@ -415,6 +430,7 @@ impl Db {
             T_OTKS => self.otks.clone(),
             T_LINK_CODES => self.link_codes.clone(),
             T_MAIL => self.mail.clone(),
+            T_PAYLOADS => self.payloads.clone(),
             other => {
                 return Err(StoreError::Corrupt {
                     what: "log record",
@@ -747,11 +763,11 @@ impl Db {
         for guard in legacy.iter() {
             let (k, v) = guard.into_inner().map_err(engine)?;
             let record: DedupRecord = decode("dedup", &v)?;
-            let key = keys::parse_dedup(&k).ok_or(StoreError::Corrupt {
+            let key = layout::parse_dedup(&k).ok_or(StoreError::Corrupt {
                 what: "dedup key",
                 detail: format!("{} bytes", k.len()),
             })?;
-            batch.push(Op::PutDedup { key, record });
+            batch.push(DedupOp::Put { key, record }.into());
             if batch.len() == MIGRATE_BATCH {
                 moved += batch.len();
                 self.commit(std::mem::take(&mut batch), true)?;
@@ -854,100 +870,40 @@ fn drop_in_background<T: Send + 'static>(value: T) {
 
 /// A batch's writes as logged, in the batch's order.
 fn to_raw(ops: Vec<Op>) -> Vec<RawOp> {
-    fn w(target: u8, day: u64, kind: Kind, key: Vec<u8>, value: Bytes) -> RawOp {
-        RawOp {
-            target,
-            day,
-            kind,
-            key,
-            value,
-        }
-    }
-    let put = |target, key, value| w(target, 0, Kind::Put, key, value);
-    let remove = |target, kind, key| w(target, 0, kind, key, Bytes::new());
-    let device = |d: DeviceKey| keys::device(d).to_vec();
     let mut raw = Vec::with_capacity(ops.len() + 1);
     for op in ops {
         match op {
-            Op::PutUser(u) => raw.push(put(
-                T_USERS,
-                u.user_id.to_be_bytes().to_vec(),
-                u.encode_to_vec().into(),
-            )),
-            Op::PutPhone { phone, user } => raw.push(put(
-                T_PHONES,
-                phone.into_bytes(),
-                user.to_be_bytes().to_vec().into(),
-            )),
-            Op::PutCode { phone, record } => {
-                raw.push(put(
-                    T_CODES,
-                    phone.into_bytes(),
-                    record.encode_to_vec().into(),
-                ));
-            }
-            Op::Enqueue { device, entry } => raw.push(put(
-                T_QUEUES,
-                keys::queue_entry(device, entry.seq).to_vec(),
-                entry.bytes,
-            )),
-            Op::ReserveSeqs { device: d, upto } => raw.push(put(
-                T_QUEUE_META,
-                device(d),
-                upto.to_be_bytes().to_vec().into(),
-            )),
-            Op::PutDedup { key, record } => raw.push(w(
-                T_DEDUP,
-                record.accepted_ms / DEDUP_BUCKET_MS,
-                Kind::Put,
-                keys::dedup(&key),
-                record.encode_to_vec().into(),
-            )),
-            Op::PutDeviceKeys { device: d, record } => {
-                raw.push(put(T_DEVICE_KEYS, device(d), record.encode_to_vec().into()));
-            }
-            Op::PutOneTimeKey { device, index, key } => {
-                raw.push(put(T_OTKS, keys::queue_entry(device, index).to_vec(), key))
-            }
-            Op::PutLinkCode { code, record } => {
-                raw.push(put(
-                    T_LINK_CODES,
-                    code.into_bytes(),
-                    record.encode_to_vec().into(),
-                ));
-            }
-            Op::Dequeue { device, seq } => raw.push(remove(
-                T_QUEUES,
-                Kind::Remove,
-                keys::queue_entry(device, seq).to_vec(),
-            )),
-            Op::DropQueue(d) => {
-                raw.push(remove(T_QUEUES, Kind::RemovePrefix, device(d)));
-                raw.push(remove(T_QUEUE_META, Kind::Remove, device(d)));
-            }
-            Op::DeleteOneTimeKey { device, index } => raw.push(remove(
-                T_OTKS,
-                Kind::Remove,
-                keys::queue_entry(device, index).to_vec(),
-            )),
-            Op::DropDeviceKeys(d) => {
-                raw.push(remove(T_OTKS, Kind::RemovePrefix, device(d)));
-                raw.push(remove(T_DEVICE_KEYS, Kind::Remove, device(d)));
-            }
-            Op::DeleteLinkCode(code) => {
-                raw.push(remove(T_LINK_CODES, Kind::Remove, code.into_bytes()));
-            }
-            Op::PutMail { owner, id, record } => raw.push(put(
-                T_MAIL,
-                keys::mail(owner, id).to_vec(),
-                record.encode_to_vec().into(),
-            )),
-            Op::DeleteMail { owner, id } => {
-                raw.push(remove(T_MAIL, Kind::Remove, keys::mail(owner, id).to_vec()));
-            }
+            Op::Account(op) => accounts::to_raw(op, &mut raw),
+            Op::Key(op) => keys::to_raw(op, &mut raw),
+            Op::Queue(op) => queues::to_raw(op, &mut raw),
+            Op::Dedup(op) => dedup::to_raw(op, &mut raw),
+            Op::Mail(op) => mail::to_raw(op, &mut raw),
+            Op::Payload(op) => payloads::to_raw(op, &mut raw),
         }
     }
     raw
+}
+
+/// A logged put into keyspace `target`.
+fn put(target: u8, key: Vec<u8>, value: Bytes) -> RawOp {
+    RawOp {
+        target,
+        day: 0,
+        kind: Kind::Put,
+        key,
+        value,
+    }
+}
+
+/// A logged removal (of a key, or of every key under a prefix).
+fn remove(target: u8, kind: Kind, key: Vec<u8>) -> RawOp {
+    RawOp {
+        target,
+        day: 0,
+        kind,
+        key,
+        value: Bytes::new(),
+    }
 }
 
 fn open_keyspace(db: &Database, name: &str) -> Result<Keyspace, StoreError> {
@@ -958,263 +914,6 @@ fn open_keyspace(db: &Database, name: &str) -> Result<Keyspace, StoreError> {
 }
 
 impl Db {
-    fn user(&self, user: UserId) -> Result<Option<UserRecord>, StoreError> {
-        match self.users.get(user.to_be_bytes()).map_err(engine)? {
-            Some(v) => Ok(Some(decode("user", &v)?)),
-            None => Ok(None),
-        }
-    }
-
-    fn phone(&self, phone: &str) -> Result<Option<UserId>, StoreError> {
-        match self.phones.get(phone).map_err(engine)? {
-            Some(v) => Ok(Some(u64_value("phone", &v)?)),
-            None => Ok(None),
-        }
-    }
-
-    fn code(&self, phone: &str) -> Result<Option<CodeRecord>, StoreError> {
-        match self.codes.get(phone).map_err(engine)? {
-            Some(v) => Ok(Some(decode("code", &v)?)),
-            None => Ok(None),
-        }
-    }
-
-    fn dedup(&self, key: &DedupKey) -> Result<Option<DedupRecord>, StoreError> {
-        let k = keys::dedup(key);
-        if let Some((_, v)) = self.lock_held_dedup().get(&k) {
-            return Ok(Some(decode("dedup", v)?));
-        }
-        let frozen = self
-            .frozen_dedup
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        if let Some((_, v)) = frozen.as_deref().and_then(|f| f.get(&k)) {
-            return Ok(Some(decode("dedup", v)?));
-        }
-        let days = self
-            .dedup_days
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Newest first: a retry usually follows its original closely.
-        for ks in days.values().rev() {
-            if let Some(v) = ks.get(&k).map_err(engine)? {
-                return Ok(Some(decode("dedup", &v)?));
-            }
-        }
-        Ok(None)
-    }
-
-    /// Drops the day keyspaces whose every record was accepted before
-    /// `before_ms`; says how many.
-    fn expire_dedup(&self, before_ms: u64) -> Result<usize, StoreError> {
-        // No checkpoint is ingesting into a day about to go.
-        let _no_checkpoint = self.lock_checkpointing();
-        // Day d holds accepted_ms < (d + 1) * DEDUP_BUCKET_MS.
-        let keep_from = before_ms / DEDUP_BUCKET_MS;
-        self.lock_held_dedup()
-            .retain(|_, (day, _)| *day >= keep_from);
-        let expired: Vec<Keyspace> = {
-            let mut days = self
-                .dedup_days
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let kept = days.split_off(&keep_from);
-            std::mem::replace(&mut *days, kept).into_values().collect()
-        };
-        let n = expired.len();
-        for ks in expired {
-            self.db.delete_keyspace(ks).map_err(engine)?;
-        }
-        Ok(n)
-    }
-
-    fn reserved_seq(&self, device: DeviceKey) -> Result<u64, StoreError> {
-        match self.queue_meta.get(keys::device(device)).map_err(engine)? {
-            Some(v) => u64_value("queue_meta", &v),
-            None => Ok(0),
-        }
-    }
-
-    fn read_queue(
-        &self,
-        device: DeviceKey,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<StoredEntry>, StoreError> {
-        let Some(start_seq) = after.checked_add(1) else {
-            return Ok(Vec::new());
-        };
-        let start = keys::queue_entry(device, start_seq);
-        let end = keys::queue_entry(device, u64::MAX);
-        // Entries logged since the last checkpoint are in memory, older
-        // ones in fjall; a queue can have both. Merge by seq.
-        let hot: Vec<StoredEntry> = self
-            .lock_hot()
-            .range(&keys::device(device), start_seq, limit)
-            .into_iter()
-            .map(|(seq, bytes)| StoredEntry { seq, bytes })
-            .collect();
-        let mut out = Vec::with_capacity(limit.min(128));
-        for guard in self.queues.range(start..=end).take(limit) {
-            let (k, v) = guard.into_inner().map_err(engine)?;
-            let (_, seq) = keys::parse_queue_entry(&k).ok_or(StoreError::Corrupt {
-                what: "queue key",
-                detail: format!("{} bytes", k.len()),
-            })?;
-            out.push(StoredEntry {
-                seq,
-                bytes: Bytes::copy_from_slice(&v),
-            });
-        }
-        if !hot.is_empty() {
-            out.extend(hot);
-            out.sort_by_key(|e| e.seq);
-            out.dedup_by_key(|e| e.seq);
-            out.truncate(limit);
-        }
-        Ok(out)
-    }
-
-    fn expired_entries(
-        &self,
-        before_ms: u64,
-        limit: usize,
-    ) -> Result<Vec<(DeviceKey, u64)>, StoreError> {
-        // The sweep sees fjall only: move what is in memory there first.
-        self.checkpoint_keeping_current()?;
-        // Each queue is ordered by seq, hence by time: look at the head of
-        // each device's queue and skip to the next device at the first entry
-        // that has not expired. Cost: one seek per queue, plus the expired.
-        let mut out = Vec::new();
-        let mut from: Vec<u8> = Vec::new();
-        'devices: loop {
-            let mut iter = self.queues.range(from.clone()..);
-            loop {
-                if out.len() >= limit {
-                    return Ok(out);
-                }
-                let Some(guard) = iter.next() else {
-                    return Ok(out);
-                };
-                let (k, v) = guard.into_inner().map_err(engine)?;
-                let (device, seq) = keys::parse_queue_entry(&k).ok_or(StoreError::Corrupt {
-                    what: "queue key",
-                    detail: format!("{} bytes", k.len()),
-                })?;
-                let entry: pb::QueueEntry = decode("queue entry", &v)?;
-                if entry.server_ts_ms < before_ms {
-                    out.push((device, seq));
-                    continue;
-                }
-                // Skip the rest of this device's queue.
-                from = keys::queue_entry(device, u64::MAX).to_vec();
-                from.push(0);
-                continue 'devices;
-            }
-        }
-    }
-
-    fn device_keys(&self, device: DeviceKey) -> Result<Option<DeviceKeysRecord>, StoreError> {
-        match self.device_keys.get(keys::device(device)).map_err(engine)? {
-            Some(v) => Ok(Some(decode("device keys", &v)?)),
-            None => Ok(None),
-        }
-    }
-
-    fn first_one_time_key(
-        &self,
-        device: DeviceKey,
-        from: u64,
-    ) -> Result<Option<(u64, Bytes)>, StoreError> {
-        let start = keys::queue_entry(device, from);
-        let end = keys::queue_entry(device, u64::MAX);
-        match self.otks.range(start..=end).next() {
-            Some(guard) => {
-                let (k, v) = guard.into_inner().map_err(engine)?;
-                let (_, index) = keys::parse_queue_entry(&k).ok_or(StoreError::Corrupt {
-                    what: "one-time key",
-                    detail: format!("{} bytes", k.len()),
-                })?;
-                Ok(Some((index, Bytes::copy_from_slice(&v))))
-            }
-            None => Ok(None),
-        }
-    }
-
-    fn link_code(&self, code: &str) -> Result<Option<LinkCodeRecord>, StoreError> {
-        match self.link_codes.get(code).map_err(engine)? {
-            Some(v) => Ok(Some(decode("link code", &v)?)),
-            None => Ok(None),
-        }
-    }
-
-    fn expired_link_codes(&self, before_ms: u64, limit: usize) -> Result<Vec<String>, StoreError> {
-        let mut out = Vec::new();
-        for guard in self.link_codes.iter() {
-            if out.len() >= limit {
-                break;
-            }
-            let (k, v) = guard.into_inner().map_err(engine)?;
-            let rec: LinkCodeRecord = decode("link code", &v)?;
-            if rec.expires_ms < before_ms {
-                out.push(String::from_utf8_lossy(&k).into_owned());
-            }
-        }
-        Ok(out)
-    }
-
-    fn mail(&self) -> Result<Vec<(UserId, u64, MailRecord)>, StoreError> {
-        let mut out = Vec::new();
-        for guard in self.mail.iter() {
-            let (k, v) = guard.into_inner().map_err(engine)?;
-            let (owner, id) = keys::parse_mail(&k).ok_or(StoreError::Corrupt {
-                what: "mail key",
-                detail: format!("{} bytes", k.len()),
-            })?;
-            out.push((owner, id, decode("mail", &v)?));
-        }
-        Ok(out)
-    }
-
-    fn oldest_entries(
-        &self,
-        buckets: usize,
-        bucket_of: &dyn Fn(UserId) -> usize,
-    ) -> Result<Vec<Option<u64>>, StoreError> {
-        let mut oldest: Vec<Option<u64>> = vec![None; buckets];
-        let mut note = |user: UserId, bytes: &[u8]| -> Result<(), StoreError> {
-            let entry: pb::QueueEntry = decode("queue entry", bytes)?;
-            if let Some(slot) = oldest.get_mut(bucket_of(user)) {
-                let ts = entry.server_ts_ms;
-                *slot = Some(slot.map_or(ts, |t| t.min(ts)));
-            }
-            Ok(())
-        };
-        // Entries in memory: the head of each device's queue there.
-        for (key, bytes) in self.lock_hot().heads() {
-            if let Some((device, _)) = keys::parse_queue_entry(&key) {
-                note(device.user, &bytes)?;
-            }
-        }
-        // Entries in fjall: one seek per queue, its head only.
-        let mut from: Vec<u8> = Vec::new();
-        loop {
-            let Some(guard) = self.queues.range(from.clone()..).next() else {
-                break;
-            };
-            let (k, v) = guard.into_inner().map_err(engine)?;
-            let (device, _) = keys::parse_queue_entry(&k).ok_or(StoreError::Corrupt {
-                what: "queue key",
-                detail: format!("{} bytes", k.len()),
-            })?;
-            note(device.user, &v)?;
-            from = keys::queue_entry(device, u64::MAX).to_vec();
-            from.push(0);
-        }
-        Ok(oldest)
-    }
-
     fn commit(&self, ops: Vec<Op>, sync: bool) -> Result<(), StoreError> {
         if ops.is_empty() {
             return Ok(());
@@ -1252,91 +951,12 @@ impl Db {
         Ok(())
     }
 
-    fn approximate_queue_entries(&self) -> u64 {
-        // No lock: this is read from the async runtime, and the log lock is
-        // held across fsyncs.
-        self.queues.approximate_len() as u64 + self.hot_len.load(Ordering::Relaxed)
-    }
-
     fn flush(&self) -> Result<(), StoreError> {
         self.checkpoint()
     }
 }
 
 impl Store for EmbeddedStore {
-    fn user(&self, user: UserId) -> Result<Option<UserRecord>, StoreError> {
-        self.db()?.user(user)
-    }
-
-    fn phone(&self, phone: &str) -> Result<Option<UserId>, StoreError> {
-        self.db()?.phone(phone)
-    }
-
-    fn code(&self, phone: &str) -> Result<Option<CodeRecord>, StoreError> {
-        self.db()?.code(phone)
-    }
-
-    fn dedup(&self, key: &DedupKey) -> Result<Option<DedupRecord>, StoreError> {
-        self.db()?.dedup(key)
-    }
-
-    fn reserved_seq(&self, device: DeviceKey) -> Result<u64, StoreError> {
-        self.db()?.reserved_seq(device)
-    }
-
-    fn read_queue(
-        &self,
-        device: DeviceKey,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<StoredEntry>, StoreError> {
-        self.db()?.read_queue(device, after, limit)
-    }
-
-    fn expire_dedup(&self, before_ms: u64) -> Result<usize, StoreError> {
-        self.db()?.expire_dedup(before_ms)
-    }
-
-    fn expired_entries(
-        &self,
-        before_ms: u64,
-        limit: usize,
-    ) -> Result<Vec<(DeviceKey, u64)>, StoreError> {
-        self.db()?.expired_entries(before_ms, limit)
-    }
-
-    fn device_keys(&self, device: DeviceKey) -> Result<Option<DeviceKeysRecord>, StoreError> {
-        self.db()?.device_keys(device)
-    }
-
-    fn first_one_time_key(
-        &self,
-        device: DeviceKey,
-        from: u64,
-    ) -> Result<Option<(u64, Bytes)>, StoreError> {
-        self.db()?.first_one_time_key(device, from)
-    }
-
-    fn link_code(&self, code: &str) -> Result<Option<LinkCodeRecord>, StoreError> {
-        self.db()?.link_code(code)
-    }
-
-    fn expired_link_codes(&self, before_ms: u64, limit: usize) -> Result<Vec<String>, StoreError> {
-        self.db()?.expired_link_codes(before_ms, limit)
-    }
-
-    fn mail(&self) -> Result<Vec<(UserId, u64, MailRecord)>, StoreError> {
-        self.db()?.mail()
-    }
-
-    fn oldest_entries(
-        &self,
-        buckets: usize,
-        bucket_of: &dyn Fn(UserId) -> usize,
-    ) -> Result<Vec<Option<u64>>, StoreError> {
-        self.db()?.oldest_entries(buckets, bucket_of)
-    }
-
     fn commit(&self, ops: Vec<Op>, sync: bool) -> Result<(), StoreError> {
         let db = self.db()?;
         let result = db.commit(ops, sync);
@@ -1346,10 +966,6 @@ impl Store for EmbeddedStore {
             self.retire(db);
         }
         result
-    }
-
-    fn approximate_queue_entries(&self) -> u64 {
-        self.db().map_or(0, |db| db.approximate_queue_entries())
     }
 
     fn flush(&self) -> Result<(), StoreError> {
@@ -1385,31 +1001,31 @@ mod tests {
         let a = DeviceKey { user: 1, device: 1 };
         let b = DeviceKey { user: 2, device: 1 };
         let ops = vec![
-            Op::Enqueue {
+            Op::Queue(QueueOp::Enqueue {
                 device: a,
                 entry: entry(1, 10),
-            },
-            Op::Enqueue {
+            }),
+            Op::Queue(QueueOp::Enqueue {
                 device: a,
                 entry: entry(2, 20),
-            },
-            Op::Enqueue {
+            }),
+            Op::Queue(QueueOp::Enqueue {
                 device: a,
                 entry: entry(3, 30),
-            },
-            Op::Enqueue {
+            }),
+            Op::Queue(QueueOp::Enqueue {
                 device: b,
                 entry: entry(1, 5),
-            },
+            }),
         ];
         store.commit(ops, true).unwrap();
         assert_eq!(store.reserved_seq(a).unwrap(), 0, "entries reserve nothing");
         store
             .commit(
-                vec![Op::ReserveSeqs {
+                vec![Op::Queue(QueueOp::ReserveSeqs {
                     device: a,
                     upto: 64,
-                }],
+                })],
                 true,
             )
             .unwrap();
@@ -1424,10 +1040,15 @@ mod tests {
         let expired = store.expired_entries(25, 100).unwrap();
         assert_eq!(expired, vec![(a, 1), (a, 2), (b, 1)]);
         store
-            .commit(vec![Op::Dequeue { device: a, seq: 2 }], false)
+            .commit(
+                vec![Op::Queue(QueueOp::Dequeue { device: a, seq: 2 })],
+                false,
+            )
             .unwrap();
         assert_eq!(store.read_queue(a, 0, 10).unwrap().len(), 2);
-        store.commit(vec![Op::DropQueue(a)], true).unwrap();
+        store
+            .commit(vec![Op::Queue(QueueOp::DropQueue(a))], true)
+            .unwrap();
         assert!(store.read_queue(a, 0, 10).unwrap().is_empty());
         assert_eq!(store.reserved_seq(a).unwrap(), 0);
     }
@@ -1450,14 +1071,19 @@ mod tests {
         {
             let store = EmbeddedStore::open(dir.path()).unwrap();
             let ops = (1..=4)
-                .map(|seq| Op::Enqueue {
-                    device: a,
-                    entry: entry(seq, 1_000),
+                .map(|seq| {
+                    Op::Queue(QueueOp::Enqueue {
+                        device: a,
+                        entry: entry(seq, 1_000),
+                    })
                 })
                 .collect();
             store.commit(ops, true).unwrap();
             store
-                .commit(vec![Op::Dequeue { device: a, seq: 2 }], false)
+                .commit(
+                    vec![Op::Queue(QueueOp::Dequeue { device: a, seq: 2 })],
+                    false,
+                )
                 .unwrap();
             assert_eq!(seqs(&store), vec![1, 3, 4]);
             // Dropped without a checkpoint, as by a crash: fjall has none
@@ -1481,7 +1107,10 @@ mod tests {
         // Opening checkpointed: the entries are in fjall now, and acking one
         // removes it there.
         store
-            .commit(vec![Op::Dequeue { device: a, seq: 3 }], false)
+            .commit(
+                vec![Op::Queue(QueueOp::Dequeue { device: a, seq: 3 })],
+                false,
+            )
             .unwrap();
         drop(store);
         let store = EmbeddedStore::open(dir.path()).unwrap();
@@ -1489,10 +1118,10 @@ mod tests {
         // Entries in fjall and in memory merge in seq order.
         store
             .commit(
-                vec![Op::Enqueue {
+                vec![Op::Queue(QueueOp::Enqueue {
                     device: a,
                     entry: entry(5, 1_000),
-                }],
+                })],
                 true,
             )
             .unwrap();
@@ -1515,9 +1144,11 @@ mod tests {
             {
                 let store = EmbeddedStore::open(dir.path()).unwrap();
                 let db = store.db().unwrap();
-                let enqueue = |seq| Op::Enqueue {
-                    device: a,
-                    entry: entry(seq, 1_000),
+                let enqueue = |seq| {
+                    Op::Queue(QueueOp::Enqueue {
+                        device: a,
+                        entry: entry(seq, 1_000),
+                    })
                 };
                 store.commit(vec![enqueue(1), enqueue(2)], true).unwrap();
                 db.checkpoint_keeping_current().unwrap();
@@ -1526,14 +1157,20 @@ mod tests {
                     // Lives and dies in the new segment.
                     store.commit(vec![enqueue(3)], true).unwrap();
                     store
-                        .commit(vec![Op::Dequeue { device: a, seq: 3 }], true)
+                        .commit(
+                            vec![Op::Queue(QueueOp::Dequeue { device: a, seq: 3 })],
+                            true,
+                        )
                         .unwrap();
                 }
                 // Entry 1's removal is logged, and the crash comes before
                 // it is applied to fjall.
                 let mut log = db.lock_log();
-                log.append(&to_raw(vec![Op::Dequeue { device: a, seq: 1 }]))
-                    .unwrap();
+                log.append(&to_raw(vec![Op::Queue(QueueOp::Dequeue {
+                    device: a,
+                    seq: 1,
+                })]))
+                .unwrap();
                 log.sync().unwrap();
             }
             let store = EmbeddedStore::open(dir.path()).unwrap();
@@ -1566,10 +1203,10 @@ mod tests {
         };
         store
             .commit(
-                vec![Op::PutDedup {
+                vec![Op::Dedup(DedupOp::Put {
                     key: dedup_key(id),
                     record: record.clone(),
-                }],
+                })],
                 true,
             )
             .unwrap();
@@ -1595,13 +1232,15 @@ mod tests {
 
         let n = DEDUP_LOCKED_MAX + 500;
         let ops = (0..n)
-            .map(|i| Op::PutDedup {
-                key: dedup_key(&format!("many{i}")),
-                record: DedupRecord {
-                    server_ts_ms: DAY + 3,
-                    accepted_ms: DAY + 2,
-                    voided: false,
-                },
+            .map(|i| {
+                Op::Dedup(DedupOp::Put {
+                    key: dedup_key(&format!("many{i}")),
+                    record: DedupRecord {
+                        server_ts_ms: DAY + 3,
+                        accepted_ms: DAY + 2,
+                        voided: false,
+                    },
+                })
             })
             .collect();
         store.commit(ops, true).unwrap();
@@ -1619,7 +1258,7 @@ mod tests {
             bytes: vec![1u8; 16].into(),
         };
         store
-            .commit(vec![Op::Enqueue { device, entry }], true)
+            .commit(vec![Op::Queue(QueueOp::Enqueue { device, entry })], true)
             .unwrap();
         assert_eq!(store.db().unwrap().lock_hot().len(), 1);
         store.flush().unwrap();
@@ -1708,7 +1347,7 @@ mod tests {
         const DAY: u64 = 7 * DEDUP_BUCKET_MS;
         let dir = tempfile::tempdir().unwrap();
         let in_fjall = |db: &Db, id: &str| -> bool {
-            let k = keys::dedup(&dedup_key(id));
+            let k = layout::dedup(&dedup_key(id));
             let days = db.dedup_days.read().unwrap();
             days.values().any(|ks| ks.get(&k).unwrap().is_some())
         };
@@ -1777,10 +1416,13 @@ mod tests {
             seq += 1;
             let entry = StoredEntry { seq, ..big.clone() };
             store
-                .commit(vec![Op::Enqueue { device: a, entry }], false)
+                .commit(
+                    vec![Op::Queue(QueueOp::Enqueue { device: a, entry })],
+                    false,
+                )
                 .unwrap();
             store
-                .commit(vec![Op::Dequeue { device: a, seq }], false)
+                .commit(vec![Op::Queue(QueueOp::Dequeue { device: a, seq })], false)
                 .unwrap();
         }
         let started = Instant::now();
@@ -1864,10 +1506,10 @@ mod tests {
             for i in 0..(MIGRATE_BATCH + 10) {
                 let key = dedup_key(&format!("m{i}"));
                 dedup
-                    .insert(keys::dedup(&key), record.encode_to_vec())
+                    .insert(layout::dedup(&key), record.encode_to_vec())
                     .unwrap();
                 let mut t = record.accepted_ms.to_be_bytes().to_vec();
-                t.extend_from_slice(&keys::dedup(&key));
+                t.extend_from_slice(&layout::dedup(&key));
                 index.insert(t, []).unwrap();
             }
             db.persist(PersistMode::SyncAll).unwrap();

@@ -12,7 +12,7 @@ use crate::FastMap;
 
 use bytes::Bytes;
 
-/// `user (8) | device (4)`, as in `keys::device`.
+/// `user (8) | device (4)`, as in `layout::device`.
 type Device = [u8; 12];
 
 /// A device's queue keeps a spare buffer of at most this many entries once
@@ -26,7 +26,7 @@ pub struct Hot {
     len: usize,
 }
 
-/// Splits a queue key (`keys::queue_entry`) into device and seq.
+/// Splits a queue key (`layout::queue_entry`) into device and seq.
 fn split(key: &[u8; 20]) -> (Device, u64) {
     let mut device = [0u8; 12];
     device.copy_from_slice(&key[..12]);
@@ -135,7 +135,7 @@ impl Hot {
             .collect()
     }
 
-    /// The first entry of each device's queue, keyed as in `keys::queue_entry`.
+    /// The first entry of each device's queue, keyed as in `layout::queue_entry`.
     pub fn heads(&self) -> Vec<([u8; 20], Bytes)> {
         self.devices
             .iter()
