@@ -360,6 +360,7 @@ impl Flooder {
                     to_user: self.victim,
                     kind: pb::ReceiptKind::Read as i32,
                     client_msg_ids: vec![format!("r{}-{n}", self.seed)],
+                    group_id: 0,
                 }),
             ),
             2 => (

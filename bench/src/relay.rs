@@ -152,6 +152,7 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>) -> Result<()> {
                         tx.send(encode(&reply(Out::SendOk(pb::SendOk {
                             server_ts_ms: ts,
                             duplicate: false,
+                            group_seq: 0,
                         }))))
                         .await?;
                         if let (Some(target), Some(p)) =

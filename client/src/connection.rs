@@ -112,6 +112,8 @@ pub(crate) fn body_name(body: Option<&server_frame::Body>) -> &'static str {
         Some(Body::DeviceRevoked(_)) => "DeviceRevoked",
         Some(Body::KeysLow(_)) => "KeysLow",
         Some(Body::PinSet(_)) => "PinSet",
+        Some(Body::GroupInfo(_)) => "GroupInfo",
+        Some(Body::GroupList(_)) => "GroupList",
     }
 }
 

@@ -114,6 +114,8 @@ pub struct Config {
     pub read_receipts_per_user_per_min: u32,
     /// Phone-number lookups one user may make per hour (number enumeration).
     pub lookups_per_user_per_hour: u32,
+    /// Group creations and changes one user may make per hour.
+    pub group_changes_per_user_per_hour: u32,
     /// Key-bundle fetches one user may make per hour (starting a
     /// 1,024-member group takes one per member).
     pub bundle_fetches_per_user_per_hour: u32,
@@ -196,6 +198,7 @@ impl Default for Config {
             sends_per_pair_per_min: 600,
             read_receipts_per_user_per_min: 1_200,
             lookups_per_user_per_hour: 300,
+            group_changes_per_user_per_hour: 600,
             bundle_fetches_per_user_per_hour: 3_000,
             one_time_keys_per_device_per_hour: 100,
             code_requests_per_ip_per_hour: 60,
@@ -384,6 +387,10 @@ impl Config {
                 u64::from(self.bundle_fetches_per_user_per_hour),
             ),
             (
+                "group_changes_per_user_per_hour",
+                u64::from(self.group_changes_per_user_per_hour),
+            ),
+            (
                 "code_requests_per_ip_per_hour",
                 u64::from(self.code_requests_per_ip_per_hour),
             ),
@@ -546,6 +553,7 @@ impl Config {
                 bundle_fetches_per_user: Rate::per_hour(self.bundle_fetches_per_user_per_hour),
                 code_requests_per_ip: Rate::per_hour(self.code_requests_per_ip_per_hour),
                 connections_per_ip: Rate::per_minute(self.connections_per_ip_per_min),
+                group_changes_per_user: Rate::per_hour(self.group_changes_per_user_per_hour),
             },
         }
     }
@@ -659,6 +667,10 @@ const SETTING_HELP: &[(&str, &str)] = &[
     (
         "lookups_per_user_per_hour",
         "Phone-number lookups one user may make per hour.",
+    ),
+    (
+        "group_changes_per_user_per_hour",
+        "Group creations and changes (add, remove, promote, demote, edit, leave) one user may make per hour.",
     ),
     (
         "bundle_fetches_per_user_per_hour",

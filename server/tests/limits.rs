@@ -98,6 +98,7 @@ async fn read_receipts_are_limited_per_user() {
             to_user: alice.user_id,
             kind: pb::ReceiptKind::Read as i32,
             client_msg_ids: vec![format!("m{i}")],
+            group_id: 0,
         })
     };
     for i in 0..2 {

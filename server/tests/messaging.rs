@@ -76,6 +76,7 @@ async fn online_exchange(ws: bool) {
             to_user: alice.user_id,
             kind: pb::ReceiptKind::Read as i32,
             client_msg_ids: vec!["m-1".into()],
+            group_id: 0,
         }))
         .await;
     assert!(matches!(out, Out::ReceiptOk(_)), "{out:?}");

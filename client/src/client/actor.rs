@@ -155,6 +155,7 @@ impl Request {
                 to_user: *to_user,
                 kind: ReceiptKind::Read.into(),
                 client_msg_ids: client_msg_ids.clone(),
+                group_id: 0,
             }),
             Self::CreateLinkCode { .. } => {
                 client_frame::Body::CreateLinkCode(pb::CreateLinkCode {})
@@ -1871,7 +1872,9 @@ impl Actor {
                     });
                 }
             }
-            None => {
+            // Groups are not in the SDK yet (the server has them): acked
+            // so they are not delivered again.
+            Some(Body::GroupMessage(_) | Body::GroupEvent(_)) | None => {
                 warn!(seq = entry.seq, "queue entry of unknown kind; dropping");
                 self.acks.push_back(entry.seq);
             }

@@ -341,6 +341,18 @@ async fn handshake<L: Link>(
     Ok((session, rbuf, slot))
 }
 
+/// The delivery receipt an entry pushed on this connection owes its
+/// sender once acked.
+#[derive(Debug)]
+pub(super) struct Owed {
+    /// The message's sender.
+    pub(super) from_user: UserId,
+    /// Its client message id.
+    pub(super) client_msg_id: String,
+    /// Its group (0: a 1:1 message).
+    pub(super) group_id: u64,
+}
+
 /// A connection's state, owned by its task; the request kinds (`cmd/`)
 /// borrow it while they handle a frame.
 pub(super) struct Conn<L: Link> {
@@ -365,7 +377,7 @@ pub(super) struct Conn<L: Link> {
     /// Entries pushed and not yet acked: seq → (sender, client id) for
     /// messages from other users (a delivery receipt is owed), `None`
     /// otherwise; with the entry's server timestamp.
-    pub(super) delivered: FastMap<u64, (Option<(UserId, String)>, u64)>,
+    pub(super) delivered: FastMap<u64, (Option<Owed>, u64)>,
     /// Sends whose ✓ will come through the push queue.
     pub(super) sends_in_flight: usize,
     /// Whole frames may wait in `rbuf`, left there while the connection
@@ -756,11 +768,28 @@ impl<L: Link> Conn<L> {
                     let owed = match &e.body {
                         // A copy from one of our own devices owes no receipt.
                         Some(pb::queue_entry::Body::Message(m)) if Some(m.from_user) != me => {
-                            Some((m.from_user, m.client_msg_id.clone()))
+                            Some(Owed {
+                                from_user: m.from_user,
+                                client_msg_id: m.client_msg_id.clone(),
+                                group_id: 0,
+                            })
+                        }
+                        Some(pb::queue_entry::Body::GroupMessage(m)) if Some(m.from_user) != me => {
+                            Some(Owed {
+                                from_user: m.from_user,
+                                client_msg_id: m.client_msg_id.clone(),
+                                group_id: m.group_id,
+                            })
                         }
                         _ => None,
                     };
-                    if matches!(e.body, Some(pb::queue_entry::Body::Message(_))) {
+                    if matches!(
+                        e.body,
+                        Some(
+                            pb::queue_entry::Body::Message(_)
+                                | pb::queue_entry::Body::GroupMessage(_)
+                        )
+                    ) {
                         self.gw.metrics.messages_out.increment(1);
                     }
                     self.delivered.insert(e.seq, (owed, e.server_ts_ms));
@@ -867,6 +896,31 @@ impl<L: Link> Conn<L> {
             In::RevokeDevice(req) => {
                 if let Some(device) = self.authed_or_refuse(id) {
                     cmd::revoke_device::run(self, id, device, req);
+                }
+            }
+            In::CreateGroup(req) => {
+                if let Some(device) = self.authed_or_refuse(id) {
+                    cmd::create_group::run(self, id, device, req);
+                }
+            }
+            In::ChangeGroup(req) => {
+                if let Some(device) = self.authed_or_refuse(id) {
+                    cmd::change_group::run(self, id, device, req);
+                }
+            }
+            In::GetGroup(req) => {
+                if let Some(device) = self.authed_or_refuse(id) {
+                    cmd::get_group::run(self, id, device, req);
+                }
+            }
+            In::ListGroups(_) => {
+                if let Some(device) = self.authed_or_refuse(id) {
+                    cmd::list_groups::run(self, id, device);
+                }
+            }
+            In::SendGroup(req) => {
+                if let Some(device) = self.authed_or_refuse(id) {
+                    cmd::send_group::run(self, id, device, req);
                 }
             }
         }

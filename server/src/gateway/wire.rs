@@ -107,6 +107,18 @@ pub fn route_error(err: &RouteError) -> pb::Error {
             ErrorCode::LinkCodeInvalid,
             "unknown, used or expired link code",
         ),
+        RouteError::UnknownGroup => error(
+            ErrorCode::UnknownGroup,
+            "no such group, or you are not a member of it",
+        ),
+        RouteError::NotGroupAdmin => error(
+            ErrorCode::NotGroupAdmin,
+            "only group admins may do this (and nobody may remove or demote the creator)",
+        ),
+        RouteError::GroupFull => error(
+            ErrorCode::GroupFull,
+            "a group has at most 1024 members; nobody was added",
+        ),
         RouteError::Storage(e) => {
             tracing::error!(error = %e, "storage failure answered as STORAGE_UNAVAILABLE");
             pb::Error {

@@ -65,11 +65,13 @@ pub enum Limit {
     QueueFull,
     /// The server's connection cap.
     Connections,
+    /// Group creations and changes per user.
+    GroupChanges,
 }
 
 impl Limit {
     /// Every limit, for metrics registered at start.
-    pub const ALL: [Limit; 13] = [
+    pub const ALL: [Limit; 14] = [
         Limit::UserSends,
         Limit::PairSends,
         Limit::ReadReceipts,
@@ -83,6 +85,7 @@ impl Limit {
         Limit::OneTimeKeys,
         Limit::QueueFull,
         Limit::Connections,
+        Limit::GroupChanges,
     ];
 
     /// The `limit` label of `rate_limited_total`.
@@ -102,6 +105,7 @@ impl Limit {
             Limit::OneTimeKeys => "one_time_keys_per_device",
             Limit::QueueFull => "queue_quota",
             Limit::Connections => "max_connections",
+            Limit::GroupChanges => "group_changes_per_user",
         }
     }
 
@@ -119,6 +123,7 @@ impl Limit {
             Limit::CodeRequestsPerPhone => "too many code requests for this number",
             Limit::WrongCodes => "too many wrong codes for this number today",
             Limit::LinkCodes => "too many link codes",
+            Limit::GroupChanges => "too many group creations and changes",
             Limit::OneTimeKeys => "too many one-time keys of this device handed out",
             Limit::QueueFull => {
                 "the recipient's queue is full; not stored, retry later with the same id"
@@ -168,6 +173,8 @@ pub struct RequestLimits {
     pub code_requests_per_ip: Rate,
     /// New connections per IP address.
     pub connections_per_ip: Rate,
+    /// Group creations and changes per user.
+    pub group_changes_per_user: Rate,
 }
 
 /// A refusal: which limit, and when to try again.
@@ -188,6 +195,7 @@ pub struct Limits {
     bundle_fetches: KeyedLimiter<UserId>,
     code_requests_per_ip: KeyedLimiter<IpAddr>,
     connections_per_ip: KeyedLimiter<IpAddr>,
+    group_changes: KeyedLimiter<UserId>,
 }
 
 impl Limits {
@@ -202,6 +210,7 @@ impl Limits {
             bundle_fetches: KeyedLimiter::new(cfg.bundle_fetches_per_user, MAX_TRACKED_KEYS),
             code_requests_per_ip: KeyedLimiter::new(cfg.code_requests_per_ip, MAX_TRACKED_KEYS),
             connections_per_ip: KeyedLimiter::new(cfg.connections_per_ip, MAX_TRACKED_KEYS),
+            group_changes: KeyedLimiter::new(cfg.group_changes_per_user, MAX_TRACKED_KEYS),
         }
     }
 
@@ -246,6 +255,14 @@ impl Limits {
     /// [`Refused`] when the user's receipts are exhausted.
     pub fn read_receipt(&self, user: UserId) -> Result<(), Refused> {
         Self::check(&self.read_receipts, Limit::ReadReceipts, &user)
+    }
+
+    /// A group creation or change by `user`.
+    ///
+    /// # Errors
+    /// [`Refused`] when the user's group changes are exhausted.
+    pub fn group_change(&self, user: UserId) -> Result<(), Refused> {
+        Self::check(&self.group_changes, Limit::GroupChanges, &user)
     }
 
     /// A phone-number lookup by `user`.
@@ -329,6 +346,7 @@ mod tests {
             bundle_fetches_per_user: r,
             code_requests_per_ip: r,
             connections_per_ip: r,
+            group_changes_per_user: r,
         })
     }
 

@@ -90,6 +90,15 @@ pub enum RouteError {
     /// Unknown, used or expired link code.
     #[error("invalid link code")]
     LinkCodeInvalid,
+    /// No such group, or the requester is not a member.
+    #[error("no such group")]
+    UnknownGroup,
+    /// The requester's role in the group does not allow this.
+    #[error("only group admins may do this")]
+    NotGroupAdmin,
+    /// The group has the most members allowed.
+    #[error("the group is full")]
+    GroupFull,
 
     // ---- infrastructure
     /// The store failed; nothing was acknowledged.

@@ -70,7 +70,11 @@ impl Mailroom {
         let id = (now_ms << 20).max(self.next_id);
         self.next_id = id + 1;
         self.staged.push(((owner, id), record.clone()));
-        MailOp::Put { owner, id, record }
+        MailOp::Put {
+            owner,
+            id,
+            record: Box::new(record),
+        }
     }
 
     /// Loads the mail an earlier run left (`owned` says which owners are

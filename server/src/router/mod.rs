@@ -26,7 +26,7 @@ use std::thread::JoinHandle;
 use switchboard_proto::pb;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::store::{DeviceId, DeviceKey, Store, UserId};
+use crate::store::{DeviceId, DeviceKey, GroupId, Store, UserId};
 use shard::{Command, Shard};
 
 /// Router tuning, from the server configuration.
@@ -131,6 +131,35 @@ pub struct SendAccepted {
     pub server_ts_ms: u64,
     /// The send was a retry of an accepted one.
     pub duplicate: bool,
+}
+
+/// Answer to a group send: the ✓ and the message's place in the group's
+/// order.
+#[derive(Debug, Clone, Copy)]
+pub struct GroupSent {
+    /// Server timestamp of the message.
+    pub server_ts_ms: u64,
+    /// The send was a retry of an accepted one.
+    pub duplicate: bool,
+    /// Its `group_seq`.
+    pub group_seq: u64,
+}
+
+/// A message to a group, as the router takes it.
+#[derive(Debug, Clone)]
+pub struct GroupSendRequest {
+    /// The sending device.
+    pub from: DeviceKey,
+    /// The sender's phone, shown to the members.
+    pub from_phone: String,
+    /// The group.
+    pub group_id: GroupId,
+    /// The client's message id.
+    pub client_msg_id: String,
+    /// The payload, sealed once for every member device.
+    pub payload: bytes::Bytes,
+    /// The client says this id was never sent before: no dedup lookup.
+    pub first_attempt: bool,
 }
 
 /// What a connection learns when it authenticates.

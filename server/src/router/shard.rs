@@ -29,6 +29,7 @@
 mod accounts;
 mod delivery;
 mod devices;
+mod groups;
 mod keys;
 mod mail;
 mod messaging;
@@ -45,14 +46,15 @@ use tokio::sync::mpsc;
 use super::mail::{MailId, Mailroom};
 use super::order::{HeldBy, Holds, Part};
 use super::{
-    AnswerTo, AuthInfo, CodeChecked, CodeIssued, ConnLink, Registered, Reply, RouteError,
-    RouterConfig, SendAccepted, SendReply, SendRequest, UserSummary, shard_of_user,
+    AnswerTo, AuthInfo, CodeChecked, CodeIssued, ConnLink, GroupSendRequest, GroupSent, Registered,
+    Reply, RouteError, RouterConfig, SendAccepted, SendReply, SendRequest, UserSummary,
+    shard_of_user,
 };
 use crate::clock::now_ms;
 use crate::limits::{self, Limit};
 use crate::store::{
-    AccountOp, CodeRecord, DedupKey, DeviceId, DeviceKey, DeviceKeysRecord, LinkCodeRecord,
-    MailRecord, Op, QueueOp, Store, StoreError, StoredEntry, UserId, UserRecord,
+    AccountOp, CodeRecord, DedupKey, DeviceId, DeviceKey, DeviceKeysRecord, GroupId,
+    LinkCodeRecord, MailRecord, Op, QueueOp, Store, StoreError, StoredEntry, UserId, UserRecord,
 };
 use crate::telemetry as tm;
 use crate::{FastMap, FastSet};
@@ -208,6 +210,11 @@ impl Command {
             | Command::RevokeDevice { reply, .. }
             | Command::EnqueueReceipt { reply, .. } => reply_now(reply, Err(err)),
             Command::ListDevices { reply, .. } => reply_now(reply, Err(err)),
+            Command::CreateGroup { reply, .. }
+            | Command::ChangeGroup { reply, .. }
+            | Command::GetGroup { reply, .. } => reply_now(reply, Err(err)),
+            Command::ListGroups { reply, .. } => reply_now(reply, Err(err)),
+            Command::SendGroup { reply, .. } => reply_now(reply, Err(err)),
             Command::LookupUser { reply, .. } => reply_now(reply, Err(err)),
             other @ (Command::Send {
                 reply: SendReply::Queued { .. },
@@ -321,6 +328,35 @@ pub(super) enum Command {
         by: DeviceKey,
         target: DeviceId,
         reply: Reply<()>,
+    },
+    /// On the shard of `group` (a new random id).
+    CreateGroup {
+        group: GroupId,
+        creator: DeviceKey,
+        req: pb::CreateGroup,
+        reply: Reply<pb::GroupInfo>,
+    },
+    /// On the group's shard.
+    ChangeGroup {
+        by: DeviceKey,
+        req: pb::ChangeGroup,
+        reply: Reply<pb::GroupInfo>,
+    },
+    /// On the group's shard.
+    GetGroup {
+        by: UserId,
+        group: GroupId,
+        reply: Reply<pb::GroupInfo>,
+    },
+    /// On the user's shard.
+    ListGroups {
+        user: UserId,
+        reply: Reply<Vec<pb::GroupSummary>>,
+    },
+    /// On the group's shard.
+    SendGroup {
+        req: GroupSendRequest,
+        reply: Reply<GroupSent>,
     },
     LookupPhone {
         phone: String,
@@ -514,6 +550,10 @@ pub(super) struct Shard {
     staged_dedup: HashMap<DedupKey, u64>,
     staged_codes: HashMap<String, CodeRecord>,
     staged_phones: HashMap<String, UserId>,
+    /// Group sends staged in this batch: (server time, group seq).
+    staged_group_dedup: HashMap<DedupKey, (u64, u64)>,
+    /// Groups this shard owns, and the order of group mail it applied.
+    groups: groups::GroupCache,
     /// Entries and bytes enqueued per device in this batch (not yet in the
     /// store), for a quota recount in the middle of a batch.
     batch_enqueued: FastMap<DeviceKey, (u64, u64)>,
@@ -568,6 +608,8 @@ impl Shard {
             staged_dedup: HashMap::new(),
             staged_codes: HashMap::new(),
             staged_phones: HashMap::new(),
+            staged_group_dedup: HashMap::new(),
+            groups: groups::GroupCache::default(),
             batch_enqueued: FastMap::default(),
             drain_advanced: false,
         }
@@ -718,6 +760,7 @@ impl Shard {
         self.staged_dedup.clear();
         self.staged_codes.clear();
         self.staged_phones.clear();
+        self.staged_group_dedup.clear();
         for effect in std::mem::take(&mut self.effects) {
             effect(Some(&StoreError::Engine(
                 "shard restarted after an internal error".into(),
@@ -726,6 +769,7 @@ impl Shard {
         // Their connections are kicked below; the clients resend.
         self.send_answers.clear();
         self.users.clear();
+        self.groups.clear();
         self.last_seq.clear();
         self.keys.clear();
         self.queue_usage.clear();
@@ -812,6 +856,16 @@ impl Shard {
             }
             Command::ListDevices { user, reply } => self.list_devices(user, reply),
             Command::RevokeDevice { by, target, reply } => self.revoke_device(by, target, reply),
+            Command::CreateGroup {
+                group,
+                creator,
+                req,
+                reply,
+            } => self.create_group(group, creator, req, reply),
+            Command::ChangeGroup { by, req, reply } => self.change_group(by, req, reply),
+            Command::GetGroup { by, group, reply } => self.get_group(by, group, reply),
+            Command::ListGroups { user, reply } => self.list_groups(user, reply),
+            Command::SendGroup { req, reply } => self.send_group(req, reply),
             Command::EnqueueReceipt {
                 to_user,
                 receipt,
@@ -889,6 +943,7 @@ impl Shard {
             tracing::error!(error = %e, "batch commit failed; answering with STORAGE_UNAVAILABLE");
             // Memory may be ahead of the store now: reload from it.
             self.users.clear();
+            self.groups.clear();
             self.last_seq.clear();
             self.keys.clear();
             self.queue_usage.clear();
@@ -897,6 +952,7 @@ impl Shard {
         self.staged_dedup.clear();
         self.staged_codes.clear();
         self.staged_phones.clear();
+        self.staged_group_dedup.clear();
         let err = result.err();
         for effect in std::mem::take(&mut self.effects) {
             effect(err.as_ref());
@@ -1026,12 +1082,28 @@ impl Shard {
 
     /// Stages an entry for `device` and its live push.
     fn stage_entry(&mut self, device: DeviceKey, seq: u64, ts: u64, body: pb::queue_entry::Body) {
-        let entry = pb::QueueEntry {
+        self.stage_entry_pushed_as(device, seq, ts, body, None);
+    }
+
+    /// Stages an entry for `device`, pushed live as `live` when given (a
+    /// group message stored as a reference goes out whole).
+    fn stage_entry_pushed_as(
+        &mut self,
+        device: DeviceKey,
+        seq: u64,
+        ts: u64,
+        body: pb::queue_entry::Body,
+        live: Option<pb::queue_entry::Body>,
+    ) {
+        let mut entry = pb::QueueEntry {
             seq,
             server_ts_ms: ts,
             body: Some(body),
         };
         let bytes: bytes::Bytes = entry.encode_to_vec().into();
+        if live.is_some() {
+            entry.body = live;
+        }
         let size = bytes.len() as u64;
         let batch = self.batch_enqueued.entry(device).or_default();
         batch.0 += 1;

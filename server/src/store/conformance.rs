@@ -15,8 +15,9 @@ use switchboard_proto::pb;
 
 use super::{
     AccountOp, CodeRecord, DEDUP_EXPIRY_SLACK_MS, DedupKey, DedupOp, DedupRecord, DeviceKey,
-    DeviceKeysRecord, DeviceRecord, KeyOp, LinkCodeRecord, MailOp, MailRecord, Op, PayloadId,
-    PayloadOp, PayloadRecord, QueueOp, Store, StoreError, StoredEntry, UserRecord,
+    DeviceKeysRecord, DeviceRecord, GroupOp, GroupRecord, KeyOp, LinkCodeRecord, MailOp,
+    MailRecord, MemberRecord, Op, PayloadId, PayloadOp, PayloadRecord, QueueOp, Recipient, Store,
+    StoreError, StoredEntry, UserRecord,
 };
 
 /// Opens the backend under test.
@@ -68,6 +69,7 @@ pub const CASES: &[(&str, Case)] = &[
     ("dedup_records_and_expiry", dedup_records_and_expiry),
     ("mail_round_trip", mail_round_trip),
     ("payloads_round_trip", payloads_round_trip),
+    ("groups_and_memberships", groups_and_memberships),
     (
         "a_batch_keeps_each_domains_order",
         a_batch_keeps_each_domains_order,
@@ -431,7 +433,7 @@ fn queue_expiry_and_ages(h: &mut dyn Harness) -> Outcome {
 fn dedup_records_and_expiry(h: &mut dyn Harness) -> Outcome {
     let s = fresh(h)?;
     let key = |id: &str| DedupKey {
-        to_user: BOB,
+        to: Recipient::User(BOB),
         from: dev(ALICE, 1),
         client_msg_id: id.into(),
     };
@@ -439,6 +441,7 @@ fn dedup_records_and_expiry(h: &mut dyn Harness) -> Outcome {
         server_ts_ms: accepted_ms + 1,
         accepted_ms,
         voided,
+        group_seq: 0,
     };
     let day = DEDUP_EXPIRY_SLACK_MS;
     let old = 10 * day;
@@ -487,6 +490,10 @@ fn mail_round_trip(h: &mut dyn Harness) -> Outcome {
             server_ts_ms: 7,
             body: None,
         }),
+        group_id: 9,
+        group_seq: 3,
+        prev_group_seq: 2,
+        ..MailRecord::default()
     };
     commit(
         &*s,
@@ -494,19 +501,19 @@ fn mail_round_trip(h: &mut dyn Harness) -> Outcome {
             MailOp::Put {
                 owner: ALICE,
                 id: 1,
-                record: record(BOB),
+                record: Box::new(record(BOB)),
             }
             .into(),
             MailOp::Put {
                 owner: ALICE,
                 id: 2,
-                record: record(ALICE),
+                record: Box::new(record(ALICE)),
             }
             .into(),
             MailOp::Put {
                 owner: BOB,
                 id: 1,
-                record: record(ALICE),
+                record: Box::new(record(ALICE)),
             }
             .into(),
         ],
@@ -563,6 +570,82 @@ fn payloads_round_trip(h: &mut dyn Harness) -> Outcome {
     Ok(())
 }
 
+fn groups_and_memberships(h: &mut dyn Harness) -> Outcome {
+    let s = fresh(h)?;
+    const GROUP: u64 = 0x6000_0000_0000_0007;
+    const OTHER: u64 = 0x6000_0000_0000_0003;
+    let record = |members: &[u64]| GroupRecord {
+        group_id: GROUP,
+        name: "hikers".into(),
+        description: String::new(),
+        icon_ref: String::new(),
+        info_admin_only: false,
+        created_ms: 1_000,
+        members: members
+            .iter()
+            .enumerate()
+            .map(|(i, &user_id)| MemberRecord {
+                user_id,
+                role: i32::from(i == 0) * 2,
+                joined_seq: 1,
+                phone: format!("+1555000{i}"),
+            })
+            .collect(),
+    };
+    check_eq!(e(s.group(GROUP))?, None);
+    check_eq!(e(s.group_reserved_seq(GROUP))?, 0);
+    check_eq!(e(s.user_groups(ALICE))?, Vec::<u64>::new());
+    commit(
+        &*s,
+        vec![
+            GroupOp::ReserveSeqs {
+                group: GROUP,
+                upto: 1_024,
+            }
+            .into(),
+            GroupOp::PutGroup(record(&[ALICE, BOB])).into(),
+            GroupOp::PutMembership {
+                user: ALICE,
+                group: GROUP,
+            }
+            .into(),
+            GroupOp::PutMembership {
+                user: BOB,
+                group: GROUP,
+            }
+            .into(),
+            GroupOp::PutMembership {
+                user: ALICE,
+                group: OTHER,
+            }
+            .into(),
+        ],
+    )?;
+    check_eq!(e(s.group(GROUP))?, Some(record(&[ALICE, BOB])));
+    check_eq!(e(s.group_reserved_seq(GROUP))?, 1_024);
+    check_eq!(e(s.user_groups(ALICE))?, vec![OTHER, GROUP]);
+    check_eq!(e(s.user_groups(BOB))?, vec![GROUP]);
+    commit(
+        &*s,
+        vec![
+            GroupOp::PutGroup(record(&[ALICE])).into(),
+            GroupOp::DeleteMembership {
+                user: BOB,
+                group: GROUP,
+            }
+            .into(),
+        ],
+    )?;
+    check_eq!(e(s.user_groups(BOB))?, Vec::<u64>::new());
+    check_eq!(e(s.group(GROUP))?.map(|g| g.members.len()), Some(1usize));
+    commit(&*s, vec![GroupOp::DropGroup(GROUP).into()])?;
+    check_eq!(e(s.group(GROUP))?, None);
+    check_eq!(e(s.group_reserved_seq(GROUP))?, 0);
+    // The group with the lower id is untouched.
+    check_eq!(e(s.user_groups(ALICE))?.contains(&OTHER), true);
+    Ok(())
+}
+
 fn a_batch_keeps_each_domains_order(h: &mut dyn Harness) -> Outcome {
     let s = fresh(h)?;
     let d = dev(ALICE, 1);
@@ -606,7 +689,7 @@ fn synced_batches_survive_a_reopen(h: &mut dyn Harness) -> Outcome {
     let s = fresh(h)?;
     let d = dev(BOB, 3);
     let dedup_key = DedupKey {
-        to_user: BOB,
+        to: Recipient::User(BOB),
         from: dev(ALICE, 1),
         client_msg_id: "m-1".into(),
     };
@@ -614,6 +697,7 @@ fn synced_batches_survive_a_reopen(h: &mut dyn Harness) -> Outcome {
         server_ts_ms: 42,
         accepted_ms: 41,
         voided: false,
+        group_seq: 0,
     };
     let payload = PayloadId { owner: BOB, seq: 9 };
     commit(
@@ -646,10 +730,11 @@ fn synced_batches_survive_a_reopen(h: &mut dyn Harness) -> Outcome {
             MailOp::Put {
                 owner: BOB,
                 id: 3,
-                record: MailRecord {
+                record: Box::new(MailRecord {
                     to_user: ALICE,
-                    entry: None,
-                },
+                    to_users: vec![ALICE, BOB],
+                    ..MailRecord::default()
+                }),
             }
             .into(),
             PayloadOp::Put {

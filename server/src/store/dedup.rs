@@ -6,14 +6,34 @@
 //! written all or none (one Redis script in the user's hash slot in a
 //! cluster backend).
 
-use super::{DedupRecord, DeviceKey, StoreError, UserId};
+use super::{DedupRecord, DeviceKey, GroupId, StoreError, UserId};
+
+/// Whom a send went to: a user (1:1) or a group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Recipient {
+    /// A user's devices.
+    User(UserId),
+    /// Every member device of a group.
+    Group(GroupId),
+}
+
+impl Recipient {
+    /// The user or group id (they share one id space); the owner of the
+    /// dedup record is the shard that owns this id.
+    #[must_use]
+    pub fn id(self) -> u64 {
+        match self {
+            Recipient::User(id) | Recipient::Group(id) => id,
+        }
+    }
+}
 
 /// Identifies one accepted send for deduplication: the recipient, the sending
 /// device and the client's message id.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct DedupKey {
-    /// The recipient user (the owner of this record).
-    pub to_user: UserId,
+    /// The recipient (the owner of this record).
+    pub to: Recipient,
     /// The sending device.
     pub from: DeviceKey,
     /// The sender's client message id.

@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use bytes::Bytes;
 
 use super::{
-    Accounts, CodeRecord, Dedup, DedupKey, DedupRecord, DeviceKey, DeviceKeysRecord, Keys,
-    LinkCodeRecord, MailRecord, Mailboxes, Op, PayloadId, PayloadRecord, Payloads, QueueOp, Queues,
-    Store, StoreError, StoredEntry, UserId, UserRecord,
+    Accounts, CodeRecord, Dedup, DedupKey, DedupRecord, DeviceKey, DeviceKeysRecord, GroupId,
+    GroupRecord, Groups, Keys, LinkCodeRecord, MailRecord, Mailboxes, Op, PayloadId, PayloadRecord,
+    Payloads, QueueOp, Queues, Store, StoreError, StoredEntry, UserId, UserRecord,
 };
 
 /// Wraps a store; faults are switched on and off at run time.
@@ -163,6 +163,18 @@ impl Payloads for FaultyStore {
     }
     fn expired_payloads(&self, before_ms: u64, limit: usize) -> Result<Vec<PayloadId>, StoreError> {
         self.inner.expired_payloads(before_ms, limit)
+    }
+}
+
+impl Groups for FaultyStore {
+    fn group(&self, group: GroupId) -> Result<Option<GroupRecord>, StoreError> {
+        self.inner.group(group)
+    }
+    fn group_reserved_seq(&self, group: GroupId) -> Result<u64, StoreError> {
+        self.inner.group_reserved_seq(group)
+    }
+    fn user_groups(&self, user: UserId) -> Result<Vec<GroupId>, StoreError> {
+        self.inner.user_groups(user)
     }
 }
 

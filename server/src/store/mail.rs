@@ -24,8 +24,8 @@ pub enum MailOp {
         owner: UserId,
         /// Unique per owner.
         id: u64,
-        /// The mail.
-        record: MailRecord,
+        /// The mail (boxed: group mail lists many users).
+        record: Box<MailRecord>,
     },
     /// Forget delivered mail.
     Delete {

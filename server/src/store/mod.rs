@@ -14,6 +14,7 @@
 //! | device queues | [`Queues`] | [`QueueOp`] | one user | Redis, the user's hash slot |
 //! | dedup records | [`Dedup`] | [`DedupOp`] | one user (the recipient), together with its queues | Redis, the same slot |
 //! | shard-to-shard mail | [`Mailboxes`] | [`MailOp`] | one owner user | Redis, the owner's slot |
+//! | groups, members, group counters, each user's groups | [`Groups`] | [`GroupOp`] | the batch | PostgreSQL, one transaction |
 //! | shared payloads | [`Payloads`] | [`PayloadOp`] | one payload | Redis, the payload's slot |
 //!
 //! [`Store::commit`] states what a batch spanning several units promises;
@@ -27,21 +28,23 @@ mod dedup;
 mod device_keys;
 mod embedded;
 pub mod faults;
+mod groups;
 mod mail;
 mod payloads;
 mod queues;
 pub mod records;
 
 pub use accounts::{AccountOp, Accounts};
-pub use dedup::{DEDUP_EXPIRY_SLACK_MS, Dedup, DedupKey, DedupOp};
+pub use dedup::{DEDUP_EXPIRY_SLACK_MS, Dedup, DedupKey, DedupOp, Recipient};
 pub use device_keys::{KeyOp, Keys};
 pub use embedded::EmbeddedStore;
+pub use groups::{GroupId, GroupOp, Groups};
 pub use mail::{MailOp, Mailboxes};
 pub use payloads::{PayloadId, PayloadOp, Payloads};
 pub use queues::{QueueOp, Queues, StoredEntry};
 pub use records::{
-    CodeRecord, DedupRecord, DeviceKeysRecord, DeviceRecord, LinkCodeRecord, MailRecord,
-    PayloadRecord, UserRecord,
+    CodeRecord, DedupRecord, DeviceKeysRecord, DeviceRecord, GroupRecord, LinkCodeRecord,
+    MailRecord, MemberRecord, PayloadRecord, UserRecord,
 };
 
 /// A user's id: random, never reused.
@@ -74,6 +77,8 @@ pub enum Op {
     Mail(MailOp),
     /// Shared payloads.
     Payload(PayloadOp),
+    /// Groups and memberships.
+    Group(GroupOp),
 }
 
 impl Op {
@@ -95,11 +100,12 @@ impl Op {
     #[must_use]
     pub fn domain_rank(&self) -> u8 {
         match self {
-            Op::Payload(_) => 0,
+            // A group's counter before anything numbered from it.
+            Op::Payload(_) | Op::Group(GroupOp::ReserveSeqs { .. }) => 0,
             Op::Mail(_) => 1,
             Op::Queue(_) | Op::Dedup(_) => 2,
             Op::Key(_) => 3,
-            Op::Account(_) => 4,
+            Op::Account(_) | Op::Group(_) => 4,
         }
     }
 }
@@ -120,6 +126,7 @@ op_from!(
     DedupOp => Dedup,
     MailOp => Mail,
     PayloadOp => Payload,
+    GroupOp => Group,
 );
 
 /// Storage failures. All are infrastructure faults: retryable by the client.
@@ -143,7 +150,7 @@ pub enum StoreError {
 /// Reads may be served from any thread; writes come only through
 /// [`Store::commit`], one batch at a time per shard.
 pub trait Store:
-    Accounts + Keys + Queues + Dedup + Mailboxes + Payloads + Send + Sync + 'static
+    Accounts + Keys + Queues + Dedup + Mailboxes + Payloads + Groups + Send + Sync + 'static
 {
     /// Applies a batch; with `sync`, returns only once it is on stable
     /// storage.
@@ -153,8 +160,8 @@ pub trait Store:
     /// one user for queues and dedup, one owner for mail, one payload) are
     /// applied all or none, in the batch's order. Across units a backend
     /// may make the parts durable one after another, in the order of
-    /// [`Op::domain_rank`] (payloads, mail, queues and dedup, keys,
-    /// accounts): after a crash in the middle, a later part may be missing
+    /// [`Op::domain_rank`] (payloads and group counters, mail, queues and
+    /// dedup, keys, accounts and groups): after a crash in the middle, a later part may be missing
     /// while an earlier one is there, never the reverse. Nothing of a
     /// failed batch is acknowledged. The router builds its batches so that
     /// every such prefix is safe (ARCHITECTURE.md lists why, per batch).

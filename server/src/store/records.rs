@@ -96,6 +96,9 @@ pub struct DedupRecord {
     /// id is stored again.
     #[prost(bool, tag = "3")]
     pub voided: bool,
+    /// A group message's `group_seq` (0 for 1:1 sends).
+    #[prost(uint64, tag = "4")]
+    pub group_seq: u64,
 }
 
 /// Durable mail from one shard to the owner of another user (see
@@ -109,6 +112,27 @@ pub struct MailRecord {
     /// The entry to queue for each of them (seq and time are set there).
     #[prost(message, optional, tag = "2")]
     pub entry: Option<pb::QueueEntry>,
+    /// Group mail: every user of the receiving shard that gets the entry
+    /// (`to_user` is the first of them, naming the shard).
+    #[prost(uint64, repeated, tag = "3")]
+    pub to_users: Vec<u64>,
+    /// Group mail: the group, the entry's `group_seq` and the `group_seq`
+    /// of the group's previous mail to the same shard (0: unknown), which
+    /// must be applied first.
+    #[prost(uint64, tag = "4")]
+    pub group_id: u64,
+    /// See `group_id`.
+    #[prost(uint64, tag = "5")]
+    pub group_seq: u64,
+    /// See `group_id`.
+    #[prost(uint64, tag = "6")]
+    pub prev_group_seq: u64,
+    /// A device that does not get the entry (the sender's own).
+    #[prost(uint64, tag = "7")]
+    pub skip_user: u64,
+    /// See `skip_user`.
+    #[prost(uint32, tag = "8")]
+    pub skip_device: u32,
 }
 
 /// The public keys a device has published.
@@ -151,4 +175,47 @@ pub struct PayloadRecord {
     /// When it was stored (ms since epoch); drives expiry.
     #[prost(uint64, tag = "2")]
     pub created_ms: u64,
+}
+
+/// A group (see `store/groups.rs`).
+#[derive(Clone, PartialEq, Message)]
+pub struct GroupRecord {
+    /// The group's id.
+    #[prost(uint64, tag = "1")]
+    pub group_id: u64,
+    /// Its name.
+    #[prost(string, tag = "2")]
+    pub name: String,
+    /// Its description.
+    #[prost(string, tag = "3")]
+    pub description: String,
+    /// An opaque reference to its icon.
+    #[prost(string, tag = "4")]
+    pub icon_ref: String,
+    /// Only admins may edit name, description and icon.
+    #[prost(bool, tag = "5")]
+    pub info_admin_only: bool,
+    /// When it was created (ms since epoch).
+    #[prost(uint64, tag = "6")]
+    pub created_ms: u64,
+    /// Members, oldest first.
+    #[prost(message, repeated, tag = "7")]
+    pub members: Vec<MemberRecord>,
+}
+
+/// One member of a group.
+#[derive(Clone, PartialEq, Message)]
+pub struct MemberRecord {
+    /// The member.
+    #[prost(uint64, tag = "1")]
+    pub user_id: u64,
+    /// `pb::GroupRole` as its number.
+    #[prost(int32, tag = "2")]
+    pub role: i32,
+    /// The group_seq of the change that added the member.
+    #[prost(uint64, tag = "3")]
+    pub joined_seq: u64,
+    /// The member's phone number (a user keeps its number for life).
+    #[prost(string, tag = "4")]
+    pub phone: String,
 }

@@ -34,6 +34,7 @@ pub fn test_config(dir: &Path) -> Config {
         sends_per_pair_per_min: 1_000_000,
         read_receipts_per_user_per_min: 1_000_000,
         lookups_per_user_per_hour: 1_000_000,
+        group_changes_per_user_per_hour: 1_000_000,
         bundle_fetches_per_user_per_hour: 1_000_000,
         code_requests_per_ip_per_hour: 1_000_000,
         connections_per_ip_per_min: 1_000_000,

@@ -6,7 +6,7 @@ use switchboard_proto::pb::{self, ErrorCode};
 
 use crate::FastMap;
 use crate::clock::now_ms;
-use crate::gateway::connection::{Conn, End, alongside_pending};
+use crate::gateway::connection::{Conn, End, Owed, alongside_pending};
 use crate::gateway::link::Link;
 use crate::router::OwedReceipt;
 use crate::store::{DeviceKey, UserId};
@@ -23,8 +23,9 @@ pub(in crate::gateway) async fn run<L: Link>(
         return Err(End::Goodbye(ErrorCode::ProtocolViolation));
     }
     let mut seqs = Vec::with_capacity(ack.seqs.len());
-    // Per sender: the acked message ids and their entries.
-    let mut owed: FastMap<UserId, (Vec<String>, Vec<u64>)> = FastMap::default();
+    // Per sender and group (0: none): the acked message ids and their
+    // entries.
+    let mut owed: FastMap<(UserId, u64), (Vec<String>, Vec<u64>)> = FastMap::default();
     let mut receipt_seqs = Vec::new();
     for seq in ack.seqs {
         // Only entries delivered on this connection can be acked here.
@@ -40,9 +41,13 @@ pub(in crate::gateway) async fn run<L: Link>(
                 .record(delay_ms as f64 / 1000.0);
         }
         match entry {
-            Some((from_user, msg_id)) => {
-                let (ids, entries) = owed.entry(from_user).or_default();
-                ids.push(msg_id);
+            Some(Owed {
+                from_user,
+                client_msg_id,
+                group_id,
+            }) => {
+                let (ids, entries) = owed.entry((from_user, group_id)).or_default();
+                ids.push(client_msg_id);
                 entries.push(seq);
             }
             None => receipt_seqs.push(seq),
@@ -58,7 +63,7 @@ pub(in crate::gateway) async fn run<L: Link>(
     };
     let owed: Vec<OwedReceipt> = owed
         .into_iter()
-        .map(|(to_user, (ids, message_seqs))| OwedReceipt {
+        .map(|((to_user, group_id), (ids, message_seqs))| OwedReceipt {
             to_user,
             receipt: pb::Receipt {
                 from_user: device.user,
@@ -66,6 +71,7 @@ pub(in crate::gateway) async fn run<L: Link>(
                 from_phone: phone.clone(),
                 kind: pb::ReceiptKind::Delivered as i32,
                 client_msg_ids: ids,
+                group_id,
             },
             message_seqs,
         })

@@ -16,15 +16,20 @@
 
 pub(super) mod ack;
 pub(super) mod auth;
+pub(super) mod change_group;
+pub(super) mod create_group;
 pub(super) mod create_link_code;
 pub(super) mod fetch_bundles;
+pub(super) mod get_group;
 pub(super) mod link_device;
 pub(super) mod list_devices;
+pub(super) mod list_groups;
 pub(super) mod lookup_user;
 pub(super) mod ping;
 pub(super) mod request_code;
 pub(super) mod revoke_device;
 pub(super) mod send;
+pub(super) mod send_group;
 pub(super) mod send_receipt;
 pub(super) mod set_pin;
 pub(super) mod upload_keys;

@@ -188,6 +188,7 @@ pub(in crate::gateway) fn send_ok(a: SendAccepted) -> Out {
     Out::SendOk(pb::SendOk {
         server_ts_ms: a.server_ts_ms,
         duplicate: a.duplicate,
+        group_seq: 0,
     })
 }
 

@@ -49,6 +49,7 @@ pub(in crate::gateway) fn run<L: Link>(
         from_phone: conn.phone(),
         kind: pb::ReceiptKind::Read as i32,
         client_msg_ids: req.client_msg_ids,
+        group_id: req.group_id,
     };
     let gw = conn.gw.clone();
     conn.pending.push(Box::pin(async move {

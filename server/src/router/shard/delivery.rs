@@ -122,7 +122,29 @@ impl Shard {
             for s in stored {
                 let size = s.bytes.len() as u64;
                 match pb::QueueEntry::decode(s.bytes) {
-                    Ok(e) if e.server_ts_ms >= cutoff => page.push(e),
+                    Ok(mut e) if e.server_ts_ms >= cutoff => {
+                        // A group message is stored as a reference to its
+                        // payload: send it whole; gone (expired): drop it.
+                        if let Some(pb::queue_entry::Body::GroupMessage(reference)) = &e.body {
+                            match self.resolve_group_message(reference) {
+                                Ok(Some(whole)) => {
+                                    e.body = Some(pb::queue_entry::Body::GroupMessage(whole));
+                                }
+                                Ok(None) => {
+                                    self.stage_dequeue(device, s.seq, Some(size));
+                                    continue;
+                                }
+                                Err(err) => {
+                                    tracing::error!(error = %err, ?device, "group payload read failed; closing connection");
+                                    if let Some(online) = self.online.remove(&device) {
+                                        online.kick(KickReason::Unavailable);
+                                    }
+                                    return;
+                                }
+                            }
+                        }
+                        page.push(e);
+                    }
                     Ok(_) => self.stage_dequeue(device, s.seq, Some(size)),
                     Err(e) => {
                         tracing::error!(error = %e, ?device, seq = s.seq, "corrupt queue entry dropped");

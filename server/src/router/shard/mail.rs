@@ -13,8 +13,8 @@ use crate::clock::now_ms;
 use crate::router::mail::MailId;
 use crate::router::shard_of_user;
 use crate::store::{
-    DedupKey, DedupOp, DedupRecord, DeviceId, DeviceKey, MailRecord, Op, QueueOp, StoreError,
-    UserId,
+    DedupKey, DedupOp, DedupRecord, DeviceId, DeviceKey, MailRecord, Op, QueueOp, Recipient,
+    StoreError, UserId,
 };
 
 /// The sending "device" in the dedup records of applied shard mail (no
@@ -58,12 +58,14 @@ impl Shard {
     }
 
     /// Queues the entry of mail from shard `from` for every device of its
-    /// user; confirmed once committed. A user gone meanwhile needs nothing.
+    /// users; confirmed once committed. A user gone meanwhile needs
+    /// nothing. Group mail waits (unconfirmed, so it is posted again) while
+    /// the group's mail before it to this shard is missing.
     pub(super) fn receive_mail(&mut self, from: usize, id: MailId, record: MailRecord) {
         // Applied before (its confirmation was lost, or the sender
         // restarted first): confirm again, queue nothing.
         let applied = DedupKey {
-            to_user: record.to_user,
+            to: Recipient::User(record.to_user),
             from: DeviceKey {
                 user: id.0,
                 device: MAIL_DEVICE,
@@ -85,37 +87,78 @@ impl Shard {
             crate::router::mail::confirm(&self.peers, from, id);
             return;
         }
-        let devices: Vec<u32> = match self.user(record.to_user) {
-            Ok(Some(u)) => u.devices.iter().map(|d| d.device_id).collect(),
-            Ok(None) => Vec::new(),
-            Err(e) => {
-                // Not confirmed: the sender posts it again later.
-                tracing::warn!(error = %e, "cannot apply shard mail now");
-                return;
-            }
+        let group = record.group_id;
+        if group != 0 && !self.group_mail_in_order(group, record.group_seq, record.prev_group_seq) {
+            tracing::debug!(
+                group,
+                seq = record.group_seq,
+                "group mail ahead of a missing one; waiting for it"
+            );
+            return;
+        }
+        let users = if record.to_users.is_empty() {
+            vec![record.to_user]
+        } else {
+            record.to_users.clone()
         };
-        let body = record.entry.and_then(|e| e.body);
-        let mut seqs = Vec::with_capacity(devices.len());
-        if body.is_some() {
-            for d in devices {
-                let device = DeviceKey {
-                    user: record.to_user,
-                    device: d,
-                };
-                match self.next_seq(device) {
-                    Ok(seq) => seqs.push((device, seq)),
+        let skip = DeviceKey {
+            user: record.skip_user,
+            device: record.skip_device,
+        };
+        let (ts, body) = match record.entry {
+            Some(e) => (e.server_ts_ms, e.body),
+            None => (0, None),
+        };
+        let now = now_ms();
+        let ts = if ts == 0 { now } else { ts };
+        // A group message goes out whole; its payload is committed before
+        // its mail is posted.
+        let live = match &body {
+            Some(pb::queue_entry::Body::GroupMessage(reference)) => {
+                match self.resolve_group_message(reference) {
+                    Ok(whole) => whole.map(pb::queue_entry::Body::GroupMessage),
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot apply shard mail now");
                         return;
                     }
                 }
             }
+            _ => None,
+        };
+        let mut seqs = Vec::new();
+        if body.is_some() {
+            for user in users {
+                let devices: Vec<u32> = match self.user(user) {
+                    Ok(Some(u)) => u.devices.iter().map(|d| d.device_id).collect(),
+                    Ok(None) => Vec::new(),
+                    Err(e) => {
+                        // Not confirmed: the sender posts it again later.
+                        tracing::warn!(error = %e, "cannot apply shard mail now");
+                        return;
+                    }
+                };
+                for d in devices {
+                    let device = DeviceKey { user, device: d };
+                    if device == skip {
+                        continue;
+                    }
+                    match self.next_seq(device) {
+                        Ok(seq) => seqs.push((device, seq)),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot apply shard mail now");
+                            return;
+                        }
+                    }
+                }
+            }
         }
-        let now = now_ms();
         if let Some(body) = body {
             for (device, seq) in seqs {
-                self.stage_entry(device, seq, now, body.clone());
+                self.stage_entry_pushed_as(device, seq, ts, body.clone(), live.clone());
             }
+        }
+        if group != 0 {
+            self.group_mail_applied(group, record.group_seq);
         }
         self.staged_dedup.insert(applied.clone(), now);
         self.stage(DedupOp::Put {
@@ -124,6 +167,7 @@ impl Shard {
                 server_ts_ms: now,
                 accepted_ms: now,
                 voided: false,
+                group_seq: 0,
             },
         });
         self.mail.applied(from, id);
@@ -184,7 +228,7 @@ impl Shard {
         for (sender, ids) in by_sender {
             for id in &ids {
                 let key = DedupKey {
-                    to_user: user,
+                    to: Recipient::User(user),
                     from: sender,
                     client_msg_id: id.clone(),
                 };
@@ -195,6 +239,7 @@ impl Shard {
                         server_ts_ms: 0,
                         accepted_ms: now,
                         voided: true,
+                        group_seq: 0,
                     },
                 });
             }
@@ -212,6 +257,7 @@ impl Shard {
                             reason: pb::UndeliveredReason::DevicesReplaced.into(),
                         })),
                     }),
+                    ..MailRecord::default()
                 };
                 let op = self.mail.stage(user, record, now);
                 self.stage(op);

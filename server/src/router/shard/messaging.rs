@@ -12,7 +12,7 @@ use super::{
 use crate::clock::now_ms;
 use crate::router::order::{HeldBy, Part};
 use crate::router::{Reply, RouteError, SendAccepted, SendReply, SendRequest};
-use crate::store::{DedupKey, DedupOp, DedupRecord, DeviceKey, UserId};
+use crate::store::{DedupKey, DedupOp, DedupRecord, DeviceKey, Recipient, UserId};
 
 /// The hold key of a send part stored for `owner`'s devices: the recipient's
 /// part when `owner` is the recipient (or a note to self), else the
@@ -61,7 +61,7 @@ where
 impl Shard {
     pub(super) fn send(&mut self, req: SendRequest) -> Answer {
         let key = DedupKey {
-            to_user: req.to_user,
+            to: Recipient::User(req.to_user),
             from: req.from,
             client_msg_id: req.client_msg_id.clone(),
         };
@@ -138,7 +138,7 @@ impl Shard {
             }));
         }
         let key = DedupKey {
-            to_user: me,
+            to: Recipient::User(me),
             from: req.from,
             client_msg_id: req.client_msg_id.clone(),
         };
@@ -245,6 +245,7 @@ impl Shard {
                 server_ts_ms: now,
                 accepted_ms: now,
                 voided: false,
+                group_seq: 0,
             },
         });
         if count_in {

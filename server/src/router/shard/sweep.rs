@@ -1,9 +1,10 @@
-//! The expiry sweep: expired queue entries, dedup days and link codes.
+//! The expiry sweep: expired queue entries, group payloads, dedup days and
+//! link codes.
 
 use super::Shard;
 use crate::clock::now_ms;
 use crate::router::shard_of_phone;
-use crate::store::AccountOp;
+use crate::store::{AccountOp, PayloadOp};
 
 /// Most entries the expiry sweep removes per tick, so one sweep never
 /// stalls a shard for long; the next tick continues.
@@ -36,6 +37,21 @@ impl Shard {
                 }
             }
             Err(e) => tracing::warn!(error = %e, "queue expiry sweep failed"),
+        }
+        // Group payloads outlive no entry that references them: entries
+        // expire after the same TTL.
+        match self
+            .store
+            .expired_payloads(now.saturating_sub(self.cfg.queue_ttl_ms), SWEEP_LIMIT)
+        {
+            Ok(ids) => {
+                for id in ids {
+                    if self.owns_user(id.owner) {
+                        self.stage(PayloadOp::Delete(id));
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "payload sweep failed"),
         }
         match self.store.expired_link_codes(now, SWEEP_LIMIT) {
             Ok(codes) => {

@@ -1,7 +1,7 @@
 //! Key layouts of the embedded store. Integers are big-endian so byte order
 //! is numeric order and a device's queue is one contiguous, ordered range.
 
-use crate::store::{DedupKey, DeviceKey};
+use crate::store::{DedupKey, DeviceKey, Recipient};
 
 /// `user (8) | device (4)`: the prefix of a device's queue.
 pub fn device(d: DeviceKey) -> [u8; 12] {
@@ -43,25 +43,38 @@ pub fn parse_mail(k: &[u8]) -> Option<(u64, u64)> {
     ))
 }
 
-/// `to_user (8) | from_user (8) | from_device (4) | client_msg_id`.
+/// `to (8) | from_user (8) | from_device (4) | client_msg_id`, and for a
+/// group recipient one more byte, 0xFF: client message ids are UTF-8, which
+/// never contains that byte, so no group key equals a user key.
 pub fn dedup(k: &DedupKey) -> Vec<u8> {
-    let mut v = Vec::with_capacity(20 + k.client_msg_id.len());
-    v.extend_from_slice(&k.to_user.to_be_bytes());
+    let mut v = Vec::with_capacity(21 + k.client_msg_id.len());
+    v.extend_from_slice(&k.to.id().to_be_bytes());
     v.extend_from_slice(&k.from.user.to_be_bytes());
     v.extend_from_slice(&k.from.device.to_be_bytes());
     v.extend_from_slice(k.client_msg_id.as_bytes());
+    if matches!(k.to, Recipient::Group(_)) {
+        v.push(GROUP_DEDUP_MARK);
+    }
     v
 }
 
+/// Ends the dedup key of a send to a group.
+const GROUP_DEDUP_MARK: u8 = 0xFF;
+
 /// Parses [`dedup`] back.
 pub fn parse_dedup(k: &[u8]) -> Option<DedupKey> {
+    let to = u64::from_be_bytes(k.get(..8)?.try_into().ok()?);
+    let (to, id) = match k.get(20..)? {
+        [id @ .., GROUP_DEDUP_MARK] => (Recipient::Group(to), id),
+        id => (Recipient::User(to), id),
+    };
     Some(DedupKey {
-        to_user: u64::from_be_bytes(k.get(..8)?.try_into().ok()?),
+        to,
         from: DeviceKey {
             user: u64::from_be_bytes(k.get(8..16)?.try_into().ok()?),
             device: u32::from_be_bytes(k.get(16..20)?.try_into().ok()?),
         },
-        client_msg_id: String::from_utf8(k.get(20..)?.to_vec()).ok()?,
+        client_msg_id: String::from_utf8(id.to_vec()).ok()?,
     })
 }
 
@@ -79,10 +92,17 @@ mod tests {
     #[test]
     fn dedup_keys_roundtrip() {
         let k = DedupKey {
-            to_user: 1,
+            to: Recipient::User(1),
             from: DeviceKey { user: 2, device: 3 },
             client_msg_id: "abc".into(),
         };
-        assert_eq!(parse_dedup(&dedup(&k)), Some(k));
+        assert_eq!(parse_dedup(&dedup(&k)), Some(k.clone()));
+        // The same ids sent to a group make another key.
+        let g = DedupKey {
+            to: Recipient::Group(1),
+            ..k.clone()
+        };
+        assert_ne!(dedup(&g), dedup(&k));
+        assert_eq!(parse_dedup(&dedup(&g)), Some(g));
     }
 }

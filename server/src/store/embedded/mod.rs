@@ -17,6 +17,9 @@
 //! | `link_codes` | code                             | `LinkCodeRecord` |
 //! | `mail`       | owner user, id                   | `MailRecord`     |
 //! | `payloads`   | owner, seq                       | `PayloadRecord`  |
+//! | `groups`     | group id                         | `GroupRecord`    |
+//! | `group_meta` | group id                         | highest reserved group seq (u64) |
+//! | `memberships`| user, group                      | (empty)          |
 //!
 //! Every batch is first appended to the store's own log (`log/` in the
 //! database directory, see `store/log.rs`), and a synced batch is durable
@@ -61,6 +64,7 @@ use switchboard_proto::pb;
 
 mod accounts;
 mod dedup;
+mod groups;
 mod hot;
 mod keys;
 mod layout;
@@ -71,9 +75,9 @@ mod queues;
 
 use super::{
     AccountOp, Accounts, CodeRecord, Dedup, DedupKey, DedupOp, DedupRecord, DeviceKey,
-    DeviceKeysRecord, KeyOp, Keys, LinkCodeRecord, MailOp, MailRecord, Mailboxes, Op, PayloadId,
-    PayloadOp, PayloadRecord, Payloads, QueueOp, Queues, Store, StoreError, StoredEntry, UserId,
-    UserRecord,
+    DeviceKeysRecord, GroupId, GroupOp, GroupRecord, Groups, KeyOp, Keys, LinkCodeRecord, MailOp,
+    MailRecord, Mailboxes, Op, PayloadId, PayloadOp, PayloadRecord, Payloads, QueueOp, Queues,
+    Store, StoreError, StoredEntry, UserId, UserRecord,
 };
 use hot::Hot;
 use log::{self as wal, Kind, Log, RawOp};
@@ -150,6 +154,9 @@ const T_OTKS: u8 = 7;
 const T_LINK_CODES: u8 = 8;
 const T_MAIL: u8 = 9;
 const T_PAYLOADS: u8 = 10;
+const T_GROUPS: u8 = 11;
+const T_GROUP_META: u8 = 12;
+const T_MEMBERSHIPS: u8 = 13;
 
 /// Time between attempts to reopen a failed database.
 const REOPEN_INTERVAL: Duration = Duration::from_millis(500);
@@ -171,6 +178,9 @@ struct Db {
     link_codes: Keyspace,
     mail: Keyspace,
     payloads: Keyspace,
+    groups: Keyspace,
+    group_meta: Keyspace,
+    memberships: Keyspace,
     /// The log. Held from a batch's append until it is applied, and by
     /// checkpoints, so a checkpoint never retires a batch not yet applied.
     log: Mutex<Log>,
@@ -349,6 +359,9 @@ impl Db {
             link_codes: ks("link_codes")?,
             mail: ks("mail")?,
             payloads: ks("payloads")?,
+            groups: ks("groups")?,
+            group_meta: ks("group_meta")?,
+            memberships: ks("memberships")?,
             log: Mutex::new(log),
             hot: Mutex::new(Hot::default()),
             held_dedup: Mutex::new(HeldDedup::new()),
@@ -431,6 +444,9 @@ impl Db {
             T_LINK_CODES => self.link_codes.clone(),
             T_MAIL => self.mail.clone(),
             T_PAYLOADS => self.payloads.clone(),
+            T_GROUPS => self.groups.clone(),
+            T_GROUP_META => self.group_meta.clone(),
+            T_MEMBERSHIPS => self.memberships.clone(),
             other => {
                 return Err(StoreError::Corrupt {
                     what: "log record",
@@ -879,6 +895,7 @@ fn to_raw(ops: Vec<Op>) -> Vec<RawOp> {
             Op::Dedup(op) => dedup::to_raw(op, &mut raw),
             Op::Mail(op) => mail::to_raw(op, &mut raw),
             Op::Payload(op) => payloads::to_raw(op, &mut raw),
+            Op::Group(op) => groups::to_raw(op, &mut raw),
         }
     }
     raw
@@ -1189,7 +1206,7 @@ mod tests {
 
     fn dedup_key(id: &str) -> DedupKey {
         DedupKey {
-            to_user: 1,
+            to: crate::store::Recipient::User(1),
             from: DeviceKey { user: 2, device: 1 },
             client_msg_id: id.into(),
         }
@@ -1200,6 +1217,7 @@ mod tests {
             server_ts_ms: accepted_ms + 1,
             accepted_ms,
             voided: false,
+            group_seq: 0,
         };
         store
             .commit(
@@ -1239,6 +1257,7 @@ mod tests {
                         server_ts_ms: DAY + 3,
                         accepted_ms: DAY + 2,
                         voided: false,
+                        group_seq: 0,
                     },
                 })
             })
@@ -1496,6 +1515,7 @@ mod tests {
             server_ts_ms: 8,
             accepted_ms: 3 * DEDUP_BUCKET_MS + 1,
             voided: false,
+            group_seq: 0,
         };
         {
             // The layout before day keyspaces: one `dedup` keyspace and a
