@@ -48,6 +48,9 @@ pub const QUEUED_ENTRIES: &str = "switchboard_queued_entries";
 pub const OLDEST_QUEUED_ENTRY_AGE: &str = "switchboard_oldest_queued_entry_age_seconds";
 /// Shard mail sent and not yet confirmed (`router/mail.rs`).
 pub const SHARD_MAIL_PENDING: &str = "switchboard_shard_mail_pending";
+/// Group message payloads deleted, by why: every reference gone
+/// (`released`) or past the queue TTL (`expired`).
+pub const GROUP_PAYLOADS_COLLECTED: &str = "switchboard_group_payloads_collected_total";
 /// Requests dropped unprocessed because their deadline had passed.
 pub const DISCARDED_REQUESTS: &str = "switchboard_discarded_requests_total";
 /// Connections closed because the client read too slowly.
@@ -146,6 +149,9 @@ fn register_labelled_at_zero() {
     for place in PANIC_PLACES {
         metrics::counter!(PANICS, "where" => *place).increment(0);
     }
+    for reason in ["released", "expired"] {
+        metrics::counter!(GROUP_PAYLOADS_COLLECTED, "reason" => reason).increment(0);
+    }
     // Every wire error code the schema defines (new codes included).
     for code in
         (1..=u8::MAX).filter_map(|n| switchboard_proto::pb::ErrorCode::try_from(i32::from(n)).ok())
@@ -216,6 +222,10 @@ fn describe() {
     describe_gauge!(
         SHARD_MAIL_PENDING,
         "Mail from a shard to others not yet confirmed (undelivered notices)."
+    );
+    describe_counter!(
+        GROUP_PAYLOADS_COLLECTED,
+        "Group message payloads deleted: every reference acked (released) or past the queue TTL (expired)."
     );
     describe_counter!(
         DISCARDED_REQUESTS,

@@ -665,3 +665,71 @@ async fn sigkill_in_the_middle_of_a_1024_member_fan_out_loses_and_repeats_nothin
         assert!(again.is_empty(), "member {}: {again:?}", acct.phone);
     }
 }
+
+#[tokio::test]
+async fn a_payload_is_deleted_once_every_member_device_has_acked_it() {
+    let mut server = TestServer::start().await;
+    let u = users(&server, "+1555800", 5).await;
+    let mut a = online(&server, &u[0]).await;
+    a.drain().await;
+    let others: Vec<&Account> = u[1..].iter().collect();
+    let g = info(a.request(create("gc", &others)).await).group_id;
+    let collected = |server: &TestServer| {
+        let http = server.http();
+        async move {
+            let (_, text) = http_get(&http, "/metrics").await;
+            metric(
+                &text,
+                "switchboard_group_payloads_collected_total{reason=\"released\"}",
+            )
+            .unwrap_or_default()
+        }
+    };
+    let unread = match a.request(post(g, "unread", "one member is away")).await {
+        Out::SendOk(ok) => ok.group_seq,
+        other => panic!("{other:?}"),
+    };
+    // Members 1-3 read it; member 4 stays offline.
+    for acct in &u[1..4] {
+        let mut c = online(&server, acct).await;
+        let seen = group_view(&c.drain().await, g);
+        assert!(seen.iter().any(|(s, _)| *s == unread), "{seen:?}");
+    }
+    // A message to a group of the members who come online, which all of
+    // them read.
+    let g2 = info(
+        a.request(create("gc2", &u[1..4].iter().collect::<Vec<_>>()))
+            .await,
+    )
+    .group_id;
+    let read = match a.request(post(g2, "read", "all read it")).await {
+        Out::SendOk(ok) => ok.group_seq,
+        other => panic!("{other:?}"),
+    };
+    for acct in &u[1..4] {
+        let mut c = online(&server, acct).await;
+        let seen = group_view(&c.drain().await, g2);
+        assert!(seen.iter().any(|(s, _)| *s == read), "{seen:?}");
+    }
+    // Its payload goes once the last ack's removal commits.
+    let started = std::time::Instant::now();
+    while collected(&server).await < 1.0 {
+        assert!(
+            started.elapsed() < WAIT,
+            "a payload every member acked was not collected"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    drop(a);
+    server.stop().await;
+    let store = EmbeddedStore::open(&server.data_dir().join("db")).unwrap();
+    let stored = |owner, seq| store.payload(PayloadId { owner, seq }).unwrap().is_some();
+    assert!(
+        !stored(g2, read),
+        "the payload every member acked is still stored"
+    );
+    assert!(
+        stored(g, unread),
+        "a payload a member has not read was deleted"
+    );
+}

@@ -341,6 +341,17 @@ async fn handshake<L: Link>(
     Ok((session, rbuf, slot))
 }
 
+/// An entry pushed on this connection and not yet acked.
+#[derive(Debug)]
+pub(super) struct Delivered {
+    /// The receipt it owes its sender once acked, if any.
+    pub(super) owed: Option<Owed>,
+    /// When the server accepted it.
+    pub(super) server_ts_ms: u64,
+    /// The group payload it references, `(group, group_seq)`, if any.
+    pub(super) group_ref: Option<(u64, u64)>,
+}
+
 /// The delivery receipt an entry pushed on this connection owes its
 /// sender once acked.
 #[derive(Debug)]
@@ -377,7 +388,7 @@ pub(super) struct Conn<L: Link> {
     /// Entries pushed and not yet acked: seq → (sender, client id) for
     /// messages from other users (a delivery receipt is owed), `None`
     /// otherwise; with the entry's server timestamp.
-    pub(super) delivered: FastMap<u64, (Option<Owed>, u64)>,
+    pub(super) delivered: FastMap<u64, Delivered>,
     /// Sends whose ✓ will come through the push queue.
     pub(super) sends_in_flight: usize,
     /// Whole frames may wait in `rbuf`, left there while the connection
@@ -792,7 +803,20 @@ impl<L: Link> Conn<L> {
                     ) {
                         self.gw.metrics.messages_out.increment(1);
                     }
-                    self.delivered.insert(e.seq, (owed, e.server_ts_ms));
+                    let group_ref = match &e.body {
+                        Some(pb::queue_entry::Body::GroupMessage(m)) => {
+                            Some((m.group_id, m.group_seq))
+                        }
+                        _ => None,
+                    };
+                    self.delivered.insert(
+                        e.seq,
+                        Delivered {
+                            owed,
+                            server_ts_ms: e.server_ts_ms,
+                            group_ref,
+                        },
+                    );
                 }
                 if self.delivered.len() > self.gw.cfg.max_unacked {
                     return Err(End::Goodbye(ErrorCode::SlowReader));

@@ -228,6 +228,7 @@ impl Command {
             | Command::Tick
             | Command::Mail { .. }
             | Command::MailDone { .. }
+            | Command::PayloadReleased { .. }
             | Command::Shutdown) => return Some(other),
         }
         None
@@ -244,6 +245,9 @@ pub struct OwedReceipt {
     pub receipt: pb::Receipt,
     /// The acked message entries (in the acking device's queue) it covers.
     pub message_seqs: Vec<u64>,
+    /// The group payloads they reference: `(entry seq, (group,
+    /// group_seq))`, released with them.
+    pub released: Vec<(u64, (GroupId, u64))>,
 }
 
 pub(super) enum Command {
@@ -384,6 +388,8 @@ pub(super) enum Command {
     Delete {
         device: DeviceKey,
         seqs: Vec<u64>,
+        /// Group payloads the deleted entries referenced, by entry seq.
+        released: Vec<(u64, (GroupId, u64))>,
     },
     /// A device's ack, handled in one batch: `seqs` were received on
     /// `conn_id`; the receipt entries `delete` go; each of `receipts` is
@@ -395,6 +401,8 @@ pub(super) enum Command {
         conn_id: u64,
         seqs: Vec<u64>,
         delete: Vec<u64>,
+        /// Group payloads the `delete` entries referenced, by entry seq.
+        released: Vec<(u64, (GroupId, u64))>,
         receipts: Vec<OwedReceipt>,
     },
     Disconnected {
@@ -415,6 +423,12 @@ pub(super) enum Command {
     /// This shard's mail `id` was applied by its receiver.
     MailDone {
         id: MailId,
+    },
+    /// On a group's shard: shard `from` holds no more references to the
+    /// payload of `(group, seq)`.
+    PayloadReleased {
+        group: GroupId,
+        seq: u64,
     },
     /// The server is shutting down: end every connection.
     Closing,
@@ -872,14 +886,20 @@ impl Shard {
                 must_exist,
                 reply,
             } => self.enqueue_receipt(to_user, receipt, must_exist, reply),
-            Command::Delete { device, seqs } => self.delete(device, seqs),
+            Command::Delete {
+                device,
+                seqs,
+                released,
+            } => self.delete(device, seqs, released),
             Command::Ack {
                 device,
                 conn_id,
                 seqs,
                 delete,
+                released,
                 receipts,
-            } => self.ack(device, conn_id, &seqs, delete, receipts),
+            } => self.ack(device, conn_id, &seqs, delete, released, receipts),
+            Command::PayloadReleased { group, seq } => self.payload_released(group, seq),
             Command::Disconnected { device, conn_id } => self.disconnected(device, conn_id),
             Command::Sweep => self.sweep(),
             Command::Tick => self.tick(),
@@ -957,6 +977,7 @@ impl Shard {
         for effect in std::mem::take(&mut self.effects) {
             effect(err.as_ref());
         }
+        self.after_commit_groups(err.is_none());
         let shards = self.shards;
         self.mail
             .after_commit(err.is_none(), self.id, &self.peers, |user| {

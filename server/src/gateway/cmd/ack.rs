@@ -6,7 +6,7 @@ use switchboard_proto::pb::{self, ErrorCode};
 
 use crate::FastMap;
 use crate::clock::now_ms;
-use crate::gateway::connection::{Conn, End, Owed, alongside_pending};
+use crate::gateway::connection::{Conn, Delivered, End, Owed, alongside_pending};
 use crate::gateway::link::Link;
 use crate::router::OwedReceipt;
 use crate::store::{DeviceKey, UserId};
@@ -23,13 +23,19 @@ pub(in crate::gateway) async fn run<L: Link>(
         return Err(End::Goodbye(ErrorCode::ProtocolViolation));
     }
     let mut seqs = Vec::with_capacity(ack.seqs.len());
-    // Per sender and group (0: none): the acked message ids and their
-    // entries.
-    let mut owed: FastMap<(UserId, u64), (Vec<String>, Vec<u64>)> = FastMap::default();
+    // Per sender and group (0: none): the acked message ids, their entries
+    // and the group payloads they referenced.
+    let mut owed: FastMap<(UserId, u64), Receipted> = FastMap::default();
     let mut receipt_seqs = Vec::new();
+    let mut released = Vec::new();
     for seq in ack.seqs {
         // Only entries delivered on this connection can be acked here.
-        let Some((entry, server_ts_ms)) = conn.delivered.remove(&seq) else {
+        let Some(Delivered {
+            owed: entry,
+            server_ts_ms,
+            group_ref,
+        }) = conn.delivered.remove(&seq)
+        else {
             continue;
         };
         seqs.push(seq);
@@ -46,11 +52,15 @@ pub(in crate::gateway) async fn run<L: Link>(
                 client_msg_id,
                 group_id,
             }) => {
-                let (ids, entries) = owed.entry((from_user, group_id)).or_default();
-                ids.push(client_msg_id);
-                entries.push(seq);
+                let r = owed.entry((from_user, group_id)).or_default();
+                r.ids.push(client_msg_id);
+                r.seqs.push(seq);
+                r.released.extend(group_ref.map(|g| (seq, g)));
             }
-            None => receipt_seqs.push(seq),
+            None => {
+                receipt_seqs.push(seq);
+                released.extend(group_ref.map(|g| (seq, g)));
+            }
         }
     }
     if seqs.is_empty() {
@@ -63,23 +73,24 @@ pub(in crate::gateway) async fn run<L: Link>(
     };
     let owed: Vec<OwedReceipt> = owed
         .into_iter()
-        .map(|((to_user, group_id), (ids, message_seqs))| OwedReceipt {
+        .map(|((to_user, group_id), r)| OwedReceipt {
             to_user,
             receipt: pb::Receipt {
                 from_user: device.user,
                 from_device: device.device,
                 from_phone: phone.clone(),
                 kind: pb::ReceiptKind::Delivered as i32,
-                client_msg_ids: ids,
+                client_msg_ids: r.ids,
                 group_id,
             },
-            message_seqs,
+            message_seqs: r.seqs,
+            released: r.released,
         })
         .collect();
     let router = conn.gw.router.clone();
     let (remote, answers) = alongside_pending(
         &mut conn.pending,
-        router.ack(device, conn.conn_id, seqs, receipt_seqs, owed),
+        router.ack(device, conn.conn_id, seqs, receipt_seqs, released, owed),
     )
     .await;
     conn.queue_all(answers);
@@ -91,7 +102,11 @@ pub(in crate::gateway) async fn run<L: Link>(
     conn.pending.push(Box::pin(async move {
         for owed in remote {
             match router.enqueue_receipt(owed.to_user, owed.receipt, false).await {
-                Ok(()) => router.delete(device, owed.message_seqs).await,
+                Ok(()) => {
+                    router
+                        .delete(device, owed.message_seqs, owed.released)
+                        .await;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "delivery receipt not stored; entries kept for redelivery");
                 }
@@ -100,4 +115,12 @@ pub(in crate::gateway) async fn run<L: Link>(
         None
     }));
     Ok(())
+}
+
+/// What one sender is owed for the entries of one ack.
+#[derive(Default)]
+struct Receipted {
+    ids: Vec<String>,
+    seqs: Vec<u64>,
+    released: Vec<(u64, (u64, u64))>,
 }

@@ -202,11 +202,18 @@ impl Shard {
         }
     }
 
-    /// Removes entries from a device's queue.
-    pub(super) fn delete(&mut self, device: DeviceKey, seqs: Vec<u64>) {
+    /// Removes entries from a device's queue (releasing the group payloads
+    /// they referenced).
+    pub(super) fn delete(
+        &mut self,
+        device: DeviceKey,
+        seqs: Vec<u64>,
+        released: Vec<(u64, (crate::store::GroupId, u64))>,
+    ) {
         for seq in seqs {
             self.stage_dequeue(device, seq, None);
         }
+        self.release_references(device, released);
     }
 
     /// A device's ack (see `Command::Ack`).
@@ -216,18 +223,21 @@ impl Shard {
         conn_id: u64,
         seqs: &[u64],
         delete: Vec<u64>,
+        released: Vec<(u64, (crate::store::GroupId, u64))>,
         receipts: Vec<OwedReceipt>,
     ) {
         self.acked(device, conn_id, seqs);
         for seq in delete {
             self.stage_dequeue(device, seq, None);
         }
+        self.release_references(device, released);
         for owed in receipts {
             match self.stage_receipt(owed.to_user, &owed.receipt, false) {
                 Ok(()) => {
                     for seq in owed.message_seqs {
                         self.stage_dequeue(device, seq, None);
                     }
+                    self.release_references(device, owed.released);
                 }
                 // The messages stay queued and are delivered again;
                 // their receipt is owed until then.
@@ -297,6 +307,7 @@ mod router_side {
             conn_id: u64,
             seqs: Vec<u64>,
             receipt_seqs: Vec<u64>,
+            released: Vec<(u64, (crate::store::GroupId, u64))>,
             owed: Vec<OwedReceipt>,
         ) -> Vec<OwedReceipt> {
             let n = self.shards.len();
@@ -310,17 +321,28 @@ mod router_side {
                     conn_id,
                     seqs,
                     delete: receipt_seqs,
+                    released,
                     receipts: local,
                 }))
                 .await;
             remote
         }
 
-        /// Removes entries from a device's queue.
-        pub async fn delete(&self, device: DeviceKey, seqs: Vec<u64>) {
+        /// Removes entries from a device's queue; `released` are the group
+        /// payloads they referenced.
+        pub async fn delete(
+            &self,
+            device: DeviceKey,
+            seqs: Vec<u64>,
+            released: Vec<(u64, (crate::store::GroupId, u64))>,
+        ) {
             let _ = self
                 .user_shard(device.user)
-                .send(Queued::new(Command::Delete { device, seqs }))
+                .send(Queued::new(Command::Delete {
+                    device,
+                    seqs,
+                    released,
+                }))
                 .await;
         }
 

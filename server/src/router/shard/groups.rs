@@ -15,6 +15,15 @@
 //! keyed by group and `group_seq`); every member device's queue gets a
 //! reference: a `GroupMessage` entry holding only the group and the seq.
 //! Entries are resolved to the whole message when they are pushed.
+//!
+//! **Collected when the last reference goes.** Each shard counts, per
+//! payload, the references it queued and not yet removed (`held`); when an
+//! acked entry's removal is committed and the count reaches zero, it tells
+//! the group's shard, which counts the shards still holding references
+//! (`awaiting`) and deletes the payload after the last. The counts live in
+//! memory: after a restart, or for references dropped with a revoked
+//! device's queue, the expiry sweep collects the payload after the queue
+//! TTL instead.
 
 use prost::Message;
 use switchboard_proto::pb;
@@ -40,6 +49,9 @@ pub(super) const MAX_GROUP_ICON_REF_BYTES: usize = 256;
 const GROUP_SEQ_BLOCK: u64 = 1024;
 /// Payloads resolved for pushes, kept per shard.
 const PAYLOAD_CACHE: usize = 256;
+/// Most payloads whose references one shard counts; past it, new ones are
+/// left to the expiry sweep (memory stays bounded).
+const MAX_COUNTED_PAYLOADS: usize = 1_000_000;
 
 const MEMBER: i32 = pb::GroupRole::Member as i32;
 const ADMIN: i32 = pb::GroupRole::Admin as i32;
@@ -67,6 +79,19 @@ pub(super) struct GroupCache {
     applied: FastMap<GroupId, u64>,
     /// Whole group messages by (group, seq), for pushes.
     payloads: FastMap<(GroupId, u64), pb::GroupMessage>,
+    /// Per payload: references this shard queued and has not removed.
+    held: FastMap<(GroupId, u64), u64>,
+    /// Per payload of a group this shard owns: shards still holding
+    /// references to it.
+    awaiting: FastMap<(GroupId, u64), u32>,
+    /// References whose removal is staged in this batch.
+    releasing: Vec<(GroupId, u64)>,
+    /// The entries they are in: an entry acked twice (delivered again
+    /// before its first removal committed) releases once.
+    released_entries: crate::FastSet<(DeviceKey, u64)>,
+    /// Payloads of which this batch queued no reference here (mail for
+    /// members without devices): released once it commits.
+    pub(super) none_held: Vec<(GroupId, u64)>,
 }
 
 impl GroupCache {
@@ -75,6 +100,22 @@ impl GroupCache {
         self.owned.clear();
         self.applied.clear();
         self.payloads.clear();
+        // Counts may be ahead of the store: their payloads are left to the
+        // expiry sweep.
+        self.held.clear();
+        self.awaiting.clear();
+        self.releasing.clear();
+        self.released_entries.clear();
+        self.none_held.clear();
+    }
+
+    /// Counts `n` more references to a payload queued on this shard.
+    pub(super) fn hold(&mut self, payload: (GroupId, u64), n: u64) {
+        if let Some(count) = self.held.get_mut(&payload) {
+            *count += n;
+        } else if self.held.len() < MAX_COUNTED_PAYLOADS {
+            self.held.insert(payload, n);
+        }
     }
 }
 
@@ -678,6 +719,14 @@ impl Shard {
                     .push(user);
             }
         }
+        let payload = matches!(stored, pb::queue_entry::Body::GroupMessage(_));
+        if payload && !local.is_empty() {
+            self.groups.hold((group, seq), local.len() as u64);
+        }
+        let holders = u32::from(payload && !local.is_empty()) + by_shard.len() as u32;
+        if payload && holders > 0 && self.groups.awaiting.len() < MAX_COUNTED_PAYLOADS {
+            self.groups.awaiting.insert((group, seq), holders);
+        }
         for (device, qseq) in local {
             self.stage_entry_pushed_as(device, qseq, ts, stored.clone(), live.cloned());
         }
@@ -722,6 +771,80 @@ impl Shard {
     pub(super) fn group_mail_applied(&mut self, group: GroupId, seq: u64) {
         let last = self.groups.applied.entry(group).or_default();
         *last = (*last).max(seq);
+    }
+
+    /// The removal of `device`'s entries `(seq, payload)` is staged: each
+    /// entry still stored releases its payload reference, once.
+    pub(super) fn release_references(
+        &mut self,
+        device: DeviceKey,
+        released: Vec<(u64, (GroupId, u64))>,
+    ) {
+        for (seq, payload) in released {
+            if !self.groups.released_entries.insert((device, seq)) {
+                continue;
+            }
+            let stored = seq
+                .checked_sub(1)
+                .and_then(|after| self.store.read_queue(device, after, 1).ok())
+                .is_some_and(|e| e.first().is_some_and(|e| e.seq == seq));
+            if stored {
+                self.groups.releasing.push(payload);
+            }
+        }
+    }
+
+    /// The batch committed (`ok`) or failed: counts the removed references
+    /// down, and tells each payload's group shard when this shard holds no
+    /// more of them.
+    pub(super) fn after_commit_groups(&mut self, ok: bool) {
+        let releasing = std::mem::take(&mut self.groups.releasing);
+        self.groups.released_entries.clear();
+        let mut none_held = std::mem::take(&mut self.groups.none_held);
+        if !ok {
+            return;
+        }
+        for payload in releasing {
+            if let Some(count) = self.groups.held.get_mut(&payload) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    self.groups.held.remove(&payload);
+                    none_held.push(payload);
+                }
+            }
+        }
+        for (group, seq) in none_held {
+            let owner = shard_of_user(group, self.shards);
+            if owner == self.id {
+                self.payload_released(group, seq);
+            } else if let Some(peer) = self
+                .peers
+                .get(owner)
+                .and_then(tokio::sync::mpsc::WeakSender::upgrade)
+            {
+                // Lost if that inbox is full: the expiry sweep collects it.
+                let _ = peer.try_send(super::Queued::new(super::Command::PayloadReleased {
+                    group,
+                    seq,
+                }));
+            }
+        }
+    }
+
+    /// A shard holds no more references to the payload of `(group, seq)`:
+    /// after the last one, it is deleted.
+    pub(super) fn payload_released(&mut self, group: GroupId, seq: u64) {
+        let Some(left) = self.groups.awaiting.get_mut(&(group, seq)) else {
+            return;
+        };
+        *left = left.saturating_sub(1);
+        if *left == 0 {
+            self.groups.awaiting.remove(&(group, seq));
+            self.groups.payloads.remove(&(group, seq));
+            self.stage(PayloadOp::Delete(PayloadId { owner: group, seq }));
+            metrics::counter!(crate::telemetry::GROUP_PAYLOADS_COLLECTED, "reason" => "released")
+                .increment(1);
+        }
     }
 
     fn remember_payload(&mut self, message: pb::GroupMessage) {

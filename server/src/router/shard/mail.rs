@@ -152,6 +152,14 @@ impl Shard {
                 }
             }
         }
+        if matches!(body, Some(pb::queue_entry::Body::GroupMessage(_))) {
+            let payload = (group, record.group_seq);
+            if seqs.is_empty() {
+                self.groups.none_held.push(payload);
+            } else {
+                self.groups.hold(payload, seqs.len() as u64);
+            }
+        }
         if let Some(body) = body {
             for (device, seq) in seqs {
                 self.stage_entry_pushed_as(device, seq, ts, body.clone(), live.clone());

@@ -48,6 +48,11 @@ impl Shard {
                 for id in ids {
                     if self.owns_user(id.owner) {
                         self.stage(PayloadOp::Delete(id));
+                        metrics::counter!(
+                            crate::telemetry::GROUP_PAYLOADS_COLLECTED,
+                            "reason" => "expired"
+                        )
+                        .increment(1);
                     }
                 }
             }
