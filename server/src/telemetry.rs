@@ -51,6 +51,9 @@ pub const SHARD_MAIL_PENDING: &str = "switchboard_shard_mail_pending";
 /// Group message payloads deleted, by why: every reference gone
 /// (`released`) or past the queue TTL (`expired`).
 pub const GROUP_PAYLOADS_COLLECTED: &str = "switchboard_group_payloads_collected_total";
+/// Group entries left out of a member device's queue because it was at
+/// its quota.
+pub const GROUP_ENTRIES_DROPPED: &str = "switchboard_group_entries_dropped_total";
 /// Requests dropped unprocessed because their deadline had passed.
 pub const DISCARDED_REQUESTS: &str = "switchboard_discarded_requests_total";
 /// Connections closed because the client read too slowly.
@@ -115,6 +118,7 @@ pub fn install() -> Option<PrometheusHandle> {
                 MESSAGES_IN,
                 MESSAGES_OUT,
                 STORE_COMMIT_FAILURES,
+                GROUP_ENTRIES_DROPPED,
                 DISCARDED_REQUESTS,
                 SLOW_READER_DISCONNECTS,
             ] {
@@ -222,6 +226,10 @@ fn describe() {
     describe_gauge!(
         SHARD_MAIL_PENDING,
         "Mail from a shard to others not yet confirmed (undelivered notices)."
+    );
+    describe_counter!(
+        GROUP_ENTRIES_DROPPED,
+        "Group entries left out of a member device's queue at its quota."
     );
     describe_counter!(
         GROUP_PAYLOADS_COLLECTED,

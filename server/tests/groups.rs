@@ -733,3 +733,37 @@ async fn a_payload_is_deleted_once_every_member_device_has_acked_it() {
         "a payload a member has not read was deleted"
     );
 }
+
+#[tokio::test]
+async fn a_member_at_its_queue_quota_misses_group_entries_and_nobody_else_does() {
+    let server = TestServer::start_with(|c| c.queue_max_entries_per_device = 5).await;
+    let u = users(&server, "+1555900", 3).await;
+    let mut a = online(&server, &u[0]).await;
+    a.drain().await;
+    let mut b = online(&server, &u[1]).await;
+    b.drain().await;
+    let g = info(a.request(create("quota", &[&u[1], &u[2]])).await).group_id;
+    // Carol is offline; her queue fills at 5 entries (the creation event
+    // and four messages). The sender is never refused for it.
+    // Bob reads (and acks) as they come, so his queue stays short.
+    let mut bob_saw = group_view(&[b.next_entry().await], g);
+    for i in 0..8 {
+        let out = a.request(post(g, &format!("q{i}"), "x")).await;
+        assert!(matches!(out, Out::SendOk(_)), "{out:?}");
+        bob_saw.extend(group_view(&[b.next_entry().await], g));
+    }
+    assert_eq!(bob_saw.len(), 9, "{bob_saw:?}");
+    let mut c = online(&server, &u[2]).await;
+    let carol_saw = group_view(&c.drain().await, g);
+    assert_eq!(carol_saw.len(), 5, "{carol_saw:?}");
+    assert_eq!(
+        carol_saw.as_slice(),
+        &bob_saw[..5],
+        "the first ones, in order"
+    );
+    let (_, text) = http_get(&server.http(), "/metrics").await;
+    assert_eq!(
+        metric(&text, "switchboard_group_entries_dropped_total"),
+        Some(4.0)
+    );
+}

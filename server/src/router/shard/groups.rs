@@ -708,7 +708,7 @@ impl Shard {
                 };
                 for d in devices {
                     let device = DeviceKey { user, device: d };
-                    if Some(device) != skip {
+                    if Some(device) != skip && self.group_entry_fits(device)? {
                         local.push((device, self.next_seq(device)?));
                     }
                 }
@@ -756,6 +756,23 @@ impl Shard {
             self.stage(op);
         }
         Ok(())
+    }
+
+    /// Whether one more group entry fits `device`'s queue quota. A group
+    /// entry is never refused for one member's full queue (that would let
+    /// one absent member stop the group): it is left out of that queue, and
+    /// counted.
+    pub(super) fn group_entry_fits(&mut self, device: DeviceKey) -> Result<bool, RouteError> {
+        /// A reference or an event, roughly (quota accounting only).
+        const GROUP_ENTRY_BYTES: u64 = 64;
+        match self.check_quota(std::iter::once((device, GROUP_ENTRY_BYTES))) {
+            Ok(()) => Ok(true),
+            Err(RouteError::QueueFull { .. }) => {
+                metrics::counter!(crate::telemetry::GROUP_ENTRIES_DROPPED).increment(1);
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Whether group mail for `group` at `seq` (following `prev` to this

@@ -142,6 +142,16 @@ impl Shard {
                     if device == skip {
                         continue;
                     }
+                    if group != 0 {
+                        match self.group_entry_fits(device) {
+                            Ok(true) => {}
+                            Ok(false) => continue,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot apply shard mail now");
+                                return;
+                            }
+                        }
+                    }
                     match self.next_seq(device) {
                         Ok(seq) => seqs.push((device, seq)),
                         Err(e) => {
