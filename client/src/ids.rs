@@ -1,9 +1,10 @@
 //! Typed ids: the account, device and queue-position numbers of the SDK's
 //! API, each its own type so one cannot be passed for another.
 //!
-//! On the wire and in every file the SDK or its applications persist they
-//! are the bare integers they wrap (`#[serde(transparent)]`, and `Display`
-//! prints the number), so stored state and JSON output are unchanged. The
+//! They serialize as the bare integers they wrap (`#[serde(transparent)]`)
+//! and `Display` prints the number, so files and JSON written before the
+//! ids were typed still load, and new ones look the same. (`Debug` names
+//! the type: `UserId(42)`.) The
 //! conversion to and from the protocol's integers is explicit (`new` /
 //! `get`, or `From`) and happens where the SDK meets the wire types.
 //!
@@ -91,7 +92,7 @@ id! {
 
 id! {
     /// One device of an account (`device_id` on the wire); unique within
-    /// its account only. The primary device is 1.
+    /// its account only (a re-registration's new devices get new ids).
     DeviceId(u32)
 }
 
