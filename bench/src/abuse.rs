@@ -105,8 +105,8 @@ pub async fn abuse(a: AbuseArgs) -> Result<bool> {
         let f = Flooder {
             tcp: sut.tcp.clone(),
             creds: flooder.clone(),
-            victim: victim.user_id,
-            victim_device: victim.device_id,
+            victim: victim.user_id.get(),
+            victim_device: victim.device_id.get(),
             per_connection: a.requests_per_connection,
             window: a.window,
             stop: stop.clone(),
@@ -235,9 +235,9 @@ async fn pair(
                     id,
                     body: Some(In::Send(pb::Send {
                         client_msg_id: format!("b{}", NEXT.fetch_add(1, Ordering::Relaxed)),
-                        to_user: bob.user_id,
+                        to_user: bob.user_id.get(),
                         payloads: vec![pb::DevicePayload {
-                            device_id: bob.device_id,
+                            device_id: bob.device_id.get(),
                             payload: stamp.to_be_bytes().to_vec().into(),
                         }],
                         first_attempt: true,

@@ -145,9 +145,9 @@ async fn sender(
         id: 0,
         body: Some(In::Send(pb::Send {
             client_msg_id: msg_id(pair, seq),
-            to_user: to.user_id,
+            to_user: to.user_id.get(),
             payloads: vec![pb::DevicePayload {
-                device_id: to.device_id,
+                device_id: to.device_id.get(),
                 payload: seq.to_be_bytes().to_vec().into(),
             }],
             first_attempt: first,

@@ -275,7 +275,10 @@ impl Driver {
     /// Every user's (user id, device id).
     fn peers(&self) -> Arc<Vec<(u64, u32)>> {
         Arc::new(match self {
-            Self::Server { users, .. } => users.iter().map(|u| (u.user_id, u.device_id)).collect(),
+            Self::Server { users, .. } => users
+                .iter()
+                .map(|u| (u.user_id.get(), u.device_id.get()))
+                .collect(),
             Self::Relay { users, .. } => (1..=*users as u64).map(|u| (u, 1)).collect(),
         })
     }
@@ -888,9 +891,9 @@ pub async fn offline_drain(a: DrainArgs) -> Result<bool> {
                 id,
                 body: Some(In::Send(pb::Send {
                     client_msg_id: format!("d{sent}"),
-                    to_user: bob.user_id,
+                    to_user: bob.user_id.get(),
                     payloads: vec![pb::DevicePayload {
-                        device_id: bob.device_id,
+                        device_id: bob.device_id.get(),
                         payload: vec![7u8; a.size].into(),
                     }],
                     first_attempt: true,

@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use switchboard_client::UserId;
 
 use crate::home::Home;
 
@@ -21,7 +22,7 @@ const MAX_CONTACTS: usize = 10_000;
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Stored {
     /// User id (as a string: JSON keys are strings) → phone.
-    phones: BTreeMap<u64, String>,
+    phones: BTreeMap<UserId, String>,
 }
 
 /// The remembered phones; changes are written by [`Contacts::save`].
@@ -51,14 +52,14 @@ impl Contacts {
     }
 
     /// The phone of `user`, if seen.
-    pub fn phone(&self, user: u64) -> Option<&str> {
+    pub fn phone(&self, user: UserId) -> Option<&str> {
         self.stored.phones.get(&user).map(String::as_str)
     }
 
     /// Remembers that `user` has `phone` (a number can move to another
     /// user after a re-registration: the latest pairing wins).
-    pub fn learn(&mut self, user: u64, phone: &str) {
-        if user == 0 || phone.is_empty() || self.phone(user) == Some(phone) {
+    pub fn learn(&mut self, user: UserId, phone: &str) {
+        if user.get() == 0 || phone.is_empty() || self.phone(user) == Some(phone) {
             return;
         }
         if !self.stored.phones.contains_key(&user) && self.stored.phones.len() >= MAX_CONTACTS {
@@ -100,20 +101,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let home = Home::resolve(Some(dir.path().to_owned())).unwrap();
         let mut contacts = Contacts::load(&home);
-        assert_eq!(contacts.phone(7), None);
-        contacts.learn(7, "+1555");
-        contacts.learn(0, "+1556");
-        contacts.learn(8, "");
+        assert_eq!(contacts.phone(UserId(7)), None);
+        contacts.learn(UserId(7), "+1555");
+        contacts.learn(UserId(0), "+1556");
+        contacts.learn(UserId(8), "");
         contacts.save();
         drop(contacts);
+        // The file keeps the format of bare-integer ids (JSON keys are strings).
+        let file = std::fs::read_to_string(dir.path().join("contacts.json")).unwrap();
+        let file: serde_json::Value = serde_json::from_str(&file).unwrap();
+        assert_eq!(file, serde_json::json!({ "phones": { "7": "+1555" } }));
         let mut contacts = Contacts::load(&home);
-        assert_eq!(contacts.phone(7), Some("+1555"));
-        assert_eq!(contacts.phone(0), None);
-        assert_eq!(contacts.phone(8), None);
+        assert_eq!(contacts.phone(UserId(7)), Some("+1555"));
+        assert_eq!(contacts.phone(UserId(0)), None);
+        assert_eq!(contacts.phone(UserId(8)), None);
         // The number moved to another user.
-        contacts.learn(9, "+1555");
-        assert_eq!(contacts.phone(7), None);
-        assert_eq!(contacts.phone(9), Some("+1555"));
+        contacts.learn(UserId(9), "+1555");
+        assert_eq!(contacts.phone(UserId(7)), None);
+        assert_eq!(contacts.phone(UserId(9)), Some("+1555"));
     }
 
     #[test]
@@ -122,9 +127,9 @@ mod tests {
         std::fs::write(dir.path().join("contacts.json"), b"{nope").unwrap();
         let home = Home::resolve(Some(dir.path().to_owned())).unwrap();
         let mut contacts = Contacts::load(&home);
-        assert_eq!(contacts.phone(7), None);
-        contacts.learn(7, "+1555");
+        assert_eq!(contacts.phone(UserId(7)), None);
+        contacts.learn(UserId(7), "+1555");
         contacts.save();
-        assert_eq!(Contacts::load(&home).phone(7), Some("+1555"));
+        assert_eq!(Contacts::load(&home).phone(UserId(7)), Some("+1555"));
     }
 }

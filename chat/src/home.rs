@@ -219,7 +219,12 @@ mod tests {
         assert!(home.account().unwrap().is_none());
         let account = Account {
             server: "127.0.0.1:5222".into(),
-            creds: Credentials::new(7, 1, vec![1, 2, 255], "+15550001111".into()),
+            creds: Credentials::new(
+                switchboard_client::UserId(7),
+                switchboard_client::DeviceId(1),
+                vec![1, 2, 255],
+                "+15550001111".into(),
+            ),
         };
         home.save_account(&account).unwrap();
         let text = fs::read_to_string(dir.path().join("h/account.json")).unwrap();

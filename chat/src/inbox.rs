@@ -14,6 +14,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
+use switchboard_client::{DeviceId, UserId};
 
 use crate::home::Home;
 
@@ -22,10 +23,10 @@ use crate::home::Home;
 #[serde(tag = "entry", rename_all = "snake_case")]
 pub enum Kept {
     Message {
-        from_user: u64,
-        from_device: u32,
+        from_user: UserId,
+        from_device: DeviceId,
         from_phone: String,
-        to_user: u64,
+        to_user: UserId,
         from_own_device: bool,
         client_msg_id: String,
         text: String,
@@ -33,7 +34,7 @@ pub enum Kept {
     },
     Receipt {
         read: bool,
-        from_user: u64,
+        from_user: UserId,
         from_phone: String,
         client_msg_ids: Vec<String>,
         server_ts_ms: u64,
@@ -42,7 +43,7 @@ pub enum Kept {
 
 impl Kept {
     /// The user at the other end of the conversation it belongs to.
-    pub fn peer(&self) -> u64 {
+    pub fn peer(&self) -> UserId {
         match self {
             Kept::Message {
                 from_own_device: true,
@@ -145,10 +146,10 @@ mod tests {
 
     fn message(from_user: u64, text: &str) -> Kept {
         Kept::Message {
-            from_user,
-            from_device: 1,
+            from_user: UserId(from_user),
+            from_device: DeviceId(1),
             from_phone: "+1555".into(),
-            to_user: 9,
+            to_user: UserId(9),
             from_own_device: false,
             client_msg_id: text.into(),
             text: text.into(),
@@ -164,7 +165,7 @@ mod tests {
         assert!(inbox.load().unwrap().is_empty());
         let receipt = Kept::Receipt {
             read: true,
-            from_user: 4,
+            from_user: UserId(4),
             from_phone: "+1444".into(),
             client_msg_ids: vec!["a".into()],
             server_ts_ms: 6,
@@ -183,11 +184,22 @@ mod tests {
             inbox.load().unwrap(),
             vec![message(3, "one"), receipt.clone(), message(5, "two")]
         );
-        assert_eq!(receipt.peer(), 4);
+        assert_eq!(receipt.peer(), UserId(4));
         inbox.replace(std::slice::from_ref(&receipt)).unwrap();
         assert_eq!(inbox.load().unwrap(), vec![receipt]);
         inbox.replace(&[]).unwrap();
         assert!(!dir.path().join("inbox.jsonl").exists());
         inbox.replace(&[]).unwrap();
+    }
+
+    #[test]
+    fn ids_are_stored_as_bare_numbers() {
+        // The line format of inboxes written before ids were typed.
+        let line = r#"{"entry":"message","from_user":3,"from_device":1,"from_phone":"+1555","to_user":9,"from_own_device":false,"client_msg_id":"one","text":"one","server_ts_ms":5}"#;
+        assert_eq!(serde_json::to_string(&message(3, "one")).unwrap(), line);
+        assert_eq!(
+            serde_json::from_str::<Kept>(line).unwrap(),
+            message(3, "one")
+        );
     }
 }

@@ -18,7 +18,7 @@
 //! answers as a duplicate).
 
 use futures_util::StreamExt;
-use switchboard_client::{Client, ClientConfig, Credentials, Error, Event, Events};
+use switchboard_client::{Client, ClientConfig, Credentials, Error, Event, Events, Seq};
 
 /// Echoes every message of `events` back to its sender until the client
 /// closes; returns how many were echoed.
@@ -28,7 +28,7 @@ use switchboard_client::{Client, ClientConfig, Credentials, Error, Event, Events
 /// [`Error::Closed`] if the client stops while an ack is being queued.
 /// Acknowledges `seq`; false once the client is closing (whatever was not
 /// acknowledged comes again on the next start).
-async fn acked(client: &Client, seq: u64) -> bool {
+async fn acked(client: &Client, seq: Seq) -> bool {
     match client.ack([seq]).await {
         Ok(()) => true,
         Err(error) => {

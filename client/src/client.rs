@@ -24,10 +24,11 @@ use crate::connection::ConnectOptions;
 use crate::crypto::Crypto;
 use crate::endpoint::Endpoint;
 use crate::error::{CloseReason, Error, StorageError, UsageError};
+use crate::ids::{self, DeviceId, Seq, UserId};
 use crate::outbox::{self, Content, StoredPayload};
 use crate::register::Credentials;
 use crate::store::StateFile;
-use switchboard_proto::pb::{self, DevicePayload, ReceiptKind, UserInfo};
+use switchboard_proto::pb::{self, DevicePayload, ReceiptKind};
 
 /// Default quiet time before a `Ping`: well inside the server's ~75 s idle
 /// timeout even if one ping is lost, and rare enough to cost nothing.
@@ -152,7 +153,7 @@ pub struct Sent {
     /// The client message id.
     pub client_msg_id: String,
     /// The recipient.
-    pub to_user: u64,
+    pub to_user: UserId,
     /// When the server accepted it (ms since the Unix epoch).
     pub server_ts_ms: u64,
     /// True when the server had already accepted this id (a retry).
@@ -178,16 +179,16 @@ pub enum Event {
     /// it to `to_user` (a copy, so every device shows the conversation).
     Message {
         /// Queue position, to acknowledge.
-        seq: u64,
+        seq: Seq,
         /// Sender.
-        from_user: u64,
+        from_user: UserId,
         /// Sender's device.
-        from_device: u32,
+        from_device: DeviceId,
         /// Sender's phone number.
         from_phone: String,
         /// The conversation's recipient: this account, or for a copy of a
         /// message sent by another device of this account, the peer.
-        to_user: u64,
+        to_user: UserId,
         /// True for a copy of a message sent by another device of this
         /// account (then `to_user` is the peer it was sent to).
         from_own_device: bool,
@@ -207,11 +208,11 @@ pub enum Event {
     /// device is dropped, so the next message to it starts a fresh one.
     Undecryptable {
         /// Queue position (already acknowledged).
-        seq: u64,
+        seq: Seq,
         /// Sender.
-        from_user: u64,
+        from_user: UserId,
         /// Sender's device.
-        from_device: u32,
+        from_device: DeviceId,
         /// Sender's phone number.
         from_phone: String,
         /// Sender's message id.
@@ -224,7 +225,7 @@ pub enum Event {
     /// Messaging goes on; the user may want to compare safety numbers again.
     SafetyNumberChanged {
         /// The peer.
-        user_id: u64,
+        user_id: UserId,
         /// The peer's phone number, when known.
         phone: String,
     },
@@ -235,15 +236,15 @@ pub enum Event {
     /// [`Event::SafetyNumberChanged`] too.
     ContactDevicesChanged {
         /// The contact.
-        user_id: u64,
+        user_id: UserId,
         /// The contact's phone number, when known.
         phone: String,
         /// The contact's devices now, ascending.
-        devices: Vec<u32>,
+        devices: Vec<DeviceId>,
         /// Devices new since the last report.
-        added: Vec<u32>,
+        added: Vec<DeviceId>,
         /// Devices gone since the last report.
-        removed: Vec<u32>,
+        removed: Vec<DeviceId>,
     },
     /// Messages this account sent to `to_user` were never delivered: the
     /// recipient re-registered its number and the devices that held them
@@ -253,7 +254,7 @@ pub enum Event {
     /// recipient's keys is reported. Already acknowledged by the client.
     Undelivered {
         /// The recipient.
-        to_user: u64,
+        to_user: UserId,
         /// The recipient's phone number, when known.
         phone: String,
         /// The messages concerned.
@@ -265,7 +266,7 @@ pub enum Event {
     /// Already acknowledged by the client.
     DevicesChanged {
         /// The account's current devices, ascending.
-        devices: Vec<u32>,
+        devices: Vec<DeviceId>,
     },
     /// This device's public keys were uploaded to the server's key
     /// directory (at first start, and whenever its one-time keys run low).
@@ -278,11 +279,11 @@ pub enum Event {
     /// idempotently. Acknowledge `seq` like a message.
     Receipt {
         /// Queue position, to acknowledge.
-        seq: u64,
+        seq: Seq,
         /// The recipient who received or read.
-        from_user: u64,
+        from_user: UserId,
         /// The recipient's device.
-        from_device: u32,
+        from_device: DeviceId,
         /// The recipient's phone number.
         from_phone: String,
         /// Delivered or read.
@@ -302,7 +303,7 @@ pub enum Event {
         /// Its client message id.
         client_msg_id: String,
         /// The recipient, when known.
-        to_user: Option<u64>,
+        to_user: Option<UserId>,
         /// Why.
         error: Error,
     },
@@ -367,7 +368,7 @@ type Reply<T> = oneshot::Sender<Result<T, Error>>;
 
 /// Whom an end-to-end encrypted send is for.
 enum Recipient<'a> {
-    User(u64),
+    User(UserId),
     Phone(&'a str),
 }
 
@@ -384,7 +385,7 @@ enum Command {
     },
     Lookup {
         phone: String,
-        reply: Reply<UserInfo>,
+        reply: Reply<pb::UserInfo>,
     },
     ReadReceipt {
         to_user: u64,
@@ -426,6 +427,7 @@ enum Command {
 struct Shared {
     /// Set once by the task when it stops.
     closed: OnceLock<CloseReason>,
+    // Raw: the task compares them with wire fields.
     user_id: u64,
     device_id: u32,
     phone: String,
@@ -462,7 +464,7 @@ pub const MAX_PLAINTEXT_BYTES: usize = limits::MAX_PAYLOAD_BYTES - 1024;
 #[non_exhaustive]
 pub struct Device {
     /// The device id.
-    pub device_id: u32,
+    pub device_id: DeviceId,
     /// Whether it is the primary device (the one that registered the phone).
     pub primary: bool,
     /// Whether it is the device this client runs as.
@@ -471,6 +473,28 @@ pub struct Device {
     pub created_ms: u64,
     /// Its Ed25519 identity key in base64, once it has published keys.
     pub identity_key: Option<String>,
+}
+
+/// A user found by phone number, from [`Client::lookup`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct UserInfo {
+    /// The account.
+    pub user_id: UserId,
+    /// Its phone number, as the server knows it.
+    pub phone: String,
+    /// Its current devices, ascending.
+    pub devices: Vec<DeviceId>,
+}
+
+impl From<pb::UserInfo> for UserInfo {
+    fn from(info: pb::UserInfo) -> Self {
+        Self {
+            user_id: UserId(info.user_id),
+            phone: info.phone,
+            devices: ids::devices(&info.devices),
+        }
+    }
 }
 
 fn check_plaintext(payload: &[u8]) -> Result<(), Error> {
@@ -495,8 +519,8 @@ fn check_payload(payload: &[u8]) -> Result<(), Error> {
     Ok(())
 }
 
-fn check_user(to_user: u64) -> Result<(), Error> {
-    if to_user == 0 {
+fn check_user(to_user: UserId) -> Result<(), Error> {
+    if to_user.get() == 0 {
         return Err(UsageError::Invalid("user id 0 is not a user").into());
     }
     Ok(())
@@ -518,7 +542,7 @@ async fn open_crypto(
 ) -> Result<(Crypto, Option<Arc<StateFile>>), Error> {
     let (user_id, device_id) = (creds.user_id, creds.device_id);
     let Some(dir) = dir else {
-        return Ok((Crypto::new(user_id, device_id), None));
+        return Ok((Crypto::new(user_id.get(), device_id.get()), None));
     };
     tokio::task::spawn_blocking(move || {
         let file = StateFile::open(dir)?;
@@ -531,7 +555,12 @@ async fn open_crypto(
 
 /// The crypto state of device `device_id` of `user_id` in `file`, made and
 /// stored when there is none (or it belongs to another device). Blocks.
-pub(crate) fn load_crypto(file: &StateFile, user_id: u64, device_id: u32) -> Result<Crypto, Error> {
+pub(crate) fn load_crypto(
+    file: &StateFile,
+    user_id: UserId,
+    device_id: DeviceId,
+) -> Result<Crypto, Error> {
+    let (user_id, device_id) = (user_id.get(), device_id.get());
     let restored = match file.load()? {
         Some(bytes) => Crypto::restore(&bytes, user_id, device_id)?,
         None => None,
@@ -633,14 +662,14 @@ impl Client {
         let (events_tx, events_rx) = mpsc::channel(config.event_capacity);
         let shared = Arc::new(Shared {
             closed: OnceLock::new(),
-            user_id: creds.user_id,
-            device_id: creds.device_id,
+            user_id: creds.user_id.get(),
+            device_id: creds.device_id.get(),
             phone: creds.phone.clone(),
         });
         let span = tracing::info_span!(
             "client",
-            user_id = creds.user_id,
-            device_id = creds.device_id
+            user_id = creds.user_id.get(),
+            device_id = creds.device_id.get()
         );
         let task = actor::Actor::new(
             config,
@@ -659,14 +688,14 @@ impl Client {
 
     /// The account.
     #[must_use]
-    pub fn user_id(&self) -> u64 {
-        self.shared.user_id
+    pub fn user_id(&self) -> UserId {
+        UserId(self.shared.user_id)
     }
 
     /// This device.
     #[must_use]
-    pub fn device_id(&self) -> u32 {
-        self.shared.device_id
+    pub fn device_id(&self) -> DeviceId {
+        DeviceId(self.shared.device_id)
     }
 
     /// The account's phone number, from the credentials.
@@ -705,7 +734,8 @@ impl Client {
     pub async fn lookup(&self, phone: &str) -> Result<UserInfo, Error> {
         check_phone(phone)?;
         let phone = phone.to_owned();
-        self.call(|reply| Command::Lookup { phone, reply }).await
+        let info = self.call(|reply| Command::Lookup { phone, reply }).await?;
+        Ok(UserInfo::from(info))
     }
 
     /// Sends explicit per-device payloads (one per current device of the
@@ -725,7 +755,7 @@ impl Client {
     /// [`Error::Storage`] if the outbox file cannot be written;
     /// [`Error::Closed`] if the client stops first (a persisted send is still
     /// resent by the next client using the same outbox directory).
-    pub async fn send(&self, to_user: u64, payloads: Vec<DevicePayload>) -> Result<Sent, Error> {
+    pub async fn send(&self, to_user: UserId, payloads: Vec<DevicePayload>) -> Result<Sent, Error> {
         self.send_per_device(new_client_msg_id(), true, to_user, payloads)
             .await
     }
@@ -739,7 +769,7 @@ impl Client {
     pub async fn send_with_id(
         &self,
         client_msg_id: impl Into<String>,
-        to_user: u64,
+        to_user: UserId,
         payloads: Vec<DevicePayload>,
     ) -> Result<Sent, Error> {
         self.send_per_device(client_msg_id.into(), false, to_user, payloads)
@@ -750,7 +780,7 @@ impl Client {
         &self,
         client_msg_id: String,
         fresh_id: bool,
-        to_user: u64,
+        to_user: UserId,
         payloads: Vec<DevicePayload>,
     ) -> Result<Sent, Error> {
         check_msg_id(&client_msg_id)?;
@@ -770,7 +800,7 @@ impl Client {
                 })
                 .collect(),
         );
-        self.submit(client_msg_id, fresh_id, Some(to_user), None, content)
+        self.submit(client_msg_id, fresh_id, Some(to_user.get()), None, content)
             .await
     }
 
@@ -787,7 +817,7 @@ impl Client {
     /// [`ClientConfig::max_device_retries`] corrections; [`Error::Crypto`]
     /// when a device has not published keys (after retrying for about 5 s)
     /// or its key bundle fails verification.
-    pub async fn send_to_user(&self, to_user: u64, payload: Bytes) -> Result<Sent, Error> {
+    pub async fn send_to_user(&self, to_user: UserId, payload: Bytes) -> Result<Sent, Error> {
         self.send_plaintext(new_client_msg_id(), true, Recipient::User(to_user), payload)
             .await
     }
@@ -800,7 +830,7 @@ impl Client {
     pub async fn send_to_user_with_id(
         &self,
         client_msg_id: impl Into<String>,
-        to_user: u64,
+        to_user: UserId,
         payload: Bytes,
     ) -> Result<Sent, Error> {
         let recipient = Recipient::User(to_user);
@@ -848,7 +878,7 @@ impl Client {
         let (to_user, to_phone) = match to {
             Recipient::User(user) => {
                 check_user(user)?;
-                (Some(user), None)
+                (Some(user.get()), None)
             }
             Recipient::Phone(phone) => {
                 check_phone(phone)?;
@@ -888,8 +918,35 @@ impl Client {
     /// # Errors
     ///
     /// [`Error::Closed`] after the client stopped.
-    pub async fn ack(&self, seqs: impl IntoIterator<Item = u64>) -> Result<(), Error> {
-        let seqs: Vec<u64> = seqs.into_iter().collect();
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn demo(client: switchboard_client::Client, mut events: switchboard_client::Events)
+    /// # -> Result<(), switchboard_client::Error> {
+    /// use switchboard_client::Event;
+    /// while let Some(event) = events.recv().await {
+    ///     if let Event::Message { seq, from_user, payload, .. } = event {
+    ///         println!("{from_user}: {}", String::from_utf8_lossy(&payload));
+    ///         client.ack([seq]).await?;
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// It takes queue positions ([`Seq`]), not the sender's [`UserId`]:
+    ///
+    /// ```compile_fail
+    /// # async fn demo(client: switchboard_client::Client, mut events: switchboard_client::Events)
+    /// # -> Result<(), switchboard_client::Error> {
+    /// use switchboard_client::Event;
+    /// if let Some(Event::Message { from_user, .. }) = events.recv().await {
+    ///     client.ack([from_user]).await?; // error: expected `Seq`, found `UserId`
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn ack(&self, seqs: impl IntoIterator<Item = Seq>) -> Result<(), Error> {
+        let seqs: Vec<u64> = seqs.into_iter().map(Seq::get).collect();
         if seqs.is_empty() {
             return Ok(());
         }
@@ -905,7 +962,7 @@ impl Client {
     /// [`Error::Busy`]; [`Error::Closed`].
     pub async fn send_read_receipt(
         &self,
-        to_user: u64,
+        to_user: UserId,
         client_msg_ids: Vec<String>,
     ) -> Result<(), Error> {
         check_user(to_user)?;
@@ -923,7 +980,7 @@ impl Client {
             check_msg_id(id)?;
         }
         self.call(|reply| Command::ReadReceipt {
-            to_user,
+            to_user: to_user.get(),
             client_msg_ids,
             reply,
         })
@@ -959,7 +1016,8 @@ impl Client {
     ///
     /// [`Error::Server`] with `NOT_PRIMARY`, or `BAD_REQUEST` for this
     /// device or an unknown one; [`Error::Busy`]; [`Error::Closed`].
-    pub async fn revoke_device(&self, device_id: u32) -> Result<(), Error> {
+    pub async fn revoke_device(&self, device_id: DeviceId) -> Result<(), Error> {
+        let device_id = device_id.get();
         self.call(|reply| Command::RevokeDevice { device_id, reply })
             .await
     }
@@ -977,18 +1035,18 @@ impl Client {
     /// [`Error::Server`] (e.g. `UNKNOWN_USER`); [`Error::Crypto`] with
     /// [`crate::CryptoError::UnknownIdentity`] when the peer has no device
     /// with published keys; [`Error::Busy`]; [`Error::Closed`].
-    pub async fn safety_number(&self, peer_user: u64) -> Result<String, Error> {
+    pub async fn safety_number(&self, peer_user: UserId) -> Result<String, Error> {
         check_user(peer_user)?;
         self.list_devices().await?;
         if peer_user != self.user_id() {
             self.call(|reply| Command::FetchKeys {
-                user_id: peer_user,
+                user_id: peer_user.get(),
                 reply,
             })
             .await?;
         }
         self.call(|reply| Command::SafetyNumber {
-            user_id: peer_user,
+            user_id: peer_user.get(),
             reply,
         })
         .await

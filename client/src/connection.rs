@@ -17,6 +17,7 @@ use tracing::{debug, instrument};
 
 use crate::endpoint::Endpoint;
 use crate::error::{CloseReason, Error, ProtocolError, ServerError, TransportError, UsageError};
+use crate::ids::{DeviceId, UserId};
 use crate::register::Credentials;
 use crate::transport::{self, Reader, Writer};
 
@@ -471,8 +472,8 @@ impl Connection {
         });
         match self.call(body).await? {
             server_frame::Body::Verified(v) => Ok(Credentials {
-                user_id: v.user_id,
-                device_id: v.device_id,
+                user_id: UserId(v.user_id),
+                device_id: DeviceId(v.device_id),
                 credential: v.credential.to_vec(),
                 phone: phone.to_owned(),
                 server_key: Some(self.server_key.clone()),
@@ -513,8 +514,8 @@ impl Connection {
         });
         match self.call(body).await? {
             server_frame::Body::Verified(v) => Ok(Credentials {
-                user_id: v.user_id,
-                device_id: v.device_id,
+                user_id: UserId(v.user_id),
+                device_id: DeviceId(v.device_id),
                 credential: v.credential.to_vec(),
                 phone: String::new(),
                 server_key: Some(self.server_key.clone()),
@@ -531,8 +532,8 @@ impl Connection {
     /// As [`Connection::call`]; `UNAUTHENTICATED` for a bad credential.
     pub async fn auth(&mut self, creds: &Credentials) -> Result<pb::AuthOk, Error> {
         let body = client_frame::Body::Auth(pb::Auth {
-            user_id: creds.user_id,
-            device_id: creds.device_id,
+            user_id: creds.user_id.get(),
+            device_id: creds.device_id.get(),
             credential: creds.credential.clone().into(),
         });
         match self.call(body).await? {

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use switchboard_proto::pb::{self, ErrorCode};
 
+use crate::ids::{self, DeviceId, UserId};
+
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -103,12 +105,12 @@ pub struct ServerError {
     /// For retryable errors: how long to wait before retrying.
     pub retry_after: Option<Duration>,
     /// `DEVICE_MISMATCH`: current devices the send did not address.
-    pub missing_devices: Vec<u32>,
+    pub missing_devices: Vec<DeviceId>,
     /// `DEVICE_MISMATCH`: addressed devices the recipient no longer has.
-    pub stale_devices: Vec<u32>,
+    pub stale_devices: Vec<DeviceId>,
     /// `DEVICE_MISMATCH`: whose device list was wrong (the recipient, or the
-    /// sender itself for its other devices); 0 when not given.
-    pub user_id: u64,
+    /// sender itself for its other devices), when given.
+    pub user_id: Option<UserId>,
 }
 
 impl ServerError {
@@ -133,9 +135,9 @@ impl From<pb::Error> for ServerError {
             code: ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified),
             message: e.message,
             retry_after: (e.retry_after_ms > 0).then(|| Duration::from_millis(e.retry_after_ms)),
-            missing_devices: e.missing_devices,
-            stale_devices: e.stale_devices,
-            user_id: e.user_id,
+            missing_devices: ids::devices(&e.missing_devices),
+            stale_devices: ids::devices(&e.stale_devices),
+            user_id: (e.user_id != 0).then_some(UserId(e.user_id)),
         }
     }
 }
@@ -153,7 +155,8 @@ impl std::fmt::Display for ServerError {
             write!(
                 f,
                 " (missing devices {:?}, stale devices {:?})",
-                self.missing_devices, self.stale_devices
+                ids::device_ints(&self.missing_devices),
+                ids::device_ints(&self.stale_devices)
             )?;
         }
         Ok(())
@@ -309,18 +312,18 @@ pub enum CryptoError {
     #[error("device {device_id} of user {user_id} has not published its encryption keys yet")]
     NoKeys {
         /// The user.
-        user_id: u64,
+        user_id: UserId,
         /// The device.
-        device_id: u32,
+        device_id: DeviceId,
     },
     /// A key bundle from the server failed verification (bad signature or
     /// malformed key): the server or the network misbehaved.
     #[error("invalid key bundle for device {device_id} of user {user_id}: {reason}")]
     BadBundle {
         /// The user.
-        user_id: u64,
+        user_id: UserId,
         /// The device.
-        device_id: u32,
+        device_id: DeviceId,
         /// What was wrong.
         reason: String,
     },
@@ -335,15 +338,15 @@ pub enum CryptoError {
     #[error("cannot encrypt for device {device_id} of user {user_id}: {reason}")]
     Encrypt {
         /// The user.
-        user_id: u64,
+        user_id: UserId,
         /// The device.
-        device_id: u32,
+        device_id: DeviceId,
         /// Why.
         reason: String,
     },
     /// The peer's identity keys are unknown, so no safety number exists yet.
     #[error("no identity keys known for user {0}")]
-    UnknownIdentity(u64),
+    UnknownIdentity(UserId),
 }
 
 /// Local storage (outbox, crypto store) failed.

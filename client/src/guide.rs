@@ -58,6 +58,11 @@
 //! Messages and receipts are queue entries the server keeps for this device
 //! until they are acknowledged with [`Client::ack`](crate::Client::ack), and
 //! hands over again on every connection until then (for up to 30 days).
+//! It takes the [`Seq`](crate::Seq) an event carries: queue positions,
+//! accounts ([`UserId`](crate::UserId)) and devices
+//! ([`DeviceId`](crate::DeviceId)) are distinct types (see [`crate::ids`]),
+//! so passing the sender where its message's position belongs does not
+//! compile.
 //!
 //! - Acknowledge a message once it is safely handled (stored, shown,
 //!   answered). Acknowledging tells its sender ✓✓ (delivered).

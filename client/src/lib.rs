@@ -4,6 +4,8 @@
 //! It owns everything a device needs to talk to a Switchboard server:
 //!
 //! - [`endpoint`]: where the server is (`127.0.0.1:5222`, `tcp://…`, `ws://…/ws`);
+//! - [`ids`]: typed ids ([`UserId`], [`DeviceId`], [`Seq`]), so an account
+//!   cannot be passed where a queue position is expected;
 //! - [`register`]: phone verification and device linking, yielding
 //!   [`Credentials`] and publishing the new device's keys;
 //! - [`client`]: the high-level [`Client`] — an actor that stays connected,
@@ -77,6 +79,7 @@ pub mod crypto;
 pub mod endpoint;
 mod error;
 pub mod guide;
+pub mod ids;
 #[doc(hidden)]
 pub mod outbox;
 mod recent;
@@ -87,7 +90,8 @@ pub mod transport;
 
 pub use backoff::Backoff;
 pub use client::{
-    Client, ClientConfig, Device, Event, Events, MAX_PLAINTEXT_BYTES, Sent, new_client_msg_id,
+    Client, ClientConfig, Device, Event, Events, MAX_PLAINTEXT_BYTES, Sent, UserInfo,
+    new_client_msg_id,
 };
 pub use connection::ConnectOptions;
 #[doc(hidden)]
@@ -97,14 +101,13 @@ pub use error::{
     CloseReason, CryptoError, Error, ProtocolError, Result, ServerError, StorageError,
     TransportError, UsageError,
 };
+pub use ids::{DeviceId, Seq, UserId};
 pub use outbox::{Outbox, QueuedSend};
 pub use register::Credentials;
 
 /// Wire types re-exported from `switchboard-proto`, so users of the SDK need
 /// no direct dependency on it.
-pub use switchboard_proto::pb::{
-    CodeSent, DevicePayload, ErrorCode, LinkCode, ReceiptKind, UserInfo,
-};
+pub use switchboard_proto::pb::{CodeSent, DevicePayload, ErrorCode, LinkCode, ReceiptKind};
 
 /// The generated protocol types, for raw-frame tests and tools.
 #[doc(hidden)]

@@ -34,6 +34,7 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use crate::error::{Error, StorageError};
+use crate::ids::UserId;
 use crate::store::{Sealer, StateFile, create_private_dir};
 
 /// Default largest number of pending sends: generous for a person (days of
@@ -134,7 +135,7 @@ pub struct QueuedSend {
     /// Its client message id (what [`Outbox::cancel`] takes).
     pub client_msg_id: String,
     /// The recipient, when known.
-    pub to_user: Option<u64>,
+    pub to_user: Option<UserId>,
     /// The recipient's phone number, when it was addressed by phone.
     pub to_phone: Option<String>,
     /// When it was made (ms since the Unix epoch); 0 when unknown (stored
@@ -200,7 +201,7 @@ impl Outbox {
             .iter()
             .map(|s| QueuedSend {
                 client_msg_id: s.client_msg_id.clone(),
-                to_user: s.to_user,
+                to_user: s.to_user.map(UserId),
                 to_phone: s.to_phone.clone(),
                 queued_at_ms: s.queued_at_ms,
             })

@@ -20,6 +20,7 @@ use crate::connection::{ConnectOptions, Connection, unexpected};
 use crate::crypto::Crypto;
 use crate::endpoint::Endpoint;
 use crate::error::{CryptoError, Error, StorageError};
+use crate::ids::{DeviceId, UserId};
 use crate::store::StateFile;
 
 /// What a device needs to authenticate. Serializes with the credential as
@@ -28,9 +29,9 @@ use crate::store::StateFile;
 #[non_exhaustive]
 pub struct Credentials {
     /// The account.
-    pub user_id: u64,
+    pub user_id: UserId,
     /// This device of the account.
-    pub device_id: u32,
+    pub device_id: DeviceId,
     /// The secret bearer credential (shown once by the server).
     #[serde(with = "hex_bytes")]
     pub credential: Vec<u8>,
@@ -50,7 +51,7 @@ impl Credentials {
     /// Credentials kept from an earlier registration (without a pinned
     /// server key: set [`Credentials::server_key`] if one was kept).
     #[must_use]
-    pub fn new(user_id: u64, device_id: u32, credential: Vec<u8>, phone: String) -> Self {
+    pub fn new(user_id: UserId, device_id: DeviceId, credential: Vec<u8>, phone: String) -> Self {
         Self {
             user_id,
             device_id,
@@ -260,7 +261,7 @@ async fn publish_keys(
             (creds, None)
         }
         Err(error) => {
-            warn!(user_id, device_id, %error, "cannot publish the new device's keys yet; its client will");
+            warn!(%user_id, %device_id, %error, "cannot publish the new device's keys yet; its client will");
             (creds, Some(error))
         }
     }
@@ -398,8 +399,8 @@ mod tests {
     #[test]
     fn credentials_serde_uses_hex_and_round_trips() {
         let creds = Credentials {
-            user_id: 42,
-            device_id: 1,
+            user_id: UserId(42),
+            device_id: DeviceId(1),
             credential: vec![0xde, 0xad, 0xbe, 0xef],
             phone: "+15550001111".into(),
             server_key: None,
@@ -426,8 +427,8 @@ mod tests {
     #[test]
     fn debug_hides_the_credential() {
         let creds = Credentials {
-            user_id: 1,
-            device_id: 2,
+            user_id: UserId(1),
+            device_id: DeviceId(2),
             credential: vec![0xab; 8],
             phone: "+1".into(),
             server_key: None,

@@ -14,7 +14,7 @@ use harness::{Peer, TestServer, WAIT, client_config, state_dir};
 use switchboard_client::pb;
 use switchboard_client::{
     Client, CloseReason, ConnectOptions, Connection, DevicePayload, Error, ErrorCode, Event,
-    Outbox, ProtocolError, ReceiptKind, UsageError,
+    Outbox, ProtocolError, ReceiptKind, UsageError, UserId,
 };
 use tokio::time::timeout;
 
@@ -39,7 +39,7 @@ async fn connection_handshake_ping_auth_and_key_pinning() {
     let info = conn.lookup(&bob.phone).await.unwrap();
     assert_eq!(
         (info.user_id, info.devices),
-        (bob.user_id, vec![bob.device_id])
+        (bob.user_id.get(), vec![bob.device_id.get()])
     );
     let up = conn.next_frame().await.unwrap();
     assert!(
@@ -146,7 +146,7 @@ async fn send_to_phone_looks_up_and_fixes_device_mismatch() {
         .send(
             bob.user_id,
             vec![DevicePayload {
-                device_id: bob.device_id,
+                device_id: bob.device_id.get(),
                 payload: Bytes::from("x"),
             }],
         )
@@ -532,7 +532,7 @@ async fn invalid_arguments_are_refused_up_front() {
             .await
     ));
     assert!(usage(client.send(alice.user_id, vec![]).await));
-    assert!(usage(client.send_to_user(0, Bytes::new()).await));
+    assert!(usage(client.send_to_user(UserId(0), Bytes::new()).await));
     assert!(usage(client.send_to_phone(" ", Bytes::new()).await));
     assert!(matches!(
         client.lookup("").await,
@@ -556,13 +556,13 @@ async fn invalid_arguments_are_refused_up_front() {
     let mut unreachable = client_config("127.0.0.1:1".parse().unwrap());
     unreachable.outbox_capacity = 1;
     let (client, _events) = Client::start(unreachable, alice).await.unwrap();
-    let first = client.send_to_user(2, Bytes::from("a"));
+    let first = client.send_to_user(UserId(2), Bytes::from("a"));
     tokio::pin!(first);
     // Polled first, the first send takes the only slot and waits.
     let err = tokio::select! {
         biased;
         _ = &mut first => panic!("a send cannot complete without a server"),
-        second = client.send_to_user(2, Bytes::from("b")) => second.unwrap_err(),
+        second = client.send_to_user(UserId(2), Bytes::from("b")) => second.unwrap_err(),
     };
     assert!(matches!(err, Error::OutboxFull { capacity: 1 }), "{err}");
     client.close().await.unwrap();

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use harness::{Peer, TestServer, hear, say, state_dir};
 use switchboard_client::pb::{self, client_frame::Body as In, server_frame::Body as Out};
 use switchboard_client::{
-    CloseReason, ConnectOptions, Connection, DevicePayload, Error, ErrorCode, Event,
+    CloseReason, ConnectOptions, Connection, DevicePayload, Error, ErrorCode, Event, Seq, UserId,
 };
 
 /// Every file under `dir`, recursively.
@@ -34,7 +34,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-async fn safety_changed(peer: &mut Peer) -> u64 {
+async fn safety_changed(peer: &mut Peer) -> UserId {
     peer.wait_for(|e| match e {
         Event::SafetyNumberChanged { user_id, .. } => Some(user_id),
         _ => None,
@@ -341,7 +341,7 @@ async fn undecryptable_messages_are_reported_and_never_block_the_queue() {
         .send(
             bob.user_id,
             vec![DevicePayload {
-                device_id: bob.device_id,
+                device_id: bob.device_id.get(),
                 payload: Bytes::from_static(b"\x01\x01not olm"),
             }],
         )
@@ -357,7 +357,7 @@ async fn undecryptable_messages_are_reported_and_never_block_the_queue() {
         })
         .await;
     assert_eq!(id, junk.client_msg_id);
-    assert!(seq > 0);
+    assert!(seq > Seq(0));
     let id = say(&a, bob.user_id, "real").await;
     hear(&mut b, &id, "real").await;
     a.close().await;
@@ -378,7 +378,7 @@ async fn a_low_key_stock_is_refilled() {
     let mut one_time = 0;
     loop {
         let body = In::FetchBundles(pb::FetchBundles {
-            user_id: bob.user_id,
+            user_id: bob.user_id.get(),
             ..Default::default()
         });
         match conn.call(body).await.unwrap() {

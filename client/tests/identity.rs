@@ -7,10 +7,13 @@
 mod harness;
 
 use harness::{Peer, TestServer, client_config, hear, say, state_dir};
-use switchboard_client::{Error, ErrorCode, Event, ReceiptKind};
+use switchboard_client::{DeviceId, Error, ErrorCode, Event, ReceiptKind, UserId};
 
 /// The next `ContactDevicesChanged` about `user`: (devices, added, removed).
-async fn devices_changed(peer: &mut Peer, user: u64) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
+async fn devices_changed(
+    peer: &mut Peer,
+    user: UserId,
+) -> (Vec<DeviceId>, Vec<DeviceId>, Vec<DeviceId>) {
     peer.wait_for(|e| match e {
         Event::ContactDevicesChanged {
             user_id,

@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use serde_json::json;
 use switchboard_client::{
-    Client, CloseReason, Error as SdkError, Event, Events, ReceiptKind, Sent, UserInfo,
+    Client, CloseReason, Error as SdkError, Event, Events, ReceiptKind, Sent, UserId, UserInfo,
     new_client_msg_id,
 };
 use tokio::task::JoinSet;
@@ -415,7 +415,7 @@ impl Session<'_> {
     }
 
     /// One line for a message of another conversation (kept for later).
-    fn notice(&self, own: bool, peer_user: u64, from_phone: &str, id: &str, server_ts_ms: u64) {
+    fn notice(&self, own: bool, peer_user: UserId, from_phone: &str, id: &str, server_ts_ms: u64) {
         let peer_phone = if own {
             self.contacts.phone(peer_user)
         } else {

@@ -5,7 +5,7 @@ use std::future::Future;
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::json;
-use switchboard_client::{Client, Event, register};
+use switchboard_client::{Client, DeviceId, Event, register};
 use tokio::time::timeout;
 
 use super::{Ctx, REQUEST_TIMEOUT, closed_error, state_error, validate_phone};
@@ -141,7 +141,7 @@ pub async fn link(ctx: &Ctx, code: &str) -> Result<()> {
     Ok(())
 }
 
-pub async fn revoke(ctx: &Ctx, device: u32) -> Result<()> {
+pub async fn revoke(ctx: &Ctx, device: DeviceId) -> Result<()> {
     with_client(ctx, |client| async move {
         client
             .revoke_device(device)

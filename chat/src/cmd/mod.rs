@@ -15,8 +15,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow};
 use serde_json::json;
 use switchboard_client::{
-    Client, ClientConfig, CloseReason, ConnectOptions, Endpoint, ErrorCode, Event, Events,
-    MAX_PLAINTEXT_BYTES, ReceiptKind, Sent, UsageError as SdkUsageError,
+    Client, ClientConfig, CloseReason, ConnectOptions, DeviceId, Endpoint, ErrorCode, Event,
+    Events, MAX_PLAINTEXT_BYTES, ReceiptKind, Sent, UsageError as SdkUsageError, UserId,
 };
 
 use crate::cli::{Cli, Command, DEFAULT_SERVER, UsageError};
@@ -65,7 +65,7 @@ pub async fn run(cli: Cli, out: &Output) -> Result<()> {
         Command::Devices => devices::list(&ctx).await,
         Command::LinkCode => devices::link_code(&ctx).await,
         Command::Link { code } => devices::link(&ctx, &code).await,
-        Command::Revoke { device } => devices::revoke(&ctx, device).await,
+        Command::Revoke { device } => devices::revoke(&ctx, DeviceId::new(device)).await,
         Command::Safety { phone } => devices::safety(&ctx, &phone).await,
     }
 }
@@ -264,10 +264,10 @@ fn clock(ms: u64) -> String {
 /// A decrypted message, as the SDK's `Event::Message` gives it.
 pub struct Shown<'a> {
     pub from_phone: &'a str,
-    pub from_user: u64,
-    pub from_device: u32,
+    pub from_user: UserId,
+    pub from_device: DeviceId,
     /// For a copy sent by another device of this account: the peer.
-    pub own_copy_to: Option<u64>,
+    pub own_copy_to: Option<UserId>,
     /// The peer's phone for `own_copy_to`, when known.
     pub to_phone: Option<&'a str>,
     pub client_msg_id: &'a str,
@@ -361,15 +361,16 @@ fn print_security_event(out: Output, event: &Event) -> bool {
             };
             let mut what = Vec::new();
             if !added.is_empty() {
-                what.push(format!("new device {added:?}"));
+                what.push(format!("new device {}", device_list(added)));
             }
             if !removed.is_empty() {
-                what.push(format!("removed device {removed:?}"));
+                what.push(format!("removed device {}", device_list(removed)));
             }
             out.event(
                 &format!(
-                    "⚠ {who}'s devices changed ({}); now {devices:?}",
-                    what.join(", ")
+                    "⚠ {who}'s devices changed ({}); now {}",
+                    what.join(", "),
+                    device_list(devices)
                 ),
                 &json!({
                     "event": "contact_devices_changed",
@@ -414,13 +415,19 @@ fn print_security_event(out: Output, event: &Event) -> bool {
         }
         Event::DevicesChanged { devices } => {
             out.event(
-                &format!("this account's devices are now {devices:?}"),
+                &format!("this account's devices are now {}", device_list(devices)),
                 &json!({"event": "devices_changed", "devices": devices}),
             );
         }
         _ => return false,
     }
     true
+}
+
+/// Device ids as sbchat has always shown them: `[1, 2]`.
+fn device_list(devices: &[DeviceId]) -> String {
+    let ids: Vec<String> = devices.iter().map(ToString::to_string).collect();
+    format!("[{}]", ids.join(", "))
 }
 
 fn print_receipt(

@@ -40,12 +40,13 @@ use crate::crypto::{BundleOutcome, Crypto, Decrypted, DeviceChange, ONE_TIME_KEY
 use crate::error::{
     CloseReason, CryptoError, Error, ProtocolError, ServerError, StorageError, UsageError,
 };
+use crate::ids::{self, DeviceId, Seq, UserId};
 use crate::outbox::{Content, Next, PendingSend, Queue, Retained, State, Store};
 use crate::recent::Recent;
 use crate::register::Credentials;
 use crate::store::StateFile;
 use crate::transport::{Reader, Writer};
-use crate::{ClientConfig, ErrorCode, ReceiptKind, UserInfo};
+use crate::{ClientConfig, ErrorCode, ReceiptKind};
 
 /// Stop taking new commands and writing new requests while this many bytes
 /// wait to be written: a few max-size frames, so the link stays busy without
@@ -115,7 +116,7 @@ const EVENT_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 enum Request {
     Lookup {
         phone: String,
-        reply: Reply<UserInfo>,
+        reply: Reply<pb::UserInfo>,
     },
     ReadReceipt {
         to_user: u64,
@@ -1098,7 +1099,7 @@ impl Actor {
                 .cloned()
                 .unwrap_or_default();
             self.emit(Event::Undelivered {
-                to_user: notice.to_user,
+                to_user: UserId(notice.to_user),
                 phone,
                 client_msg_ids: notice.client_msg_ids,
                 resending,
@@ -1378,8 +1379,8 @@ impl Actor {
                             entry.key_waits += 1;
                             if entry.key_waits > MAX_KEY_WAITS {
                                 let error = CryptoError::NoKeys {
-                                    user_id: user,
-                                    device_id: *device_id,
+                                    user_id: UserId(user),
+                                    device_id: DeviceId(*device_id),
                                 };
                                 self.fail(seq, error.into());
                                 return Ok(());
@@ -1425,18 +1426,21 @@ impl Actor {
     fn safety_number_changed(&mut self, user_id: u64) {
         let phone = self.phones.get(&user_id).cloned().unwrap_or_default();
         info!(user_id, "a peer's identity keys changed");
-        self.emit(Event::SafetyNumberChanged { user_id, phone });
+        self.emit(Event::SafetyNumberChanged {
+            user_id: UserId(user_id),
+            phone,
+        });
     }
 
     fn contact_devices_changed(&mut self, user_id: u64, change: DeviceChange) {
         let phone = self.phones.get(&user_id).cloned().unwrap_or_default();
         info!(user_id, added = ?change.added, removed = ?change.removed, "a peer's devices changed");
         self.emit(Event::ContactDevicesChanged {
-            user_id,
+            user_id: UserId(user_id),
             phone,
-            devices: change.devices,
-            added: change.added,
-            removed: change.removed,
+            devices: ids::devices(&change.devices),
+            added: ids::devices(&change.added),
+            removed: ids::devices(&change.removed),
         });
     }
 
@@ -1577,15 +1581,13 @@ impl Actor {
             entry.state = State::Ready;
             let me = self.shared.user_id;
             let to_user = entry.send.to_user.unwrap_or_default();
-            let whose = if error.user_id == 0 {
-                to_user
-            } else {
-                error.user_id
-            };
+            let whose = error.user_id.map_or(to_user, UserId::get);
+            let stale = ids::device_ints(&error.stale_devices);
+            let missing = ids::device_ints(&error.missing_devices);
             let fix = |list: Option<Vec<u32>>| {
                 let mut devices = list.unwrap_or_default();
-                devices.retain(|d| !error.stale_devices.contains(d));
-                devices.extend_from_slice(&error.missing_devices);
+                devices.retain(|d| !stale.contains(d));
+                devices.extend_from_slice(&missing);
                 devices.sort_unstable();
                 devices.dedup();
                 devices
@@ -1603,7 +1605,7 @@ impl Actor {
                 debug!(seq, ?devices, "this account's devices changed; resending");
                 self.crypto.set_own_devices(&devices);
             }
-            self.crypto.forget_devices(whose, &error.stale_devices);
+            self.crypto.forget_devices(whose, &stale);
             // A replacement is reported once the new devices' keys are
             // fetched; a removal alone, now.
             if error.missing_devices.is_empty()
@@ -1696,7 +1698,7 @@ impl Actor {
                     .devices
                     .into_iter()
                     .map(|d| Device {
-                        device_id: d.device_id,
+                        device_id: DeviceId(d.device_id),
                         primary: d.primary,
                         this_device: d.device_id == me,
                         created_ms: d.created_ms,
@@ -1771,7 +1773,7 @@ impl Actor {
         }
         let sent = Sent {
             client_msg_id: entry.send.client_msg_id,
-            to_user: entry.send.to_user.unwrap_or_default(),
+            to_user: UserId(entry.send.to_user.unwrap_or_default()),
             server_ts_ms: ok.server_ts_ms,
             duplicate: ok.duplicate,
         };
@@ -1801,7 +1803,7 @@ impl Actor {
                 warn!(seq, client_msg_id = %entry.send.client_msg_id, %error, "send failed; its caller is gone");
                 self.emit(Event::SendFailed {
                     client_msg_id: entry.send.client_msg_id,
-                    to_user: entry.send.to_user,
+                    to_user: entry.send.to_user.map(UserId),
                     error,
                 });
             }
@@ -1827,9 +1829,9 @@ impl Actor {
                             self.forgets.extend(r.client_msg_ids.iter().cloned());
                         }
                         self.emit(Event::Receipt {
-                            seq: entry.seq,
-                            from_user: r.from_user,
-                            from_device: r.from_device,
+                            seq: Seq(entry.seq),
+                            from_user: UserId(r.from_user),
+                            from_device: DeviceId(r.from_device),
                             from_phone: r.from_phone,
                             kind,
                             client_msg_ids: r.client_msg_ids,
@@ -1851,7 +1853,7 @@ impl Actor {
                     info!(devices = ?changed.devices, "this account's devices changed");
                     self.crypto.set_own_devices(&changed.devices);
                     self.emit(Event::DevicesChanged {
-                        devices: changed.devices,
+                        devices: ids::devices(&changed.devices),
                     });
                 }
                 self.acks.push_back(entry.seq);
@@ -1865,7 +1867,7 @@ impl Actor {
                     // Another device of this account sent them; it resends.
                     let phone = self.phones.get(&u.to_user).cloned().unwrap_or_default();
                     self.emit(Event::Undelivered {
-                        to_user: u.to_user,
+                        to_user: UserId(u.to_user),
                         phone,
                         client_msg_ids: u.client_msg_ids,
                         resending: Vec::new(),
@@ -1959,9 +1961,9 @@ impl Actor {
                 self.crypto.forget_sessions(m.from_user, m.from_device);
                 self.acks.push_back(seq);
                 self.emit(Event::Undecryptable {
-                    seq,
-                    from_user: m.from_user,
-                    from_device: m.from_device,
+                    seq: Seq(seq),
+                    from_user: UserId(m.from_user),
+                    from_device: DeviceId(m.from_device),
                     from_phone: m.from_phone,
                     client_msg_id: m.client_msg_id,
                     reason,
@@ -1974,11 +1976,11 @@ impl Actor {
         self.emitted.insert(seq, ());
         let from_own_device = m.from_user == self.shared.user_id;
         self.emit(Event::Message {
-            seq,
-            from_user: m.from_user,
-            from_device: m.from_device,
+            seq: Seq(seq),
+            from_user: UserId(m.from_user),
+            from_device: DeviceId(m.from_device),
             from_phone: m.from_phone,
-            to_user: m.to_user,
+            to_user: UserId(m.to_user),
             from_own_device,
             client_msg_id: m.client_msg_id,
             payload: m.body,

@@ -28,6 +28,7 @@ use vodozemac::olm::{Account, AccountPickle, OlmMessage, Session, SessionConfig,
 use vodozemac::{Curve25519PublicKey, Ed25519PublicKey, Ed25519Signature};
 
 use crate::error::CryptoError;
+use crate::ids::{DeviceId, UserId};
 use crate::recent::Recent;
 use envelope::{Plaintext, decode_wire, encode_wire};
 
@@ -601,8 +602,8 @@ impl Crypto {
                 continue;
             }
             let bad = |reason: String| CryptoError::BadBundle {
-                user_id,
-                device_id,
+                user_id: UserId(user_id),
+                device_id: DeviceId(device_id),
                 reason,
             };
             let Some(keys) = &bundle.identity else {
@@ -657,8 +658,8 @@ impl Crypto {
                 continue;
             };
             let identity = verify_identity(keys).map_err(|reason| CryptoError::BadBundle {
-                user_id,
-                device_id,
+                user_id: UserId(user_id),
+                device_id: DeviceId(device_id),
                 reason,
             })?;
             self.learn(user_id, device_id, identity);
@@ -693,8 +694,8 @@ impl Crypto {
     ) -> Result<Bytes, CryptoError> {
         let identity = self.identity();
         let fail = |reason: String| CryptoError::Encrypt {
-            user_id,
-            device_id,
+            user_id: UserId(user_id),
+            device_id: DeviceId(device_id),
             reason,
         };
         let session = self
@@ -809,19 +810,17 @@ impl Crypto {
     pub(crate) fn safety_number(&self, peer: u64) -> Result<String, CryptoError> {
         let peer_keys: Vec<[u8; 32]> = self.key_set(peer).into_iter().collect();
         if peer_keys.is_empty() && peer != self.user_id {
-            return Err(CryptoError::UnknownIdentity(peer));
+            return Err(CryptoError::UnknownIdentity(UserId(peer)));
         }
         let mut mine: Vec<[u8; 32]> = self.key_set(self.user_id).into_iter().collect();
         mine.push(*self.account.ed25519_key().as_bytes());
         if peer == self.user_id {
-            return Ok(safety::safety_number(
-                (self.user_id, &mine),
-                (self.user_id, &mine),
-            ));
+            let me = UserId(self.user_id);
+            return Ok(safety::safety_number((me, &mine), (me, &mine)));
         }
         Ok(safety::safety_number(
-            (self.user_id, &mine),
-            (peer, &peer_keys),
+            (UserId(self.user_id), &mine),
+            (UserId(peer), &peer_keys),
         ))
     }
 }

@@ -10,6 +10,8 @@
 
 use sha2::{Digest, Sha512};
 
+use crate::ids::UserId;
+
 /// Hash iterations per user, as in Signal's numeric fingerprint.
 pub const ITERATIONS: usize = 5200;
 
@@ -21,7 +23,7 @@ const DIGITS_PER_USER: usize = 30;
 
 /// One user's half of a safety number: 30 digits.
 #[must_use]
-pub fn user_digits(user_id: u64, ed25519_keys: &[[u8; 32]]) -> String {
+pub fn user_digits(user_id: UserId, ed25519_keys: &[[u8; 32]]) -> String {
     let mut keys = ed25519_keys.to_vec();
     keys.sort_unstable();
     keys.dedup();
@@ -29,7 +31,7 @@ pub fn user_digits(user_id: u64, ed25519_keys: &[[u8; 32]]) -> String {
     let mut hash = Sha512::new()
         .chain_update(VERSION.to_be_bytes())
         .chain_update(&input)
-        .chain_update(user_id.to_be_bytes())
+        .chain_update(user_id.get().to_be_bytes())
         .finalize();
     for _ in 1..ITERATIONS {
         hash = Sha512::new()
@@ -49,7 +51,7 @@ pub fn user_digits(user_id: u64, ed25519_keys: &[[u8; 32]]) -> String {
 /// 60 digits in 12 space-separated groups of 5, the same whichever user
 /// computes it.
 #[must_use]
-pub fn safety_number(a: (u64, &[[u8; 32]]), b: (u64, &[[u8; 32]])) -> String {
+pub fn safety_number(a: (UserId, &[[u8; 32]]), b: (UserId, &[[u8; 32]])) -> String {
     let (first, second) = if a.0 <= b.0 { (a, b) } else { (b, a) };
     let digits = user_digits(first.0, first.1) + &user_digits(second.0, second.1);
     digits
@@ -68,10 +70,13 @@ mod tests {
     fn symmetric_order_independent_and_sensitive_to_every_key() {
         let alice = [[1u8; 32], [2u8; 32]];
         let bob = [[3u8; 32]];
-        let n = safety_number((7, &alice), (9, &bob));
-        assert_eq!(n, safety_number((9, &bob), (7, &alice)));
+        let n = safety_number((UserId(7), &alice), (UserId(9), &bob));
+        assert_eq!(n, safety_number((UserId(9), &bob), (UserId(7), &alice)));
         let alice_reordered = [[2u8; 32], [1u8; 32], [1u8; 32]];
-        assert_eq!(n, safety_number((7, &alice_reordered), (9, &bob)));
+        assert_eq!(
+            n,
+            safety_number((UserId(7), &alice_reordered), (UserId(9), &bob))
+        );
         assert_eq!(n.len(), 60 + 11);
         let groups: Vec<&str> = n.split(' ').collect();
         assert_eq!(groups.len(), 12);
@@ -81,15 +86,21 @@ mod tests {
                 .all(|g| g.len() == 5 && g.bytes().all(|b| b.is_ascii_digit()))
         );
         // A new device, a changed key or another user id changes it.
-        assert_ne!(n, safety_number((7, &alice[..1]), (9, &bob)));
-        assert_ne!(n, safety_number((7, &alice), (9, &[[4u8; 32]])));
-        assert_ne!(n, safety_number((7, &alice), (10, &bob)));
+        assert_ne!(
+            n,
+            safety_number((UserId(7), &alice[..1]), (UserId(9), &bob))
+        );
+        assert_ne!(
+            n,
+            safety_number((UserId(7), &alice), (UserId(9), &[[4u8; 32]]))
+        );
+        assert_ne!(n, safety_number((UserId(7), &alice), (UserId(10), &bob)));
     }
 
     #[test]
     fn stable_across_builds() {
         // Golden value: changing it breaks comparison with older clients.
-        let n = safety_number((1, &[[0u8; 32]]), (2, &[[0xffu8; 32]]));
+        let n = safety_number((UserId(1), &[[0u8; 32]]), (UserId(2), &[[0xffu8; 32]]));
         assert_eq!(n, GOLDEN);
     }
 

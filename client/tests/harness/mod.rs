@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use switchboard_client::{
-    Backoff, Client, ClientConfig, CloseReason, ConnectOptions, Connection, Credentials, Endpoint,
-    Error, Event, Events, ReceiptKind, register,
+    Backoff, Client, ClientConfig, CloseReason, ConnectOptions, Connection, Credentials, DeviceId,
+    Endpoint, Error, Event, Events, ReceiptKind, Seq, UserId, register,
 };
 use switchboard_server::{Config, RunningServer, ServerError};
 use tempfile::TempDir;
@@ -251,11 +251,11 @@ pub fn client_config(endpoint: Endpoint) -> ClientConfig {
 /// A message event, flattened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Received {
-    pub seq: u64,
-    pub from_user: u64,
-    pub from_device: u32,
+    pub seq: Seq,
+    pub from_user: UserId,
+    pub from_device: DeviceId,
     pub from_phone: String,
-    pub to_user: u64,
+    pub to_user: UserId,
     pub from_own_device: bool,
     pub client_msg_id: String,
     pub payload: Bytes,
@@ -300,7 +300,7 @@ impl Peer {
         }
     }
 
-    pub fn user_id(&self) -> u64 {
+    pub fn user_id(&self) -> UserId {
         self.creds.user_id
     }
 
@@ -418,7 +418,7 @@ impl Peer {
 }
 
 /// Sends `text` from `from` to `to_user` and returns its id.
-pub async fn say(from: &Peer, to_user: u64, text: &str) -> String {
+pub async fn say(from: &Peer, to_user: UserId, text: &str) -> String {
     from.client
         .send_to_user(to_user, Bytes::from(text.to_owned()))
         .await
