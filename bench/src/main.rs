@@ -3,6 +3,7 @@
 
 mod abuse;
 mod crash;
+mod group_fanout;
 mod harness;
 mod link;
 mod plot;
@@ -48,6 +49,10 @@ enum Command {
     /// fetches from many reconnecting connections while two others chat:
     /// the limits hold and the bystanders' latency stays within 2×.
     Abuse(abuse::AbuseArgs),
+    /// One group of N members, all online: send→last member latency at a
+    /// low rate, the sustained fan-out in member deliveries/s, data-dir
+    /// bytes per delivery, and the baseline relay's fan-out for the ratio.
+    GroupFanout(group_fanout::FanoutArgs),
     /// Run the baseline relay in the foreground (started by the scenarios
     /// as a child process; prints its address).
     #[command(hide = true)]
@@ -84,6 +89,7 @@ fn main() -> ExitCode {
             Command::OfflineDrain(args) => scenarios::offline_drain(args).await,
             Command::Herd(args) => scenarios::herd(args).await,
             Command::Abuse(args) => abuse::abuse(args).await,
+            Command::GroupFanout(args) => group_fanout::group_fanout(args).await,
         }
     });
     match result {

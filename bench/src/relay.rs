@@ -11,6 +11,16 @@
 //! server's throughput can be read as a ratio of it, measured in the same
 //! run on the same machine.
 //!
+//! Groups (for `group-fanout`) are kept in memory only: `CreateGroup` is
+//! answered `GroupInfo` and pushes a `CREATED` event to the other online
+//! members; `SendGroup` is answered `SendOk` with the group's next
+//! `group_seq` and pushed as a `GroupMessage` to every other online member.
+//! The pushed frame is encoded once per message and shared by every member
+//! (one queue seq for all of them, which keeps each connection's seqs
+//! increasing): the least work a fan-out can cost. With `--receipts` each
+//! member's ack becomes a receipt (with `group_id`) for the sender, as the
+//! server sends.
+//!
 //! It runs as a child process of the load generator (`switchboard-bench
 //! relay`), pinned like the server, and prints the same ready line.
 
@@ -52,18 +62,74 @@ pub struct RelayArgs {
 /// Online users: user id → that connection's outbound queue.
 type Peers = Arc<Mutex<HashMap<u64, mpsc::Sender<Bytes>>>>;
 
+/// A forwarded message whose receipts are still owed (with `--receipts`).
+struct Owed {
+    sender: u64,
+    client_msg_id: String,
+    /// 0 for a 1:1 message.
+    group_id: u64,
+    /// Acks (one per recipient connection) still to come.
+    acks_left: usize,
+}
+
+/// A group, in memory only.
+struct Group {
+    /// Creator first.
+    members: Arc<Vec<u64>>,
+    /// The last `group_seq` used.
+    last_seq: u64,
+}
+
 /// What the connections share.
 struct Shared {
     peers: Peers,
     seq: AtomicU64,
-    /// With `--receipts`: forwarded seq → (sender, client message id).
-    awaiting_ack: Option<Mutex<HashMap<u64, (u64, String)>>>,
+    /// With `--receipts`: forwarded seq → what its acks turn into.
+    awaiting_ack: Option<Mutex<HashMap<u64, Owed>>>,
+    groups: Mutex<HashMap<u64, Group>>,
+    last_group_id: AtomicU64,
 }
 
 impl Shared {
     /// The connection of `user`, if online.
     fn peer(&self, user: u64) -> Option<mpsc::Sender<Bytes>> {
         self.peers.lock().ok().and_then(|p| p.get(&user).cloned())
+    }
+
+    /// The connections of the online `users` other than `me`, under one
+    /// lock.
+    fn peers_except(&self, users: &[u64], me: u64) -> Vec<mpsc::Sender<Bytes>> {
+        let Ok(p) = self.peers.lock() else {
+            return Vec::new();
+        };
+        users
+            .iter()
+            .filter(|&&u| u != me)
+            .filter_map(|u| p.get(u).cloned())
+            .collect()
+    }
+
+    /// Takes `group`'s next `group_seq` for a message from `me`: the seq
+    /// and the members, or `None` if `me` is not a member.
+    fn next_group_seq(&self, group: u64, me: u64) -> Option<(u64, Arc<Vec<u64>>)> {
+        let mut groups = self.groups.lock().ok()?;
+        let g = groups.get_mut(&group)?;
+        if !g.members.contains(&me) {
+            return None;
+        }
+        g.last_seq += 1;
+        Some((g.last_seq, g.members.clone()))
+    }
+
+    /// Remembers that `acks_left` acks of `seq` are owed receipts.
+    fn await_acks(&self, seq: u64, owed: Owed) {
+        if let Some(awaiting) = &self.awaiting_ack
+            && owed.acks_left > 0
+            && let Ok(mut a) = awaiting.lock()
+            && a.len() < MAX_AWAITING_ACK
+        {
+            a.insert(seq, owed);
+        }
     }
 }
 
@@ -85,6 +151,8 @@ pub async fn serve(args: RelayArgs) -> Result<bool> {
         peers: Arc::default(),
         seq: AtomicU64::new(0),
         awaiting_ack: args.receipts.then(Mutex::default),
+        groups: Mutex::default(),
+        last_group_id: AtomicU64::new(0),
     });
     loop {
         let (stream, _) = listener.accept().await?;
@@ -159,11 +227,16 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>) -> Result<()> {
                             (shared.peer(s.to_user), s.payloads.into_iter().next())
                         {
                             let seq = shared.seq.fetch_add(1, Ordering::Relaxed) + 1;
-                            if let (Some(awaiting), Some(me)) = (&shared.awaiting_ack, me)
-                                && let Ok(mut a) = awaiting.lock()
-                                && a.len() < MAX_AWAITING_ACK
-                            {
-                                a.insert(seq, (me, s.client_msg_id.clone()));
+                            if let Some(me) = me {
+                                shared.await_acks(
+                                    seq,
+                                    Owed {
+                                        sender: me,
+                                        client_msg_id: s.client_msg_id.clone(),
+                                        group_id: 0,
+                                        acks_left: 1,
+                                    },
+                                );
                             }
                             let message = pb::Message {
                                 from_user: me.unwrap_or_default(),
@@ -175,6 +248,79 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>) -> Result<()> {
                             };
                             deliver(&target, seq, ts, pb::queue_entry::Body::Message(message))
                                 .await;
+                        }
+                    }
+                    Some(In::CreateGroup(c)) => {
+                        let Some(me) = me else { continue };
+                        let info = create_group(&shared, me, c);
+                        tx.send(encode(&reply(Out::GroupInfo(info.clone()))))
+                            .await?;
+                        let seq = shared.seq.fetch_add(1, Ordering::Relaxed) + 1;
+                        let members: Vec<u64> = info.members.iter().map(|m| m.user_id).collect();
+                        let event = encode(&deliver_frame(
+                            seq,
+                            now_ms(),
+                            pb::queue_entry::Body::GroupEvent(pb::GroupEvent {
+                                group_id: info.group_id,
+                                group_seq: info.seq,
+                                actor: me,
+                                kind: pb::GroupEventKind::Created.into(),
+                                users: members.clone(),
+                                info: Some(pb::GroupInfo {
+                                    members: Vec::new(),
+                                    ..info
+                                }),
+                            }),
+                        ));
+                        for target in shared.peers_except(&members, me) {
+                            let _ = target.send(event.clone()).await;
+                        }
+                    }
+                    Some(In::SendGroup(s)) => {
+                        let Some(me) = me else { continue };
+                        let Some((group_seq, members)) = shared.next_group_seq(s.group_id, me)
+                        else {
+                            tx.send(encode(&reply(Out::Error(pb::Error {
+                                code: pb::ErrorCode::UnknownGroup.into(),
+                                message: "not a member".into(),
+                                ..Default::default()
+                            }))))
+                            .await?;
+                            continue;
+                        };
+                        let ts = now_ms();
+                        tx.send(encode(&reply(Out::SendOk(pb::SendOk {
+                            server_ts_ms: ts,
+                            duplicate: false,
+                            group_seq,
+                        }))))
+                        .await?;
+                        let targets = shared.peers_except(&members, me);
+                        let seq = shared.seq.fetch_add(1, Ordering::Relaxed) + 1;
+                        shared.await_acks(
+                            seq,
+                            Owed {
+                                sender: me,
+                                client_msg_id: s.client_msg_id.clone(),
+                                group_id: s.group_id,
+                                acks_left: targets.len(),
+                            },
+                        );
+                        let message = encode(&deliver_frame(
+                            seq,
+                            ts,
+                            pb::queue_entry::Body::GroupMessage(pb::GroupMessage {
+                                group_id: s.group_id,
+                                group_seq,
+                                from_user: me,
+                                from_device: 1,
+                                client_msg_id: s.client_msg_id,
+                                payload: s.payload,
+                                ..Default::default()
+                            }),
+                        ));
+                        for target in targets {
+                            let _ = target.send(message.clone()).await;
                         }
                     }
                     Some(In::Ack(ack)) => {
@@ -205,18 +351,65 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>) -> Result<()> {
     result
 }
 
+/// Builds a group from `CreateGroup`, `me` its creator; the answer.
+fn create_group(shared: &Shared, me: u64, c: pb::CreateGroup) -> pb::GroupInfo {
+    let mut members = vec![me];
+    let mut seen: std::collections::HashSet<u64> = members.iter().copied().collect();
+    members.extend(c.members.into_iter().filter(|u| seen.insert(*u)));
+    let group_id = shared.last_group_id.fetch_add(1, Ordering::Relaxed) + 1;
+    let info = pb::GroupInfo {
+        group_id,
+        name: c.name,
+        description: c.description,
+        icon_ref: c.icon_ref,
+        info_admin_only: c.info_admin_only,
+        members: members
+            .iter()
+            .map(|&user_id| pb::GroupMember {
+                user_id,
+                role: if user_id == me {
+                    pb::GroupRole::Creator
+                } else {
+                    pb::GroupRole::Member
+                }
+                .into(),
+                joined_seq: 1,
+                ..Default::default()
+            })
+            .collect(),
+        seq: 1,
+        created_ms: now_ms(),
+    };
+    if let Ok(mut groups) = shared.groups.lock() {
+        groups.insert(
+            group_id,
+            Group {
+                members: Arc::new(members),
+                last_seq: 1,
+            },
+        );
+    }
+    info
+}
+
 /// Sends the sender of each acked message a delivery receipt.
-async fn receipts(
-    shared: &Shared,
-    awaiting: &Mutex<HashMap<u64, (u64, String)>>,
-    me: u64,
-    seqs: Vec<u64>,
-) {
-    let owed: Vec<(u64, String)> = match awaiting.lock() {
-        Ok(mut a) => seqs.iter().filter_map(|s| a.remove(s)).collect(),
+async fn receipts(shared: &Shared, awaiting: &Mutex<HashMap<u64, Owed>>, me: u64, seqs: Vec<u64>) {
+    let owed: Vec<(u64, String, u64)> = match awaiting.lock() {
+        Ok(mut a) => seqs
+            .iter()
+            .filter_map(|s| {
+                let o = a.get_mut(s)?;
+                o.acks_left = o.acks_left.saturating_sub(1);
+                let receipt = (o.sender, o.client_msg_id.clone(), o.group_id);
+                if o.acks_left == 0 {
+                    a.remove(s);
+                }
+                Some(receipt)
+            })
+            .collect(),
         Err(_) => return,
     };
-    for (sender, id) in owed {
+    for (sender, id, group_id) in owed {
         let Some(target) = shared.peer(sender) else {
             continue;
         };
@@ -225,6 +418,7 @@ async fn receipts(
             from_device: 1,
             kind: pb::ReceiptKind::Delivered.into(),
             client_msg_ids: vec![id],
+            group_id,
             ..Default::default()
         };
         let seq = shared.seq.fetch_add(1, Ordering::Relaxed) + 1;
@@ -238,15 +432,9 @@ async fn receipts(
     }
 }
 
-/// Writes a one-entry `Deliver` to a connection. A vanished peer is
-/// nobody's problem.
-async fn deliver(
-    target: &mpsc::Sender<Bytes>,
-    seq: u64,
-    server_ts_ms: u64,
-    body: pb::queue_entry::Body,
-) {
-    let frame = pb::ServerFrame {
+/// A one-entry `Deliver`.
+fn deliver_frame(seq: u64, server_ts_ms: u64, body: pb::queue_entry::Body) -> pb::ServerFrame {
+    pb::ServerFrame {
         id: 0,
         body: Some(Out::Deliver(pb::Deliver {
             entries: vec![pb::QueueEntry {
@@ -255,8 +443,20 @@ async fn deliver(
                 body: Some(body),
             }],
         })),
-    };
-    let _ = target.send(encode(&frame)).await;
+    }
+}
+
+/// Writes a one-entry `Deliver` to a connection. A vanished peer is
+/// nobody's problem.
+async fn deliver(
+    target: &mpsc::Sender<Bytes>,
+    seq: u64,
+    server_ts_ms: u64,
+    body: pb::queue_entry::Body,
+) {
+    let _ = target
+        .send(encode(&deliver_frame(seq, server_ts_ms, body)))
+        .await;
 }
 
 /// Writes queued frames, as many as are waiting in one write.

@@ -153,3 +153,95 @@ fn herd_authenticates_everyone() {
     assert_eq!(r["authenticated"], 100);
     assert_eq!(r["failed"], 0);
 }
+
+/// A tiny group-fanout: 8 members, short phases, two ramp steps.
+const FANOUT_SMOKE: &[&str] = &[
+    "group-fanout",
+    "--members",
+    "8",
+    "--rate",
+    "5",
+    "--seconds",
+    "2",
+    "--ramp-from",
+    "20",
+    "--step-seconds",
+    "1",
+    "--max-steps",
+    "2",
+    "--refine",
+    "0",
+    "--disk-messages",
+    "10",
+    "--disk-rate",
+    "20",
+];
+
+#[test]
+fn group_fanout_reaches_every_member_and_compares_with_the_baseline() {
+    let r = run(FANOUT_SMOKE);
+    assert_eq!(r["scenario"], "group-fanout");
+    assert_eq!(r["target"], "switchboard");
+    assert_eq!(r["members"], 8);
+    let latency = &r["latency"];
+    let complete = latency["complete"].as_u64().unwrap();
+    assert!(complete > 0, "{latency}");
+    assert_eq!(latency["errors"], 0, "{latency}");
+    // Each complete message reached the 7 other members.
+    assert!(
+        latency["deliveries"].as_u64().unwrap() >= 7 * complete,
+        "{latency}"
+    );
+    assert!(latency["send_to_last_member"]["count"].as_u64().unwrap() > 0);
+    assert!(latency["send_to_last_member"]["p50_ms"].as_f64().unwrap() > 0.0);
+    assert!(latency["send_to_ack"]["count"].as_u64().unwrap() > 0);
+    // The server turns each member's ack into a receipt for the sender.
+    assert!(latency["receipts"].as_u64().unwrap() > 0, "{latency}");
+    let disk = &r["disk"];
+    assert!(disk["deliveries"].as_u64().unwrap() > 0, "{disk}");
+    assert!(disk["bytes_per_delivery"].as_f64().is_some(), "{disk}");
+    assert!(!r["ramp"]["steps"].as_array().unwrap().is_empty());
+    // The relay, in the same run, fans out the same way.
+    let b = &r["baseline"];
+    assert_eq!(b["target"], "baseline");
+    assert!(b["latency"]["deliveries"].as_u64().unwrap() > 0, "{b}");
+    assert!(b["disk"].is_null());
+    assert!(
+        b["ramp"]["knee_msgs_per_sec"].as_f64().unwrap() >= 20.0,
+        "{b}"
+    );
+    assert!(r["ratio_to_baseline"].as_f64().is_some(), "{r}");
+}
+
+#[test]
+fn group_fanout_prints_its_summary() {
+    let out = Command::new(env!("CARGO_BIN_EXE_switchboard-bench"))
+        .args(FANOUT_SMOKE)
+        .arg("--no-baseline")
+        .output()
+        .expect("run switchboard-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "group-fanout [switchboard]: 8 members",
+        "send→last member p50",
+        "sustained fan-out (p99 send→last member ≤ 100 ms)",
+        "bytes per member delivery",
+    ] {
+        assert!(stdout.contains(line), "no {line:?} in:\n{stdout}");
+    }
+    assert!(!stdout.contains("[baseline]"), "{stdout}");
+    // The latency phase's line: "... reached every member, N deliveries".
+    let deliveries: u64 = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("latency [switchboard]"))
+        .and_then(|l| l.split("every member, ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("the latency phase's deliveries");
+    assert!(deliveries > 0, "{stdout}");
+}
