@@ -1073,7 +1073,7 @@ pub async fn group_fanout(a: FanoutArgs) -> Result<bool> {
     .await
     .context("registering members")?;
     let links = server_links(&sut.tcp, &users).await?;
-    let ids: Vec<u64> = users.iter().map(|u| u.user_id).collect();
+    let ids: Vec<u64> = users.iter().map(|u| u.user_id.get()).collect();
     let fleet = Fleet::start("switchboard", sut.pid(), links, &ids, true, &a).await?;
     let (server, server_latency) = measure(fleet, Some(&sut.data_dir), &a).await?;
     sut.stop().await?;
