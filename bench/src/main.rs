@@ -4,6 +4,7 @@
 mod abuse;
 mod crash;
 mod group_fanout;
+mod group_keys;
 mod harness;
 mod link;
 mod plot;
@@ -53,6 +54,9 @@ enum Command {
     /// low rate, the sustained fan-out in member deliveries/s, data-dir
     /// bytes per delivery, and the baseline relay's fan-out for the ratio.
     GroupFanout(group_fanout::FanoutArgs),
+    /// A new sender's first message to a group of N members through the
+    /// SDK, sender-key distribution included, and its second message.
+    GroupKeys(group_keys::KeysArgs),
     /// Run the baseline relay in the foreground (started by the scenarios
     /// as a child process; prints its address).
     #[command(hide = true)]
@@ -90,6 +94,7 @@ fn main() -> ExitCode {
             Command::Herd(args) => scenarios::herd(args).await,
             Command::Abuse(args) => abuse::abuse(args).await,
             Command::GroupFanout(args) => group_fanout::group_fanout(args).await,
+            Command::GroupKeys(args) => group_keys::group_keys(args).await,
         }
     });
     match result {

@@ -109,13 +109,15 @@ pub enum Command {
     },
     /// Show the stored account
     Whoami,
-    /// Send a message to PHONE; exits 0 once the server stored it (✓), 3 if
-    /// it got no ✓ in time and stays queued in the outbox (do not resend it;
-    /// see `sbchat outbox`)
+    /// Send a message to PHONE (or with --group ID, to a group: `send
+    /// --group ID TEXT`); exits 0 once the server stored it (✓), 3 if it got
+    /// no ✓ in time and stays queued in the outbox (do not resend it; see
+    /// `sbchat outbox`)
     #[command(after_help = SEND_HELP)]
     Send {
-        /// Recipient's phone number
-        phone: String,
+        /// Recipient's phone number (with --group: the text)
+        #[arg(required_unless_present = "group")]
+        phone: Option<String>,
         /// Message text; `-` reads it from standard input, as does leaving
         /// it out when standard input is not a terminal
         #[arg(conflicts_with = "file")]
@@ -123,8 +125,12 @@ pub enum Command {
         /// Read the message from the file PATH
         #[arg(long, value_name = "PATH")]
         file: Option<PathBuf>,
-        /// Also wait until a device of the recipient received it (✓✓);
-        /// messages and receipts queued ahead of it are kept for `recv`
+        /// Send to this group (its id, from `sbchat group create|list`)
+        #[arg(long, value_name = "ID")]
+        group: Option<u64>,
+        /// Also wait until a device of the recipient received it (✓✓; for
+        /// a group, every member); messages and receipts queued ahead of it
+        /// are kept for `recv`
         #[arg(long)]
         wait_delivered: bool,
         /// Give up after S seconds
@@ -176,6 +182,64 @@ pub enum Command {
         /// The peer's phone number
         phone: String,
     },
+    /// Create and manage groups (up to 1,024 members)
+    Group {
+        #[command(subcommand)]
+        action: GroupAction,
+    },
+}
+
+/// `sbchat group …`.
+#[derive(Debug, Subcommand)]
+pub enum GroupAction {
+    /// Create a group named NAME with these members; prints its id
+    Create {
+        /// The group's name
+        name: String,
+        /// Phone numbers of the other members
+        phones: Vec<String>,
+    },
+    /// Add members (admins only)
+    Add {
+        /// The group id
+        group: u64,
+        /// Phone numbers to add
+        #[arg(required = true)]
+        phones: Vec<String>,
+    },
+    /// Remove a member (admins only)
+    Remove {
+        /// The group id
+        group: u64,
+        /// The member's phone number
+        phone: String,
+    },
+    /// Make a member an admin (admins only)
+    Promote {
+        /// The group id
+        group: u64,
+        /// The member's phone number
+        phone: String,
+    },
+    /// Make an admin a member again (admins only)
+    Demote {
+        /// The group id
+        group: u64,
+        /// The admin's phone number
+        phone: String,
+    },
+    /// Leave a group
+    Leave {
+        /// The group id
+        group: u64,
+    },
+    /// Show a group and its members
+    Info {
+        /// The group id
+        group: u64,
+    },
+    /// List this account's groups
+    List,
 }
 
 /// `sbchat outbox` actions (none: list).
@@ -239,11 +303,13 @@ mod tests {
                 file,
                 wait_delivered,
                 timeout,
+                group,
             } => {
                 assert_eq!(
-                    (phone.as_str(), text.as_deref()),
-                    ("+1555", Some("hi there"))
+                    (phone.as_deref(), text.as_deref()),
+                    (Some("+1555"), Some("hi there"))
                 );
+                assert_eq!(group, None);
                 assert_eq!(file, None);
                 assert!(wait_delivered);
                 assert_eq!(timeout, Duration::from_millis(2500));

@@ -9,6 +9,11 @@
 //! handle never blocks on the network, only on the task's inbox.
 
 mod actor;
+mod groups;
+
+pub use groups::{
+    Group, GroupChange, GroupChangeKind, GroupMember, GroupRole, GroupSummary, MAX_GROUP_MEMBERS,
+};
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -24,7 +29,7 @@ use crate::connection::ConnectOptions;
 use crate::crypto::Crypto;
 use crate::endpoint::Endpoint;
 use crate::error::{CloseReason, Error, StorageError, UsageError};
-use crate::ids::{self, DeviceId, Seq, UserId};
+use crate::ids::{self, DeviceId, GroupId, Seq, UserId};
 use crate::outbox::{self, Content, StoredPayload};
 use crate::register::Credentials;
 use crate::store::StateFile;
@@ -152,12 +157,16 @@ impl ClientConfig {
 pub struct Sent {
     /// The client message id.
     pub client_msg_id: String,
-    /// The recipient.
+    /// The recipient (0 for a group message).
     pub to_user: UserId,
     /// When the server accepted it (ms since the Unix epoch).
     pub server_ts_ms: u64,
     /// True when the server had already accepted this id (a retry).
     pub duplicate: bool,
+    /// The group, for a group message.
+    pub group_id: Option<GroupId>,
+    /// Its place in the group's order, for a group message.
+    pub group_seq: Option<u64>,
 }
 
 /// Something that happened, delivered on [`Events`].
@@ -202,6 +211,69 @@ pub enum Event {
         /// When the server accepted it (ms since the Unix epoch).
         server_ts_ms: u64,
     },
+    /// A message to a group this account is a member of, decrypted with the
+    /// sender's sender key. Acknowledge `seq` like a [`Event::Message`];
+    /// messages of one group come in the group's order (`group_seq`, with
+    /// [`Event::GroupChanged`] in the same order).
+    GroupMessage {
+        /// Queue position, to acknowledge.
+        seq: Seq,
+        /// The group.
+        group_id: GroupId,
+        /// Its place in the group's order.
+        group_seq: u64,
+        /// Sender.
+        from_user: UserId,
+        /// Sender's device.
+        from_device: DeviceId,
+        /// Sender's phone number.
+        from_phone: String,
+        /// True when another device of this account sent it.
+        from_own_device: bool,
+        /// Sender's message id.
+        client_msg_id: String,
+        /// The decrypted payload.
+        payload: Bytes,
+        /// The sender's clock when it was encrypted (not verified).
+        sent_at_ms: u64,
+        /// When the server accepted it (ms since the Unix epoch).
+        server_ts_ms: u64,
+    },
+    /// A group's members or info changed (or it was created with this
+    /// account in it), in the group's order. Already acknowledged by the
+    /// client. When members leave or are removed, this device's sender key
+    /// for the group is replaced before its next message.
+    GroupChanged {
+        /// The group.
+        group_id: GroupId,
+        /// Its place in the group's order.
+        group_seq: u64,
+        /// Who made the change.
+        actor: UserId,
+        /// What changed.
+        kind: GroupChangeKind,
+        /// Whom it concerns.
+        users: Vec<UserId>,
+        /// The group's info after the change, for `Created` and
+        /// `InfoChanged` (without members: [`Client::group`] has them).
+        info: Option<Group>,
+    },
+    /// The running tally of receipts for one group message this device
+    /// sent: how many members have it on a device, and how many read it,
+    /// out of the members when it was sent (this account not counted).
+    /// Follows each [`Event::Receipt`] with a `group_id`.
+    GroupReceipts {
+        /// The group.
+        group_id: GroupId,
+        /// The message.
+        client_msg_id: String,
+        /// Members with it on at least one device (✓✓).
+        delivered: u32,
+        /// Members who read it.
+        read: u32,
+        /// Members it was sent to.
+        members: u32,
+    },
     /// A message for this device that cannot be decrypted (no session, a
     /// damaged or replayed payload). The client has already acknowledged
     /// it, so it never blocks the queue; the session with the sender's
@@ -217,6 +289,8 @@ pub enum Event {
         from_phone: String,
         /// Sender's message id.
         client_msg_id: String,
+        /// The group, for a group message (whose sender key was missing).
+        group_id: Option<GroupId>,
         /// Why it could not be read.
         reason: String,
     },
@@ -292,6 +366,9 @@ pub enum Event {
         client_msg_ids: Vec<String>,
         /// When the server made the receipt (ms since the Unix epoch).
         server_ts_ms: u64,
+        /// The group, when the messages were sent to one (`from_user` is
+        /// then the member).
+        group_id: Option<GroupId>,
     },
     /// The device's queue is drained; what follows arrives live.
     UpToDate,
@@ -389,8 +466,15 @@ enum Command {
     },
     ReadReceipt {
         to_user: u64,
+        /// The group the messages were sent to (0: none).
+        group_id: u64,
         client_msg_ids: Vec<String>,
         reply: Reply<()>,
+    },
+    /// A group management request, answered with the server's body.
+    Group {
+        body: pb::client_frame::Body,
+        reply: Reply<pb::server_frame::Body>,
     },
     Ack {
         seqs: Vec<u64>,
@@ -981,6 +1065,7 @@ impl Client {
         }
         self.call(|reply| Command::ReadReceipt {
             to_user: to_user.get(),
+            group_id: 0,
             client_msg_ids,
             reply,
         })

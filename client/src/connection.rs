@@ -115,6 +115,7 @@ pub(crate) fn body_name(body: Option<&server_frame::Body>) -> &'static str {
         Some(Body::PinSet(_)) => "PinSet",
         Some(Body::GroupInfo(_)) => "GroupInfo",
         Some(Body::GroupList(_)) => "GroupList",
+        Some(Body::GroupKeysSent(_)) => "GroupKeysSent",
     }
 }
 

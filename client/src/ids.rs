@@ -103,6 +103,12 @@ id! {
     Seq(u64)
 }
 
+id! {
+    /// A group: what [`Client::send_to_group`](crate::Client::send_to_group)
+    /// and the group calls take.
+    GroupId(u64)
+}
+
 /// The ids of a wire list, typed.
 pub(crate) fn devices(ids: &[u32]) -> Vec<DeviceId> {
     ids.iter().copied().map(DeviceId).collect()

@@ -90,7 +90,8 @@ pub mod transport;
 
 pub use backoff::Backoff;
 pub use client::{
-    Client, ClientConfig, Device, Event, Events, MAX_PLAINTEXT_BYTES, Sent, UserInfo,
+    Client, ClientConfig, Device, Event, Events, Group, GroupChange, GroupChangeKind, GroupMember,
+    GroupRole, GroupSummary, MAX_GROUP_MEMBERS, MAX_PLAINTEXT_BYTES, Sent, UserInfo,
     new_client_msg_id,
 };
 pub use connection::ConnectOptions;
@@ -101,7 +102,7 @@ pub use error::{
     CloseReason, CryptoError, Error, ProtocolError, Result, ServerError, StorageError,
     TransportError, UsageError,
 };
-pub use ids::{DeviceId, Seq, UserId};
+pub use ids::{DeviceId, GroupId, Seq, UserId};
 pub use outbox::{Outbox, QueuedSend};
 pub use register::Credentials;
 

@@ -100,6 +100,15 @@ pub(crate) enum Content {
     },
     /// Explicit payloads per device; `DEVICE_MISMATCH` is the caller's to fix.
     PerDevice(Vec<StoredPayload>),
+    /// One payload for every member device of a group, sealed with this
+    /// device's sender key when it goes out.
+    Group {
+        /// The group.
+        group_id: u64,
+        /// The payload.
+        #[serde(with = "hex_payload")]
+        payload: Bytes,
+    },
 }
 
 /// One device's payload in [`Content::PerDevice`].
@@ -526,6 +535,14 @@ pub(crate) struct Entry {
     /// The fetches on the wire found a device without keys: wait a little
     /// before trying again.
     pub key_wait: bool,
+    /// For [`Content::Group`]: the client message id of its sender-key
+    /// requests (the same for every retry).
+    pub key_round: Option<String>,
+    /// For [`Content::Group`]: `SendGroupKeys` requests on the wire.
+    pub key_parts: usize,
+    /// For [`Content::Group`]: members this message's key does not go to
+    /// (refused for good; they cannot read it).
+    pub skip: std::collections::BTreeSet<u64>,
 }
 
 /// What the pump should do next.
@@ -580,6 +597,9 @@ impl Queue {
                 fetches: 0,
                 key_waits: 0,
                 key_wait: false,
+                key_round: None,
+                key_parts: 0,
+                skip: std::collections::BTreeSet::new(),
             },
         );
     }

@@ -24,6 +24,7 @@ fn sdk_plaintext_decodes_with_the_schema_type() {
         sent_at_ms: 1_700_000_000_123,
         to_user: 42,
         sender_identity: Some(identity()),
+        group_id: 77,
     };
     let schema = pb::Plaintext::decode(&sdk.encode()[..]).unwrap();
     assert_eq!(schema.kind, sdk.kind);
@@ -31,6 +32,7 @@ fn sdk_plaintext_decodes_with_the_schema_type() {
     assert_eq!(schema.sent_at_ms, sdk.sent_at_ms);
     assert_eq!(schema.to_user, sdk.to_user);
     assert_eq!(schema.sender_identity, sdk.sender_identity);
+    assert_eq!(schema.group_id, sdk.group_id);
     // And the same bytes either way.
     assert_eq!(schema.encode_to_vec(), sdk.encode());
 }
@@ -43,10 +45,12 @@ fn schema_plaintext_decodes_with_the_sdk() {
         sent_at_ms: 7,
         to_user: 9,
         sender_identity: None,
+        group_id: 5,
     };
     let sdk = Plaintext::decode(&schema.encode_to_vec()).unwrap();
     assert_eq!(sdk.kind, 1);
     assert_eq!(&sdk.body[..], b"hi");
     assert_eq!((sdk.sent_at_ms, sdk.to_user), (7, 9));
     assert!(sdk.sender_identity.is_none());
+    assert_eq!(sdk.group_id, 5);
 }

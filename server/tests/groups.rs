@@ -787,3 +787,120 @@ async fn a_member_at_its_queue_quota_misses_group_entries_and_nobody_else_does()
         Some(4.0)
     );
 }
+
+fn keys(group_id: u64, id: &str, parts: &[(&Account, &str)]) -> In {
+    In::SendGroupKeys(pb::SendGroupKeys {
+        group_id,
+        client_msg_id: id.into(),
+        parts: parts
+            .iter()
+            .map(|(acct, text)| pb::UserPayloads {
+                user_id: acct.user_id,
+                payloads: vec![pb::DevicePayload {
+                    device_id: acct.device_id,
+                    payload: text.as_bytes().to_vec().into(),
+                }],
+            })
+            .collect(),
+        first_attempt: false,
+    })
+}
+
+#[tokio::test]
+async fn group_keys_reach_members_in_one_request_and_owe_no_receipt() {
+    let server = TestServer::start().await;
+    let u = users(&server, "+1555900", 4).await;
+    let (alice, bob, carol, dave) = (&u[0], &u[1], &u[2], &u[3]);
+    let mut a = online(&server, alice).await;
+    let mut b = online(&server, bob).await;
+    let mut c = online(&server, carol).await;
+    let mut d = online(&server, dave).await;
+    for conn in [&mut a, &mut b, &mut c, &mut d] {
+        conn.drain().await;
+    }
+    let g = info(a.request(create("keys", &[bob, carol])).await).group_id;
+    // Bob's and Carol's parts are stored; Dave's is refused (not a member).
+    let sent = match a
+        .request(keys(
+            g,
+            "k1",
+            &[(bob, "key-b"), (carol, "key-c"), (dave, "key-d")],
+        ))
+        .await
+    {
+        Out::GroupKeysSent(s) => s,
+        other => panic!("expected GroupKeysSent, got {other:?}"),
+    };
+    let refused: Vec<(u64, pb::ErrorCode)> =
+        sent.refused.iter().map(|e| (e.user_id, e.code())).collect();
+    assert_eq!(refused, vec![(dave.user_id, pb::ErrorCode::NotGroupMember)]);
+    for (conn, text) in [(&mut b, "key-b"), (&mut c, "key-c")] {
+        let m = loop {
+            if let Some(pb::queue_entry::Body::Message(m)) = conn.next_entry().await.body {
+                break m;
+            }
+        };
+        assert_eq!(m.group_id, g);
+        assert_eq!(m.from_user, alice.user_id);
+        assert_eq!(m.client_msg_id, "k1");
+        assert_eq!(&m.payload[..], text.as_bytes());
+    }
+    // A retry of the same request stores nothing twice.
+    match a.request(keys(g, "k1", &[(bob, "key-b")])).await {
+        Out::GroupKeysSent(s) => assert!(s.refused.is_empty(), "{s:?}"),
+        other => panic!("{other:?}"),
+    }
+    // A wrong device list is refused for that part only, with the fix.
+    let wrong = In::SendGroupKeys(pb::SendGroupKeys {
+        group_id: g,
+        client_msg_id: "k2".into(),
+        parts: vec![pb::UserPayloads {
+            user_id: carol.user_id,
+            payloads: vec![pb::DevicePayload {
+                device_id: carol.device_id + 7,
+                payload: b"x".to_vec().into(),
+            }],
+        }],
+        first_attempt: false,
+    });
+    match a.request(wrong).await {
+        Out::GroupKeysSent(s) => {
+            assert_eq!(s.refused.len(), 1);
+            let e = &s.refused[0];
+            assert_eq!(
+                (e.user_id, e.code()),
+                (carol.user_id, pb::ErrorCode::DeviceMismatch)
+            );
+            assert_eq!(e.missing_devices, vec![carol.device_id]);
+            assert_eq!(e.stale_devices, vec![carol.device_id + 7]);
+        }
+        other => panic!("{other:?}"),
+    }
+    // An outsider cannot use the group to reach its members.
+    assert_eq!(
+        error_code(&d.request(keys(g, "k3", &[(bob, "spam")])).await),
+        pb::ErrorCode::UnknownGroup
+    );
+    // Malformed: the same user twice.
+    assert_eq!(
+        error_code(&a.request(keys(g, "k4", &[(bob, "1"), (bob, "2")])).await),
+        pb::ErrorCode::BadRequest
+    );
+    // The keys owed Alice no receipt: the next entry she gets is Bob's
+    // message, not a ✓✓ for a key.
+    let to_alice = b.lookup(&alice.phone).await;
+    assert!(matches!(
+        b.send_text(&to_alice, "m1", "hello").await,
+        Out::SendOk(_)
+    ));
+    loop {
+        match a.next_entry().await.body {
+            Some(pb::queue_entry::Body::GroupEvent(_)) => {}
+            Some(pb::queue_entry::Body::Message(m)) => {
+                assert_eq!(m.client_msg_id, "m1");
+                break;
+            }
+            other => panic!("expected Bob's message first, got {other:?}"),
+        }
+    }
+}

@@ -138,3 +138,100 @@ async fn a_rate_limited_send_is_not_overtaken_by_a_later_one() {
     assert_eq!(ids.len(), n + 1);
     assert_eq!(ids.last(), Some(&refused));
 }
+
+fn post(group_id: u64, id: &str) -> pb::client_frame::Body {
+    pb::client_frame::Body::SendGroup(pb::SendGroup {
+        group_id,
+        client_msg_id: id.into(),
+        payload: b"x".to_vec().into(),
+        first_attempt: false,
+    })
+}
+
+async fn group_of(a: &mut Raw, members: &[&Account]) -> u64 {
+    match a
+        .request(pb::client_frame::Body::CreateGroup(pb::CreateGroup {
+            name: "order".into(),
+            members: members.iter().map(|m| m.user_id).collect(),
+            ..Default::default()
+        }))
+        .await
+    {
+        Out::GroupInfo(i) => i.group_id,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The client message ids of the group messages a member drains, in order.
+async fn drained_group_ids(b: &mut Raw) -> Vec<String> {
+    b.drain()
+        .await
+        .into_iter()
+        .filter_map(|e| match e.body {
+            Some(pb::queue_entry::Body::GroupMessage(m)) => Some(m.client_msg_id),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_group_message_refused_by_a_failed_commit_is_not_overtaken_by_a_later_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = test_config(dir.path());
+    let faulty = Arc::new(FaultyStore::new(
+        switchboard_server::open_store(&cfg).unwrap(),
+    ));
+    let running = switchboard_server::start_with_store(cfg.clone(), faulty.clone())
+        .await
+        .unwrap();
+    let server = TestServer {
+        dir,
+        server: Some(running),
+        config: cfg,
+    };
+    let alice = register(&server, "+15550008031").await;
+    let bob = register(&server, "+15550008032").await;
+    let mut a = online(&server, &alice).await;
+    let g = group_of(&mut a, &[&bob]).await;
+    faulty.set_fail_writes(true);
+    let e0 = refusal(&a.request(post(g, "g0")).await);
+    assert_eq!(e0.code(), ErrorCode::StorageUnavailable);
+    faulty.set_fail_writes(false);
+    let e1 = refusal(&a.request(post(g, "g1")).await);
+    assert_eq!(e1.code(), ErrorCode::StorageUnavailable);
+    assert!(held(&e1), "{e1:?}");
+    for id in ["g0", "g1"] {
+        let out = a.request(post(g, id)).await;
+        assert!(matches!(out, Out::SendOk(_)), "{id}: {out:?}");
+    }
+    let mut bc = online(&server, &bob).await;
+    assert_eq!(drained_group_ids(&mut bc).await, ["g0", "g1"]);
+}
+
+#[tokio::test]
+async fn a_rate_limited_group_message_is_not_overtaken_by_a_later_one() {
+    let server = TestServer::start_with(|c| c.sends_per_pair_per_min = 120).await;
+    let alice = register(&server, "+15550008041").await;
+    let bob = register(&server, "+15550008042").await;
+    let mut a = online(&server, &alice).await;
+    let g = group_of(&mut a, &[&bob]).await;
+    let mut n = 0;
+    let e = loop {
+        match a.request(post(g, &format!("g{n}"))).await {
+            Out::SendOk(_) => n += 1,
+            out => break refusal(&out),
+        }
+        assert!(n <= 240, "the pair limit never refused");
+    };
+    assert_eq!(e.code(), ErrorCode::RateLimited);
+    let refused = format!("g{n}");
+    tokio::time::sleep(Duration::from_millis(e.retry_after_ms + 50)).await;
+    let later = refusal(&a.request(post(g, &format!("g{}", n + 1))).await);
+    assert_eq!(later.code(), ErrorCode::RateLimited);
+    assert!(held(&later), "{later:?}");
+    assert!(matches!(a.request(post(g, &refused)).await, Out::SendOk(_)));
+    let mut bc = online(&server, &bob).await;
+    let ids = drained_group_ids(&mut bc).await;
+    assert_eq!(ids.len(), n + 1);
+    assert_eq!(ids.last(), Some(&refused));
+}

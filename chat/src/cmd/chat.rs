@@ -381,6 +381,22 @@ impl Session<'_> {
                 }
                 self.client.ack([seq]).await?;
             }
+            Some(event @ Event::GroupMessage { .. }) => {
+                super::group::print_group_message(out, &event, true);
+                if let Event::GroupMessage {
+                    seq,
+                    from_user,
+                    from_phone,
+                    from_own_device,
+                    ..
+                } = event
+                {
+                    if !from_own_device {
+                        self.contacts.learn(from_user, &from_phone);
+                    }
+                    self.client.ack([seq]).await?;
+                }
+            }
             Some(Event::UpToDate) => {
                 out.event("— up to date —", &json!({"event": "up_to_date"}));
             }
@@ -408,7 +424,9 @@ impl Session<'_> {
                 if let Event::SafetyNumberChanged { user_id, phone } = &event {
                     self.contacts.learn(*user_id, phone);
                 }
-                print_security_event(out, &event);
+                if !super::group::print_group_event(out, &self.contacts, &event) {
+                    print_security_event(out, &event);
+                }
             }
         }
         Ok(Flow::Continue)

@@ -3,6 +3,7 @@
 
 mod chat;
 mod devices;
+mod group;
 mod outbox;
 mod pin;
 mod recv;
@@ -16,7 +17,7 @@ use anyhow::{Context, Result, anyhow};
 use serde_json::json;
 use switchboard_client::{
     Client, ClientConfig, CloseReason, ConnectOptions, DeviceId, Endpoint, ErrorCode, Event,
-    Events, MAX_PLAINTEXT_BYTES, ReceiptKind, Sent, UsageError as SdkUsageError, UserId,
+    Events, GroupId, MAX_PLAINTEXT_BYTES, ReceiptKind, Sent, UsageError as SdkUsageError, UserId,
 };
 
 use crate::cli::{Cli, Command, DEFAULT_SERVER, UsageError};
@@ -49,12 +50,33 @@ pub async fn run(cli: Cli, out: &Output) -> Result<()> {
             phone,
             text,
             file,
+            group: Some(group),
             wait_delivered,
             timeout,
         } => {
+            // With --group, the first positional argument is the text.
+            if text.is_some() {
+                return Err(anyhow!(UsageError(
+                    "with --group, give only the text (no phone number)".into()
+                )));
+            }
+            let source = send::Source::new(phone, file.as_deref())?;
+            let group = GroupId::new(group);
+            send::run_group(&ctx, group, source, wait_delivered, timeout).await
+        }
+        Command::Send {
+            phone,
+            text,
+            file,
+            group: None,
+            wait_delivered,
+            timeout,
+        } => {
+            let phone = phone.unwrap_or_default();
             let source = send::Source::new(text, file.as_deref())?;
             send::run(&ctx, &phone, source, wait_delivered, timeout).await
         }
+        Command::Group { action } => group::run(&ctx, action).await,
         Command::Recv {
             timeout,
             count,

@@ -74,6 +74,19 @@ pub async fn run(ctx: &Ctx, limit: Option<Duration>, count: Option<u64>, read: b
                     seen += 1;
                     client.ack([seq]).await?;
                 }
+                Some(event @ Event::GroupMessage { .. }) => {
+                    super::group::print_group_message(out, &event, false);
+                    if let Event::GroupMessage { seq, group_id, from_user, from_phone, from_own_device, client_msg_id, .. } = event {
+                        if !from_own_device {
+                            contacts.learn(from_user, &from_phone);
+                        }
+                        seen += 1;
+                        client.ack([seq]).await?;
+                        if read && !from_own_device && let Err(e) = client.send_group_read_receipt(group_id, from_user, vec![client_msg_id]).await {
+                            out.note(&format!("cannot send a read receipt to {from_phone}: {e}"));
+                        }
+                    }
+                }
                 Some(Event::UpToDate) => {
                     out.event("— up to date —", &json!({"event": "up_to_date"}));
                 }
@@ -89,7 +102,9 @@ pub async fn run(ctx: &Ctx, limit: Option<Duration>, count: Option<u64>, read: b
                     if let Event::SafetyNumberChanged { user_id, phone } = &event {
                         contacts.learn(*user_id, phone);
                     }
-                    print_security_event(out, &event);
+                    if !super::group::print_group_event(out, &contacts, &event) {
+                        print_security_event(out, &event);
+                    }
                 }
             },
         }

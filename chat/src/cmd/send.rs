@@ -18,7 +18,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
 use serde_json::json;
 use switchboard_client::{
-    Client, Event, Events, MAX_PLAINTEXT_BYTES, ReceiptKind, new_client_msg_id,
+    Client, Event, Events, GroupId, MAX_PLAINTEXT_BYTES, ReceiptKind, new_client_msg_id,
 };
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -266,6 +266,127 @@ async fn drive(
                 Some(Event::Closed { reason }) => return Err(closed_error(&reason)),
                 // Without --wait-delivered, messages and receipts stay on
                 // the server for `sbchat recv`.
+                Some(_) => {}
+            },
+        }
+    }
+}
+
+/// `sbchat send --group ID`: one message to a group, exit 0 on ✓ (or once
+/// every member has it on a device, with `--wait-delivered`). Entries that
+/// arrive meanwhile other than this message's receipts stay on the server
+/// for `recv`.
+pub async fn run_group(
+    ctx: &Ctx,
+    group: GroupId,
+    source: Source<'_>,
+    wait_delivered: bool,
+    limit: Duration,
+) -> Result<()> {
+    let text = source.read().await?;
+    let account = ctx.home.require_account()?;
+    let _lock = ctx.home.lock()?;
+    let contacts = Contacts::load(&ctx.home);
+    let (client, mut events) = ctx.start_client(&account).await?;
+    let mut stage = Stage::Sending;
+    let outcome = tokio::time::timeout(
+        limit,
+        drive_group(
+            ctx,
+            &client,
+            &contacts,
+            &mut events,
+            group,
+            text,
+            wait_delivered,
+            &mut stage,
+        ),
+    )
+    .await;
+    let _ = client.close().await;
+    match outcome {
+        Ok(result) => result,
+        Err(_) => Err(match stage {
+            Stage::Sending => anyhow::Error::new(QueuedError(format!(
+                "queued: no ✓ from the server within {limit:?}; the message stays in the outbox \
+                 and goes out with the next sbchat command (do not send it again)"
+            ))),
+            Stage::WaitingForDelivery => {
+                anyhow!("sent (✓) but not delivered to every member (✓✓) within {limit:?}")
+            }
+        }),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn drive_group(
+    ctx: &Ctx,
+    client: &Client,
+    contacts: &Contacts,
+    events: &mut Events,
+    group: GroupId,
+    text: String,
+    wait_delivered: bool,
+    stage: &mut Stage,
+) -> Result<()> {
+    let out = ctx.out;
+    let id = new_client_msg_id();
+    let send = client.send_to_group_with_id(id.clone(), group, Bytes::from(text));
+    tokio::pin!(send);
+    let mut sent = false;
+    let mut delivered = false;
+    let mut status = LinkStatus::default();
+    loop {
+        if sent && (!wait_delivered || delivered) {
+            return Ok(());
+        }
+        tokio::select! {
+            result = &mut send, if !sent => {
+                let ok = result.with_context(|| format!("cannot send to group {group}"))?;
+                out.event(
+                    &format!("✓ sent to group {group} ({}), #{}", ok.client_msg_id, ok.group_seq.unwrap_or_default()),
+                    &json!({
+                        "event": "sent",
+                        "client_msg_id": ok.client_msg_id,
+                        "group_id": group,
+                        "group_seq": ok.group_seq,
+                        "server_ts_ms": ok.server_ts_ms,
+                        "duplicate": ok.duplicate,
+                    }),
+                );
+                sent = true;
+                *stage = Stage::WaitingForDelivery;
+                // Alone in the group: nobody to wait for.
+                if client.group(group).await.is_ok_and(|g| g.members.len() <= 1) {
+                    delivered = true;
+                }
+            }
+            event = events.recv() => match event {
+                None => bail!("the client stopped unexpectedly"),
+                Some(Event::Receipt { seq, group_id: Some(g), client_msg_ids, .. })
+                    if g == group && client_msg_ids.contains(&id) =>
+                {
+                    client.ack([seq]).await?;
+                }
+                Some(event @ Event::GroupReceipts { .. }) => {
+                    if let Event::GroupReceipts { client_msg_id, delivered: n, members, .. } = &event
+                        && *client_msg_id == id
+                    {
+                        super::group::print_group_event(out, contacts, &event);
+                        delivered = n >= members;
+                    }
+                }
+                Some(Event::Sent(earlier)) => {
+                    let to = contacts.phone(earlier.to_user);
+                    print_sent(out, &earlier, to, true);
+                }
+                Some(Event::SendFailed { client_msg_id, error, .. }) => {
+                    out.note(&format!("an earlier queued message ({client_msg_id}) failed: {error}"));
+                }
+                Some(Event::Connected { phone: me, .. }) => status.connected(out, &me),
+                Some(Event::Disconnected { reason }) => status.disconnected(out, &reason),
+                Some(Event::Closed { reason }) => return Err(closed_error(&reason)),
+                // Everything else stays on the server for `sbchat recv`.
                 Some(_) => {}
             },
         }

@@ -33,14 +33,17 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{Instrument, debug, info, warn};
 
+mod groups;
+
 use super::{Command, Device, Event, Reply, Sent, Shared};
 use crate::connection::{Connection, Parts, goodbye_reason, unexpected};
 use crate::crypto::envelope::{KIND_MESSAGE, Plaintext};
+use crate::crypto::group::KIND_SENDER_KEY;
 use crate::crypto::{BundleOutcome, Crypto, Decrypted, DeviceChange, ONE_TIME_KEY_LOW};
 use crate::error::{
     CloseReason, CryptoError, Error, ProtocolError, ServerError, StorageError, UsageError,
 };
-use crate::ids::{self, DeviceId, Seq, UserId};
+use crate::ids::{self, DeviceId, GroupId, Seq, UserId};
 use crate::outbox::{Content, Next, PendingSend, Queue, Retained, State, Store};
 use crate::recent::Recent;
 use crate::register::Credentials;
@@ -120,8 +123,14 @@ enum Request {
     },
     ReadReceipt {
         to_user: u64,
+        group_id: u64,
         client_msg_ids: Vec<String>,
         reply: Reply<()>,
+    },
+    /// Create, change, get or list groups.
+    Group {
+        body: client_frame::Body,
+        reply: Reply<server_frame::Body>,
     },
     CreateLinkCode {
         reply: Reply<pb::LinkCode>,
@@ -150,14 +159,16 @@ impl Request {
             }),
             Self::ReadReceipt {
                 to_user,
+                group_id,
                 client_msg_ids,
                 ..
             } => client_frame::Body::SendReceipt(pb::SendReceipt {
                 to_user: *to_user,
                 kind: ReceiptKind::Read.into(),
                 client_msg_ids: client_msg_ids.clone(),
-                group_id: 0,
+                group_id: *group_id,
             }),
+            Self::Group { body, .. } => body.clone(),
             Self::CreateLinkCode { .. } => {
                 client_frame::Body::CreateLinkCode(pb::CreateLinkCode {})
             }
@@ -182,6 +193,7 @@ impl Request {
         match self {
             Self::Lookup { .. } => "UserInfo",
             Self::ReadReceipt { .. } => "ReceiptOk",
+            Self::Group { .. } => "GroupInfo or GroupList",
             Self::CreateLinkCode { .. } => "LinkCode",
             Self::ListDevices { .. } => "DeviceList",
             Self::RevokeDevice { .. } => "DeviceRevoked",
@@ -206,6 +218,9 @@ impl Request {
             Self::ListDevices { reply } => {
                 let _ = reply.send(Err(error));
             }
+            Self::Group { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
         }
     }
 }
@@ -218,6 +233,16 @@ enum InFlight {
     Resolve(u64),
     /// Key bundles of `user` for this outbox entry.
     Fetch { seq: u64, user: u64 },
+    /// The members of the group of this outbox entry.
+    GroupInfo(u64),
+    /// A `SendGroupKeys` for this outbox entry: the key of session
+    /// `session_id` of `group` for these users' devices.
+    GroupKeys {
+        seq: u64,
+        group: u64,
+        session_id: String,
+        parts: Vec<(u64, Vec<u32>)>,
+    },
     /// This device's key upload.
     Upload,
     /// A caller's request.
@@ -405,6 +430,8 @@ pub(super) struct Actor {
     devices: Recent<u64, Vec<u32>>,
     /// Phone numbers by user.
     phones: Recent<u64, String>,
+    /// Member lists by group, until a change of the group is seen.
+    group_members: Recent<u64, Vec<u64>>,
     /// Consecutive failed links; reset when a link reaches `UpToDate`.
     attempt: u32,
     /// When the head of the outbox may be retried.
@@ -477,6 +504,7 @@ impl Actor {
             keys: Keys::default(),
             devices: Recent::new(DIRECTORY_CAPACITY),
             phones: Recent::new(DIRECTORY_CAPACITY),
+            group_members: Recent::new(groups::GROUP_CACHE_CAPACITY),
             attempt: 0,
             retry_at: None,
             close_replies: Vec::new(),
@@ -821,13 +849,16 @@ impl Actor {
             }
             Command::ReadReceipt {
                 to_user,
+                group_id,
                 client_msg_ids,
                 reply,
             } => self.push_request(Request::ReadReceipt {
                 to_user,
+                group_id,
                 client_msg_ids,
                 reply,
             }),
+            Command::Group { body, reply } => self.push_request(Request::Group { body, reply }),
             Command::Ack { seqs } => {
                 for seq in seqs {
                     self.app_acked.insert(seq, ());
@@ -1197,6 +1228,10 @@ impl Actor {
         let Some(entry) = self.queue.get_mut(seq) else {
             return;
         };
+        if let Content::Group { group_id, .. } = entry.send.content {
+            self.start_group_send(link, seq, group_id);
+            return;
+        }
         let Some(to_user) = entry.send.to_user else {
             entry.state = State::Resolving;
             let phone = entry.send.to_phone.clone().unwrap_or_default();
@@ -1214,6 +1249,7 @@ impl Actor {
                     .collect(),
                 Vec::new(),
             ),
+            Content::Group { .. } => return,
             Content::AllDevices { payload } => {
                 let payload = payload.clone();
                 let known = entry
@@ -1284,6 +1320,7 @@ impl Actor {
                     sent_at_ms: now_ms(),
                     to_user,
                     sender_identity: None,
+                    group_id: 0,
                 };
                 let sealed = self
                     .seal(to_user, &devices, &plaintext)
@@ -1501,6 +1538,19 @@ impl Actor {
                     link.sends_in_flight = link.sends_in_flight.saturating_sub(1);
                     self.on_fetch_answer(seq, user, frame.body)
                 }
+                InFlight::GroupInfo(seq) => {
+                    link.sends_in_flight = link.sends_in_flight.saturating_sub(1);
+                    self.on_group_info_answer(seq, frame.body)
+                }
+                InFlight::GroupKeys {
+                    seq,
+                    group,
+                    session_id,
+                    parts,
+                } => {
+                    link.sends_in_flight = link.sends_in_flight.saturating_sub(1);
+                    self.on_group_keys_answer(seq, group, &session_id, parts, frame.body)
+                }
                 InFlight::Upload => return self.on_upload_answer(link, frame.body),
                 InFlight::Request(request) => self.on_request_answer(request, frame.body),
                 InFlight::Ping => match frame.body {
@@ -1685,6 +1735,15 @@ impl Actor {
             (Request::ReadReceipt { reply, .. }, Some(Body::ReceiptOk(_))) => {
                 let _ = reply.send(Ok(()));
             }
+            (
+                Request::Group { reply, .. },
+                Some(body @ (Body::GroupInfo(_) | Body::GroupList(_))),
+            ) => {
+                if let Body::GroupInfo(info) = &body {
+                    self.learn_group(info);
+                }
+                let _ = reply.send(Ok(body));
+            }
             (Request::CreateLinkCode { reply }, Some(Body::LinkCode(code))) => {
                 let _ = reply.send(Ok(code));
             }
@@ -1771,11 +1830,20 @@ impl Actor {
                 .insert(entry.send.client_msg_id.clone(), entry.send.clone()),
             (None, false) => {}
         }
+        let group_id = match entry.send.content {
+            Content::Group { group_id, .. } => {
+                self.track_group_send(group_id, &entry.send.client_msg_id);
+                Some(GroupId(group_id))
+            }
+            _ => None,
+        };
         let sent = Sent {
             client_msg_id: entry.send.client_msg_id,
             to_user: UserId(entry.send.to_user.unwrap_or_default()),
             server_ts_ms: ok.server_ts_ms,
             duplicate: ok.duplicate,
+            group_id,
+            group_seq: group_id.map(|_| ok.group_seq),
         };
         debug!(seq, client_msg_id = %sent.client_msg_id, "sent");
         match self.waiters.remove(&seq) {
@@ -1828,6 +1896,10 @@ impl Actor {
                         if r.from_user != self.shared.user_id {
                             self.forgets.extend(r.client_msg_ids.iter().cloned());
                         }
+                        let group = (r.group_id != 0).then_some(GroupId(r.group_id));
+                        if group.is_some() {
+                            self.tally_group_receipt(&r, kind);
+                        }
                         self.emit(Event::Receipt {
                             seq: Seq(entry.seq),
                             from_user: UserId(r.from_user),
@@ -1836,6 +1908,7 @@ impl Actor {
                             kind,
                             client_msg_ids: r.client_msg_ids,
                             server_ts_ms: entry.server_ts_ms,
+                            group_id: group,
                         });
                     }
                     _ => {
@@ -1874,9 +1947,9 @@ impl Actor {
                     });
                 }
             }
-            // Groups are not in the SDK yet (the server has them): acked
-            // so they are not delivered again.
-            Some(Body::GroupMessage(_) | Body::GroupEvent(_)) | None => {
+            Some(Body::GroupMessage(m)) => self.on_group_message(entry.seq, entry.server_ts_ms, m),
+            Some(Body::GroupEvent(e)) => self.on_group_event(entry.seq, e),
+            None => {
                 warn!(seq = entry.seq, "queue entry of unknown kind; dropping");
                 self.acks.push_back(entry.seq);
             }
@@ -1922,7 +1995,7 @@ impl Actor {
             .decrypt(m.from_user, m.from_device, &m.payload, unknown_device)
             .and_then(|opened| {
                 let p = &opened.plaintext;
-                if p.kind != KIND_MESSAGE {
+                if p.kind != KIND_MESSAGE && p.kind != KIND_SENDER_KEY {
                     return Err(format!("unsupported content kind {}", p.kind));
                 }
                 if m.to_user != 0 && p.to_user != m.to_user {
@@ -1930,7 +2003,20 @@ impl Actor {
                 }
                 Ok(opened)
             });
+        let opened = opened.and_then(|opened| {
+            if opened.plaintext.kind == KIND_SENDER_KEY {
+                self.on_sender_key(&m, &opened.plaintext)?;
+            }
+            Ok(opened)
+        });
         match opened {
+            Ok(opened) if opened.plaintext.kind == KIND_SENDER_KEY => {
+                if opened.identity_changed {
+                    self.safety_number_changed(m.from_user);
+                }
+                // Handled here: nothing for the application.
+                self.acks.push_back(seq);
+            }
             Ok(opened) => {
                 if opened.identity_changed {
                     self.safety_number_changed(m.from_user);
@@ -1944,6 +2030,8 @@ impl Actor {
                     body: opened.plaintext.body,
                     sent_at_ms: opened.plaintext.sent_at_ms,
                     server_ts_ms,
+                    group_id: 0,
+                    group_seq: 0,
                 };
                 self.crypto.hold(seq, message.clone());
                 self.emit_message(seq, message);
@@ -1966,6 +2054,7 @@ impl Actor {
                     from_device: DeviceId(m.from_device),
                     from_phone: m.from_phone,
                     client_msg_id: m.client_msg_id,
+                    group_id: None,
                     reason,
                 });
             }
@@ -1975,6 +2064,22 @@ impl Actor {
     fn emit_message(&mut self, seq: u64, m: Decrypted) {
         self.emitted.insert(seq, ());
         let from_own_device = m.from_user == self.shared.user_id;
+        if m.group_id != 0 {
+            self.emit(Event::GroupMessage {
+                seq: Seq(seq),
+                group_id: GroupId(m.group_id),
+                group_seq: m.group_seq,
+                from_user: UserId(m.from_user),
+                from_device: DeviceId(m.from_device),
+                from_phone: m.from_phone,
+                from_own_device,
+                client_msg_id: m.client_msg_id,
+                payload: m.body,
+                sent_at_ms: m.sent_at_ms,
+                server_ts_ms: m.server_ts_ms,
+            });
+            return;
+        }
         self.emit(Event::Message {
             seq: Seq(seq),
             from_user: UserId(m.from_user),
@@ -2013,6 +2118,9 @@ impl Actor {
                     let _ = reply.send(Err(closed()));
                 }
                 Command::ListDevices { reply } => {
+                    let _ = reply.send(Err(closed()));
+                }
+                Command::Group { reply, .. } => {
                     let _ = reply.send(Err(closed()));
                 }
                 Command::SafetyNumber { reply, .. } => {

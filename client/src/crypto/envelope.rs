@@ -21,6 +21,10 @@ pub const OLM_PRE_KEY: u8 = 0;
 /// Olm message type byte for a normal message.
 pub const OLM_NORMAL: u8 = 1;
 
+/// Message type byte for a Megolm group message (sealed with a sender key,
+/// see `crypto::group`).
+pub const MEGOLM: u8 = 2;
+
 /// Bytes before the Olm message: version and type.
 const WIRE_HEADER_BYTES: usize = 2;
 
@@ -100,6 +104,10 @@ pub struct Plaintext {
     /// the receiver learns the device's Ed25519 key with the session.
     #[prost(message, optional, tag = "5")]
     pub sender_identity: Option<pb::IdentityKeys>,
+    /// The group: in a group message (the receiver checks it against the
+    /// server's routing), and in a sender key (the group it is for).
+    #[prost(uint64, tag = "6")]
+    pub group_id: u64,
 }
 
 impl Plaintext {
@@ -177,6 +185,7 @@ mod tests {
             sent_at_ms: 1,
             to_user: 2,
             sender_identity: None,
+            group_id: 0,
         };
         let bytes = p.encode();
         // Golden bytes: field 1 = 1, field 2 = "hi", field 3 = 1, field 4 = 2.

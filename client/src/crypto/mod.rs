@@ -17,6 +17,7 @@
 
 #[doc(hidden)]
 pub mod envelope;
+pub(crate) mod group;
 pub mod safety;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -84,6 +85,12 @@ pub(crate) struct Decrypted {
     pub body: Bytes,
     pub sent_at_ms: u64,
     pub server_ts_ms: u64,
+    /// The group, for a group message (0: none).
+    #[serde(default)]
+    pub group_id: u64,
+    /// Its place in the group's order.
+    #[serde(default)]
+    pub group_seq: u64,
 }
 
 mod hex_bytes {
@@ -158,6 +165,9 @@ struct Snapshot {
     /// (sender, sender's device, client message id, queue seq), oldest first.
     seen: Vec<(u64, u32, String, u64)>,
     unacked: Vec<(u64, Decrypted)>,
+    /// Megolm sender keys (absent in snapshots from before groups).
+    #[serde(default)]
+    groups: group::StoredGroupKeys,
 }
 
 /// The device's end-to-end encryption state.
@@ -181,6 +191,8 @@ pub(crate) struct Crypto {
     pub(crate) seen: Recent<(u64, u32, String), u64>,
     /// Queue seq → decrypted message, until the application acks it.
     unacked: BTreeMap<u64, Decrypted>,
+    /// Megolm sender keys, sent and received.
+    groups: group::GroupKeys,
     dirty: bool,
 }
 
@@ -245,6 +257,7 @@ impl Crypto {
             own_devices: None,
             seen: Recent::new(DEDUP_CAPACITY),
             unacked: BTreeMap::new(),
+            groups: group::GroupKeys::default(),
             dirty: true,
         }
     }
@@ -278,6 +291,7 @@ impl Crypto {
             own_devices: snap.own_devices,
             seen: Recent::new(DEDUP_CAPACITY),
             unacked: snap.unacked.into_iter().collect(),
+            groups: group::GroupKeys::restore(snap.groups),
             dirty: false,
         };
         for s in snap.sessions {
@@ -346,6 +360,7 @@ impl Crypto {
                 .iter()
                 .map(|(seq, d)| (*seq, d.clone()))
                 .collect(),
+            groups: self.groups.stored(),
         };
         serde_json::to_vec(&snap).map_err(|e| CryptoError::State(e.to_string()))
     }
@@ -806,6 +821,17 @@ impl Crypto {
         }
     }
 
+    /// The group sender keys, for a change (marks the state dirty).
+    pub(crate) fn groups_mut(&mut self) -> &mut group::GroupKeys {
+        self.dirty = true;
+        &mut self.groups
+    }
+
+    /// The group sender keys, to read.
+    pub(crate) fn groups(&self) -> &group::GroupKeys {
+        &self.groups
+    }
+
     /// The safety number with `peer`, from the identities known now.
     pub(crate) fn safety_number(&self, peer: u64) -> Result<String, CryptoError> {
         let peer_keys: Vec<[u8; 32]> = self.key_set(peer).into_iter().collect();
@@ -852,6 +878,7 @@ mod tests {
             sent_at_ms: 1,
             to_user,
             sender_identity: None,
+            group_id: 0,
         }
     }
 

@@ -184,6 +184,7 @@ pub async fn run<L: Link>(
             auth_failures: 0,
             peer,
             held_sends: FastMap::default(),
+            held_group_sends: FastMap::default(),
             pending: FuturesUnordered::new(),
             delivered: FastMap::default(),
             sends_in_flight: 0,
@@ -383,6 +384,8 @@ pub(super) struct Conn<L: Link> {
     /// refusal: later sends to that user wait for it (see `cmd::send`).
     /// At most `cmd::send::MAX_HELD_RECIPIENTS`.
     pub(super) held_sends: FastMap<UserId, (String, pb::Error)>,
+    /// The same for group messages, per group (see `cmd::send_group`).
+    pub(super) held_group_sends: FastMap<u64, (String, pb::Error)>,
     /// Answers being prepared by the router.
     pub(super) pending: Pending,
     /// Entries pushed and not yet acked: seq → (sender, client id) for
@@ -778,7 +781,10 @@ impl<L: Link> Conn<L> {
                     let me = self.authed.as_ref().map(|a| a.device.user);
                     let owed = match &e.body {
                         // A copy from one of our own devices owes no receipt.
-                        Some(pb::queue_entry::Body::Message(m)) if Some(m.from_user) != me => {
+                        // A group's sender key owes none either.
+                        Some(pb::queue_entry::Body::Message(m))
+                            if Some(m.from_user) != me && m.group_id == 0 =>
+                        {
                             Some(Owed {
                                 from_user: m.from_user,
                                 client_msg_id: m.client_msg_id.clone(),
@@ -944,7 +950,12 @@ impl<L: Link> Conn<L> {
             }
             In::SendGroup(req) => {
                 if let Some(device) = self.authed_or_refuse(id) {
-                    cmd::send_group::run(self, id, device, req);
+                    cmd::send_group::run(self, id, device, req).await?;
+                }
+            }
+            In::SendGroupKeys(req) => {
+                if let Some(device) = self.authed_or_refuse(id) {
+                    cmd::send_group_keys::run(self, id, device, req);
                 }
             }
         }

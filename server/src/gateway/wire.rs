@@ -115,6 +115,10 @@ pub fn route_error(err: &RouteError) -> pb::Error {
             ErrorCode::NotGroupAdmin,
             "only group admins may do this (and nobody may remove or demote the creator)",
         ),
+        RouteError::NotGroupMember => error(
+            ErrorCode::NotGroupMember,
+            "this user is not a member of the group",
+        ),
         RouteError::GroupFull => error(
             ErrorCode::GroupFull,
             "a group has at most 1024 members; nobody was added",

@@ -99,6 +99,9 @@ pub enum RouteError {
     /// The group has the most members allowed.
     #[error("the group is full")]
     GroupFull,
+    /// A `SendGroupKeys` part names a user outside the group.
+    #[error("not a member of the group")]
+    NotGroupMember,
 
     // ---- infrastructure
     /// The store failed; nothing was acknowledged.

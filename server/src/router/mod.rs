@@ -122,6 +122,9 @@ pub struct SendRequest {
     pub payloads: Vec<pb::DevicePayload>,
     /// The client says this id was never sent before: no dedup lookup.
     pub first_attempt: bool,
+    /// A part of `SendGroupKeys` for this group (0: an ordinary send):
+    /// stored as a `Message` with `group_id` set, which owes no receipt.
+    pub group_id: u64,
 }
 
 /// Answer to a send: the ✓.

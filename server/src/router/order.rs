@@ -9,6 +9,9 @@
 //! to that user is refused the same way. The retry clears the hold and is
 //! handled as usual; the later sends, retried after it, follow in order.
 //!
+//! Group messages are held the same way, per sending device and group
+//! (`Part::Group`), on the group's shard.
+//!
 //! A hold lapses after [`HOLD_TTL_MS`] (a client that gave the message up
 //! must not be blocked for good) and the map is bounded
 //! ([`MAX_HOLDS`]). Holds live in the memory of the shard that owns the
@@ -35,6 +38,8 @@ pub enum Part {
     Peer,
     /// The sender's other devices.
     Own,
+    /// A group's members (the key's user id is the group's id).
+    Group,
 }
 
 /// Why sends are held: the refusal they repeat.

@@ -1160,6 +1160,13 @@ impl Shard {
                 }
             }
             Command::SendSelf { req, .. } => hold(req, Part::Own),
+            Command::SendGroup { req, .. } => self.holds.hold(
+                (req.from, req.group_id, Part::Group),
+                &req.client_msg_id,
+                by,
+                retry_after_ms,
+                now,
+            ),
             _ => {}
         }
     }

@@ -30,6 +30,7 @@ pub(super) mod request_code;
 pub(super) mod revoke_device;
 pub(super) mod send;
 pub(super) mod send_group;
+pub(super) mod send_group_keys;
 pub(super) mod send_receipt;
 pub(super) mod set_pin;
 pub(super) mod upload_keys;

@@ -18,7 +18,7 @@ use crate::store::{DeviceKey, UserId};
 
 /// Most devices one send may address: a user has at most five devices, and
 /// 16 full payloads still fit the default frame limit.
-const MAX_PAYLOADS_PER_SEND: usize = 16;
+pub(super) const MAX_PAYLOADS_PER_SEND: usize = 16;
 
 /// Recipients a connection holds sends for at once: a client refused for
 /// more recipients than this at a time (only a flooder is) gets no order
@@ -99,6 +99,7 @@ pub(in crate::gateway) async fn run<L: Link>(
         to_user: req.to_user,
         payloads: req.payloads,
         first_attempt: req.first_attempt,
+        group_id: 0,
     };
     let copies = (!to_self).then(|| SendRequest {
         from: device,
@@ -107,6 +108,7 @@ pub(in crate::gateway) async fn run<L: Link>(
         to_user: req.to_user,
         payloads: req.self_payloads,
         first_attempt: req.first_attempt,
+        group_id: 0,
     });
     // Both parts are enqueued in frame order (so each device's
     // messages keep their order); the ✓ means both parts are

@@ -31,6 +31,7 @@ use switchboard_proto::pb;
 use super::{Shard, reply_now};
 use crate::FastMap;
 use crate::clock::now_ms;
+use crate::router::order::Part;
 use crate::router::{GroupSendRequest, GroupSent, Reply, RouteError, shard_of_user};
 use crate::store::{
     DedupKey, DedupOp, DedupRecord, DeviceKey, GroupId, GroupOp, GroupRecord, MailRecord,
@@ -623,6 +624,10 @@ impl Shard {
                 false,
             ));
         }
+        // Behind a refused earlier message of this device to the group
+        // (`router::order`).
+        let order = (req.from, group, Part::Group);
+        self.holds.check(order, &req.client_msg_id, now_ms())?;
         let members: Vec<UserId> = self
             .groups
             .owned
@@ -631,6 +636,7 @@ impl Shard {
             .unwrap_or_default();
         let now = now_ms();
         let seq = self.next_group_seq(group).ok_or(RouteError::Internal)?;
+        let client_msg_id = req.client_msg_id.clone();
         let whole = pb::GroupMessage {
             group_id: group,
             group_seq: seq,
@@ -674,6 +680,8 @@ impl Shard {
             },
         });
         self.messages_in += 1;
+        // Held behind if the batch fails to commit.
+        self.batch_sends.push((order, client_msg_id));
         Ok((
             GroupSent {
                 server_ts_ms: now,
@@ -905,6 +913,7 @@ impl Shard {
 mod router_side {
     use super::super::Command;
     use super::*;
+    use tokio::sync::oneshot;
 
     impl crate::router::Router {
         /// Creates a group with `creator` as its creator.
@@ -972,17 +981,27 @@ mod router_side {
             .await
         }
 
-        /// A message to every member device of a group: the ✓ once it is
-        /// stored with every member's reference (or the mail that owes it).
+        /// Hands a message to every member device of a group to the group's
+        /// shard; returns once it is in the shard's inbox (so a device's
+        /// group messages reach the shard in frame order). The receiver
+        /// yields the ✓ once the message is stored with every member's
+        /// reference (or the mail that owes it), or the refusal
+        /// ([`RouteError::UnknownGroup`], also for non-members; storage; a
+        /// hold behind a refused earlier message).
         ///
         /// # Errors
-        /// [`RouteError::UnknownGroup`] (also for non-members), storage.
-        pub async fn send_group(&self, req: GroupSendRequest) -> Result<GroupSent, RouteError> {
-            self.call(self.user_shard(req.group_id), |reply| Command::SendGroup {
-                req,
-                reply,
-            })
-            .await
+        /// [`RouteError::Overloaded`] or [`RouteError::ShuttingDown`].
+        pub async fn submit_group_send(
+            &self,
+            req: GroupSendRequest,
+        ) -> Result<oneshot::Receiver<Result<GroupSent, RouteError>>, RouteError> {
+            let (reply, rx) = oneshot::channel();
+            self.enqueue(
+                self.user_shard(req.group_id),
+                Command::SendGroup { req, reply },
+            )
+            .await?;
+            Ok(rx)
         }
     }
 }

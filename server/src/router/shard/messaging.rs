@@ -233,6 +233,7 @@ impl Shard {
                 client_msg_id: req.client_msg_id.clone(),
                 payload: p.payload.clone(),
                 to_user: req.to_user,
+                group_id: req.group_id,
             });
             self.stage_entry(device, seq, now, body);
         }
@@ -508,6 +509,25 @@ mod router_side {
                     Ok(Some(SendTicket { peer, own: None }))
                 }
             }
+        }
+
+        /// Hands one part of a `SendGroupKeys` (or any send without copies)
+        /// to the recipient's shard; the ticket yields its ✓.
+        ///
+        /// # Errors
+        /// [`RouteError::Overloaded`] or [`RouteError::ShuttingDown`].
+        pub async fn submit_part(&self, req: SendRequest) -> Result<SendTicket, RouteError> {
+            let (tx, peer) = oneshot::channel();
+            self.enqueue(
+                self.user_shard(req.to_user),
+                Command::Send {
+                    req,
+                    copies: None,
+                    reply: SendReply::Ticket(tx),
+                },
+            )
+            .await?;
+            Ok(SendTicket { peer, own: None })
         }
 
         /// Durably queues a receipt for every device of `to_user`. With
