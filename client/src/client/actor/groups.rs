@@ -38,6 +38,9 @@ pub(super) const MAX_KEY_PARTS: usize = 256;
 /// Bytes of sender-key payloads per request, leaving room in a 1 MiB frame.
 const MAX_KEY_BYTES: usize = 768 * 1024;
 
+/// Members whose key bundles are fetched at once for a group send.
+const FETCH_WINDOW: usize = 128;
+
 /// Members and the devices a key request addresses.
 type Parts = Vec<(u64, Vec<u32>)>;
 
@@ -105,6 +108,9 @@ impl Actor {
             parts.push((user, devices));
         }
         if !fetch.is_empty() {
+            // A window at a time, so a big group does not flood the server
+            // with bundle requests (the rest follow when these are in).
+            fetch.truncate(FETCH_WINDOW);
             entry.state = State::Resolving;
             entry.fetches = fetch.len();
             entry.key_wait = false;
