@@ -164,6 +164,15 @@ pub struct Config {
     /// Webhook sender: how long an open circuit refuses requests before
     /// one trial is let through.
     pub code_webhook_breaker_open_ms: u64,
+    /// Cluster mode: seed nodes of the Redis Cluster, comma-separated
+    /// `redis://host:port` (empty: embedded store). Set with
+    /// `postgres_url`.
+    pub redis_url: String,
+    /// Cluster mode: the PostgreSQL connection string (empty: embedded
+    /// store). Set with `redis_url`.
+    pub postgres_url: String,
+    /// Cluster mode: this node's name (empty: the host name).
+    pub node_id: String,
 }
 
 impl Default for Config {
@@ -225,6 +234,9 @@ impl Default for Config {
             // ... for 30 s, so a dead gateway is not hammered and users get
             // an immediate retryable answer.
             code_webhook_breaker_open_ms: 30_000,
+            redis_url: String::new(),
+            postgres_url: String::new(),
+            node_id: String::new(),
         }
     }
 }
@@ -747,6 +759,18 @@ const SETTING_HELP: &[(&str, &str)] = &[
     (
         "code_webhook_breaker_open_ms",
         "Webhook sender: how long an open circuit refuses before a trial.",
+    ),
+    (
+        "redis_url",
+        "Cluster mode: Redis Cluster seed nodes, comma-separated redis:// URLs (with postgres_url).",
+    ),
+    (
+        "postgres_url",
+        "Cluster mode: the PostgreSQL connection string (with redis_url).",
+    ),
+    (
+        "node_id",
+        "Cluster mode: this node's name (default: the host name).",
     ),
 ];
 

@@ -33,6 +33,10 @@ enum Command {
     Serve(ServeArgs),
     /// Print the effective configuration as TOML (a starting config file).
     Config(ServeArgs),
+    /// Cluster mode: apply the PostgreSQL schema migrations this build
+    /// knows to `postgres_url` (a node also does it at start), and print the
+    /// schema version.
+    Migrate(ServeArgs),
 }
 
 #[derive(Args)]
@@ -137,7 +141,50 @@ async fn shutdown_signal() {
     }
 }
 
+/// `switchboard migrate`: brings `postgres_url`'s schema to this build's.
+async fn migrate(config: &Config) -> anyhow::Result<()> {
+    use switchboard_server::cluster::schema;
+    if config.postgres_url.is_empty() {
+        anyhow::bail!(
+            "postgres_url is not set (flag --postgres-url, env SWITCHBOARD_POSTGRES_URL)"
+        );
+    }
+    let mut client = schema::connect(&config.postgres_url)
+        .await
+        .context("cannot connect to postgres_url")?;
+    let done = schema::migrate(&mut client).await?;
+    println!(
+        "schema at version {} (was {}; this build knows {})",
+        done.to,
+        done.from,
+        schema::latest()
+    );
+    Ok(())
+}
+
+/// Cluster mode's start: the schema is migrated (or found newer, and the
+/// node refuses), then the node stops with an error, since this build has
+/// no cluster storage backends yet (issue #21) and must not serve from its
+/// embedded store while the operator asked for a cluster.
+async fn cluster_start(config: &Config) -> anyhow::Result<()> {
+    use switchboard_server::cluster::{ClusterSettings, schema};
+    let Some(cluster) = ClusterSettings::from_config(config)? else {
+        return Ok(());
+    };
+    let mut client = schema::connect(&cluster.postgres_url)
+        .await
+        .context("cannot connect to postgres_url")?;
+    let done = schema::migrate(&mut client).await?;
+    anyhow::bail!(
+        "cluster mode is not available in this build: the PostgreSQL schema is ready \
+         (version {}), but the Redis and PostgreSQL storage backends are still being built \
+         (issue #21). Unset redis_url and postgres_url to run on the embedded store",
+        done.to
+    )
+}
+
 async fn serve(config: Config) -> anyhow::Result<()> {
+    cluster_start(&config).await?;
     let tcp = switchboard_server::listen(config.tcp_listen)
         .with_context(|| format!("cannot listen on {} (tcp_listen)", config.tcp_listen))?;
     let http = switchboard_server::listen(config.http_listen)
@@ -161,6 +208,7 @@ fn main() -> ExitCode {
     let matches = Cli::command()
         .mut_subcommand("serve", with_setting_flags)
         .mut_subcommand("config", with_setting_flags)
+        .mut_subcommand("migrate", with_setting_flags)
         .get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
@@ -173,6 +221,14 @@ fn main() -> ExitCode {
         Command::Config(args) => effective_config(&args, &sub).and_then(|c| {
             print!("{}", toml::to_string(&c)?);
             Ok(())
+        }),
+        Command::Migrate(args) => effective_config(&args, &sub).and_then(|config| {
+            init_logging(config.log_format);
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")
+                .and_then(|rt| rt.block_on(migrate(&config)))
         }),
         Command::Serve(args) => match effective_config(&args, &sub) {
             Ok(config) => {

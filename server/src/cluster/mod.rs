@@ -1,0 +1,60 @@
+//! Cluster mode (issue #21): the same binary as one of N interchangeable
+//! nodes on a Redis Cluster and a PostgreSQL, chosen by setting both
+//! `redis_url` and `postgres_url` (neither: the embedded store, the
+//! default).
+//!
+//! Built in steps. In this build: the settings and the PostgreSQL schema,
+//! versioned and migrated at start and by `switchboard migrate`
+//! ([`schema`]). The storage backends on PostgreSQL and Redis (the mapping
+//! is in docs/ARCHITECTURE.md, "Storage by domain") are not yet, so a node
+//! configured for a cluster migrates the schema and then refuses to serve
+//! with a clear error rather than silently running embedded.
+
+pub mod schema;
+
+use crate::config::Config;
+
+/// Why cluster mode cannot start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClusterError {
+    /// Only one of the two engines was given.
+    #[error(
+        "cluster mode needs both redis_url and postgres_url ({0} is empty); set neither to run embedded"
+    )]
+    Incomplete(&'static str),
+    /// The schema could not be read or migrated.
+    #[error(transparent)]
+    Schema(#[from] schema::SchemaError),
+}
+
+/// The engines of a cluster node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// Seed nodes of the Redis Cluster, comma-separated `redis://` URLs.
+    pub redis_url: String,
+    /// The PostgreSQL connection string (URL or `key=value` form).
+    pub postgres_url: String,
+    /// This node's name in the cluster (empty: the host name is used).
+    pub node_id: String,
+}
+
+impl ClusterSettings {
+    /// The cluster settings of `config`: `None` for the embedded store
+    /// (neither engine set).
+    ///
+    /// # Errors
+    /// [`ClusterError::Incomplete`] when only one engine is set.
+    pub fn from_config(config: &Config) -> Result<Option<Self>, ClusterError> {
+        match (config.redis_url.is_empty(), config.postgres_url.is_empty()) {
+            (true, true) => Ok(None),
+            (true, false) => Err(ClusterError::Incomplete("redis_url")),
+            (false, true) => Err(ClusterError::Incomplete("postgres_url")),
+            (false, false) => Ok(Some(Self {
+                redis_url: config.redis_url.clone(),
+                postgres_url: config.postgres_url.clone(),
+                node_id: config.node_id.clone(),
+            })),
+        }
+    }
+}
