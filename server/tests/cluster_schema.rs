@@ -59,6 +59,7 @@ async fn migrate_creates_the_schema_once_and_refuses_a_newer_one() {
         "device_keys",
         "one_time_keys",
         "groups",
+        "group_seqs",
         "group_members",
     ] {
         let n: i64 = client

@@ -66,8 +66,11 @@ CREATE TABLE one_time_keys (
 );
 CREATE TABLE groups (
     group_id bigint PRIMARY KEY,
-    record bytea NOT NULL,
-    reserved_seq bigint NOT NULL DEFAULT 0
+    record bytea NOT NULL
+);
+CREATE TABLE group_seqs (
+    group_id bigint PRIMARY KEY,
+    reserved_seq bigint NOT NULL
 );
 CREATE TABLE group_members (
     user_id bigint NOT NULL,

@@ -1,0 +1,388 @@
+//! The PostgreSQL domains of cluster mode: [`Accounts`], [`Keys`] and
+//! [`Groups`] on the tables of [`super::schema`].
+//!
+//! The domain traits are synchronous and called from shard threads, so a
+//! [`PgDomains`] owns a small current-thread runtime and blocks on it for
+//! each statement; it must not be called from inside an async task. One
+//! [`PgDomains::apply`] is one transaction: the batch is the atomic unit
+//! of these domains.
+
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use prost::Message;
+use tokio_postgres::Client;
+
+use super::schema;
+use crate::store::{
+    AccountOp, Accounts, CodeRecord, DeviceKey, DeviceKeysRecord, GroupId, GroupOp, GroupRecord,
+    Groups, KeyOp, Keys, LinkCodeRecord, StoreError, UserId, UserRecord,
+};
+
+/// A u64 id in a `bigint` column: the same 64 bits.
+fn sql(id: u64) -> i64 {
+    id.cast_signed()
+}
+
+/// A `bigint` column back to the u64 id it holds.
+fn id(v: i64) -> u64 {
+    v.cast_unsigned()
+}
+
+fn engine(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Engine(format!("PostgreSQL: {e}"))
+}
+
+fn decode<M: Message + Default>(what: &'static str, bytes: &[u8]) -> Result<M, StoreError> {
+    M::decode(bytes).map_err(|e| StoreError::Corrupt {
+        what,
+        detail: e.to_string(),
+    })
+}
+
+/// One write of these domains.
+#[derive(Debug, Clone)]
+pub enum PgOp {
+    /// Accounts.
+    Account(AccountOp),
+    /// Keys.
+    Key(KeyOp),
+    /// Groups.
+    Group(GroupOp),
+}
+
+/// Accounts, keys and groups in PostgreSQL.
+pub struct PgDomains {
+    rt: tokio::runtime::Runtime,
+    client: Mutex<Client>,
+}
+
+impl std::fmt::Debug for PgDomains {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgDomains").finish_non_exhaustive()
+    }
+}
+
+impl PgDomains {
+    /// Connects to `url` and brings its schema to this build's (refusing
+    /// a newer one). Blocks; call it outside any async runtime.
+    ///
+    /// # Errors
+    /// [`StoreError::Engine`] when PostgreSQL cannot be reached, refuses, or
+    /// has a newer schema.
+    pub fn open(url: &str) -> Result<Self, StoreError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(engine)?;
+        let client = rt.block_on(async {
+            let (mut client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                .await
+                .map_err(engine)?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::warn!(error = %e, "PostgreSQL connection ended");
+                }
+            });
+            schema::migrate(&mut client).await.map_err(engine)?;
+            Ok::<_, StoreError>(client)
+        })?;
+        Ok(Self {
+            rt,
+            client: Mutex::new(client),
+        })
+    }
+
+    fn client(&self) -> std::sync::MutexGuard<'_, Client> {
+        self.client
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// One optional `bytea` value of a single-row query.
+    fn bytes(
+        &self,
+        query: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let client = self.client();
+        let row = self
+            .rt
+            .block_on(client.query_opt(query, params))
+            .map_err(engine)?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Applies `ops` in order in one transaction (all or none).
+    ///
+    /// # Errors
+    /// [`StoreError::Engine`] if any statement or the commit fails; then
+    /// nothing of the batch is applied.
+    pub fn apply(&self, ops: &[PgOp]) -> Result<(), StoreError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let mut client = self.client();
+        self.rt.block_on(async {
+            let tx = client.transaction().await.map_err(engine)?;
+            for op in ops {
+                apply_one(&tx, op).await?;
+            }
+            tx.commit().await.map_err(engine)
+        })
+    }
+}
+
+async fn apply_one(tx: &tokio_postgres::Transaction<'_>, op: &PgOp) -> Result<(), StoreError> {
+    let r = match op {
+        PgOp::Account(AccountOp::PutUser(u)) => {
+            tx.execute(
+                "INSERT INTO users (user_id, record) VALUES ($1, $2) \
+                 ON CONFLICT (user_id) DO UPDATE SET record = EXCLUDED.record",
+                &[&sql(u.user_id), &u.encode_to_vec()],
+            )
+            .await
+        }
+        PgOp::Account(AccountOp::PutPhone { phone, user }) => {
+            tx.execute(
+                "INSERT INTO phones (phone, user_id) VALUES ($1, $2) \
+                 ON CONFLICT (phone) DO UPDATE SET user_id = EXCLUDED.user_id",
+                &[phone, &sql(*user)],
+            )
+            .await
+        }
+        PgOp::Account(AccountOp::PutCode { phone, record }) => {
+            tx.execute(
+                "INSERT INTO codes (phone, record) VALUES ($1, $2) \
+                 ON CONFLICT (phone) DO UPDATE SET record = EXCLUDED.record",
+                &[phone, &record.encode_to_vec()],
+            )
+            .await
+        }
+        PgOp::Account(AccountOp::PutLinkCode { code, record }) => {
+            tx.execute(
+                "INSERT INTO link_codes (code, expires_ms, record) VALUES ($1, $2, $3) \
+                 ON CONFLICT (code) DO UPDATE SET expires_ms = EXCLUDED.expires_ms, \
+                 record = EXCLUDED.record",
+                &[code, &sql(record.expires_ms), &record.encode_to_vec()],
+            )
+            .await
+        }
+        PgOp::Account(AccountOp::DeleteLinkCode(code)) => {
+            tx.execute("DELETE FROM link_codes WHERE code = $1", &[code])
+                .await
+        }
+        PgOp::Key(KeyOp::PutDeviceKeys { device, record }) => {
+            tx.execute(
+                "INSERT INTO device_keys (user_id, device_id, record) VALUES ($1, $2, $3) \
+                 ON CONFLICT (user_id, device_id) DO UPDATE SET record = EXCLUDED.record",
+                &[
+                    &sql(device.user),
+                    &device.device.cast_signed(),
+                    &record.encode_to_vec(),
+                ],
+            )
+            .await
+        }
+        PgOp::Key(KeyOp::PutOneTimeKey { device, index, key }) => {
+            tx.execute(
+                "INSERT INTO one_time_keys (user_id, device_id, key_index, record) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (user_id, device_id, key_index) \
+                 DO UPDATE SET record = EXCLUDED.record",
+                &[
+                    &sql(device.user),
+                    &device.device.cast_signed(),
+                    &sql(*index),
+                    &key.to_vec(),
+                ],
+            )
+            .await
+        }
+        PgOp::Key(KeyOp::DeleteOneTimeKey { device, index }) => {
+            tx.execute(
+                "DELETE FROM one_time_keys WHERE user_id = $1 AND device_id = $2 \
+                 AND key_index = $3",
+                &[
+                    &sql(device.user),
+                    &device.device.cast_signed(),
+                    &sql(*index),
+                ],
+            )
+            .await
+        }
+        PgOp::Key(KeyOp::DropDeviceKeys(device)) => {
+            let (u, d) = (sql(device.user), device.device.cast_signed());
+            if let Err(e) = tx
+                .execute(
+                    "DELETE FROM one_time_keys WHERE user_id = $1 AND device_id = $2",
+                    &[&u, &d],
+                )
+                .await
+            {
+                return Err(engine(e));
+            }
+            tx.execute(
+                "DELETE FROM device_keys WHERE user_id = $1 AND device_id = $2",
+                &[&u, &d],
+            )
+            .await
+        }
+        PgOp::Group(GroupOp::PutGroup(g)) => {
+            tx.execute(
+                "INSERT INTO groups (group_id, record) VALUES ($1, $2) \
+                 ON CONFLICT (group_id) DO UPDATE SET record = EXCLUDED.record",
+                &[&sql(g.group_id), &g.encode_to_vec()],
+            )
+            .await
+        }
+        PgOp::Group(GroupOp::ReserveSeqs { group, upto }) => {
+            tx.execute(
+                "INSERT INTO group_seqs (group_id, reserved_seq) VALUES ($1, $2) \
+                 ON CONFLICT (group_id) DO UPDATE SET reserved_seq = EXCLUDED.reserved_seq",
+                &[&sql(*group), &sql(*upto)],
+            )
+            .await
+        }
+        PgOp::Group(GroupOp::PutMembership { user, group }) => {
+            tx.execute(
+                "INSERT INTO group_members (user_id, group_id) VALUES ($1, $2) \
+                 ON CONFLICT DO NOTHING",
+                &[&sql(*user), &sql(*group)],
+            )
+            .await
+        }
+        PgOp::Group(GroupOp::DeleteMembership { user, group }) => {
+            tx.execute(
+                "DELETE FROM group_members WHERE user_id = $1 AND group_id = $2",
+                &[&sql(*user), &sql(*group)],
+            )
+            .await
+        }
+        PgOp::Group(GroupOp::DropGroup(group)) => {
+            if let Err(e) = tx
+                .execute(
+                    "DELETE FROM group_seqs WHERE group_id = $1",
+                    &[&sql(*group)],
+                )
+                .await
+            {
+                return Err(engine(e));
+            }
+            tx.execute("DELETE FROM groups WHERE group_id = $1", &[&sql(*group)])
+                .await
+        }
+    };
+    r.map(drop).map_err(engine)
+}
+
+impl Accounts for PgDomains {
+    fn user(&self, user: UserId) -> Result<Option<UserRecord>, StoreError> {
+        self.bytes("SELECT record FROM users WHERE user_id = $1", &[&sql(user)])?
+            .map(|b| decode("user", &b))
+            .transpose()
+    }
+
+    fn phone(&self, phone: &str) -> Result<Option<UserId>, StoreError> {
+        let client = self.client();
+        let row = self
+            .rt
+            .block_on(client.query_opt("SELECT user_id FROM phones WHERE phone = $1", &[&phone]))
+            .map_err(engine)?;
+        Ok(row.map(|r| id(r.get(0))))
+    }
+
+    fn code(&self, phone: &str) -> Result<Option<CodeRecord>, StoreError> {
+        self.bytes("SELECT record FROM codes WHERE phone = $1", &[&phone])?
+            .map(|b| decode("code", &b))
+            .transpose()
+    }
+
+    fn link_code(&self, code: &str) -> Result<Option<LinkCodeRecord>, StoreError> {
+        self.bytes("SELECT record FROM link_codes WHERE code = $1", &[&code])?
+            .map(|b| decode("link code", &b))
+            .transpose()
+    }
+
+    fn expired_link_codes(&self, before_ms: u64, limit: usize) -> Result<Vec<String>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let client = self.client();
+        let rows = self
+            .rt
+            .block_on(client.query(
+                "SELECT code FROM link_codes WHERE expires_ms < $1 ORDER BY expires_ms LIMIT $2",
+                &[&sql(before_ms), &limit],
+            ))
+            .map_err(engine)?;
+        Ok(rows.into_iter().map(|r| r.get(0)).collect())
+    }
+}
+
+impl Keys for PgDomains {
+    fn device_keys(&self, device: DeviceKey) -> Result<Option<DeviceKeysRecord>, StoreError> {
+        self.bytes(
+            "SELECT record FROM device_keys WHERE user_id = $1 AND device_id = $2",
+            &[&sql(device.user), &device.device.cast_signed()],
+        )?
+        .map(|b| decode("device keys", &b))
+        .transpose()
+    }
+
+    fn first_one_time_key(
+        &self,
+        device: DeviceKey,
+        from: u64,
+    ) -> Result<Option<(u64, Bytes)>, StoreError> {
+        let client = self.client();
+        let row = self
+            .rt
+            .block_on(client.query_opt(
+                "SELECT key_index, record FROM one_time_keys \
+                 WHERE user_id = $1 AND device_id = $2 AND key_index >= $3 \
+                 ORDER BY key_index LIMIT 1",
+                &[&sql(device.user), &device.device.cast_signed(), &sql(from)],
+            ))
+            .map_err(engine)?;
+        Ok(row.map(|r| {
+            let key: Vec<u8> = r.get(1);
+            (id(r.get(0)), Bytes::from(key))
+        }))
+    }
+}
+
+impl Groups for PgDomains {
+    fn group(&self, group: GroupId) -> Result<Option<GroupRecord>, StoreError> {
+        self.bytes(
+            "SELECT record FROM groups WHERE group_id = $1",
+            &[&sql(group)],
+        )?
+        .map(|b| decode("group", &b))
+        .transpose()
+    }
+
+    fn group_reserved_seq(&self, group: GroupId) -> Result<u64, StoreError> {
+        let client = self.client();
+        let row = self
+            .rt
+            .block_on(client.query_opt(
+                "SELECT reserved_seq FROM group_seqs WHERE group_id = $1",
+                &[&sql(group)],
+            ))
+            .map_err(engine)?;
+        Ok(row.map_or(0, |r| id(r.get(0))))
+    }
+
+    fn user_groups(&self, user: UserId) -> Result<Vec<GroupId>, StoreError> {
+        let client = self.client();
+        let rows = self
+            .rt
+            .block_on(client.query(
+                "SELECT group_id FROM group_members WHERE user_id = $1",
+                &[&sql(user)],
+            ))
+            .map_err(engine)?;
+        let mut groups: Vec<GroupId> = rows.into_iter().map(|r| id(r.get(0))).collect();
+        // Ascending by id as u64 (SQL orders the signed values).
+        groups.sort_unstable();
+        Ok(groups)
+    }
+}
