@@ -269,3 +269,34 @@ async fn removed_members_get_nothing_after_and_new_members_nothing_before() {
             .is_err()
     );
 }
+
+#[tokio::test]
+async fn a_members_new_device_reads_what_is_sent_after_it_was_linked() {
+    let server = TestServer::start().await;
+    let alice = server.register("+15557200001").await;
+    let bob = server.register("+15557200002").await;
+    let mut a = Peer::online(&server, alice.clone()).await;
+    let mut b = Peer::online(&server, bob.clone()).await;
+    let g = a
+        .client
+        .create_group("devices", &[bob.user_id])
+        .await
+        .unwrap()
+        .group_id;
+    send(&a, g, "to bob's phone").await;
+    assert_eq!(heard(&mut b, g).await.text, "to bob's phone");
+    // Bob links a laptop; once it has published its keys, Alice's client
+    // hears of it in the group's order and gives it her key.
+    let laptop = server.link(&b.client).await;
+    let mut l = Peer::online(&server, laptop).await;
+    loop {
+        let (kind, users) = changed(&mut a, g).await;
+        if kind == GroupChangeKind::MemberDevicesChanged {
+            assert_eq!(users, vec![bob.user_id]);
+            break;
+        }
+    }
+    send(&a, g, "to all of bob's devices").await;
+    assert_eq!(heard(&mut l, g).await.text, "to all of bob's devices");
+    assert_eq!(heard(&mut b, g).await.text, "to all of bob's devices");
+}

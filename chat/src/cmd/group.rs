@@ -304,6 +304,9 @@ pub fn print_group_event(out: Output, contacts: &Contacts, event: &Event) -> boo
                 GroupChangeKind::Demoted => format!("{by} made {} a member", who.join(", ")),
                 GroupChangeKind::InfoChanged => format!("{by} changed the group's info"),
                 GroupChangeKind::CreatorChanged => format!("{} is now the creator", who.join(", ")),
+                GroupChangeKind::MemberDevicesChanged => {
+                    format!("{} has a new device", who.join(", "))
+                }
                 _ => "changed".to_owned(),
             };
             out.event(

@@ -207,6 +207,9 @@ pub enum GroupChangeKind {
     InfoChanged,
     /// The creator left; `users` holds the new creator.
     CreatorChanged,
+    /// A member (in `users`) has a new device; this client gives it its
+    /// sender key before its next message to the group.
+    MemberDevicesChanged,
     /// A kind this version does not know.
     Other,
 }
@@ -223,6 +226,7 @@ impl GroupChangeKind {
             Ok(K::Demoted) => Self::Demoted,
             Ok(K::InfoChanged) => Self::InfoChanged,
             Ok(K::CreatorChanged) => Self::CreatorChanged,
+            Ok(K::MemberDevicesChanged) => Self::MemberDevicesChanged,
             _ => Self::Other,
         }
     }

@@ -215,6 +215,7 @@ impl Command {
             | Command::GetGroup { reply, .. } => reply_now(reply, Err(err)),
             Command::ListGroups { reply, .. } => reply_now(reply, Err(err)),
             Command::SendGroup { reply, .. } => reply_now(reply, Err(err)),
+            Command::MemberDevicesChanged { reply, .. } => reply_now(reply, Err(err)),
             Command::LookupUser { reply, .. } => reply_now(reply, Err(err)),
             other @ (Command::Send {
                 reply: SendReply::Queued { .. },
@@ -297,7 +298,7 @@ pub(super) enum Command {
     UploadKeys {
         device: DeviceKey,
         upload: pb::UploadKeys,
-        reply: Reply<u32>,
+        reply: Reply<(u32, bool)>,
     },
     FetchBundles {
         requester: DeviceKey,
@@ -361,6 +362,12 @@ pub(super) enum Command {
     SendGroup {
         req: GroupSendRequest,
         reply: Reply<GroupSent>,
+    },
+    /// On the group's shard: `user` has a new device with keys.
+    MemberDevicesChanged {
+        group: GroupId,
+        user: UserId,
+        reply: Reply<()>,
     },
     LookupPhone {
         phone: String,
@@ -880,6 +887,9 @@ impl Shard {
             Command::GetGroup { by, group, reply } => self.get_group(by, group, reply),
             Command::ListGroups { user, reply } => self.list_groups(user, reply),
             Command::SendGroup { req, reply } => self.send_group(req, reply),
+            Command::MemberDevicesChanged { group, user, reply } => {
+                self.member_devices_changed(group, user, reply);
+            }
             Command::EnqueueReceipt {
                 to_user,
                 receipt,

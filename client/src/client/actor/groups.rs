@@ -508,6 +508,17 @@ impl Actor {
                 "members left; the sender key will be replaced"
             );
         }
+        if kind == GroupChangeKind::MemberDevicesChanged {
+            // Learn the member's devices now, so the next message gives
+            // the new one this device's key. The next send asks for the
+            // group's members first (the cache was just dropped), and that
+            // answer comes after this one's.
+            for &user in &e.users {
+                if user != self.shared.user_id {
+                    self.refresh_devices(user);
+                }
+            }
+        }
         self.acks.push_back(seq);
         self.emit(Event::GroupChanged {
             group_id: GroupId(e.group_id),

@@ -1,5 +1,6 @@
 //! `UploadKeys`: a device publishes its keys; the signatures are checked
-//! here, before the owning shard stores them.
+//! here, before the owning shard stores them. A device's first identity
+//! is announced to its user's groups (`Router::announce_new_device`).
 
 use switchboard_proto::pb::{self, ErrorCode, server_frame::Body as Out};
 
@@ -22,7 +23,13 @@ pub(in crate::gateway) fn run<L: Link>(
     let gw = conn.gw.clone();
     conn.pending.push(Box::pin(async move {
         let result = gw.router.upload_keys(device, up).await;
-        Some(answer(id, result, |n| {
+        if let Ok((_, true)) = result {
+            // A new device is reachable: its user's groups hear of it, so
+            // their senders give it their keys (after this answer).
+            let router = gw.router.clone();
+            tokio::spawn(async move { router.announce_new_device(device.user).await });
+        }
+        Some(answer(id, result, |(n, _)| {
             Out::KeysUploaded(pb::KeysUploaded {
                 one_time_keys_remaining: n,
             })

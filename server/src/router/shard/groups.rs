@@ -580,6 +580,49 @@ impl Shard {
         reply_now(reply, result.map_err(Into::into));
     }
 
+    /// Tells every member of `group`, in the group's order, that member
+    /// `user` has a new device with keys (so senders give it their key).
+    pub(super) fn member_devices_changed(
+        &mut self,
+        group: GroupId,
+        user: UserId,
+        reply: Reply<()>,
+    ) {
+        let result = (|| -> Result<bool, RouteError> {
+            let Some(state) = self.group_state(group)? else {
+                return Ok(false);
+            };
+            if role_of(&state.record, user).is_none() {
+                return Ok(false);
+            }
+            let members: Vec<UserId> = state.record.members.iter().map(|m| m.user_id).collect();
+            let seq = self.next_group_seq(group).ok_or(RouteError::Internal)?;
+            let event = pb::GroupEvent {
+                group_id: group,
+                group_seq: seq,
+                actor: user,
+                kind: pb::GroupEventKind::MemberDevicesChanged as i32,
+                users: vec![user],
+                info: None,
+            };
+            self.fan_out(
+                group,
+                seq,
+                now_ms(),
+                &members,
+                &pb::queue_entry::Body::GroupEvent(event),
+                None,
+                None,
+            )?;
+            Ok(true)
+        })();
+        match result {
+            Ok(true) => self.after_commit(reply, Ok(())),
+            Ok(false) => reply_now(reply, Ok(())),
+            Err(e) => reply_now(reply, Err(e)),
+        }
+    }
+
     pub(super) fn send_group(&mut self, req: GroupSendRequest, reply: Reply<GroupSent>) {
         match self.try_send_group(req) {
             Ok((accepted, true)) => self.after_commit(reply, Ok(accepted)),
@@ -979,6 +1022,33 @@ mod router_side {
                 reply,
             })
             .await
+        }
+
+        /// Tells the members of every group of `user` that it has a new
+        /// device with keys (a `MEMBER_DEVICES_CHANGED` event in each
+        /// group's order), so their clients give it their sender keys.
+        /// Best effort: a group that cannot be reached is logged and
+        /// skipped (its senders' keys reach the device at their next
+        /// rotation).
+        pub async fn announce_new_device(&self, user: UserId) {
+            let groups = match self.list_groups(user).await {
+                Ok(groups) => groups,
+                Err(e) => {
+                    tracing::warn!(user, error = %e, "cannot list a user's groups to announce its new device");
+                    return;
+                }
+            };
+            for g in groups {
+                let group = g.group_id;
+                let result = self
+                    .call(self.user_shard(group), |reply| {
+                        Command::MemberDevicesChanged { group, user, reply }
+                    })
+                    .await;
+                if let Err(e) = result {
+                    tracing::warn!(user, group, error = %e, "cannot announce a new device to a group");
+                }
+            }
         }
 
         /// Hands a message to every member device of a group to the group's

@@ -40,7 +40,12 @@ impl Shard {
             .is_some_and(|u| u.devices.iter().any(|d| d.device_id == device.device)))
     }
 
-    pub(super) fn upload_keys(&mut self, device: DeviceKey, up: pb::UploadKeys, reply: Reply<u32>) {
+    pub(super) fn upload_keys(
+        &mut self,
+        device: DeviceKey,
+        up: pb::UploadKeys,
+        reply: Reply<(u32, bool)>,
+    ) {
         match self.is_current(device) {
             Ok(true) => {}
             Ok(false) => return reply_now(reply, Err(RouteError::Unauthenticated)),
@@ -70,6 +75,7 @@ impl Shard {
                 ))),
             );
         }
+        let first_identity = rec.identity.is_none() && up.identity.is_some();
         if rec.identity.is_none() {
             rec.identity = up.identity;
         }
@@ -88,7 +94,7 @@ impl Shard {
         }
         let remaining = rec.one_time_keys;
         self.stage_device_keys(device, rec);
-        self.after_commit(reply, Ok(remaining));
+        self.after_commit(reply, Ok((remaining, first_identity)));
     }
 
     pub(super) fn fetch_bundles(
@@ -199,7 +205,8 @@ mod router_side {
 
     impl crate::router::Router {
         /// Publishes a device's keys (already signature-checked). Returns the
-        /// one-time keys in stock.
+        /// one-time keys in stock, and whether this upload published the
+        /// device's identity (its first).
         ///
         /// # Errors
         /// [`RouteError::InvalidKeys`] for a changed identity or a full stock.
@@ -207,7 +214,7 @@ mod router_side {
             &self,
             device: DeviceKey,
             upload: pb::UploadKeys,
-        ) -> Result<u32, RouteError> {
+        ) -> Result<(u32, bool), RouteError> {
             self.call(self.user_shard(device.user), |reply| Command::UploadKeys {
                 device,
                 upload,
