@@ -198,6 +198,12 @@ pub enum GroupAction {
         name: String,
         /// Phone numbers of the other members
         phones: Vec<String>,
+        /// A description of the group
+        #[arg(long, value_name = "TEXT", default_value = "")]
+        description: String,
+        /// Only admins may change the name and description
+        #[arg(long)]
+        admins_edit: bool,
     },
     /// Add members (admins only)
     Add {

@@ -22,7 +22,19 @@ async fn a_group_is_created_used_and_left_from_the_command_line() {
     env.register("dave", DAVE).await;
 
     let run = env
-        .run(&alice, &["group", "create", "hikers", BOB, CAROL], None)
+        .run(
+            &alice,
+            &[
+                "group",
+                "create",
+                "hikers",
+                BOB,
+                CAROL,
+                "--description",
+                "Sundays",
+            ],
+            None,
+        )
         .await;
     assert_eq!(run.code, 0, "{run:?}");
     let created = run.events("group_created")[0];
@@ -33,7 +45,7 @@ async fn a_group_is_created_used_and_left_from_the_command_line() {
     let run = env.run_text(&alice, &["group", "info", &gid], None).await;
     assert_eq!(run.code, 0, "{run:?}");
     assert!(
-        run.stdout.contains(&format!("group {gid}: hikers")),
+        run.stdout.contains(&format!("group {gid}: hikers — Sundays")),
         "{run:?}"
     );
     assert!(

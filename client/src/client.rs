@@ -13,6 +13,7 @@ mod groups;
 
 pub use groups::{
     Group, GroupChange, GroupChangeKind, GroupMember, GroupRole, GroupSummary, MAX_GROUP_MEMBERS,
+    NewGroup,
 };
 
 use std::path::PathBuf;

@@ -91,7 +91,7 @@ pub mod transport;
 pub use backoff::Backoff;
 pub use client::{
     Client, ClientConfig, Device, Event, Events, Group, GroupChange, GroupChangeKind, GroupMember,
-    GroupRole, GroupSummary, MAX_GROUP_MEMBERS, MAX_PLAINTEXT_BYTES, Sent, UserInfo,
+    GroupRole, GroupSummary, MAX_GROUP_MEMBERS, MAX_PLAINTEXT_BYTES, NewGroup, Sent, UserInfo,
     new_client_msg_id,
 };
 pub use connection::ConnectOptions;

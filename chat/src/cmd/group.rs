@@ -7,7 +7,7 @@
 use anyhow::{Context, Result, anyhow};
 use serde_json::json;
 use switchboard_client::{
-    Client, Event, Group, GroupChange, GroupChangeKind, GroupId, GroupRole, UserId,
+    Client, Event, Group, GroupChange, GroupChangeKind, GroupId, GroupRole, NewGroup, UserId,
 };
 
 use super::{Ctx, clock, validate_phone};
@@ -32,10 +32,18 @@ async fn act(
     action: GroupAction,
 ) -> Result<()> {
     match action {
-        GroupAction::Create { name, phones } => {
+        GroupAction::Create {
+            name,
+            phones,
+            description,
+            admins_edit,
+        } => {
             let members = users(client, contacts, &phones).await?;
+            let mut new = NewGroup::new(name, members);
+            new.description = description;
+            new.info_admin_only = admins_edit;
             let group = client
-                .create_group(&name, &members)
+                .create_group_with(new)
                 .await
                 .context("cannot create the group")?;
             learn(contacts, &group);

@@ -133,6 +133,35 @@ pub struct GroupSummary {
     pub members: u32,
 }
 
+/// A new group, for [`Client::create_group_with`]. Build it with
+/// [`NewGroup::new`] and set the optional fields.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct NewGroup {
+    /// Its name (1..=100 bytes).
+    pub name: String,
+    /// Its description (at most 512 bytes).
+    pub description: String,
+    /// An opaque reference to its icon (at most 256 bytes).
+    pub icon_ref: String,
+    /// Only admins may change name, description and icon.
+    pub info_admin_only: bool,
+    /// The other members (at most 1,023 registered users).
+    pub members: Vec<UserId>,
+}
+
+impl NewGroup {
+    /// A group named `name` with these other members.
+    #[must_use]
+    pub fn new(name: impl Into<String>, members: Vec<UserId>) -> Self {
+        Self {
+            name: name.into(),
+            members,
+            ..Self::default()
+        }
+    }
+}
+
 /// A change to a group, for [`Client::change_group`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -265,13 +294,26 @@ impl Client {
     /// `RATE_LIMITED`; [`Error::Usage`] for too many members; [`Error::Busy`];
     /// [`Error::Closed`].
     pub async fn create_group(&self, name: &str, members: &[UserId]) -> Result<Group, Error> {
-        if members.len() >= MAX_GROUP_MEMBERS {
+        self.create_group_with(NewGroup::new(name, members.to_vec()))
+            .await
+    }
+
+    /// As [`Client::create_group`], with a description, an icon reference
+    /// and who may edit them.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::create_group`].
+    pub async fn create_group_with(&self, group: NewGroup) -> Result<Group, Error> {
+        if group.members.len() >= MAX_GROUP_MEMBERS {
             return Err(UsageError::Invalid("a group has at most 1,024 members").into());
         }
         let body = client_frame::Body::CreateGroup(pb::CreateGroup {
-            name: name.to_owned(),
-            members: members.iter().map(|u| u.get()).collect(),
-            ..Default::default()
+            name: group.name,
+            description: group.description,
+            icon_ref: group.icon_ref,
+            members: group.members.iter().map(|u| u.get()).collect(),
+            info_admin_only: group.info_admin_only,
         });
         self.group_info_call(body).await
     }
