@@ -45,7 +45,8 @@ async fn a_group_is_created_used_and_left_from_the_command_line() {
     let run = env.run_text(&alice, &["group", "info", &gid], None).await;
     assert_eq!(run.code, 0, "{run:?}");
     assert!(
-        run.stdout.contains(&format!("group {gid}: hikers — Sundays")),
+        run.stdout
+            .contains(&format!("group {gid}: hikers — Sundays")),
         "{run:?}"
     );
     assert!(

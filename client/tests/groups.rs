@@ -300,3 +300,64 @@ async fn a_members_new_device_reads_what_is_sent_after_it_was_linked() {
     assert_eq!(heard(&mut l, g).await.text, "to all of bob's devices");
     assert_eq!(heard(&mut b, g).await.text, "to all of bob's devices");
 }
+
+#[tokio::test]
+async fn the_tally_counts_each_member_once_with_members_online_and_offline() {
+    let server = TestServer::start().await;
+    let mut creds = Vec::new();
+    for i in 0..10 {
+        creds.push(server.register(&format!("+155573000{i:02}")).await);
+    }
+    let mut sender = Peer::online(&server, creds[0].clone()).await;
+    // Members 1..=5 online now (member 1 with a second device, so its
+    // receipts come twice and must count once); 6..=9 offline.
+    let mut online = Vec::new();
+    for c in &creds[1..=5] {
+        online.push(Peer::online(&server, c.clone()).await);
+    }
+    let second = server.link(&online[0].client).await;
+    online.push(Peer::online(&server, second).await);
+    let others: Vec<UserId> = creds[1..].iter().map(|c| c.user_id).collect();
+    let g = sender
+        .client
+        .create_group("ten", &others)
+        .await
+        .unwrap()
+        .group_id;
+    let (id, _) = send(&sender, g, "roll call").await;
+    for p in &mut online {
+        assert_eq!(heard(p, g).await.text, "roll call");
+    }
+    assert_eq!(tally(&mut sender, &id, 5, 0).await, 9);
+    // Two read it (one of them from both devices).
+    for p in [&online[0], &online[5], &online[1]] {
+        p.client
+            .send_group_read_receipt(g, creds[0].user_id, vec![id.clone()])
+            .await
+            .unwrap();
+    }
+    tally(&mut sender, &id, 5, 2).await;
+    // The offline members come online and receive it: 9 of 9.
+    for c in &creds[6..] {
+        // Not `online`: its drain waits for the message to be acked.
+        let mut p = Peer::start(harness::client_config(server.endpoint()), c.clone()).await;
+        assert_eq!(heard(&mut p, g).await.text, "roll call");
+    }
+    assert_eq!(tally(&mut sender, &id, 9, 2).await, 9);
+    // Never more than the members, however many receipts repeat.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    for e in sender.drain_ready() {
+        if let Event::GroupReceipts {
+            delivered,
+            read,
+            members,
+            ..
+        } = e
+        {
+            assert!(
+                delivered <= members && read <= delivered,
+                "{delivered} {read} {members}"
+            );
+        }
+    }
+}
