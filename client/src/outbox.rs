@@ -543,6 +543,9 @@ pub(crate) struct Entry {
     /// For [`Content::Group`]: members this message's key does not go to
     /// (refused for good; they cannot read it).
     pub skip: std::collections::BTreeSet<u64>,
+    /// For [`Content::Group`]: the other members when it was sealed (its
+    /// receipt tally counts out of them).
+    pub group_others: u32,
 }
 
 /// What the pump should do next.
@@ -600,6 +603,7 @@ impl Queue {
                 key_round: None,
                 key_parts: 0,
                 skip: std::collections::BTreeSet::new(),
+                group_others: 0,
             },
         );
     }

@@ -361,3 +361,23 @@ async fn the_tally_counts_each_member_once_with_members_online_and_offline() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_member_without_keys_is_left_out_and_does_not_hold_the_message_back() {
+    let server = TestServer::start().await;
+    let alice = server.register("+15557400001").await;
+    let bob = server.register("+15557400002").await;
+    // Registered, but its client never published keys.
+    let carol = server.register_without_keys("+15557400003").await;
+    let a = Peer::online(&server, alice.clone()).await;
+    let mut b = Peer::online(&server, bob.clone()).await;
+    let g = a
+        .client
+        .create_group("keyless", &[bob.user_id, carol.user_id])
+        .await
+        .unwrap()
+        .group_id;
+    // ✓ after the client gave up waiting for Carol's keys (about 5 s).
+    send(&a, g, "for those who can read it").await;
+    assert_eq!(heard(&mut b, g).await.text, "for those who can read it");
+}

@@ -132,9 +132,15 @@ impl Actor {
             self.send_keys(link, seq, group, parts, now);
             return;
         }
+        let others = self
+            .group_members
+            .get(&group)
+            .map_or(0, |m| m.iter().filter(|u| **u != me).count());
         let Some(entry) = self.queue.get_mut(seq) else {
             return;
         };
+        // The tally counts out of the members of this moment.
+        entry.group_others = u32::try_from(others).unwrap_or(u32::MAX);
         let Content::Group { payload, .. } = &entry.send.content else {
             return;
         };
@@ -551,14 +557,9 @@ impl Actor {
         }
     }
 
-    /// A group send got its ✓: start its receipt tally.
-    pub(super) fn track_group_send(&mut self, group: u64, client_msg_id: &str) {
-        let me = self.shared.user_id;
-        let others = self
-            .group_members
-            .get(&group)
-            .map_or(0, |m| m.iter().filter(|u| **u != me).count());
-        let others = u32::try_from(others).unwrap_or(u32::MAX);
+    /// A group send got its ✓: start its receipt tally, out of the
+    /// `others` members it was sealed for.
+    pub(super) fn track_group_send(&mut self, group: u64, client_msg_id: &str, others: u32) {
         self.crypto.groups_mut().track(group, client_msg_id, others);
     }
 }

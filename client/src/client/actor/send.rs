@@ -257,15 +257,28 @@ impl Actor {
                         entry.fetches = entry.fetches.saturating_sub(1);
                         if let Some(device_id) = outcome.keyless.first() {
                             entry.key_waits += 1;
-                            if entry.key_waits > MAX_KEY_WAITS {
+                            if entry.key_waits > MAX_KEY_WAITS
+                                && matches!(entry.send.content, Content::Group { .. })
+                            {
+                                // One member's device without keys must not
+                                // hold the group's message back: that member
+                                // is left out of it.
+                                warn!(
+                                    user,
+                                    device_id,
+                                    "a member's device has no keys; it cannot read this group message"
+                                );
+                                entry.skip.insert(user);
+                            } else if entry.key_waits > MAX_KEY_WAITS {
                                 let error = CryptoError::NoKeys {
                                     user_id: UserId(user),
                                     device_id: DeviceId(*device_id),
                                 };
                                 self.fail(seq, error.into());
                                 return Ok(());
+                            } else {
+                                entry.key_wait = true;
                             }
-                            entry.key_wait = true;
                         }
                         if entry.fetches == 0 {
                             entry.state = if std::mem::take(&mut entry.key_wait) {
@@ -444,7 +457,7 @@ impl Actor {
         }
         let group_id = match entry.send.content {
             Content::Group { group_id, .. } => {
-                self.track_group_send(group_id, &entry.send.client_msg_id);
+                self.track_group_send(group_id, &entry.send.client_msg_id, entry.group_others);
                 Some(GroupId(group_id))
             }
             _ => None,
