@@ -1051,6 +1051,17 @@ impl Client {
         client_msg_ids: Vec<String>,
     ) -> Result<(), Error> {
         check_user(to_user)?;
+        self.read_receipt(to_user, 0, client_msg_ids).await
+    }
+
+    /// The checks and the request behind the read receipts; `group_id` 0
+    /// for a 1:1 conversation.
+    async fn read_receipt(
+        &self,
+        to_user: UserId,
+        group_id: u64,
+        client_msg_ids: Vec<String>,
+    ) -> Result<(), Error> {
         if client_msg_ids.len() > limits::MAX_RECEIPT_IDS {
             return Err(UsageError::TooManyIds {
                 len: client_msg_ids.len(),
@@ -1066,7 +1077,7 @@ impl Client {
         }
         self.call(|reply| Command::ReadReceipt {
             to_user: to_user.get(),
-            group_id: 0,
+            group_id,
             client_msg_ids,
             reply,
         })

@@ -69,8 +69,8 @@ async fn a_send_refused_for_a_full_queue_is_not_overtaken_by_a_later_one() {
     assert_eq!(got, ["m3", "m4", "m5"]);
 }
 
-#[tokio::test]
-async fn a_send_refused_by_a_failed_commit_is_not_overtaken_by_a_later_one() {
+/// A server on a store whose writes can be made to fail.
+async fn faulty_server() -> (TestServer, Arc<FaultyStore>) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = test_config(dir.path());
     let faulty = Arc::new(FaultyStore::new(
@@ -84,6 +84,12 @@ async fn a_send_refused_by_a_failed_commit_is_not_overtaken_by_a_later_one() {
         server: Some(running),
         config: cfg,
     };
+    (server, faulty)
+}
+
+#[tokio::test]
+async fn a_send_refused_by_a_failed_commit_is_not_overtaken_by_a_later_one() {
+    let (server, faulty) = faulty_server().await;
     let alice = register(&server, "+15550008011").await;
     let bob = register(&server, "+15550008012").await;
     let mut a = online(&server, &alice).await;
@@ -176,19 +182,7 @@ async fn drained_group_ids(b: &mut Raw) -> Vec<String> {
 
 #[tokio::test]
 async fn a_group_message_refused_by_a_failed_commit_is_not_overtaken_by_a_later_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = test_config(dir.path());
-    let faulty = Arc::new(FaultyStore::new(
-        switchboard_server::open_store(&cfg).unwrap(),
-    ));
-    let running = switchboard_server::start_with_store(cfg.clone(), faulty.clone())
-        .await
-        .unwrap();
-    let server = TestServer {
-        dir,
-        server: Some(running),
-        config: cfg,
-    };
+    let (server, faulty) = faulty_server().await;
     let alice = register(&server, "+15550008031").await;
     let bob = register(&server, "+15550008032").await;
     let mut a = online(&server, &alice).await;

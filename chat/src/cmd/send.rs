@@ -150,15 +150,19 @@ pub async fn run(
     let _ = client.close().await;
     match outcome {
         Ok(result) => result,
-        Err(_) => Err(match stage {
-            Stage::Sending => anyhow::Error::new(QueuedError(format!(
-                "queued: no ✓ from the server within {limit:?}; the message stays in the outbox \
-                 and goes out with the next sbchat command (do not send it again)"
-            ))),
-            Stage::WaitingForDelivery => {
-                anyhow!("sent (✓) but not delivered (✓✓) within {limit:?}")
-            }
-        }),
+        Err(_) => Err(timed_out(stage, limit, "delivered (✓✓)")),
+    }
+}
+
+/// The error of a send that ran out of time at `stage`; `delivered` says
+/// what was waited for after the ✓.
+fn timed_out(stage: Stage, limit: Duration, delivered: &str) -> anyhow::Error {
+    match stage {
+        Stage::Sending => anyhow::Error::new(QueuedError(format!(
+            "queued: no ✓ from the server within {limit:?}; the message stays in the outbox \
+             and goes out with the next sbchat command (do not send it again)"
+        ))),
+        Stage::WaitingForDelivery => anyhow!("sent (✓) but not {delivered} within {limit:?}"),
     }
 }
 
@@ -306,15 +310,7 @@ pub async fn run_group(
     let _ = client.close().await;
     match outcome {
         Ok(result) => result,
-        Err(_) => Err(match stage {
-            Stage::Sending => anyhow::Error::new(QueuedError(format!(
-                "queued: no ✓ from the server within {limit:?}; the message stays in the outbox \
-                 and goes out with the next sbchat command (do not send it again)"
-            ))),
-            Stage::WaitingForDelivery => {
-                anyhow!("sent (✓) but not delivered to every member (✓✓) within {limit:?}")
-            }
-        }),
+        Err(_) => Err(timed_out(stage, limit, "delivered to every member (✓✓)")),
     }
 }
 

@@ -8,7 +8,6 @@
 //! [`Client::send_to_group`]; see `crypto::group` for when keys rotate.
 
 use bytes::Bytes;
-use switchboard_proto::limits;
 use switchboard_proto::pb::{self, client_frame, server_frame};
 
 use super::{Client, Command, Sent, check_msg_id, check_plaintext, new_client_msg_id};
@@ -442,25 +441,6 @@ impl Client {
         client_msg_ids: Vec<String>,
     ) -> Result<(), Error> {
         check_group(group)?;
-        if client_msg_ids.len() > limits::MAX_RECEIPT_IDS {
-            return Err(UsageError::TooManyIds {
-                len: client_msg_ids.len(),
-                max: limits::MAX_RECEIPT_IDS,
-            }
-            .into());
-        }
-        if client_msg_ids.is_empty() {
-            return Ok(());
-        }
-        for id in &client_msg_ids {
-            check_msg_id(id)?;
-        }
-        self.call(|reply| Command::ReadReceipt {
-            to_user: sender.get(),
-            group_id: group.get(),
-            client_msg_ids,
-            reply,
-        })
-        .await
+        self.read_receipt(sender, group.get(), client_msg_ids).await
     }
 }

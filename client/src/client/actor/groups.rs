@@ -111,21 +111,7 @@ impl Actor {
             // A window at a time, so a big group does not flood the server
             // with bundle requests (the rest follow when these are in).
             fetch.truncate(FETCH_WINDOW);
-            entry.state = State::Resolving;
-            entry.fetches = fetch.len();
-            entry.key_wait = false;
-            for user in fetch {
-                let id = link.next_id();
-                link.session.queue(&pb::ClientFrame {
-                    id,
-                    body: Some(client_frame::Body::FetchBundles(pb::FetchBundles {
-                        user_id: user,
-                        identities_only: false,
-                    })),
-                });
-                link.in_flight.insert(id, InFlight::Fetch { seq, user });
-                link.sends_in_flight += 1;
-            }
+            super::send::fetch_bundles(link, entry, seq, fetch);
             return;
         }
         if !parts.is_empty() {
@@ -422,24 +408,9 @@ impl Actor {
     /// A group message for this device.
     pub(super) fn on_group_message(&mut self, seq: u64, server_ts_ms: u64, m: pb::GroupMessage) {
         self.phones.insert(m.from_user, m.from_phone.clone());
-        let key = (m.from_user, m.from_device, m.client_msg_id.clone());
-        match self.crypto.seen.get(&key).copied() {
-            Some(first) if first != seq => {
-                self.acks.push_back(seq);
-                return;
-            }
-            Some(_) if self.emitted.contains(&seq) => return,
-            Some(_) => {
-                match self.crypto.held(seq).cloned() {
-                    Some(held) => self.emit_message(seq, held),
-                    None => self.acks.push_back(seq),
-                }
-                return;
-            }
-            None => {}
+        if self.handled_before(seq, (m.from_user, m.from_device, m.client_msg_id.clone())) {
+            return;
         }
-        self.crypto.seen.insert(key, seq);
-        self.crypto.mark_dirty();
         let opened = self
             .crypto
             .groups_mut()

@@ -108,30 +108,39 @@ impl Actor {
         }
     }
 
-    fn on_message(&mut self, seq: u64, server_ts_ms: u64, m: pb::Message) {
-        self.phones.insert(m.from_user, m.from_phone.clone());
-        let key = (m.from_user, m.from_device, m.client_msg_id.clone());
+    /// Whether the message `key` in entry `seq` was handled already (and
+    /// so is dealt with here): a second copy is acked; one the application
+    /// holds waits for its ack; one handled by an earlier run is handed
+    /// over again from the copy kept until the ack (its Olm or Megolm key
+    /// is used up), else acked. A new one is remembered and left to the
+    /// caller.
+    pub(super) fn handled_before(&mut self, seq: u64, key: (u64, u32, String)) -> bool {
         match self.crypto.seen.get(&key).copied() {
             Some(first) if first != seq => {
-                // A second copy of a message already handled.
                 self.acks.push_back(seq);
-                return;
+                true
             }
-            // The application holds this entry and will ack it.
-            Some(_) if self.emitted.contains(&seq) => return,
+            Some(_) if self.emitted.contains(&seq) => true,
             Some(_) => {
-                // Handled by an earlier run: its Olm key is used up, so hand
-                // over the copy kept until the ack, if any; else it was acked.
                 match self.crypto.held(seq).cloned() {
                     Some(held) => self.emit_message(seq, held),
                     None => self.acks.push_back(seq),
                 }
-                return;
+                true
             }
-            None => {}
+            None => {
+                self.crypto.seen.insert(key, seq);
+                self.crypto.mark_dirty();
+                false
+            }
         }
-        self.crypto.seen.insert(key, seq);
-        self.crypto.mark_dirty();
+    }
+
+    fn on_message(&mut self, seq: u64, server_ts_ms: u64, m: pb::Message) {
+        self.phones.insert(m.from_user, m.from_phone.clone());
+        if self.handled_before(seq, (m.from_user, m.from_device, m.client_msg_id.clone())) {
+            return;
+        }
         // A device of a known contact never seen before: its other devices
         // may have changed too (a re-registration replaces them all).
         let unknown_device = m.from_user != self.shared.user_id

@@ -23,7 +23,7 @@ use crate::connection::unexpected;
 use crate::crypto::envelope::{KIND_MESSAGE, Plaintext};
 use crate::error::{CryptoError, Error, ServerError, StorageError, UsageError};
 use crate::ids::{self, DeviceId, GroupId, UserId};
-use crate::outbox::{Content, Next, PendingSend, Retained, State};
+use crate::outbox::{Content, Entry, Next, PendingSend, Retained, State};
 
 /// Key bundle fetches that may list a device without keys before a send
 /// fails with `CryptoError::NoKeys`: a device that just registered or
@@ -140,21 +140,7 @@ impl Actor {
                     fetch.push(me);
                 }
                 if !fetch.is_empty() {
-                    entry.state = State::Resolving;
-                    entry.fetches = fetch.len();
-                    entry.key_wait = false;
-                    for user in fetch {
-                        let id = link.next_id();
-                        link.session.queue(&pb::ClientFrame {
-                            id,
-                            body: Some(client_frame::Body::FetchBundles(pb::FetchBundles {
-                                user_id: user,
-                                identities_only: false,
-                            })),
-                        });
-                        link.in_flight.insert(id, InFlight::Fetch { seq, user });
-                        link.sends_in_flight += 1;
-                    }
+                    fetch_bundles(link, entry, seq, fetch);
                     return;
                 }
                 let plaintext = Plaintext {
@@ -621,5 +607,26 @@ impl Actor {
             }
         }
         self.retained.clone()
+    }
+}
+
+/// Holds outbox entry `seq` while the key bundles of `users` are fetched
+/// (one `FetchBundles` each, all on the wire at once); it is ready again
+/// when the last answer is in.
+pub(super) fn fetch_bundles(link: &mut Link, entry: &mut Entry, seq: u64, users: Vec<u64>) {
+    entry.state = State::Resolving;
+    entry.fetches = users.len();
+    entry.key_wait = false;
+    for user in users {
+        let id = link.next_id();
+        link.session.queue(&pb::ClientFrame {
+            id,
+            body: Some(client_frame::Body::FetchBundles(pb::FetchBundles {
+                user_id: user,
+                identities_only: false,
+            })),
+        });
+        link.in_flight.insert(id, InFlight::Fetch { seq, user });
+        link.sends_in_flight += 1;
     }
 }
