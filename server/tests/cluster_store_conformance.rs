@@ -1,39 +1,39 @@
 //! The storage conformance suite (`store::conformance`) against cluster
-//! mode's PostgreSQL domains (accounts, keys, groups) on a real
-//! PostgreSQL, joined with the embedded store for the domains Redis will
-//! hold (`cluster::split::SplitStore`). Each fresh store is a new database
-//! and a new directory; a reopen connects again to both.
+//! mode's store (`cluster::store::ClusterStore`) on a real PostgreSQL and a
+//! real Redis Cluster (3 masters, 3 replicas). Each fresh store is a new
+//! database and a new key prefix; a reopen connects again to both.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod engines;
 
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 
-use engines::Postgres;
+use engines::{Postgres, RedisCluster};
 use switchboard_server::cluster::postgres::PgDomains;
-use switchboard_server::cluster::split::SplitStore;
+use switchboard_server::cluster::redis_domains::RedisDomains;
+use switchboard_server::cluster::store::ClusterStore;
 use switchboard_server::store::conformance::{self, Harness};
-use switchboard_server::store::{EmbeddedStore, Store, StoreError};
+use switchboard_server::store::{Store, StoreError};
 
-struct Split {
+struct Cluster {
     pg: Postgres,
+    redis: RedisCluster,
     rt: tokio::runtime::Runtime,
-    root: tempfile::TempDir,
-    /// (database URL, directory, the store opened on them).
-    opened: Vec<(String, PathBuf, Weak<dyn Store>)>,
+    /// (database URL, key prefix, the store opened on them).
+    opened: Vec<(String, String, Weak<dyn Store>)>,
 }
 
-impl Split {
-    fn open(url: &str, dir: &Path) -> Result<Arc<dyn Store>, StoreError> {
-        Ok(Arc::new(SplitStore::new(
+impl Cluster {
+    fn open(&self, url: &str, prefix: &str) -> Result<Arc<dyn Store>, StoreError> {
+        Ok(Arc::new(ClusterStore::new(
             PgDomains::open(url)?,
-            EmbeddedStore::open(dir)?,
+            // One replica must confirm every synced commit.
+            RedisDomains::open(&self.redis.url(), prefix, 1)?,
         )))
     }
 }
 
-impl Harness for Split {
+impl Harness for Cluster {
     fn fresh(&mut self) -> Result<Arc<dyn Store>, StoreError> {
         let n = self.opened.len();
         let db = format!("conformance_{n}");
@@ -46,39 +46,40 @@ impl Harness for Split {
             })
             .map_err(|e| StoreError::Engine(e.to_string()))?;
         let url = admin.replace("dbname=postgres", &format!("dbname={db}"));
-        let dir = self.root.path().join(format!("store-{n}"));
-        let store = Self::open(&url, &dir)?;
-        self.opened.push((url, dir, Arc::downgrade(&store)));
+        let prefix = format!("c{n}:");
+        let store = self.open(&url, &prefix)?;
+        self.opened.push((url, prefix, Arc::downgrade(&store)));
         Ok(store)
     }
 
     fn reopen(&mut self, store: Arc<dyn Store>) -> Result<Arc<dyn Store>, StoreError> {
-        let (url, dir) = self
+        let (url, prefix) = self
             .opened
             .iter()
             .find(|(_, _, weak)| weak.upgrade().is_some_and(|s| Arc::ptr_eq(&s, &store)))
-            .map(|(url, dir, _)| (url.clone(), dir.clone()))
+            .map(|(url, prefix, _)| (url.clone(), prefix.clone()))
             .ok_or_else(|| {
                 StoreError::Engine("reopen of a store this harness did not open".into())
             })?;
         drop(store);
-        let reopened = Self::open(&url, &dir)?;
-        self.opened.push((url, dir, Arc::downgrade(&reopened)));
+        let reopened = self.open(&url, &prefix)?;
+        self.opened.push((url, prefix, Arc::downgrade(&reopened)));
         Ok(reopened)
     }
 }
 
 #[test]
-fn the_postgres_domains_pass_the_conformance_suite() {
+fn the_cluster_store_passes_the_conformance_suite() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     let pg = rt.block_on(Postgres::start());
-    let mut harness = Split {
+    let redis = RedisCluster::start();
+    let mut harness = Cluster {
         pg,
+        redis,
         rt,
-        root: tempfile::tempdir().unwrap(),
         opened: Vec::new(),
     };
     let failures = conformance::run(&mut harness);

@@ -14,8 +14,9 @@
 //! than silently running embedded.
 
 pub mod postgres;
+pub mod redis_domains;
 pub mod schema;
-pub mod split;
+pub mod store;
 
 use crate::config::Config;
 

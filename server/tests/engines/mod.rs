@@ -1,4 +1,4 @@
-//! Real PostgreSQL (and later Redis) servers for the cluster-mode tests,
+//! Real PostgreSQL servers and Redis Clusters for the cluster-mode tests,
 //! started from the machine's packages on their own ports and temporary
 //! directories, and killed when dropped. `.ci/run` installs the packages.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
@@ -166,5 +166,150 @@ impl Drop for Postgres {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A port `p` free right now on 127.0.0.1 with `p + 10000` free too (a
+/// Redis Cluster node's bus port).
+fn free_cluster_port() -> u16 {
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let p = l.local_addr().unwrap().port();
+        if !(1_024..=55_000).contains(&p) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
+            return p;
+        }
+    }
+}
+
+/// A Redis Cluster of its own: 3 masters and 3 replicas from the
+/// machine's `redis-server`, AOF on, each node in its own directory.
+pub struct RedisCluster {
+    nodes: Vec<(u16, Option<Child>)>,
+    dir: TempDir,
+}
+
+impl RedisCluster {
+    /// Starts the six nodes and joins them (`redis-cli --cluster create`);
+    /// returns once every node reports `cluster_state:ok`.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cluster = Self {
+            nodes: Vec::new(),
+            dir,
+        };
+        for _ in 0..6 {
+            let port = free_cluster_port();
+            let child = cluster.spawn(port);
+            cluster.nodes.push((port, Some(child)));
+        }
+        for (port, _) in &cluster.nodes {
+            wait_for(Duration::from_secs(20), || ping(*port));
+        }
+        let addrs: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|(p, _)| format!("127.0.0.1:{p}"))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .expect("redis-cli not found: apt-get install -y redis-server");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let ports: Vec<u16> = cluster.nodes.iter().map(|(p, _)| *p).collect();
+        for port in ports {
+            wait_for(Duration::from_secs(30), || {
+                cli(port, &["cluster", "info"]).contains("cluster_state:ok")
+            });
+            // Replicas in sync, so the first WAIT is not a timeout.
+            wait_for(Duration::from_secs(30), || {
+                let info = cli(port, &["info", "replication"]);
+                info.contains("master_link_status:up") || info.contains("connected_slaves:1")
+            });
+        }
+        cluster
+    }
+
+    fn spawn(&self, port: u16) -> Child {
+        let dir = self.dir.path().join(port.to_string());
+        std::fs::create_dir_all(&dir).unwrap();
+        Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-node-timeout",
+                "2000",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--save",
+                "",
+                "--dir",
+                dir.to_str().unwrap(),
+                "--logfile",
+                "redis.log",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server not found: apt-get install -y redis-server")
+    }
+
+    /// The seed-node list for `redis_url`.
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|(p, _)| format!("redis://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// Whether a Redis on `port` answers PING.
+fn ping(port: u16) -> bool {
+    cli(port, &["ping"]).trim() == "PONG"
+}
+
+/// `redis-cli -p port args...`'s output ("" if it failed).
+fn cli(port: u16, args: &[&str]) -> String {
+    Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+fn wait_for(limit: Duration, mut ready: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !ready() {
+        assert!(started.elapsed() < limit, "engine not ready in {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.nodes {
+            if let Some(mut c) = child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
     }
 }

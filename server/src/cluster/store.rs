@@ -1,37 +1,38 @@
-//! A whole [`Store`] made of the PostgreSQL domains ([`PgDomains`]:
-//! accounts, keys, groups) and another store for the rest (queues, dedup,
-//! mail, payloads). Today the rest is the embedded store, which lets the
-//! conformance suite check the PostgreSQL domains against a real
-//! PostgreSQL; the Redis domains replace it as they are built.
+//! The cluster store: a whole [`Store`] made of the PostgreSQL domains
+//! ([`PgDomains`]: accounts, keys, groups) and the Redis Cluster domains
+//! ([`RedisDomains`]: queues, dedup, mail, payloads).
 //!
 //! A batch is split by domain and written in [`Op::domain_rank`] order, as
 //! `Store::commit` allows: the groups' counters first (one PostgreSQL
-//! transaction), then the other store's part, then the accounts, keys and
-//! groups (one transaction). A crash between them leaves a prefix, which
-//! the router's batches are built to survive.
+//! transaction), then the Redis part (one script per hash slot, payloads,
+//! mail, then queues and dedup), then the accounts, keys and groups (one
+//! transaction). A crash between them leaves a prefix, which the router's
+//! batches are built to survive.
 
 use super::postgres::{PgDomains, PgOp};
+use super::redis_domains::RedisDomains;
 use crate::store::{
     Accounts, CodeRecord, Dedup, DedupKey, DedupRecord, DeviceKey, DeviceKeysRecord, GroupId,
     GroupOp, GroupRecord, Groups, Keys, LinkCodeRecord, MailRecord, Mailboxes, Op, PayloadId,
     PayloadRecord, Payloads, Queues, Store, StoreError, StoredEntry, UserId, UserRecord,
 };
 
-/// PostgreSQL for its domains, `S` for the others.
+/// PostgreSQL and Redis Cluster, as one [`Store`].
 #[derive(Debug)]
-pub struct SplitStore<S> {
+pub struct ClusterStore {
     pg: PgDomains,
-    rest: S,
+    rest: RedisDomains,
 }
 
-impl<S: Store> SplitStore<S> {
+impl ClusterStore {
     /// Joins the two.
-    pub fn new(pg: PgDomains, rest: S) -> Self {
-        Self { pg, rest }
+    #[must_use]
+    pub fn new(pg: PgDomains, redis: RedisDomains) -> Self {
+        Self { pg, rest: redis }
     }
 }
 
-impl<S: Store> Accounts for SplitStore<S> {
+impl Accounts for ClusterStore {
     fn user(&self, user: UserId) -> Result<Option<UserRecord>, StoreError> {
         self.pg.user(user)
     }
@@ -49,7 +50,7 @@ impl<S: Store> Accounts for SplitStore<S> {
     }
 }
 
-impl<S: Store> Keys for SplitStore<S> {
+impl Keys for ClusterStore {
     fn device_keys(&self, device: DeviceKey) -> Result<Option<DeviceKeysRecord>, StoreError> {
         self.pg.device_keys(device)
     }
@@ -62,7 +63,7 @@ impl<S: Store> Keys for SplitStore<S> {
     }
 }
 
-impl<S: Store> Groups for SplitStore<S> {
+impl Groups for ClusterStore {
     fn group(&self, group: GroupId) -> Result<Option<GroupRecord>, StoreError> {
         self.pg.group(group)
     }
@@ -74,7 +75,7 @@ impl<S: Store> Groups for SplitStore<S> {
     }
 }
 
-impl<S: Store> Queues for SplitStore<S> {
+impl Queues for ClusterStore {
     fn reserved_seq(&self, device: DeviceKey) -> Result<u64, StoreError> {
         self.rest.reserved_seq(device)
     }
@@ -108,7 +109,7 @@ impl<S: Store> Queues for SplitStore<S> {
     }
 }
 
-impl<S: Store> Dedup for SplitStore<S> {
+impl Dedup for ClusterStore {
     fn dedup(&self, key: &DedupKey) -> Result<Option<DedupRecord>, StoreError> {
         self.rest.dedup(key)
     }
@@ -117,13 +118,13 @@ impl<S: Store> Dedup for SplitStore<S> {
     }
 }
 
-impl<S: Store> Mailboxes for SplitStore<S> {
+impl Mailboxes for ClusterStore {
     fn mail(&self) -> Result<Vec<(UserId, u64, MailRecord)>, StoreError> {
         self.rest.mail()
     }
 }
 
-impl<S: Store> Payloads for SplitStore<S> {
+impl Payloads for ClusterStore {
     fn payload(&self, id: PayloadId) -> Result<Option<PayloadRecord>, StoreError> {
         self.rest.payload(id)
     }
@@ -132,7 +133,7 @@ impl<S: Store> Payloads for SplitStore<S> {
     }
 }
 
-impl<S: Store> Store for SplitStore<S> {
+impl Store for ClusterStore {
     fn commit(&self, ops: Vec<Op>, sync: bool) -> Result<(), StoreError> {
         let mut counters = Vec::new();
         let mut rest = Vec::new();
@@ -147,13 +148,12 @@ impl<S: Store> Store for SplitStore<S> {
             }
         }
         self.pg.apply(&counters)?;
-        if !rest.is_empty() {
-            self.rest.commit(rest, sync)?;
-        }
+        self.rest.apply(&rest, sync)?;
         self.pg.apply(&pg)
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.rest.flush()
+        // Every commit is in both engines when it returns.
+        Ok(())
     }
 }

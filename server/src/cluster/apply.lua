@@ -1,0 +1,106 @@
+#!lua
+-- One batch of writes within one Redis Cluster hash slot: the atomic unit
+-- of the Redis domains (cluster/redis_domains.rs). KEYS are the keys the
+-- ops touch, in op order; ARGV is each op's code and arguments. Every op is
+-- built by the Rust side, so none fails halfway (the shebang makes Redis
+-- refuse the whole script up front when it is out of memory).
+--
+-- Queue members are a 16-hex-digit timestamp followed by the entry's bytes,
+-- scored by seq. Each slot has a queue-head index (member "user:device",
+-- score the timestamp of the device's oldest entry), kept exact here.
+local ki, ai = 0, 0
+local function key() ki = ki + 1; return KEYS[ki] end
+local function arg() ai = ai + 1; return ARGV[ai] end
+
+local heads, touched = {}, {}
+local function touch(q, ix, m)
+  if not heads[q] then heads[q] = { ix, m }; touched[#touched + 1] = q end
+end
+
+-- Removes the entries of seq `seq` (at most one) and returns them.
+local function remove(q, use, dev, seq)
+  local old = redis.call('ZRANGEBYSCORE', q, seq, seq)
+  for _, o in ipairs(old) do
+    redis.call('ZREM', q, o)
+    redis.call('HINCRBY', use, 'e' .. dev, -1)
+    redis.call('HINCRBY', use, 'b' .. dev, 16 - #o)
+  end
+  return #old
+end
+
+while ai < #ARGV do
+  local op = arg()
+  if op == 'enq' then
+    local q, use, ix, qn = key(), key(), key(), key()
+    local dev, m, seq, member = arg(), arg(), arg(), arg()
+    local removed = remove(q, use, dev, seq)
+    redis.call('ZADD', q, seq, member)
+    redis.call('HINCRBY', use, 'e' .. dev, 1)
+    redis.call('HINCRBY', use, 'b' .. dev, #member - 16)
+    redis.call('INCRBY', qn, 1 - removed)
+    touch(q, ix, m)
+  elseif op == 'deq' then
+    local q, use, ix, qn = key(), key(), key(), key()
+    local dev, m, seq = arg(), arg(), arg()
+    redis.call('INCRBY', qn, 0 - remove(q, use, dev, seq))
+    touch(q, ix, m)
+  elseif op == 'drop' then
+    local q, n, use, ix, qn = key(), key(), key(), key(), key()
+    local dev, m = arg(), arg()
+    redis.call('INCRBY', qn, 0 - redis.call('ZCARD', q))
+    redis.call('DEL', q, n)
+    redis.call('HDEL', use, 'e' .. dev, 'b' .. dev)
+    touch(q, ix, m)
+  elseif op == 'res' then
+    local n = key()
+    local upto = arg()
+    local cur = redis.call('GET', n)
+    if not cur or tonumber(cur) < tonumber(upto) then redis.call('SET', n, upto) end
+  elseif op == 'dput' then
+    local d, dix = key(), key()
+    local rec, at = arg(), arg()
+    redis.call('SET', d, rec)
+    redis.call('ZADD', dix, at, d)
+  elseif op == 'dexp' then
+    local d, dix = key(), key()
+    local before = tonumber(arg())
+    local at = redis.call('ZSCORE', dix, d)
+    if at and tonumber(at) < before then
+      redis.call('DEL', d)
+      redis.call('ZREM', dix, d)
+    end
+  elseif op == 'mput' then
+    local mk, mix = key(), key()
+    local id, rec, owner = arg(), arg(), arg()
+    redis.call('HSET', mk, id, rec)
+    redis.call('SADD', mix, owner)
+  elseif op == 'mdel' then
+    local mk, mix = key(), key()
+    local id, owner = arg(), arg()
+    redis.call('HDEL', mk, id)
+    if redis.call('HLEN', mk) == 0 then redis.call('SREM', mix, owner) end
+  elseif op == 'pput' then
+    local p, pix = key(), key()
+    local rec, at, m = arg(), arg(), arg()
+    redis.call('SET', p, rec)
+    redis.call('ZADD', pix, at, m)
+  elseif op == 'pdel' then
+    local p, pix = key(), key()
+    local m = arg()
+    redis.call('DEL', p)
+    redis.call('ZREM', pix, m)
+  else
+    return redis.error_reply('unknown op ' .. tostring(op))
+  end
+end
+
+for _, q in ipairs(touched) do
+  local ix, m = heads[q][1], heads[q][2]
+  local head = redis.call('ZRANGE', q, 0, 0)
+  if #head == 0 then
+    redis.call('ZREM', ix, m)
+  else
+    redis.call('ZADD', ix, tonumber(string.sub(head[1], 1, 16), 16), m)
+  end
+end
+return 1
