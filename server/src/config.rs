@@ -173,6 +173,12 @@ pub struct Config {
     pub postgres_url: String,
     /// Cluster mode: this node's name (empty: the host name).
     pub node_id: String,
+    /// Cluster mode: replicas of each Redis master that must hold a write
+    /// (`WAIT`) before it is acknowledged (0: the master alone).
+    pub redis_min_replicas: u32,
+    /// Cluster mode: a node's lease on its partitions, in milliseconds: a
+    /// node silent this long is taken over by a standby.
+    pub cluster_lease_ms: u64,
 }
 
 impl Default for Config {
@@ -237,6 +243,8 @@ impl Default for Config {
             redis_url: String::new(),
             postgres_url: String::new(),
             node_id: String::new(),
+            redis_min_replicas: 1,
+            cluster_lease_ms: 3_000,
         }
     }
 }
@@ -328,6 +336,14 @@ impl Config {
             return bad(
                 "max_frame_bytes",
                 format!("must be {MIN_FRAME_BYTES} to {MAX_FRAME_BYTES_CEILING}"),
+            );
+        }
+        if !(300..=60_000).contains(&self.cluster_lease_ms) {
+            return bad(
+                "cluster_lease_ms",
+                "must be 300 to 60000: shorter leases expire under ordinary pauses, \
+                 longer ones keep clients of a dead node waiting"
+                    .into(),
             );
         }
         if !(1..=MAX_DRAIN_BATCH).contains(&self.drain_batch) {
@@ -771,6 +787,14 @@ const SETTING_HELP: &[(&str, &str)] = &[
     (
         "node_id",
         "Cluster mode: this node's name (default: the host name).",
+    ),
+    (
+        "redis_min_replicas",
+        "Cluster mode: Redis replicas that must hold a write before its ✓ (WAIT; 0: master only).",
+    ),
+    (
+        "cluster_lease_ms",
+        "Cluster mode: a node's lease on its partitions; a node silent this long is taken over.",
     ),
 ];
 

@@ -12,6 +12,10 @@ use crate::ServerError;
 const KEY_FILE: &str = "server.key";
 const PUB_FILE: &str = "server.pub";
 
+/// The data dir's server key, created on first use.
+///
+/// # Errors
+/// [`ServerError`] when the key file is unreadable or malformed.
 pub fn load_or_create(dir: &Path) -> Result<Keypair, ServerError> {
     let path = dir.join(KEY_FILE);
     match std::fs::read(&path) {
@@ -32,18 +36,7 @@ pub fn load_or_create(dir: &Path) -> Result<Keypair, ServerError> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let kp = noise::generate_keypair().map_err(|e| ServerError::Key(e.to_string()))?;
-            let io = |what: &str| {
-                let what = format!("{what} {}", path.display());
-                move |source| ServerError::Io { what, source }
-            };
-            let tmp = dir.join(format!("{KEY_FILE}.tmp"));
-            let mut f = open_private(&tmp).map_err(io("cannot create"))?;
-            f.write_all(&kp.private).map_err(io("cannot write"))?;
-            f.write_all(&kp.public).map_err(io("cannot write"))?;
-            f.sync_all().map_err(io("cannot sync"))?;
-            std::fs::rename(&tmp, &path).map_err(io("cannot rename"))?;
-            std::fs::write(dir.join(PUB_FILE), format!("{}\n", hex::encode(&kp.public)))
-                .map_err(io("cannot write public key next to"))?;
+            save(dir, &kp)?;
             tracing::info!(public_key = %hex::encode(&kp.public), "created server key");
             Ok(kp)
         }
@@ -52,6 +45,27 @@ pub fn load_or_create(dir: &Path) -> Result<Keypair, ServerError> {
             source,
         }),
     }
+}
+
+/// Writes `kp` as the data dir's server key (replacing any), atomically.
+///
+/// # Errors
+/// [`ServerError::Io`] when the files cannot be written.
+pub fn save(dir: &Path, kp: &Keypair) -> Result<(), ServerError> {
+    let path = dir.join(KEY_FILE);
+    let io = |what: &str| {
+        let what = format!("{what} {}", path.display());
+        move |source| ServerError::Io { what, source }
+    };
+    let tmp = dir.join(format!("{KEY_FILE}.tmp"));
+    let mut f = open_private(&tmp).map_err(io("cannot create"))?;
+    f.write_all(&kp.private).map_err(io("cannot write"))?;
+    f.write_all(&kp.public).map_err(io("cannot write"))?;
+    f.sync_all().map_err(io("cannot sync"))?;
+    std::fs::rename(&tmp, &path).map_err(io("cannot rename"))?;
+    std::fs::write(dir.join(PUB_FILE), format!("{}\n", hex::encode(&kp.public)))
+        .map_err(io("cannot write public key next to"))?;
+    Ok(())
 }
 
 #[cfg(unix)]

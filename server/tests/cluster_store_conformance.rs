@@ -9,6 +9,8 @@ mod engines;
 use std::sync::{Arc, Weak};
 
 use engines::{Postgres, RedisCluster};
+use switchboard_server::cluster::membership::{Membership, Standing};
+use switchboard_server::cluster::partition::Ownership;
 use switchboard_server::cluster::postgres::PgDomains;
 use switchboard_server::cluster::redis_domains::RedisDomains;
 use switchboard_server::cluster::store::ClusterStore;
@@ -19,17 +21,41 @@ struct Cluster {
     pg: Postgres,
     redis: RedisCluster,
     rt: tokio::runtime::Runtime,
-    /// (database URL, key prefix, the store opened on them).
-    opened: Vec<(String, String, Weak<dyn Store>)>,
+    /// (database URL, key prefix, the store opened on them, the
+    /// membership that took its partitions).
+    opened: Vec<Opened>,
 }
 
+/// A store the harness opened: its database URL, key prefix, the store
+/// and the membership that took its partitions.
+type Opened = (String, String, Weak<dyn Store>, Arc<Membership>);
+
 impl Cluster {
-    fn open(&self, url: &str, prefix: &str) -> Result<Arc<dyn Store>, StoreError> {
-        Ok(Arc::new(ClusterStore::new(
-            PgDomains::open(url)?,
-            // One replica must confirm every synced commit.
-            RedisDomains::open(&self.redis.url(), prefix, 1)?,
-        )))
+    /// Opens a store as a node of its own that takes over every
+    /// partition (the previous node on the same data resigned).
+    fn open(
+        &self,
+        url: &str,
+        prefix: &str,
+    ) -> Result<(Arc<dyn Store>, Arc<Membership>), StoreError> {
+        let token = format!("conformance-{}", self.opened.len());
+        let ownership = Arc::new(Ownership::new(token));
+        let pg = PgDomains::open(url, ownership.clone())?;
+        let membership = Membership::connect(
+            &self.redis.url(),
+            prefix,
+            ownership.clone(),
+            std::time::Duration::from_secs(3),
+        )?;
+        let standing = membership.step(&pg)?;
+        if standing != Standing::Serving {
+            return Err(StoreError::Engine(format!(
+                "took over nothing: {standing:?}"
+            )));
+        }
+        // One replica must confirm every synced commit.
+        let redis = RedisDomains::open(&self.redis.url(), prefix, 1, ownership)?;
+        Ok((Arc::new(ClusterStore::new(pg, redis)), Arc::new(membership)))
     }
 }
 
@@ -47,25 +73,107 @@ impl Harness for Cluster {
             .map_err(|e| StoreError::Engine(e.to_string()))?;
         let url = admin.replace("dbname=postgres", &format!("dbname={db}"));
         let prefix = format!("c{n}:");
-        let store = self.open(&url, &prefix)?;
-        self.opened.push((url, prefix, Arc::downgrade(&store)));
+        let (store, membership) = self.open(&url, &prefix)?;
+        self.opened
+            .push((url, prefix, Arc::downgrade(&store), membership));
         Ok(store)
     }
 
     fn reopen(&mut self, store: Arc<dyn Store>) -> Result<Arc<dyn Store>, StoreError> {
-        let (url, prefix) = self
+        let (url, prefix, membership) = self
             .opened
             .iter()
-            .find(|(_, _, weak)| weak.upgrade().is_some_and(|s| Arc::ptr_eq(&s, &store)))
-            .map(|(url, prefix, _)| (url.clone(), prefix.clone()))
+            .find(|(_, _, weak, _)| weak.upgrade().is_some_and(|s| Arc::ptr_eq(&s, &store)))
+            .map(|(url, prefix, _, m)| (url.clone(), prefix.clone(), m.clone()))
             .ok_or_else(|| {
                 StoreError::Engine("reopen of a store this harness did not open".into())
             })?;
         drop(store);
-        let reopened = self.open(&url, &prefix)?;
-        self.opened.push((url, prefix, Arc::downgrade(&reopened)));
+        membership.resign()?;
+        let (reopened, membership) = self.open(&url, &prefix)?;
+        self.opened
+            .push((url, prefix, Arc::downgrade(&reopened), membership));
         Ok(reopened)
     }
+}
+
+/// A node that stalls past its lease is taken over, and then neither
+/// engine accepts its writes: fencing, checked by Redis and PostgreSQL
+/// themselves.
+fn a_node_taken_over_is_fenced_in_both_engines(h: &mut Cluster) {
+    use switchboard_server::store::{AccountOp, DeviceKey, Op, QueueOp, Queues};
+    let n = h.opened.len();
+    let admin = h.pg.url();
+    h.rt.block_on(async {
+        let c = switchboard_server::cluster::schema::connect(&admin)
+            .await
+            .unwrap();
+        c.batch_execute(&format!("CREATE DATABASE fencing_{n}"))
+            .await
+            .unwrap();
+    });
+    let url = admin.replace("dbname=postgres", &format!("dbname=fencing_{n}"));
+    let prefix = "fencing:";
+    let lease = std::time::Duration::from_millis(600);
+    let node = |name: &str| {
+        let ownership = Arc::new(Ownership::new(name.to_owned()));
+        let pg = PgDomains::open(&url, ownership.clone()).unwrap();
+        let membership =
+            Membership::connect(&h.redis.url(), prefix, ownership.clone(), lease).unwrap();
+        (pg, membership, ownership)
+    };
+    let (pg_a, member_a, own_a) = node("node-a");
+    assert_eq!(member_a.step(&pg_a).unwrap(), Standing::Serving);
+    let (pg_b, member_b, own_b) = node("node-b");
+    assert_eq!(member_b.step(&pg_b).unwrap(), Standing::Standby);
+    let store_a = ClusterStore::new(
+        pg_a,
+        RedisDomains::open(&h.redis.url(), prefix, 1, own_a).unwrap(),
+    );
+    let device = DeviceKey { user: 7, device: 1 };
+    let writes = |seq: u64| -> Vec<Op> {
+        vec![
+            QueueOp::ReserveSeqs { device, upto: seq }.into(),
+            AccountOp::PutPhone {
+                phone: format!("+1555000{seq}"),
+                user: 7,
+            }
+            .into(),
+        ]
+    };
+    store_a.commit(writes(1), true).unwrap();
+    // A stalls: no renewal for longer than its lease; B takes over.
+    std::thread::sleep(lease * 2);
+    let (pg_b2, member_b2) = (pg_b, member_b);
+    assert_eq!(member_b2.step(&pg_b2).unwrap(), Standing::Serving);
+    let store_b = ClusterStore::new(
+        pg_b2,
+        RedisDomains::open(&h.redis.url(), prefix, 1, own_b).unwrap(),
+    );
+    // A's next writes are refused by Redis (the queue counter) ...
+    let redis_refused = store_a.commit(vec![writes(2).remove(0)], true);
+    assert!(
+        redis_refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("FENCED")),
+        "{redis_refused:?}"
+    );
+    // ... and by PostgreSQL (the phone).
+    let pg_refused = store_a.commit(vec![writes(2).remove(1)], true);
+    assert!(
+        pg_refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("fenced")),
+        "{pg_refused:?}"
+    );
+    // A's own membership step finds it lost the partitions (its PostgreSQL
+    // connection is not needed for that).
+    let probe = PgDomains::open(&url, Arc::new(Ownership::new("probe".into()))).unwrap();
+    assert_eq!(member_a.step(&probe).unwrap(), Standing::Fenced);
+    // B writes, and reads what A committed before the takeover.
+    assert_eq!(store_b.reserved_seq(device).unwrap(), 1);
+    store_b.commit(writes(3), true).unwrap();
+    assert_eq!(store_b.reserved_seq(device).unwrap(), 3);
 }
 
 #[test]
@@ -82,6 +190,7 @@ fn the_cluster_store_passes_the_conformance_suite() {
         rt,
         opened: Vec::new(),
     };
+    a_node_taken_over_is_fenced_in_both_engines(&mut harness);
     let failures = conformance::run(&mut harness);
     let report: Vec<String> = failures.iter().map(ToString::to_string).collect();
     assert!(

@@ -162,35 +162,90 @@ async fn migrate(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Cluster mode's start: the schema is migrated (or found newer, and the
-/// node refuses), then the node stops with an error, since this build has
-/// no cluster storage backends yet (issue #21) and must not serve from its
-/// embedded store while the operator asked for a cluster.
-async fn cluster_start(config: &Config) -> anyhow::Result<()> {
-    use switchboard_server::cluster::{ClusterSettings, schema};
-    let Some(cluster) = ClusterSettings::from_config(config)? else {
-        return Ok(());
+/// Cluster mode (both engines set): opens the cluster node, waits as a
+/// standby until it holds every partition, then serves from the cluster
+/// store while keeping its lease. A node taken over by another (fenced)
+/// stops with an error; a clean stop hands the partitions back at once.
+async fn serve_cluster(
+    config: Config,
+    cluster: switchboard_server::cluster::ClusterSettings,
+) -> anyhow::Result<()> {
+    use switchboard_server::cluster::node::Node;
+    let open_config = config.clone();
+    let node = blocking(move || Node::open(&cluster, &open_config)).await??;
+    let node = std::sync::Arc::new(node);
+    let waiting = node.clone();
+    tokio::select! {
+        serving = blocking(move || waiting.wait_until_serving()) => {
+            if !serving? {
+                return Ok(());
+            }
+        }
+        () = shutdown_signal() => {
+            node.resign();
+            return Ok(());
+        }
+    }
+    let (fenced_tx, fenced_rx) = tokio::sync::oneshot::channel::<()>();
+    let lease = node.keep_lease(move || {
+        let _ = fenced_tx.send(());
+    })?;
+    let fenced = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fenced_flag = fenced.clone();
+    let stop = async move {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            Ok(()) = fenced_rx => fenced_flag.store(true, std::sync::atomic::Ordering::Relaxed),
+        }
     };
-    let mut client = schema::connect(&cluster.postgres_url)
-        .await
-        .context("cannot connect to postgres_url")?;
-    let done = schema::migrate(&mut client).await?;
-    anyhow::bail!(
-        "cluster mode is not available in this build: the PostgreSQL schema is ready \
-         (version {}), but the Redis and PostgreSQL storage backends are still being built \
-         (issue #21). Unset redis_url and postgres_url to run on the embedded store",
-        done.to
-    )
+    let result = serve_on(config, Some(node.store()), stop).await;
+    let resigning = node.clone();
+    blocking(move || resigning.resign()).await?;
+    let _ = blocking(move || lease.join()).await;
+    if fenced.load(std::sync::atomic::Ordering::Relaxed) {
+        anyhow::bail!("stopped: another node took this node's partitions over (fenced)");
+    }
+    result
+}
+
+/// Runs `f` on a thread of its own (the cluster engines' blocking calls
+/// must not run on the async runtime).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("cluster-open".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .context("cannot start a thread")?;
+    rx.await.context("the thread ended without an answer")
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    cluster_start(&config).await?;
+    use switchboard_server::cluster::{ClusterSettings, schema};
+    if let Some(cluster) = ClusterSettings::from_config(&config)? {
+        let mut client = schema::connect(&cluster.postgres_url)
+            .await
+            .context("cannot connect to postgres_url")?;
+        schema::migrate(&mut client).await?;
+        return serve_cluster(config, cluster).await;
+    }
+    serve_on(config, None, shutdown_signal()).await
+}
+
+/// Listens and serves from `store` (the embedded store when `None`) until
+/// `stop` resolves.
+async fn serve_on(
+    config: Config,
+    store: Option<std::sync::Arc<dyn switchboard_server::store::Store>>,
+    stop: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
     let tcp = switchboard_server::listen(config.tcp_listen)
         .with_context(|| format!("cannot listen on {} (tcp_listen)", config.tcp_listen))?;
     let http = switchboard_server::listen(config.http_listen)
         .with_context(|| format!("cannot listen on {} (http_listen)", config.http_listen))?;
     let data_dir = config.data_dir.clone();
-    switchboard_server::run(config, tcp, http, shutdown_signal(), |ready| {
+    let on_ready = move |ready: &switchboard_server::Ready| {
         // One machine-readable line on stdout; logs go to stderr.
         println!(
             "switchboard ready tcp={} http={} data_dir={} server_key={}",
@@ -199,8 +254,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             data_dir.display(),
             hex::encode(&ready.server_public_key)
         );
-    })
-    .await?;
+    };
+    match store {
+        Some(store) => {
+            switchboard_server::run_with_store(config, store, tcp, http, stop, on_ready).await?;
+        }
+        None => switchboard_server::run(config, tcp, http, stop, on_ready).await?,
+    }
     Ok(())
 }
 

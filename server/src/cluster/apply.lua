@@ -1,14 +1,22 @@
 #!lua
--- One batch of writes within one Redis Cluster hash slot: the atomic unit
--- of the Redis domains (cluster/redis_domains.rs). KEYS are the keys the
--- ops touch, in op order; ARGV is each op's code and arguments. Every op is
--- built by the Rust side, so none fails halfway (the shebang makes Redis
--- refuse the whole script up front when it is out of memory).
+-- One batch of writes within one partition (one hash slot): the atomic
+-- unit of the Redis domains (cluster/redis_domains.rs). KEYS[1] is the
+-- partition's owner key and ARGV[1] the writer's token: a writer that no
+-- longer owns the partition is refused before anything is written
+-- (fencing). Then KEYS are the keys the ops touch, in op order, and ARGV
+-- each op's code and arguments. Every op is built by the Rust side, so
+-- none fails halfway (the shebang makes Redis refuse the whole script up
+-- front when it is out of memory), and every op is idempotent, so a batch
+-- retried after a lost reply leaves the same state.
 --
 -- Queue members are a 16-hex-digit timestamp followed by the entry's bytes,
--- scored by seq. Each slot has a queue-head index (member "user:device",
--- score the timestamp of the device's oldest entry), kept exact here.
-local ki, ai = 0, 0
+-- scored by seq. Each partition has a queue-head index (member
+-- "user:device", score the timestamp of the device's oldest entry), kept
+-- exact here.
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('FENCED this node does not own the partition')
+end
+local ki, ai = 1, 1
 local function key() ki = ki + 1; return KEYS[ki] end
 local function arg() ai = ai + 1; return ARGV[ai] end
 

@@ -13,6 +13,9 @@
 //! migrates the schema and then refuses to serve with a clear error rather
 //! than silently running embedded.
 
+pub mod membership;
+pub mod node;
+pub mod partition;
 pub mod postgres;
 pub mod redis_domains;
 pub mod schema;
@@ -32,6 +35,12 @@ pub enum ClusterError {
     /// The schema could not be read or migrated.
     #[error(transparent)]
     Schema(#[from] schema::SchemaError),
+    /// An engine could not be reached or refused.
+    #[error("cannot open the cluster store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// The cluster's server key could not be shared.
+    #[error("server key: {0}")]
+    Key(String),
 }
 
 /// The engines of a cluster node.

@@ -7,12 +7,13 @@
 //! [`PgDomains::apply`] is one transaction: the batch is the atomic unit
 //! of these domains.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use prost::Message;
 use tokio_postgres::Client;
 
+use super::partition::{self, Ownership};
 use super::schema;
 use crate::store::{
     AccountOp, Accounts, CodeRecord, DeviceKey, DeviceKeysRecord, GroupId, GroupOp, GroupRecord,
@@ -29,8 +30,14 @@ fn id(v: i64) -> u64 {
     v.cast_unsigned()
 }
 
-fn engine(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Engine(format!("PostgreSQL: {e}"))
+fn engine(e: impl std::fmt::Display + 'static) -> StoreError {
+    // A server's refusal says why only in its `DbError`.
+    let detail = (&e as &dyn std::any::Any)
+        .downcast_ref::<tokio_postgres::Error>()
+        .and_then(tokio_postgres::Error::as_db_error)
+        .map(|db| format!(": {}", db.message()))
+        .unwrap_or_default();
+    StoreError::Engine(format!("PostgreSQL: {e}{detail}"))
 }
 
 fn decode<M: Message + Default>(what: &'static str, bytes: &[u8]) -> Result<M, StoreError> {
@@ -51,10 +58,40 @@ pub enum PgOp {
     Group(GroupOp),
 }
 
+impl PgOp {
+    /// The partition whose owner writes this op ([`super::partition`]).
+    fn partition(&self) -> u32 {
+        match self {
+            PgOp::Account(AccountOp::PutUser(u)) => partition::of_id(u.user_id),
+            PgOp::Account(
+                AccountOp::PutPhone { phone: key, .. }
+                | AccountOp::PutCode { phone: key, .. }
+                | AccountOp::PutLinkCode { code: key, .. }
+                | AccountOp::DeleteLinkCode(key),
+            ) => partition::of_str(key),
+            PgOp::Key(
+                KeyOp::PutDeviceKeys { device, .. }
+                | KeyOp::PutOneTimeKey { device, .. }
+                | KeyOp::DeleteOneTimeKey { device, .. }
+                | KeyOp::DropDeviceKeys(device),
+            ) => partition::of_id(device.user),
+            PgOp::Group(GroupOp::PutGroup(g)) => partition::of_id(g.group_id),
+            PgOp::Group(
+                GroupOp::ReserveSeqs { group, .. }
+                | GroupOp::PutMembership { group, .. }
+                | GroupOp::DeleteMembership { group, .. }
+                | GroupOp::DropGroup(group),
+            ) => partition::of_id(*group),
+        }
+    }
+}
+
 /// Accounts, keys and groups in PostgreSQL.
 pub struct PgDomains {
-    rt: tokio::runtime::Runtime,
+    /// `Some` until dropped.
+    rt: Option<tokio::runtime::Runtime>,
     client: Mutex<Client>,
+    ownership: Arc<Ownership>,
 }
 
 impl std::fmt::Debug for PgDomains {
@@ -70,7 +107,7 @@ impl PgDomains {
     /// # Errors
     /// [`StoreError::Engine`] when PostgreSQL cannot be reached, refuses, or
     /// has a newer schema.
-    pub fn open(url: &str) -> Result<Self, StoreError> {
+    pub fn open(url: &str, ownership: Arc<Ownership>) -> Result<Self, StoreError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -88,9 +125,16 @@ impl PgDomains {
             Ok::<_, StoreError>(client)
         })?;
         Ok(Self {
-            rt,
+            rt: Some(rt),
             client: Mutex::new(client),
+            ownership,
         })
+    }
+
+    fn rt(&self) -> &tokio::runtime::Runtime {
+        // Only `drop` takes it.
+        #[allow(clippy::expect_used)]
+        self.rt.as_ref().expect("runtime present until drop")
     }
 
     fn client(&self) -> std::sync::MutexGuard<'_, Client> {
@@ -107,7 +151,7 @@ impl PgDomains {
     ) -> Result<Option<Vec<u8>>, StoreError> {
         let client = self.client();
         let row = self
-            .rt
+            .rt()
             .block_on(client.query_opt(query, params))
             .map_err(engine)?;
         Ok(row.map(|r| r.get(0)))
@@ -122,14 +166,100 @@ impl PgDomains {
         if ops.is_empty() {
             return Ok(());
         }
+        let mut partitions: Vec<i32> = ops.iter().map(|op| op.partition().cast_signed()).collect();
+        partitions.sort_unstable();
+        partitions.dedup();
         let mut client = self.client();
-        self.rt.block_on(async {
+        self.rt().block_on(async {
             let tx = client.transaction().await.map_err(engine)?;
+            // Fencing: the rows stay share-locked until the commit, so a
+            // takeover (an UPDATE of them) waits for this transaction, and
+            // this one fails if a takeover came first.
+            let held = tx
+                .query(
+                    "SELECT partition FROM partition_owners \
+                     WHERE partition = ANY($1) AND owner = $2 FOR SHARE",
+                    &[&partitions, &self.ownership.token()],
+                )
+                .await
+                .map_err(engine)?;
+            if held.len() != partitions.len() {
+                return Err(StoreError::Engine(format!(
+                    "PostgreSQL: fenced: this node does not own {} of the {} partitions written",
+                    partitions.len() - held.len(),
+                    partitions.len()
+                )));
+            }
             for op in ops {
                 apply_one(&tx, op).await?;
             }
             tx.commit().await.map_err(engine)
         })
+    }
+}
+
+impl Drop for PgDomains {
+    fn drop(&mut self) {
+        // The last handle may go on an async task (the server's sweep
+        // task holds one): a runtime dropped there would panic.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Cluster bookkeeping: partition owners and shared secrets.
+impl PgDomains {
+    /// Records this node as the owner of `claims` (partition, epoch),
+    /// each only if its epoch is newer than the one recorded (a claim that
+    /// lost a race in Redis and arrives late changes nothing). Waits for
+    /// transactions of the previous owner in flight. Says which partitions
+    /// are now recorded as this node's.
+    ///
+    /// # Errors
+    /// [`StoreError::Engine`] when PostgreSQL fails.
+    pub fn claim(&self, claims: &[(u32, u64)]) -> Result<Vec<u32>, StoreError> {
+        let partitions: Vec<i32> = claims.iter().map(|c| c.0.cast_signed()).collect();
+        let epochs: Vec<i64> = claims.iter().map(|c| c.1.cast_signed()).collect();
+        let client = self.client();
+        let rows = self
+            .rt()
+            .block_on(client.query(
+                "INSERT INTO partition_owners (partition, owner, epoch) \
+                 SELECT p, $2, e FROM UNNEST($1::integer[], $3::bigint[]) AS t(p, e) \
+                 ON CONFLICT (partition) DO UPDATE \
+                 SET owner = EXCLUDED.owner, epoch = EXCLUDED.epoch \
+                 WHERE partition_owners.epoch < EXCLUDED.epoch \
+                 RETURNING partition",
+                &[&partitions, &self.ownership.token(), &epochs],
+            ))
+            .map_err(engine)?;
+        Ok(rows
+            .iter()
+            .map(|r| r.get::<_, i32>(0).cast_unsigned())
+            .collect())
+    }
+
+    /// The cluster-wide secret `name`: the stored one, or `candidate`
+    /// stored now if there was none (the first node to start wins).
+    ///
+    /// # Errors
+    /// [`StoreError::Engine`] when PostgreSQL fails.
+    pub fn cluster_secret(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let client = self.client();
+        self.rt()
+            .block_on(client.execute(
+                "INSERT INTO cluster_secrets (name, value) VALUES ($1, $2) \
+                 ON CONFLICT (name) DO NOTHING",
+                &[&name, &candidate],
+            ))
+            .map_err(engine)?;
+        drop(client);
+        self.bytes(
+            "SELECT value FROM cluster_secrets WHERE name = $1",
+            &[&name],
+        )?
+        .ok_or_else(|| engine(format!("cluster secret {name} vanished")))
     }
 }
 
@@ -285,7 +415,7 @@ impl Accounts for PgDomains {
     fn phone(&self, phone: &str) -> Result<Option<UserId>, StoreError> {
         let client = self.client();
         let row = self
-            .rt
+            .rt()
             .block_on(client.query_opt("SELECT user_id FROM phones WHERE phone = $1", &[&phone]))
             .map_err(engine)?;
         Ok(row.map(|r| id(r.get(0))))
@@ -307,7 +437,7 @@ impl Accounts for PgDomains {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let client = self.client();
         let rows = self
-            .rt
+            .rt()
             .block_on(client.query(
                 "SELECT code FROM link_codes WHERE expires_ms < $1 ORDER BY expires_ms LIMIT $2",
                 &[&sql(before_ms), &limit],
@@ -334,7 +464,7 @@ impl Keys for PgDomains {
     ) -> Result<Option<(u64, Bytes)>, StoreError> {
         let client = self.client();
         let row = self
-            .rt
+            .rt()
             .block_on(client.query_opt(
                 "SELECT key_index, record FROM one_time_keys \
                  WHERE user_id = $1 AND device_id = $2 AND key_index >= $3 \
@@ -362,7 +492,7 @@ impl Groups for PgDomains {
     fn group_reserved_seq(&self, group: GroupId) -> Result<u64, StoreError> {
         let client = self.client();
         let row = self
-            .rt
+            .rt()
             .block_on(client.query_opt(
                 "SELECT reserved_seq FROM group_seqs WHERE group_id = $1",
                 &[&sql(group)],
@@ -374,7 +504,7 @@ impl Groups for PgDomains {
     fn user_groups(&self, user: UserId) -> Result<Vec<GroupId>, StoreError> {
         let client = self.client();
         let rows = self
-            .rt
+            .rt()
             .block_on(client.query(
                 "SELECT group_id FROM group_members WHERE user_id = $1",
                 &[&sql(user)],

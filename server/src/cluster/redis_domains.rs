@@ -1,62 +1,65 @@
 //! The Redis Cluster domains of cluster mode: [`Queues`], [`Dedup`],
 //! [`Mailboxes`] and [`Payloads`].
 //!
-//! **Layout.** Every key of one user (or group) carries the hash tag
-//! `{u:<id>}`, so its queues, queue counters, usage, dedup records, mail
-//! and payloads share one hash slot, and one script in that slot
-//! (`apply.lua`) writes them all or none: the atomic unit the traits state
-//! (one user; the recipient for dedup, together with its queues).
+//! **Layout.** Every key carries the hash tag of its owner's partition
+//! (`{p:<n>}`, [`super::partition`]): a user's (or group's) queues, queue
+//! counters, usage, dedup records, mail and payloads, its partition's
+//! indexes and the partition's owner key share one hash slot, and one
+//! script in that slot (`apply.lua`) checks the owner and writes them all
+//! or none: the atomic unit the traits state (one user; the recipient for
+//! dedup, together with its queues), here a whole partition.
 //!
-//! | key | type | holds |
+//! | key (`P` = `<prefix>{p:<n>}`) | type | holds |
 //! |---|---|---|
-//! | `<p>{u:U}:q:D` | sorted set | device D's queue: score seq, member 16 hex digits of `server_ts_ms` then the encoded entry |
-//! | `<p>{u:U}:n:D` | string | the highest reserved seq |
-//! | `<p>{u:U}:use` | hash | `e<D>` entries, `b<D>` bytes of each queue |
-//! | `<p>{u:T}:d:<user>:<device>:<client id>` | string | a dedup record (T: the recipient user or group) |
-//! | `<p>{u:O}:mail` | hash | mail id → mail record |
-//! | `<p>{u:O}:p:<seq>` | string | a payload |
+//! | `P:owner` | string | the owning node's token (fencing) |
+//! | `P:q:U:D` | sorted set | device D of user U's queue: score seq, member 16 hex digits of `server_ts_ms` then the encoded entry |
+//! | `P:n:U:D` | string | the highest reserved seq |
+//! | `P:use:U` | hash | `e<D>` entries, `b<D>` bytes of each queue |
+//! | `P:d:T:U:D:<client id>` | string | a dedup record (T: the recipient user or group) |
+//! | `P:mail:O` | hash | mail id → mail record |
+//! | `P:p:O:<seq>` | string | a payload |
+//! | `P:qix` | sorted set | "U:D" → the timestamp of that queue's oldest entry |
+//! | `P:qn` | string | entries in the partition's queues |
+//! | `P:dix`, `P:pix` | sorted sets | dedup key → accepted time; "O:seq" → payload created time |
+//! | `P:mix` | set | owners with mail |
 //!
-//! **Global scans without SCAN.** The sweeps need "every queue with an old
-//! entry", "every dedup record older than", "all mail". Each hash slot has
-//! its own index keys, tagged with a string that hashes to that slot
-//! ([`SlotTags`]), so the script that writes a user's keys keeps the index
-//! of the user's slot exact in the same atomic step: `<p>{<tag>}:qix`
-//! (sorted set "user:device" → oldest entry's timestamp), `:qn` (entries
-//! in the slot), `:dix` (dedup key → accepted time), `:mix` (owners with
-//! mail), `:pix` (payload → created time). A scan reads the 16,384 index
-//! keys in one pipeline per master.
+//! **Global scans without SCAN.** The sweeps ("every queue with an old
+//! entry", "every dedup record older than", "all mail") read the indexes
+//! of the partitions this node owns, one pipeline per master; the scripts
+//! keep the indexes exact in the same atomic step as the writes.
 //!
-//! **Durability.** A synced commit returns once every script has run and,
-//! with `min_replicas` > 0, `WAIT` has confirmed that many replicas of each
-//! master written (Redis's own `appendfsync` covers the master's disk; see
-//! docs/OPERATIONS.md). Across slots the scripts run in
-//! [`Op::domain_rank`] order, as `Store::commit` allows.
+//! **One commit.** A batch's ops are grouped by partition and by
+//! [`Op::domain_rank`]; each rank is one pipeline of scripts (one round
+//! trip per master written), lower ranks first, as `Store::commit`
+//! allows. With `sync` and `min_replicas` > 0, one `WAIT` (sent to every
+//! master, answered with the least count) then confirms that many replicas
+//! hold the writes; Redis's own `appendfsync` covers the master's disk
+//! (docs/OPERATIONS.md, "Cluster mode").
 //!
 //! The traits are synchronous and called from shard threads; the
 //! connection is the `redis` crate's blocking cluster connection behind a
 //! mutex.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message;
+use redis::Value;
 use redis::cluster::{ClusterClient, ClusterConnection, cluster_pipe};
-use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr};
-use redis::{Script, Value};
 use switchboard_proto::pb;
 
+use super::partition::{self, Ownership, PARTITIONS};
 use crate::store::{
     Dedup, DedupKey, DedupOp, DedupRecord, DeviceKey, MailOp, MailRecord, Mailboxes, Op, PayloadId,
     PayloadOp, PayloadRecord, Payloads, QueueOp, Queues, StoreError, StoredEntry, UserId,
 };
 
-/// Hash slots of a Redis Cluster.
-const SLOTS: u16 = 16_384;
+/// The script of one partition's writes.
+const APPLY: &str = include_str!("apply.lua");
 
-/// Commands per pipeline of a scan over every slot's index.
+/// Commands per pipeline of a scan over every partition's index.
 const SCAN_CHUNK: usize = 4096;
 
 /// How long a synced commit waits for its replicas before failing.
@@ -77,88 +80,70 @@ fn decode<M: Message + Default>(what: &'static str, bytes: &[u8]) -> Result<M, S
     M::decode(bytes).map_err(|e| corrupt(what, e))
 }
 
-/// For each hash slot, a short string that hashes to it: the tag of that
-/// slot's index keys.
-struct SlotTags {
-    by_slot: HashMap<Slot, String>,
-    in_order: Vec<String>,
-}
-
-impl SlotTags {
-    fn get() -> &'static SlotTags {
-        static TAGS: OnceLock<SlotTags> = OnceLock::new();
-        TAGS.get_or_init(|| {
-            let mut by_slot = HashMap::with_capacity(usize::from(SLOTS));
-            let mut n = 0u64;
-            while by_slot.len() < usize::from(SLOTS) {
-                let tag = n.to_string();
-                by_slot.entry(Slot::for_key(&tag)).or_insert(tag);
-                n += 1;
-            }
-            let in_order = (0..SLOTS)
-                .filter_map(|s| Slot::new(s).and_then(|slot| by_slot.get(&slot).cloned()))
-                .collect();
-            SlotTags { by_slot, in_order }
-        })
-    }
-
-    /// The tag of the slot that `key` hashes to.
-    fn of(&self, key: &str) -> &str {
-        self.by_slot
-            .get(&Slot::for_key(key))
-            .map_or("", String::as_str)
-    }
-}
-
 /// Key names, under a prefix (`sb:` in a deployment; tests use one per
 /// store so they share a cluster).
 #[derive(Debug, Clone)]
-struct Keys {
+pub(crate) struct Keys {
     prefix: String,
 }
 
 impl Keys {
-    fn user(&self, id: u64) -> String {
-        format!("{}{{u:{id}}}", self.prefix)
+    pub(crate) fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+        }
+    }
+    /// The prefix and hash tag of partition `p`'s keys.
+    fn tag(&self, p: u32) -> String {
+        format!("{}{{p:{p}}}", self.prefix)
+    }
+    fn of(&self, id: u64) -> String {
+        self.tag(partition::of_id(id))
+    }
+    /// Partition `p`'s owner key.
+    pub(crate) fn owner(&self, p: u32) -> String {
+        format!("{}:owner", self.tag(p))
+    }
+    /// The liveness key of the node holding `token`.
+    pub(crate) fn alive(&self, token: &str) -> String {
+        format!("{}alive:{token}", self.prefix)
     }
     fn queue(&self, d: DeviceKey) -> String {
-        format!("{}:q:{}", self.user(d.user), d.device)
+        format!("{}:q:{}:{}", self.of(d.user), d.user, d.device)
     }
     fn counter(&self, d: DeviceKey) -> String {
-        format!("{}:n:{}", self.user(d.user), d.device)
+        format!("{}:n:{}:{}", self.of(d.user), d.user, d.device)
     }
     fn usage(&self, user: UserId) -> String {
-        format!("{}:use", self.user(user))
+        format!("{}:use:{user}", self.of(user))
     }
     fn dedup(&self, k: &DedupKey) -> String {
+        let to = k.to.id();
         format!(
-            "{}:d:{}:{}:{}",
-            self.user(k.to.id()),
+            "{}:d:{to}:{}:{}:{}",
+            self.of(to),
             k.from.user,
             k.from.device,
             k.client_msg_id
         )
     }
     fn mail(&self, owner: UserId) -> String {
-        format!("{}:mail", self.user(owner))
+        format!("{}:mail:{owner}", self.of(owner))
     }
     fn payload(&self, id: PayloadId) -> String {
-        format!("{}:p:{}", self.user(id.owner), id.seq)
+        format!("{}:p:{}:{}", self.of(id.owner), id.owner, id.seq)
     }
-    /// An index key (`qix`, `qn`, `dix`, `mix`, `pix`) of the slot of
-    /// `owner`'s keys.
-    fn index(&self, owner: u64, which: &str) -> String {
-        let tag = SlotTags::get().of(&format!("{{u:{owner}}}"));
-        self.index_of_tag(tag, which)
-    }
-    fn index_of_tag(&self, tag: &str, which: &str) -> String {
-        format!("{}{{{tag}}}:{which}", self.prefix)
+    /// An index key (`qix`, `qn`, `dix`, `mix`, `pix`) of partition `p`.
+    fn index(&self, p: u32, which: &str) -> String {
+        format!("{}:{which}", self.tag(p))
     }
 }
 
-/// One slot's share of a batch: the script's keys and arguments.
-#[derive(Default)]
+/// One partition's share of a batch (of one rank): the script's keys and
+/// arguments after the owner check.
 struct Unit {
+    rank: u8,
+    partition: u32,
     keys: Vec<String>,
     args: Vec<Vec<u8>>,
     /// Net queue entries this unit adds, for the approximate count.
@@ -180,7 +165,7 @@ impl Unit {
 pub struct RedisDomains {
     conn: Mutex<ClusterConnection>,
     keys: Keys,
-    script: Script,
+    ownership: Arc<Ownership>,
     min_replicas: u32,
     /// Entries stored, as counted at open plus this process's writes.
     entries: AtomicI64,
@@ -195,38 +180,50 @@ impl std::fmt::Debug for RedisDomains {
     }
 }
 
+/// Connects to the cluster whose seed nodes are `urls` (comma-separated
+/// `redis://host:port`).
+///
+/// # Errors
+/// [`StoreError::Engine`] when no seed node answers as a cluster.
+pub(crate) fn connect(urls: &str) -> Result<ClusterConnection, StoreError> {
+    let seeds: Vec<&str> = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    ClusterClient::builder(seeds)
+        .connection_timeout(Duration::from_secs(2))
+        .response_timeout(Duration::from_secs(5))
+        .retries(3)
+        .build()
+        .and_then(|c| c.get_connection())
+        .map_err(engine)
+}
+
 impl RedisDomains {
-    /// Connects to the cluster whose seed nodes are `urls`
-    /// (comma-separated `redis://host:port`), keeping every key under
-    /// `prefix`. A synced commit waits for `min_replicas` replicas.
+    /// Connects to the cluster whose seed nodes are `urls`, keeping every
+    /// key under `prefix`, writing as `ownership` (only to the partitions
+    /// it owns; the engine refuses the rest). A synced commit waits for
+    /// `min_replicas` replicas.
     ///
     /// # Errors
     /// [`StoreError::Engine`] when no seed node answers as a cluster.
-    pub fn open(urls: &str, prefix: &str, min_replicas: u32) -> Result<Self, StoreError> {
-        let seeds: Vec<&str> = urls
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .collect();
-        let client = ClusterClient::builder(seeds)
-            .connection_timeout(Duration::from_secs(2))
-            .response_timeout(Duration::from_secs(5))
-            .retries(3)
-            .build()
-            .map_err(engine)?;
-        let conn = client.get_connection().map_err(engine)?;
+    pub fn open(
+        urls: &str,
+        prefix: &str,
+        min_replicas: u32,
+        ownership: Arc<Ownership>,
+    ) -> Result<Self, StoreError> {
         let store = Self {
-            conn: Mutex::new(conn),
-            keys: Keys {
-                prefix: prefix.to_owned(),
-            },
-            script: Script::new(include_str!("apply.lua")),
+            conn: Mutex::new(connect(urls)?),
+            keys: Keys::new(prefix),
+            ownership,
             min_replicas,
             entries: AtomicI64::new(0),
         };
-        let counts = store.scan_slots(|tag| {
+        let counts = store.scan(&(0..PARTITIONS).collect::<Vec<_>>(), |p| {
             let mut c = redis::cmd("GET");
-            c.arg(store.keys.index_of_tag(tag, "qn"));
+            c.arg(store.keys.index(p, "qn"));
             c
         })?;
         let total: i64 = counts
@@ -247,15 +244,18 @@ impl RedisDomains {
         cmd.query(&mut *self.conn()).map_err(engine)
     }
 
-    /// Runs `cmd_for(tag)` for every slot's tag, in slot order, pipelined.
-    fn scan_slots(&self, cmd_for: impl Fn(&str) -> redis::Cmd) -> Result<Vec<Value>, StoreError> {
-        let tags = &SlotTags::get().in_order;
-        let mut out = Vec::with_capacity(tags.len());
+    /// Runs `cmd_for(p)` for each of `partitions`, in order, pipelined.
+    fn scan(
+        &self,
+        partitions: &[u32],
+        cmd_for: impl Fn(u32) -> redis::Cmd,
+    ) -> Result<Vec<Value>, StoreError> {
+        let mut out = Vec::with_capacity(partitions.len());
         let mut conn = self.conn();
-        for chunk in tags.chunks(SCAN_CHUNK) {
+        for chunk in partitions.chunks(SCAN_CHUNK) {
             let mut pipe = cluster_pipe();
-            for tag in chunk {
-                pipe.add_command(cmd_for(tag));
+            for p in chunk {
+                pipe.add_command(cmd_for(*p));
             }
             let values: Vec<Value> = pipe.query(&mut conn).map_err(engine)?;
             out.extend(values);
@@ -263,17 +263,18 @@ impl RedisDomains {
         Ok(out)
     }
 
-    /// Every member of every slot's `which` sorted-set index with a score
-    /// below `before`, at most `limit` in all: `(member, score)`.
+    /// Members of the `which` sorted-set index of every partition this
+    /// node owns with a score below `before`, at most `limit` in all:
+    /// `(member, score)`.
     fn index_below(
         &self,
         which: &str,
         before: u64,
         limit: usize,
     ) -> Result<Vec<(String, f64)>, StoreError> {
-        let values = self.scan_slots(|tag| {
+        let values = self.scan(&self.ownership.owned(), |p| {
             let mut c = redis::cmd("ZRANGE");
-            c.arg(self.keys.index_of_tag(tag, which))
+            c.arg(self.keys.index(p, which))
                 .arg("-inf")
                 .arg(format!("({before}"))
                 .arg("BYSCORE")
@@ -295,9 +296,27 @@ impl RedisDomains {
         Ok(out)
     }
 
-    /// Adds `op`'s share to the unit of its slot (creating it), returning
+    /// The unit of `rank` and `partition` in `units` (created if new).
+    fn unit<'u>(&self, units: &'u mut Vec<Unit>, rank: u8, partition: u32) -> &'u mut Unit {
+        let pos = units
+            .iter()
+            .position(|u| u.rank == rank && u.partition == partition)
+            .unwrap_or_else(|| {
+                units.push(Unit {
+                    rank,
+                    partition,
+                    keys: vec![self.keys.owner(partition)],
+                    args: vec![self.ownership.token().as_bytes().to_vec()],
+                    entries: 0,
+                });
+                units.len() - 1
+            });
+        &mut units[pos]
+    }
+
+    /// Adds `op`'s share to the unit of its partition and rank, returning
     /// whether it was one of these domains' ops.
-    fn stage(&self, op: &Op, units: &mut Vec<(u8, Slot, Unit)>) -> Result<bool, StoreError> {
+    fn stage(&self, op: &Op, units: &mut Vec<Unit>) -> Result<bool, StoreError> {
         let k = &self.keys;
         let owner = match op {
             Op::Queue(
@@ -311,40 +330,37 @@ impl RedisDomains {
             Op::Payload(PayloadOp::Put { id, .. } | PayloadOp::Delete(id)) => id.owner,
             _ => return Ok(false),
         };
-        let rank = op.domain_rank();
-        let slot = Slot::for_key(format!("{{u:{owner}}}"));
-        let pos = match units.iter().position(|(r, s, _)| *r == rank && *s == slot) {
-            Some(pos) => pos,
-            None => {
-                units.push((rank, slot, Unit::default()));
-                units.len() - 1
-            }
-        };
-        let Some((_, _, unit)) = units.get_mut(pos) else {
-            return Ok(true);
-        };
+        let p = partition::of_id(owner);
         let member = |d: &DeviceKey| format!("{}:{}", d.user, d.device);
-        match op {
-            Op::Queue(QueueOp::Enqueue { device, entry }) => {
+        // Decode before taking the unit, so a corrupt entry adds nothing.
+        let stored_entry = match op {
+            Op::Queue(QueueOp::Enqueue { entry, .. }) => {
                 let decoded: pb::QueueEntry = decode("queue entry", &entry.bytes)?;
                 let mut stored = format!("{:016x}", decoded.server_ts_ms).into_bytes();
                 stored.extend_from_slice(&entry.bytes);
+                Some(stored)
+            }
+            _ => None,
+        };
+        let unit = self.unit(units, op.domain_rank(), p);
+        match op {
+            Op::Queue(QueueOp::Enqueue { device, entry }) => {
                 unit.key(k.queue(*device))
                     .key(k.usage(device.user))
-                    .key(k.index(owner, "qix"))
-                    .key(k.index(owner, "qn"))
+                    .key(k.index(p, "qix"))
+                    .key(k.index(p, "qn"))
                     .arg("enq")
                     .arg(device.device.to_string())
                     .arg(member(device))
                     .arg(entry.seq.to_string())
-                    .arg(stored);
+                    .arg(stored_entry.unwrap_or_default());
                 unit.entries += 1;
             }
             Op::Queue(QueueOp::Dequeue { device, seq }) => {
                 unit.key(k.queue(*device))
                     .key(k.usage(device.user))
-                    .key(k.index(owner, "qix"))
-                    .key(k.index(owner, "qn"))
+                    .key(k.index(p, "qix"))
+                    .key(k.index(p, "qn"))
                     .arg("deq")
                     .arg(device.device.to_string())
                     .arg(member(device))
@@ -355,8 +371,8 @@ impl RedisDomains {
                 unit.key(k.queue(*device))
                     .key(k.counter(*device))
                     .key(k.usage(device.user))
-                    .key(k.index(owner, "qix"))
-                    .key(k.index(owner, "qn"))
+                    .key(k.index(p, "qix"))
+                    .key(k.index(p, "qn"))
                     .arg("drop")
                     .arg(device.device.to_string())
                     .arg(member(device));
@@ -368,14 +384,14 @@ impl RedisDomains {
             }
             Op::Dedup(DedupOp::Put { key, record }) => {
                 unit.key(k.dedup(key))
-                    .key(k.index(owner, "dix"))
+                    .key(k.index(p, "dix"))
                     .arg("dput")
                     .arg(record.encode_to_vec())
                     .arg(record.accepted_ms.to_string());
             }
             Op::Mail(MailOp::Put { owner, id, record }) => {
                 unit.key(k.mail(*owner))
-                    .key(k.index(*owner, "mix"))
+                    .key(k.index(p, "mix"))
                     .arg("mput")
                     .arg(id.to_string())
                     .arg(record.encode_to_vec())
@@ -383,14 +399,14 @@ impl RedisDomains {
             }
             Op::Mail(MailOp::Delete { owner, id }) => {
                 unit.key(k.mail(*owner))
-                    .key(k.index(*owner, "mix"))
+                    .key(k.index(p, "mix"))
                     .arg("mdel")
                     .arg(id.to_string())
                     .arg(owner.to_string());
             }
             Op::Payload(PayloadOp::Put { id, record }) => {
                 unit.key(k.payload(*id))
-                    .key(k.index(owner, "pix"))
+                    .key(k.index(p, "pix"))
                     .arg("pput")
                     .arg(record.encode_to_vec())
                     .arg(record.created_ms.to_string())
@@ -398,7 +414,7 @@ impl RedisDomains {
             }
             Op::Payload(PayloadOp::Delete(id)) => {
                 unit.key(k.payload(*id))
-                    .key(k.index(owner, "pix"))
+                    .key(k.index(p, "pix"))
                     .arg("pdel")
                     .arg(format!("{}:{}", id.owner, id.seq));
             }
@@ -407,55 +423,65 @@ impl RedisDomains {
         Ok(true)
     }
 
-    /// Applies these domains' ops of a batch: one script per hash slot and
-    /// domain rank, lower ranks first; with `sync`, then `WAIT`s for the
-    /// replicas of every master written.
+    /// Applies these domains' ops of a batch: one script per partition and
+    /// domain rank, each rank one pipeline, lower ranks first; with `sync`,
+    /// then one `WAIT` for the replicas.
     ///
     /// # Errors
-    /// [`StoreError::Engine`] if a script or a `WAIT` fails; the scripts
-    /// before it stay applied (a prefix, as `Store::commit` allows).
+    /// [`StoreError::Engine`] if a script fails (a partition this node
+    /// does not own is refused as "fenced") or the replicas do not
+    /// confirm in time; the ranks before it stay applied (a prefix, as
+    /// `Store::commit` allows).
     pub fn apply(&self, ops: &[Op], sync: bool) -> Result<(), StoreError> {
-        let mut units: Vec<(u8, Slot, Unit)> = Vec::new();
+        let mut units: Vec<Unit> = Vec::new();
         for op in ops {
             self.stage(op, &mut units)?;
         }
-        units.sort_by_key(|(rank, _, _)| *rank);
+        if units.is_empty() {
+            return Ok(());
+        }
+        units.sort_by_key(|u| u.rank);
         let mut conn = self.conn();
-        for (_, _, unit) in &units {
-            let mut invocation = self.script.prepare_invoke();
-            for key in &unit.keys {
-                invocation.key(key);
+        for rank in units.chunk_by(|a, b| a.rank == b.rank) {
+            let mut pipe = cluster_pipe();
+            for unit in rank {
+                // EVAL, not EVALSHA: a promoted replica may lack the cached
+                // script, and the body hashes in microseconds.
+                let mut eval = redis::cmd("EVAL");
+                eval.arg(APPLY).arg(unit.keys.len());
+                for key in &unit.keys {
+                    eval.arg(key);
+                }
+                for arg in &unit.args {
+                    eval.arg(arg.as_slice());
+                }
+                pipe.add_command(eval);
             }
-            for arg in &unit.args {
-                invocation.arg(arg.as_slice());
+            let _: Vec<Value> = pipe.query(&mut conn).map_err(engine)?;
+            for unit in rank {
+                self.entries.fetch_add(unit.entries, Ordering::Relaxed);
             }
-            invocation.invoke::<i64>(&mut *conn).map_err(engine)?;
-            self.entries.fetch_add(unit.entries, Ordering::Relaxed);
         }
         if sync && self.min_replicas > 0 {
-            let mut waited: Vec<Slot> = Vec::new();
-            for (_, slot, _) in &units {
-                if waited.contains(slot) {
-                    continue;
-                }
-                waited.push(*slot);
-                let mut wait = redis::cmd("WAIT");
-                wait.arg(self.min_replicas).arg(WAIT_TIMEOUT_MS);
-                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
-                    Route::with_slot(*slot, SlotAddr::Master),
-                ));
-                let value = conn.route_command(&wait, route).map_err(engine)?;
-                let acked: i64 = redis::from_redis_value(value).map_err(engine)?;
-                if acked < i64::from(self.min_replicas) {
-                    return Err(engine(format!(
-                        "WAIT: {acked} of {} replicas acknowledged within {WAIT_TIMEOUT_MS} ms",
-                        self.min_replicas
-                    )));
-                }
+            let mut wait = redis::cmd("WAIT");
+            wait.arg(self.min_replicas).arg(WAIT_TIMEOUT_MS);
+            let acked: i64 = wait.query(&mut *conn).map_err(engine)?;
+            if acked < i64::from(self.min_replicas) {
+                return Err(engine(format!(
+                    "WAIT: {acked} of {} replicas acknowledged within {WAIT_TIMEOUT_MS} ms",
+                    self.min_replicas
+                )));
             }
         }
         Ok(())
     }
+}
+
+/// The partition in a key's hash tag (`...{p:<n>}...`).
+fn partition_in(key: &str) -> Option<u32> {
+    let start = key.find("{p:")? + 3;
+    let len = key.get(start..)?.find('}')?;
+    key.get(start..start + len)?.parse().ok()
 }
 
 /// Splits an index member `"<a>:<b>"` into its two numbers.
@@ -463,7 +489,7 @@ fn pair(member: &str) -> Result<(u64, u64), StoreError> {
     member
         .split_once(':')
         .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
-        .ok_or_else(|| corrupt("slot index", member))
+        .ok_or_else(|| corrupt("partition index", member))
 }
 
 impl Queues for RedisDomains {
@@ -526,7 +552,7 @@ impl Queues for RedisDomains {
             let (user, device) = pair(&member)?;
             let device = DeviceKey {
                 user,
-                device: u32::try_from(device).map_err(|e| corrupt("slot index", e))?,
+                device: u32::try_from(device).map_err(|e| corrupt("partition index", e))?,
             };
             let mut after = 0;
             'queue: loop {
@@ -583,14 +609,19 @@ impl Dedup for RedisDomains {
         let old = self.index_below("dix", before_ms, usize::MAX)?;
         let mut conn = self.conn();
         for (name, _) in &old {
-            let index = self.keys.index_of_tag(SlotTags::get().of(name), "dix");
-            self.script
-                .key(name)
-                .key(index)
+            let Some(p) = partition_in(name) else {
+                return Err(corrupt("dedup index", name));
+            };
+            let mut eval = redis::cmd("EVAL");
+            eval.arg(APPLY)
+                .arg(3)
+                .arg(self.keys.owner(p))
+                .arg(name)
+                .arg(self.keys.index(p, "dix"))
+                .arg(self.ownership.token())
                 .arg("dexp")
-                .arg(before_ms)
-                .invoke::<i64>(&mut *conn)
-                .map_err(engine)?;
+                .arg(before_ms);
+            eval.query::<i64>(&mut *conn).map_err(engine)?;
         }
         Ok(old.len())
     }
@@ -598,9 +629,9 @@ impl Dedup for RedisDomains {
 
 impl Mailboxes for RedisDomains {
     fn mail(&self) -> Result<Vec<(UserId, u64, MailRecord)>, StoreError> {
-        let owners = self.scan_slots(|tag| {
+        let owners = self.scan(&self.ownership.owned(), |p| {
             let mut c = redis::cmd("SMEMBERS");
-            c.arg(self.keys.index_of_tag(tag, "mix"));
+            c.arg(self.keys.index(p, "mix"));
             c
         })?;
         let mut out = Vec::new();
@@ -644,21 +675,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_slot_has_a_tag_that_hashes_to_it() {
-        let tags = SlotTags::get();
-        assert_eq!(tags.in_order.len(), usize::from(SLOTS));
-        for (i, tag) in tags.in_order.iter().enumerate() {
-            let slot = Slot::new(u16::try_from(i).unwrap_or(0));
-            assert_eq!(Some(Slot::for_key(tag)), slot);
-        }
-        // A user's keys and its slot's index keys share the slot.
-        let keys = Keys {
-            prefix: "sb:".into(),
-        };
+    fn a_users_keys_share_its_partitions_tag() {
+        let keys = Keys::new("sb:");
         let user = 0x0a11_ce00_0000_0001;
-        assert_eq!(
-            Slot::for_key(keys.queue(DeviceKey { user, device: 3 })),
-            Slot::for_key(keys.index(user, "qix"))
-        );
+        let p = partition::of_id(user);
+        let tag = format!("{{p:{p}}}");
+        for key in [
+            keys.queue(DeviceKey { user, device: 3 }),
+            keys.usage(user),
+            keys.mail(user),
+            keys.index(p, "qix"),
+            keys.owner(p),
+        ] {
+            assert!(key.contains(&tag), "{key}");
+            assert_eq!(partition_in(&key), Some(p));
+        }
     }
 }

@@ -29,10 +29,11 @@ pub struct Migration {
 }
 
 /// Every migration this build knows, oldest first.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "accounts, keys and groups",
-    sql: "
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "accounts, keys and groups",
+        sql: "
 CREATE TABLE users (
     user_id bigint PRIMARY KEY,
     record bytea NOT NULL
@@ -78,7 +79,23 @@ CREATE TABLE group_members (
     PRIMARY KEY (user_id, group_id)
 );
 ",
-}];
+    },
+    Migration {
+        version: 2,
+        name: "partition owners and the cluster's server key",
+        sql: "
+CREATE TABLE partition_owners (
+    partition integer PRIMARY KEY,
+    owner text NOT NULL,
+    epoch bigint NOT NULL
+);
+CREATE TABLE cluster_secrets (
+    name text PRIMARY KEY,
+    value bytea NOT NULL
+);
+",
+    },
+];
 
 /// The newest schema version this build knows.
 #[must_use]

@@ -268,7 +268,7 @@ pub struct ShardThreads(Vec<JoinHandle<()>>);
 
 /// Stable 64-bit mix of a user id (splitmix64 finalizer), so shard choice
 /// does not depend on how ids were allocated.
-fn mix64(mut x: u64) -> u64 {
+pub(crate) fn mix64(mut x: u64) -> u64 {
     x ^= x >> 30;
     x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x ^= x >> 27;
@@ -277,7 +277,7 @@ fn mix64(mut x: u64) -> u64 {
 }
 
 /// Stable hash of a phone number (FNV-1a), for the same reason.
-fn hash_str(s: &str) -> u64 {
+pub(crate) fn hash_str(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     })

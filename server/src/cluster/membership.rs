@@ -1,0 +1,284 @@
+//! Which node serves which partitions: liveness leases and takeovers,
+//! with Redis as the arbiter and PostgreSQL following (see
+//! [`super::partition`] for the fencing both engines apply).
+//!
+//! Each node process has a token (node id plus a random suffix) and keeps
+//! a liveness key, `<prefix>alive:<token>`, alive with a TTL of one lease
+//! (renewed every third of it). Each partition's owner key holds its
+//! owner's token; a node takes a partition over with a compare-and-set
+//! script in the partition's slot that also increments the partition's
+//! epoch, then records the claim in PostgreSQL under that epoch (a late
+//! claim with an older epoch changes nothing there).
+//!
+//! The rule in this build is active/standby: a node claims partitions only
+//! when every partition is free or held by a node whose liveness key has
+//! expired, and it serves only once it owns them all; a node that loses
+//! any partition (it stalled past its lease and was taken over) stops.
+//! Spreading partitions over several active nodes needs node-to-node
+//! forwarding of requests, which this build does not have yet (issue #21).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::cluster::{ClusterConnection, cluster_pipe};
+
+use super::partition::{Ownership, PARTITIONS};
+use super::postgres::PgDomains;
+use super::redis_domains::{Keys, connect};
+use crate::store::StoreError;
+
+/// Compare-and-set of a partition's owner; bumps and returns its epoch
+/// (0: the owner was not the expected one).
+const CLAIM: &str = "
+local cur = redis.call('GET', KEYS[1]) or ''
+if cur ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], ARGV[2]) end
+return redis.call('INCR', KEYS[2])
+";
+
+fn engine(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Engine(format!("Redis: {e}"))
+}
+
+/// Where this node stands after a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// It owns every partition and may serve.
+    Serving,
+    /// Another live node holds partitions; this one waits.
+    Standby,
+    /// It lost partitions it owned: another node took over. It must stop.
+    Fenced,
+}
+
+/// This node's membership in the cluster.
+pub struct Membership {
+    conn: Mutex<ClusterConnection>,
+    keys: Keys,
+    ownership: Arc<Ownership>,
+    lease: Duration,
+}
+
+impl std::fmt::Debug for Membership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Membership")
+            .field("token", &self.ownership.token())
+            .field("lease", &self.lease)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Membership {
+    /// Connects (its own connection, so a slow commit never delays a
+    /// renewal).
+    ///
+    /// # Errors
+    /// [`StoreError::Engine`] when the cluster cannot be reached.
+    pub fn connect(
+        urls: &str,
+        prefix: &str,
+        ownership: Arc<Ownership>,
+        lease: Duration,
+    ) -> Result<Self, StoreError> {
+        Ok(Self {
+            conn: Mutex::new(connect(urls)?),
+            keys: Keys::new(prefix),
+            ownership,
+            lease,
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, ClusterConnection> {
+        self.conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// How often [`Membership::step`] should run.
+    #[must_use]
+    pub fn period(&self) -> Duration {
+        self.lease / 3
+    }
+
+    /// Renews this node's liveness key.
+    fn heartbeat(&self) -> Result<(), StoreError> {
+        let ms = u64::try_from(self.lease.as_millis()).unwrap_or(u64::MAX);
+        redis::cmd("SET")
+            .arg(self.keys.alive(self.ownership.token()))
+            .arg(1)
+            .arg("PX")
+            .arg(ms)
+            .query::<()>(&mut *self.conn())
+            .map_err(engine)
+    }
+
+    /// Every partition's owner token.
+    fn owners(&self) -> Result<Vec<Option<String>>, StoreError> {
+        let mut pipe = cluster_pipe();
+        for p in 0..PARTITIONS {
+            pipe.cmd("GET").arg(self.keys.owner(p));
+        }
+        pipe.query(&mut self.conn()).map_err(engine)
+    }
+
+    /// Which of `tokens` have a live liveness key.
+    fn alive(&self, tokens: &HashSet<&str>) -> Result<HashSet<String>, StoreError> {
+        let tokens: Vec<&str> = tokens.iter().copied().collect();
+        if tokens.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let mut pipe = cluster_pipe();
+        for t in &tokens {
+            pipe.cmd("EXISTS").arg(self.keys.alive(t));
+        }
+        let found: Vec<bool> = pipe.query(&mut self.conn()).map_err(engine)?;
+        Ok(tokens
+            .iter()
+            .zip(found)
+            .filter(|(_, alive)| *alive)
+            .map(|(t, _)| (*t).to_owned())
+            .collect())
+    }
+
+    /// Compare-and-sets the owner of each `(partition, expected)` to `to`
+    /// (`""`: no owner); returns the partitions set, with their new epochs.
+    fn swap(&self, from: &[(u32, String)], to: &str) -> Result<Vec<(u32, u64)>, StoreError> {
+        if from.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = cluster_pipe();
+        for (p, expected) in from {
+            pipe.cmd("EVAL")
+                .arg(CLAIM)
+                .arg(2)
+                .arg(self.keys.owner(*p))
+                .arg(format!("{}:epoch", self.keys.owner(*p)))
+                .arg(expected)
+                .arg(to);
+        }
+        let epochs: Vec<u64> = pipe.query(&mut self.conn()).map_err(engine)?;
+        Ok(from
+            .iter()
+            .zip(epochs)
+            .filter(|(_, e)| *e > 0)
+            .map(|((p, _), e)| (*p, e))
+            .collect())
+    }
+
+    /// One round: renew the lease, notice lost partitions, take over when
+    /// every partition is free or held by a dead node.
+    ///
+    /// # Errors
+    /// [`StoreError::Engine`] when an engine fails (the caller retries on
+    /// its next period; a node that cannot renew its lease for a whole
+    /// lease is taken over and then finds itself fenced).
+    pub fn step(&self, pg: &PgDomains) -> Result<Standing, StoreError> {
+        self.heartbeat()?;
+        let owners = self.owners()?;
+        let me = self.ownership.token();
+        let mut lost = false;
+        for (p, owner) in (0..PARTITIONS).zip(&owners) {
+            if self.ownership.owns(p) && owner.as_deref() != Some(me) {
+                self.ownership.set(p, false);
+                lost = true;
+            }
+        }
+        if lost {
+            return Ok(Standing::Fenced);
+        }
+        if self.ownership.owns_all() {
+            return Ok(Standing::Serving);
+        }
+        let others: HashSet<&str> = owners
+            .iter()
+            .flatten()
+            .map(String::as_str)
+            .filter(|t| *t != me)
+            .collect();
+        let alive = self.alive(&others)?;
+        if owners
+            .iter()
+            .flatten()
+            .any(|t| t != me && alive.contains(t))
+        {
+            self.release_partial()?;
+            return Ok(Standing::Standby);
+        }
+        let wanted: Vec<(u32, String)> = (0..PARTITIONS)
+            .zip(&owners)
+            .filter(|(p, _)| !self.ownership.owns(*p))
+            .map(|(p, o)| (p, o.clone().unwrap_or_default()))
+            .collect();
+        let won = self.swap(&wanted, me)?;
+        let recorded: HashSet<u32> = pg.claim(&won)?.into_iter().collect();
+        for (p, _) in &won {
+            self.ownership.set(*p, recorded.contains(p));
+        }
+        if self.ownership.owns_all() {
+            tracing::info!(token = me, "took over every partition");
+            Ok(Standing::Serving)
+        } else {
+            // Lost a race with another node starting: give back what was
+            // won, so one of the two gets everything next time.
+            self.release_partial()?;
+            Ok(Standing::Standby)
+        }
+    }
+
+    /// Gives back partitions held while not owning them all.
+    fn release_partial(&self) -> Result<(), StoreError> {
+        let held: Vec<(u32, String)> = self
+            .ownership
+            .owned()
+            .into_iter()
+            .map(|p| (p, self.ownership.token().to_owned()))
+            .collect();
+        if held.is_empty() {
+            return Ok(());
+        }
+        self.swap(&held, "")?;
+        for (p, _) in held {
+            self.ownership.set(p, false);
+        }
+        Ok(())
+    }
+
+    /// At a clean shutdown: gives every partition back and ends the
+    /// liveness key, so a standby takes over at once instead of after a
+    /// lease.
+    ///
+    /// # Errors
+    /// [`StoreError::Engine`] when Redis fails (the lease then expires).
+    pub fn resign(&self) -> Result<(), StoreError> {
+        let held: Vec<(u32, String)> = self
+            .ownership
+            .owned()
+            .into_iter()
+            .map(|p| (p, self.ownership.token().to_owned()))
+            .collect();
+        for (p, _) in &held {
+            self.ownership.set(*p, false);
+        }
+        if !held.is_empty() {
+            self.swap(&held, "")?;
+        }
+        redis::cmd("DEL")
+            .arg(self.keys.alive(self.ownership.token()))
+            .query::<()>(&mut *self.conn())
+            .map_err(engine)
+    }
+
+    /// Tokens of the nodes owning partitions, with how many each owns
+    /// (for `/cluster` and the tests).
+    ///
+    /// # Errors
+    /// [`StoreError::Engine`] when Redis fails.
+    pub fn owner_counts(&self) -> Result<HashMap<String, u32>, StoreError> {
+        let mut counts = HashMap::new();
+        for owner in self.owners()?.into_iter().flatten() {
+            *counts.entry(owner).or_insert(0) += 1;
+        }
+        Ok(counts)
+    }
+}
