@@ -28,6 +28,11 @@ pub const SEND_ACK_SECONDS: &str = "switchboard_send_ack_seconds";
 pub const DELIVERY_SECONDS: &str = "switchboard_delivery_seconds";
 /// Errors answered to clients, by wire code.
 pub const ERRORS: &str = "switchboard_errors_total";
+/// Cluster mode: round trips to Redis on the commit path (a pipeline of
+/// scripts counts one, each `WAIT` one).
+pub const REDIS_ROUND_TRIPS: &str = "switchboard_cluster_redis_round_trips_total";
+/// Cluster mode: batches committed to the cluster store.
+pub const CLUSTER_COMMITS: &str = "switchboard_cluster_commits_total";
 /// Goodbyes sent before closing, by wire code.
 pub const GOODBYES: &str = "switchboard_goodbyes_total";
 /// Commands waiting in a shard's inbox, by shard.
@@ -121,6 +126,8 @@ pub fn install() -> Option<PrometheusHandle> {
                 GROUP_ENTRIES_DROPPED,
                 DISCARDED_REQUESTS,
                 SLOW_READER_DISCONNECTS,
+                REDIS_ROUND_TRIPS,
+                CLUSTER_COMMITS,
             ] {
                 metrics::counter!(name).increment(0);
             }
@@ -197,6 +204,11 @@ fn describe() {
     );
     describe_counter!(ERRORS, "Errors answered to clients, by code.");
     describe_counter!(GOODBYES, "Connections closed with a Goodbye, by code.");
+    describe_counter!(
+        REDIS_ROUND_TRIPS,
+        "Cluster mode: Redis round trips of commits (pipelines and WAITs)."
+    );
+    describe_counter!(CLUSTER_COMMITS, "Cluster mode: batches committed.");
     describe_gauge!(SHARD_INBOX_DEPTH, "Commands waiting in a shard inbox.");
     describe_histogram!(
         SHARD_INBOX_WAIT_SECONDS,

@@ -131,7 +131,7 @@ async fn two_nodes_migrating_at_once_take_turns() {
 }
 
 #[tokio::test]
-async fn a_node_set_up_for_a_cluster_migrates_and_does_not_serve_embedded() {
+async fn a_node_whose_redis_is_down_migrates_then_stops_rather_than_serve_embedded() {
     let pg = Postgres::start().await;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap();
@@ -154,8 +154,9 @@ async fn a_node_set_up_for_a_cluster_migrates_and_does_not_serve_embedded() {
         "{}",
         text(&out)
     );
-    // Both: the schema is migrated, then the node says clearly that this
-    // build cannot serve a cluster (rather than serving from its data dir).
+    // Both, with Redis unreachable: the schema is migrated, then the node
+    // says clearly that it cannot reach the cluster store (rather than
+    // serving from its data dir).
     let url = pg.url();
     let mut args = vec![
         "serve",
@@ -168,7 +169,7 @@ async fn a_node_set_up_for_a_cluster_migrates_and_does_not_serve_embedded() {
     let out = switchboard(&args);
     assert!(!out.status.success());
     assert!(
-        text(&out).contains("cluster mode is not available in this build"),
+        text(&out).contains("cannot open the cluster store: storage engine: Redis"),
         "{}",
         text(&out)
     );

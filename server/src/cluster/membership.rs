@@ -18,14 +18,14 @@
 //! forwarding of requests, which this build does not have yet (issue #21).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use redis::cluster::{ClusterConnection, cluster_pipe};
+use redis::cluster::cluster_pipe;
 
 use super::partition::{Ownership, PARTITIONS};
 use super::postgres::PgDomains;
-use super::redis_domains::{Keys, connect};
+use super::redis_domains::{Conn, Keys};
 use crate::store::StoreError;
 
 /// Compare-and-set of a partition's owner; bumps and returns its epoch
@@ -36,10 +36,6 @@ if cur ~= ARGV[1] then return 0 end
 if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], ARGV[2]) end
 return redis.call('INCR', KEYS[2])
 ";
-
-fn engine(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Engine(format!("Redis: {e}"))
-}
 
 /// Where this node stands after a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,7 +50,7 @@ pub enum Standing {
 
 /// This node's membership in the cluster.
 pub struct Membership {
-    conn: Mutex<ClusterConnection>,
+    conn: Conn,
     keys: Keys,
     ownership: Arc<Ownership>,
     lease: Duration,
@@ -82,17 +78,11 @@ impl Membership {
         lease: Duration,
     ) -> Result<Self, StoreError> {
         Ok(Self {
-            conn: Mutex::new(connect(urls)?),
+            conn: Conn::open(urls)?,
             keys: Keys::new(prefix),
             ownership,
             lease,
         })
-    }
-
-    fn conn(&self) -> std::sync::MutexGuard<'_, ClusterConnection> {
-        self.conn
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// How often [`Membership::step`] should run.
@@ -109,8 +99,8 @@ impl Membership {
             .arg(1)
             .arg("PX")
             .arg(ms)
-            .query::<()>(&mut *self.conn())
-            .map_err(engine)
+            .query::<()>(&mut *self.conn.lock())
+            .map_err(|e| self.conn.fail(e))
     }
 
     /// Every partition's owner token.
@@ -119,7 +109,8 @@ impl Membership {
         for p in 0..PARTITIONS {
             pipe.cmd("GET").arg(self.keys.owner(p));
         }
-        pipe.query(&mut self.conn()).map_err(engine)
+        pipe.query(&mut self.conn.lock())
+            .map_err(|e| self.conn.fail(e))
     }
 
     /// Which of `tokens` have a live liveness key.
@@ -132,7 +123,9 @@ impl Membership {
         for t in &tokens {
             pipe.cmd("EXISTS").arg(self.keys.alive(t));
         }
-        let found: Vec<bool> = pipe.query(&mut self.conn()).map_err(engine)?;
+        let found: Vec<bool> = pipe
+            .query(&mut self.conn.lock())
+            .map_err(|e| self.conn.fail(e))?;
         Ok(tokens
             .iter()
             .zip(found)
@@ -157,7 +150,9 @@ impl Membership {
                 .arg(expected)
                 .arg(to);
         }
-        let epochs: Vec<u64> = pipe.query(&mut self.conn()).map_err(engine)?;
+        let epochs: Vec<u64> = pipe
+            .query(&mut self.conn.lock())
+            .map_err(|e| self.conn.fail(e))?;
         Ok(from
             .iter()
             .zip(epochs)
@@ -265,8 +260,8 @@ impl Membership {
         }
         redis::cmd("DEL")
             .arg(self.keys.alive(self.ownership.token()))
-            .query::<()>(&mut *self.conn())
-            .map_err(engine)
+            .query::<()>(&mut *self.conn.lock())
+            .map_err(|e| self.conn.fail(e))
     }
 
     /// Tokens of the nodes owning partitions, with how many each owns

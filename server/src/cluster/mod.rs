@@ -1,17 +1,19 @@
-//! Cluster mode (issue #21): the same binary as one of N interchangeable
-//! nodes on a Redis Cluster and a PostgreSQL, chosen by setting both
-//! `redis_url` and `postgres_url` (neither: the embedded store, the
-//! default).
+//! Cluster mode (issue #21): the same binary as a node of a cluster on a
+//! Redis Cluster and a PostgreSQL, chosen by setting both `redis_url` and
+//! `postgres_url` (neither: the embedded store, the default).
 //!
-//! Built in steps. In this build: the settings, the PostgreSQL schema,
-//! versioned and migrated at start and by `switchboard migrate`
-//! ([`schema`]), and the PostgreSQL domains (accounts, keys, groups:
-//! [`postgres`]), which pass the storage conformance suite joined with the
-//! embedded store for the other domains ([`split`]). The Redis domains
-//! (queues, dedup, mail, payloads; the mapping is in docs/ARCHITECTURE.md,
-//! "Storage by domain") are not yet, so a node configured for a cluster
-//! migrates the schema and then refuses to serve with a clear error rather
-//! than silently running embedded.
+//! - [`schema`]: the PostgreSQL schema, versioned, migrated at start and
+//!   by `switchboard migrate`;
+//! - [`postgres`]: accounts, keys and groups in PostgreSQL;
+//! - [`redis_domains`]: queues, dedup, mail and payloads in Redis Cluster;
+//! - [`store`]: both as one `Store`;
+//! - [`partition`]: the 4,096 partitions, each written by one node, and
+//!   the fencing both engines apply;
+//! - [`membership`], [`node`]: leases, takeovers and a node's life.
+//!
+//! In this build one node owns every partition and serves; the others
+//! stand by and take over when it dies (docs/ARCHITECTURE.md, "Cluster
+//! mode").
 
 pub mod membership;
 pub mod node;

@@ -47,6 +47,19 @@ fn decode<M: Message + Default>(what: &'static str, bytes: &[u8]) -> Result<M, S
     })
 }
 
+/// A connection to `url`, its I/O driven by the current runtime.
+async fn connect(url: &str) -> Result<Client, StoreError> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .map_err(engine)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "PostgreSQL connection ended");
+        }
+    });
+    Ok(client)
+}
+
 /// One write of these domains.
 #[derive(Debug, Clone)]
 pub enum PgOp {
@@ -91,6 +104,8 @@ pub struct PgDomains {
     /// `Some` until dropped.
     rt: Option<tokio::runtime::Runtime>,
     client: Mutex<Client>,
+    /// Where to connect again after the connection is lost.
+    url: String,
     ownership: Arc<Ownership>,
 }
 
@@ -113,20 +128,14 @@ impl PgDomains {
             .build()
             .map_err(engine)?;
         let client = rt.block_on(async {
-            let (mut client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-                .await
-                .map_err(engine)?;
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::warn!(error = %e, "PostgreSQL connection ended");
-                }
-            });
+            let mut client = connect(url).await?;
             schema::migrate(&mut client).await.map_err(engine)?;
             Ok::<_, StoreError>(client)
         })?;
         Ok(Self {
             rt: Some(rt),
             client: Mutex::new(client),
+            url: url.to_owned(),
             ownership,
         })
     }
@@ -137,10 +146,19 @@ impl PgDomains {
         self.rt.as_ref().expect("runtime present until drop")
     }
 
-    fn client(&self) -> std::sync::MutexGuard<'_, Client> {
-        self.client
+    /// The connection, opened again first if it was lost (PostgreSQL
+    /// restarted or the network failed): the failed statement's batch was
+    /// refused, and the next one finds a working connection.
+    fn client(&self) -> Result<std::sync::MutexGuard<'_, Client>, StoreError> {
+        let mut client = self
+            .client
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if client.is_closed() {
+            *client = self.rt().block_on(connect(&self.url))?;
+            tracing::info!("reconnected to PostgreSQL");
+        }
+        Ok(client)
     }
 
     /// One optional `bytea` value of a single-row query.
@@ -149,7 +167,7 @@ impl PgDomains {
         query: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Option<Vec<u8>>, StoreError> {
-        let client = self.client();
+        let client = self.client()?;
         let row = self
             .rt()
             .block_on(client.query_opt(query, params))
@@ -169,7 +187,7 @@ impl PgDomains {
         let mut partitions: Vec<i32> = ops.iter().map(|op| op.partition().cast_signed()).collect();
         partitions.sort_unstable();
         partitions.dedup();
-        let mut client = self.client();
+        let mut client = self.client()?;
         self.rt().block_on(async {
             let tx = client.transaction().await.map_err(engine)?;
             // Fencing: the rows stay share-locked until the commit, so a
@@ -221,7 +239,7 @@ impl PgDomains {
     pub fn claim(&self, claims: &[(u32, u64)]) -> Result<Vec<u32>, StoreError> {
         let partitions: Vec<i32> = claims.iter().map(|c| c.0.cast_signed()).collect();
         let epochs: Vec<i64> = claims.iter().map(|c| c.1.cast_signed()).collect();
-        let client = self.client();
+        let client = self.client()?;
         let rows = self
             .rt()
             .block_on(client.query(
@@ -246,7 +264,7 @@ impl PgDomains {
     /// # Errors
     /// [`StoreError::Engine`] when PostgreSQL fails.
     pub fn cluster_secret(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>, StoreError> {
-        let client = self.client();
+        let client = self.client()?;
         self.rt()
             .block_on(client.execute(
                 "INSERT INTO cluster_secrets (name, value) VALUES ($1, $2) \
@@ -413,7 +431,7 @@ impl Accounts for PgDomains {
     }
 
     fn phone(&self, phone: &str) -> Result<Option<UserId>, StoreError> {
-        let client = self.client();
+        let client = self.client()?;
         let row = self
             .rt()
             .block_on(client.query_opt("SELECT user_id FROM phones WHERE phone = $1", &[&phone]))
@@ -435,7 +453,7 @@ impl Accounts for PgDomains {
 
     fn expired_link_codes(&self, before_ms: u64, limit: usize) -> Result<Vec<String>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let client = self.client();
+        let client = self.client()?;
         let rows = self
             .rt()
             .block_on(client.query(
@@ -462,7 +480,7 @@ impl Keys for PgDomains {
         device: DeviceKey,
         from: u64,
     ) -> Result<Option<(u64, Bytes)>, StoreError> {
-        let client = self.client();
+        let client = self.client()?;
         let row = self
             .rt()
             .block_on(client.query_opt(
@@ -490,7 +508,7 @@ impl Groups for PgDomains {
     }
 
     fn group_reserved_seq(&self, group: GroupId) -> Result<u64, StoreError> {
-        let client = self.client();
+        let client = self.client()?;
         let row = self
             .rt()
             .block_on(client.query_opt(
@@ -502,7 +520,7 @@ impl Groups for PgDomains {
     }
 
     fn user_groups(&self, user: UserId) -> Result<Vec<GroupId>, StoreError> {
-        let client = self.client();
+        let client = self.client()?;
         let rows = self
             .rt()
             .block_on(client.query(

@@ -31,16 +31,15 @@
 //! **One commit.** A batch's ops are grouped by partition and by
 //! [`Op::domain_rank`]; each rank is one pipeline of scripts (one round
 //! trip per master written), lower ranks first, as `Store::commit`
-//! allows. With `sync` and `min_replicas` > 0, one `WAIT` (sent to every
-//! master, answered with the least count) then confirms that many replicas
-//! hold the writes; Redis's own `appendfsync` covers the master's disk
+//! allows. With `sync` and `min_replicas` > 0, a `WAIT` to the master of
+//! each slot written then confirms that many replicas hold the writes; Redis's own `appendfsync` covers the master's disk
 //! (docs/OPERATIONS.md, "Cluster mode").
 //!
 //! The traits are synchronous and called from shard threads; the
 //! connection is the `redis` crate's blocking cluster connection behind a
 //! mutex.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,6 +47,7 @@ use bytes::Bytes;
 use prost::Message;
 use redis::Value;
 use redis::cluster::{ClusterClient, ClusterConnection, cluster_pipe};
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr};
 use switchboard_proto::pb;
 
 use super::partition::{self, Ownership, PARTITIONS};
@@ -55,6 +55,7 @@ use crate::store::{
     Dedup, DedupKey, DedupOp, DedupRecord, DeviceKey, MailOp, MailRecord, Mailboxes, Op, PayloadId,
     PayloadOp, PayloadRecord, Payloads, QueueOp, Queues, StoreError, StoredEntry, UserId,
 };
+use crate::telemetry as tm;
 
 /// The script of one partition's writes.
 const APPLY: &str = include_str!("apply.lua");
@@ -163,7 +164,7 @@ impl Unit {
 
 /// Queues, dedup, mail and payloads in a Redis Cluster.
 pub struct RedisDomains {
-    conn: Mutex<ClusterConnection>,
+    conn: Conn,
     keys: Keys,
     ownership: Arc<Ownership>,
     min_replicas: u32,
@@ -180,24 +181,77 @@ impl std::fmt::Debug for RedisDomains {
     }
 }
 
-/// Connects to the cluster whose seed nodes are `urls` (comma-separated
-/// `redis://host:port`).
-///
-/// # Errors
-/// [`StoreError::Engine`] when no seed node answers as a cluster.
-pub(crate) fn connect(urls: &str) -> Result<ClusterConnection, StoreError> {
-    let seeds: Vec<&str> = urls
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .collect();
-    ClusterClient::builder(seeds)
-        .connection_timeout(Duration::from_secs(2))
-        .response_timeout(Duration::from_secs(5))
-        .retries(3)
-        .build()
-        .and_then(|c| c.get_connection())
-        .map_err(engine)
+/// A blocking cluster connection that is replaced after a connection
+/// error: the `redis` crate's connection to a node that died stays broken
+/// (every call answers "broken pipe") even after its replica took over.
+pub(crate) struct Conn {
+    client: ClusterClient,
+    conn: Mutex<ClusterConnection>,
+    broken: AtomicBool,
+}
+
+impl Conn {
+    /// Connects to the cluster whose seed nodes are `urls`
+    /// (comma-separated `redis://host:port`).
+    ///
+    /// # Errors
+    /// [`StoreError::Engine`] when no seed node answers as a cluster.
+    pub(crate) fn open(urls: &str) -> Result<Self, StoreError> {
+        let seeds: Vec<&str> = urls
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        let client = ClusterClient::builder(seeds)
+            .connection_timeout(Duration::from_secs(2))
+            .response_timeout(Duration::from_secs(5))
+            .retries(3)
+            .build()
+            .map_err(engine)?;
+        let conn = client.get_connection().map_err(engine)?;
+        Ok(Self {
+            client,
+            conn: Mutex::new(conn),
+            broken: AtomicBool::new(false),
+        })
+    }
+
+    /// The connection, replaced first if the last call found it broken
+    /// (if the cluster cannot be reached now, the old one is kept and the
+    /// call fails again, to be retried).
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, ClusterConnection> {
+        let mut conn = self
+            .conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.broken.swap(false, Ordering::Relaxed) {
+            match self.client.get_connection() {
+                Ok(fresh) => {
+                    *conn = fresh;
+                    tracing::info!("reconnected to the Redis Cluster");
+                }
+                Err(e) => {
+                    self.broken.store(true, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "cannot reconnect to the Redis Cluster");
+                }
+            }
+        }
+        conn
+    }
+
+    /// `e` as a store error; a connection error marks the connection for
+    /// replacement.
+    pub(crate) fn fail(&self, e: redis::RedisError) -> StoreError {
+        if e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || e.is_timeout()
+            || e.is_unrecoverable_error()
+        {
+            self.broken.store(true, Ordering::Relaxed);
+        }
+        engine(e)
+    }
 }
 
 impl RedisDomains {
@@ -215,7 +269,7 @@ impl RedisDomains {
         ownership: Arc<Ownership>,
     ) -> Result<Self, StoreError> {
         let store = Self {
-            conn: Mutex::new(connect(urls)?),
+            conn: Conn::open(urls)?,
             keys: Keys::new(prefix),
             ownership,
             min_replicas,
@@ -234,14 +288,9 @@ impl RedisDomains {
         Ok(store)
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, ClusterConnection> {
-        self.conn
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
-        cmd.query(&mut *self.conn()).map_err(engine)
+        let result = cmd.query(&mut *self.conn.lock());
+        result.map_err(|e| self.conn.fail(e))
     }
 
     /// Runs `cmd_for(p)` for each of `partitions`, in order, pipelined.
@@ -251,13 +300,13 @@ impl RedisDomains {
         cmd_for: impl Fn(u32) -> redis::Cmd,
     ) -> Result<Vec<Value>, StoreError> {
         let mut out = Vec::with_capacity(partitions.len());
-        let mut conn = self.conn();
+        let mut conn = self.conn.lock();
         for chunk in partitions.chunks(SCAN_CHUNK) {
             let mut pipe = cluster_pipe();
             for p in chunk {
                 pipe.add_command(cmd_for(*p));
             }
-            let values: Vec<Value> = pipe.query(&mut conn).map_err(engine)?;
+            let values: Vec<Value> = pipe.query(&mut conn).map_err(|e| self.conn.fail(e))?;
             out.extend(values);
         }
         Ok(out)
@@ -441,7 +490,7 @@ impl RedisDomains {
             return Ok(());
         }
         units.sort_by_key(|u| u.rank);
-        let mut conn = self.conn();
+        let mut conn = self.conn.lock();
         for rank in units.chunk_by(|a, b| a.rank == b.rank) {
             let mut pipe = cluster_pipe();
             for unit in rank {
@@ -457,20 +506,40 @@ impl RedisDomains {
                 }
                 pipe.add_command(eval);
             }
-            let _: Vec<Value> = pipe.query(&mut conn).map_err(engine)?;
+            metrics::counter!(tm::REDIS_ROUND_TRIPS).increment(1);
+            let _: Vec<Value> = pipe.query(&mut conn).map_err(|e| self.conn.fail(e))?;
             for unit in rank {
                 self.entries.fetch_add(unit.entries, Ordering::Relaxed);
             }
         }
         if sync && self.min_replicas > 0 {
-            let mut wait = redis::cmd("WAIT");
-            wait.arg(self.min_replicas).arg(WAIT_TIMEOUT_MS);
-            let acked: i64 = wait.query(&mut *conn).map_err(engine)?;
-            if acked < i64::from(self.min_replicas) {
-                return Err(engine(format!(
-                    "WAIT: {acked} of {} replicas acknowledged within {WAIT_TIMEOUT_MS} ms",
-                    self.min_replicas
-                )));
+            // One WAIT per slot written, to its master (slots sharing a
+            // master: the later WAITs return at once). Not WAIT on every
+            // master: a one-message batch costs the script and one WAIT.
+            let mut slots: Vec<Slot> = Vec::new();
+            for unit in &units {
+                let slot = Slot::for_key(self.keys.owner(unit.partition));
+                if !slots.contains(&slot) {
+                    slots.push(slot);
+                }
+            }
+            for slot in slots {
+                let mut wait = redis::cmd("WAIT");
+                wait.arg(self.min_replicas).arg(WAIT_TIMEOUT_MS);
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                    Route::with_slot(slot, SlotAddr::Master),
+                ));
+                metrics::counter!(tm::REDIS_ROUND_TRIPS).increment(1);
+                let value = conn
+                    .route_command(&wait, route)
+                    .map_err(|e| self.conn.fail(e))?;
+                let acked: i64 = redis::from_redis_value(value).map_err(engine)?;
+                if acked < i64::from(self.min_replicas) {
+                    return Err(engine(format!(
+                        "WAIT: {acked} of {} replicas acknowledged within {WAIT_TIMEOUT_MS} ms",
+                        self.min_replicas
+                    )));
+                }
             }
         }
         Ok(())
@@ -607,7 +676,7 @@ impl Dedup for RedisDomains {
 
     fn expire_dedup(&self, before_ms: u64) -> Result<usize, StoreError> {
         let old = self.index_below("dix", before_ms, usize::MAX)?;
-        let mut conn = self.conn();
+        let mut conn = self.conn.lock();
         for (name, _) in &old {
             let Some(p) = partition_in(name) else {
                 return Err(corrupt("dedup index", name));
@@ -621,7 +690,8 @@ impl Dedup for RedisDomains {
                 .arg(self.ownership.token())
                 .arg("dexp")
                 .arg(before_ms);
-            eval.query::<i64>(&mut *conn).map_err(engine)?;
+            eval.query::<i64>(&mut *conn)
+                .map_err(|e| self.conn.fail(e))?;
         }
         Ok(old.len())
     }

@@ -149,7 +149,9 @@ impl Store for ClusterStore {
         }
         self.pg.apply(&counters)?;
         self.rest.apply(&rest, sync)?;
-        self.pg.apply(&pg)
+        self.pg.apply(&pg)?;
+        metrics::counter!(crate::telemetry::CLUSTER_COMMITS).increment(1);
+        Ok(())
     }
 
     fn flush(&self) -> Result<(), StoreError> {

@@ -136,6 +136,19 @@ impl Holds {
         })
     }
 
+    /// Clears the hold of `key` if it names `client_msg_id`: that
+    /// message was answered after all (its retry found it stored, as a
+    /// cluster backend may leave a failed commit's writes in place).
+    pub fn release(&mut self, key: (DeviceKey, UserId, Part), client_msg_id: &str) {
+        if self
+            .map
+            .get(&key)
+            .is_some_and(|h| h.client_msg_id == client_msg_id)
+        {
+            self.map.remove(&key);
+        }
+    }
+
     /// Holds kept now.
     #[cfg(test)]
     fn len(&self) -> usize {
@@ -148,6 +161,19 @@ mod tests {
     use super::*;
 
     const A: DeviceKey = DeviceKey { user: 1, device: 1 };
+
+    #[test]
+    fn a_held_message_answered_as_a_duplicate_releases_its_hold() {
+        let mut h = Holds::default();
+        let key = (A, 2, Part::Peer);
+        h.hold(key, "m1", HeldBy::Unavailable, 1_000, 0);
+        // Another message's duplicate answer leaves the hold in place.
+        h.release(key, "m0");
+        assert!(h.check(key, "m2", 10).is_err());
+        h.release(key, "m1");
+        assert!(h.check(key, "m2", 10).is_ok());
+        assert_eq!(h.len(), 0);
+    }
 
     #[test]
     fn a_refused_message_holds_later_ones_until_it_comes_back() {

@@ -101,13 +101,26 @@ impl Postgres {
             String::from_utf8_lossy(&out.stderr)
         );
         let port = free_port();
+        let child = Self::postmaster(&dir, port);
+        let pg = Self {
+            child,
+            port,
+            _dir: dir,
+        };
+        pg.wait_ready().await;
+        pg
+    }
+
+    fn postmaster(dir: &TempDir, port: u16) -> Child {
+        let bin = find_bin("initdb");
+        let data = dir.path().join("data");
         let sockets = dir.path().to_str().unwrap().to_owned();
         let port_s = port.to_string();
-        let child = command(
+        command(
             &bin.join("postgres"),
             &[
                 "-D",
-                data_s,
+                data.to_str().unwrap(),
                 "-p",
                 &port_s,
                 "-k",
@@ -121,14 +134,12 @@ impl Postgres {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap();
-        let pg = Self {
-            child,
-            port,
-            _dir: dir,
-        };
+        .unwrap()
+    }
+
+    async fn wait_ready(&self) {
         let started = Instant::now();
-        while tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        while tokio_postgres::connect(&self.url(), tokio_postgres::NoTls)
             .await
             .is_err()
         {
@@ -138,7 +149,15 @@ impl Postgres {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        pg
+    }
+
+    /// Crashes the server (immediate shutdown, as a power cut would leave
+    /// it but with the data intact) and starts it again on the same port
+    /// and data; returns once it accepts connections.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.child = Self::postmaster(&self._dir, self.port);
+        self.wait_ready().await;
     }
 
     /// Its connection string.
@@ -147,8 +166,8 @@ impl Postgres {
     }
 }
 
-impl Drop for Postgres {
-    fn drop(&mut self) {
+impl Postgres {
+    fn stop(&mut self) {
         // Immediate shutdown (SIGQUIT) of the postmaster: the child itself,
         // or as root the child of `runuser`, which exits after it.
         let pid = self.child.id().to_string();
@@ -166,6 +185,12 @@ impl Drop for Postgres {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -268,6 +293,69 @@ impl RedisCluster {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server not found: apt-get install -y redis-server")
+    }
+
+    /// Kills the node on `port` (SIGKILL).
+    pub fn kill(&mut self, port: u16) {
+        for (p, child) in &mut self.nodes {
+            if *p == port
+                && let Some(mut c) = child.take()
+            {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
+    /// Starts the node on `port` again with its data and cluster config;
+    /// it rejoins (a killed master comes back as a replica of the replica
+    /// that took over).
+    pub fn restart(&mut self, port: u16) {
+        let i = self.nodes.iter().position(|(p, _)| *p == port).unwrap();
+        // The previous process was killed and reaped by `kill`; this one is
+        // reaped on drop.
+        let child = self.spawn(port);
+        self.nodes[i].1 = Some(child);
+        wait_for(Duration::from_secs(20), || ping(port));
+    }
+
+    /// The port of the master serving `key`'s slot.
+    pub fn master_of(&self, key: &str) -> u16 {
+        let any = self.nodes.iter().find(|(_, c)| c.is_some()).unwrap().0;
+        let slot: u16 = cli(any, &["cluster", "keyslot", key])
+            .trim()
+            .parse()
+            .unwrap();
+        let nodes = cli(any, &["cluster", "nodes"]);
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 9 || !fields[2].contains("master") || fields[2].contains("fail") {
+                continue;
+            }
+            let port: u16 = fields[1]
+                .split('@')
+                .next()
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| p.parse().ok())
+                .unwrap();
+            for range in &fields[8..] {
+                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                if let (Ok(lo), Ok(hi)) = (lo.parse::<u16>(), hi.parse::<u16>())
+                    && (lo..=hi).contains(&slot)
+                {
+                    return port;
+                }
+            }
+        }
+        panic!("no master serves slot {slot}:\n{nodes}")
+    }
+
+    /// Whether every node reports `cluster_state:ok` and each master a
+    /// connected replica.
+    pub fn healthy(&self) -> bool {
+        self.nodes.iter().all(|(port, child)| {
+            child.is_some() && cli(*port, &["cluster", "info"]).contains("cluster_state:ok")
+        })
     }
 
     /// The seed-node list for `redis_url`.

@@ -658,6 +658,8 @@ impl Shard {
         if !req.first_attempt
             && let Some(rec) = self.store.dedup(&key)?
         {
+            self.holds
+                .release((req.from, group, Part::Group), &req.client_msg_id);
             return Ok((
                 GroupSent {
                     server_ts_ms: rec.server_ts_ms,

@@ -65,10 +65,14 @@ impl Shard {
             from: req.from,
             client_msg_id: req.client_msg_id.clone(),
         };
+        let order = (req.from, req.to_user, Part::Peer);
         if let Some(duplicate) = self.answer_duplicate(&key, req.first_attempt) {
+            // A refused send whose writes reached the store anyway (a
+            // cluster backend may keep part of a failed commit) is answered
+            // from its record, and that answer ends its hold.
+            self.holds.release(order, &req.client_msg_id);
             return duplicate;
         }
-        let order = (req.from, req.to_user, Part::Peer);
         if let Err(e) = self.holds.check(order, &req.client_msg_id, now_ms()) {
             return Answer::now(Err(e));
         }
@@ -142,10 +146,11 @@ impl Shard {
             from: req.from,
             client_msg_id: req.client_msg_id.clone(),
         };
+        let order = (req.from, req.to_user, Part::Own);
         if let Some(duplicate) = self.answer_duplicate(&key, req.first_attempt) {
+            self.holds.release(order, &req.client_msg_id);
             return duplicate;
         }
-        let order = (req.from, req.to_user, Part::Own);
         if let Err(e) = self.holds.check(order, &req.client_msg_id, now_ms()) {
             return Answer::now(Err(e));
         }
