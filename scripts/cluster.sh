@@ -44,8 +44,10 @@ trap stop_all EXIT INT TERM
 need() { command -v "$1" >/dev/null || { echo "$1 not found: $2" >&2; exit 1; }; }
 need redis-server "apt-get install -y redis-server"
 need redis-cli "apt-get install -y redis-server"
-PGBIN=$(dirname "$(command -v initdb 2>/dev/null || ls -d /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -1)")
-[ -x "$PGBIN/initdb" ] || { echo "initdb not found: apt-get install -y postgresql" >&2; exit 1; }
+# Debian's full set of PostgreSQL programs first (initdb alone may be on PATH).
+PGBIN=$(dirname "$(ls -d /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -1 || true)")
+[ -x "$PGBIN/pg_isready" ] || PGBIN=$(dirname "$(command -v initdb 2>/dev/null || echo /nonexistent/initdb)")
+[ -x "$PGBIN/initdb" ] && [ -x "$PGBIN/pg_isready" ] || { echo "initdb or pg_isready not found: apt-get install -y postgresql" >&2; exit 1; }
 
 if [ ! -x "$BIN" ]; then
     echo "building switchboard (release)..."
@@ -88,7 +90,8 @@ PG_URL="host=127.0.0.1 port=$PGPORT user=sb dbname=postgres"
 until "$PGBIN/pg_isready" -h 127.0.0.1 -p "$PGPORT" >/dev/null 2>&1; do sleep 0.2; done
 echo "postgresql: $PG_URL"
 
-# --- The nodes. One serves; the others stand by and take over if it dies.
+# --- The nodes. One serves; the others forward their clients' requests to
+# it, and one of them takes over if it dies.
 for i in $(seq 1 "$NODES"); do
     mkdir -p "$DIR/node$i"
     SWITCHBOARD_REDIS_URL=$REDIS_URL SWITCHBOARD_POSTGRES_URL=$PG_URL \
@@ -104,7 +107,7 @@ if [ "$NODES" -gt 0 ]; then
         grep -l "switchboard ready" "$DIR"/node*/stdout 2>/dev/null && break
         sleep 0.2
     done
-    echo "ready (the node listed above serves; dev codes are in its data dir, dev-codes/). Ctrl-C stops all."
+    echo "ready (the node listed above serves; the others forward to it: connect to any; each node writes the dev codes it sends into its data dir, dev-codes/). Ctrl-C stops all."
 else
     echo "engines ready (no nodes: --nodes 0). Ctrl-C stops them."
 fi

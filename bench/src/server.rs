@@ -118,10 +118,19 @@ impl ServerProc {
             .with_context(|| format!("cannot start {what}"))?;
         let stdout = child.stdout.take().context("no stdout")?;
         let mut lines = BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(START_TIMEOUT, lines.next_line())
-            .await
-            .with_context(|| format!("{what} did not become ready"))??
-            .with_context(|| format!("{what} exited before it was ready"))?;
+        let line = tokio::time::timeout(START_TIMEOUT, async {
+            loop {
+                // A cluster node forwards to the serving node until it
+                // serves itself: wait for the serving line.
+                match lines.next_line().await? {
+                    Some(l) if l.starts_with("switchboard forwarding ") => {}
+                    other => return Ok::<_, std::io::Error>(other),
+                }
+            }
+        })
+        .await
+        .with_context(|| format!("{what} did not become ready"))??
+        .with_context(|| format!("{what} exited before it was ready"))?;
         let tcp = line
             .split_whitespace()
             .find_map(|w| w.strip_prefix("tcp="))

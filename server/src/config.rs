@@ -179,6 +179,11 @@ pub struct Config {
     /// Cluster mode: a node's lease on its partitions, in milliseconds: a
     /// node silent this long is taken over by a standby.
     pub cluster_lease_ms: u64,
+    /// Cluster mode: where this node takes links from the other nodes
+    /// (forwarded requests). Port 0 picks a free port; the address bound
+    /// is what the node advertises, so it must be one the other nodes can
+    /// reach (not 0.0.0.0).
+    pub cluster_listen: SocketAddr,
 }
 
 impl Default for Config {
@@ -245,6 +250,7 @@ impl Default for Config {
             node_id: String::new(),
             redis_min_replicas: 1,
             cluster_lease_ms: 3_000,
+            cluster_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         }
     }
 }
@@ -343,6 +349,14 @@ impl Config {
                 "cluster_lease_ms",
                 "must be 300 to 60000: shorter leases expire under ordinary pauses, \
                  longer ones keep clients of a dead node waiting"
+                    .into(),
+            );
+        }
+        if self.cluster_listen.ip().is_unspecified() {
+            return bad(
+                "cluster_listen",
+                "must be an address the other nodes can reach (the node advertises it), \
+                 not an unspecified one like 0.0.0.0"
                     .into(),
             );
         }
@@ -795,6 +809,10 @@ const SETTING_HELP: &[(&str, &str)] = &[
     (
         "cluster_lease_ms",
         "Cluster mode: a node's lease on its partitions; a node silent this long is taken over.",
+    ),
+    (
+        "cluster_listen",
+        "Cluster mode: address for links from the other nodes (advertised as is; port 0: any free port).",
     ),
 ];
 

@@ -104,6 +104,18 @@ pub async fn run(
     run_with_store(config, store, tcp, http, shutdown, on_ready).await
 }
 
+/// The server key in the configured data dir (created if missing).
+///
+/// # Errors
+/// [`ServerError`] if the directory or key file cannot be used.
+pub fn load_server_key(config: &Config) -> Result<switchboard_proto::noise::Keypair, ServerError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(io_err(format!(
+        "cannot create data dir {}",
+        config.data_dir.display()
+    )))?;
+    server_key::load_or_create(&config.data_dir)
+}
+
 /// Opens the embedded store in the configured data dir.
 ///
 /// # Errors
@@ -130,6 +142,46 @@ pub async fn run_with_store(
     shutdown: impl Future<Output = ()> + Send,
     on_ready: impl FnOnce(&Ready) + Send,
 ) -> Result<(), ServerError> {
+    run_stack(
+        config,
+        Backend::Store { store, links: None },
+        tcp,
+        http,
+        shutdown,
+        on_ready,
+    )
+    .await
+}
+
+/// What a server's router works on.
+pub enum Backend {
+    /// Shards of its own on `store` (the embedded server; a cluster node
+    /// serving the partitions). With `links`, it also takes node links
+    /// there: commands forwarded by the cluster's other nodes.
+    Store {
+        /// The store.
+        store: Arc<dyn Store>,
+        /// The `cluster_listen` listener of a serving cluster node.
+        links: Option<TcpListener>,
+    },
+    /// No shards: every command goes over the forwarder's link to the node
+    /// serving the partitions (a cluster node that does not serve them).
+    Forward(Arc<router::Forwarder>),
+}
+
+/// Runs a server on already-bound listeners with `backend` until
+/// `shutdown` resolves (see [`run`]).
+///
+/// # Errors
+/// [`ServerError`] if the configuration, data directory or key is unusable.
+pub async fn run_stack(
+    config: Config,
+    backend: Backend,
+    tcp: TcpListener,
+    http: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    on_ready: impl FnOnce(&Ready) + Send,
+) -> Result<(), ServerError> {
     config.validate()?;
     // First, so every handle created below records into it.
     let metrics_handle = telemetry::install();
@@ -140,8 +192,19 @@ pub async fn run_with_store(
         config.data_dir.display()
     )))?;
     let key = server_key::load_or_create(&config.data_dir)?;
-    let (router, threads) = Router::start(store.clone(), config.router())
-        .map_err(io_err("cannot start shard threads"))?;
+    let (router, threads, store, links) = match backend {
+        Backend::Store { store, links } => {
+            let (router, threads) = Router::start(store.clone(), config.router())
+                .map_err(io_err("cannot start shard threads"))?;
+            (router, Some(threads), Some(store), links)
+        }
+        Backend::Forward(forwarder) => (
+            Router::forwarding(forwarder, config.router().request_deadline),
+            None,
+            None,
+            None,
+        ),
+    };
     let code_sender = code_sender(&config)?;
     let public_key = key.public.clone();
     let mut gateway_cfg = config.gateway();
@@ -152,6 +215,11 @@ pub async fn run_with_store(
             "connection cap lowered to fit the open-file limit (ulimit -n)"
         );
     }
+    let push_capacity = gateway_cfg.outbound_queue_frames + gateway::MAX_IN_FLIGHT;
+    let link_key = switchboard_proto::noise::Keypair {
+        private: key.private.clone(),
+        public: key.public.clone(),
+    };
     let gw = Arc::new(
         Gateway::new(router.clone(), gateway_cfg, code_sender, key)
             .map_err(io_err("cannot start crypto threads"))?,
@@ -166,6 +234,15 @@ pub async fn run_with_store(
         server_public_key: public_key,
     };
 
+    let links_task = links.map(|listener| {
+        tokio::spawn(router::serve_links(
+            listener,
+            router.clone(),
+            link_key,
+            push_capacity,
+            cancel.clone(),
+        ))
+    });
     let tcp_task = tokio::spawn(gateway::serve_tcp(
         tcp,
         gw.clone(),
@@ -192,11 +269,10 @@ pub async fn run_with_store(
     let sweep_router = router.clone();
     let sweep_every = Duration::from_secs(config.sweep_interval_secs);
     let sweep_cancel = cancel.clone();
-    let gauge_store = store.clone();
     let shards = config.shard_count();
     let queue_age_every = Duration::from_secs(config.queue_age_interval_secs);
     telemetry::set_oldest_entry_ages(&vec![None; shards], 0);
-    let sweep_task = tokio::spawn(async move {
+    let sweep_task = store.clone().map(|gauge_store| tokio::spawn(async move {
         let mut tick = tokio::time::interval(sweep_every);
         let mut upkeep = tokio::time::interval(telemetry::UPKEEP_INTERVAL);
         // The first measurement after one interval (the gauges start at 0).
@@ -242,7 +318,7 @@ pub async fn run_with_store(
                 }
             }
         }
-    });
+    }));
 
     ready_flag.store(true, Ordering::Relaxed);
     tracing::info!(
@@ -264,7 +340,12 @@ pub async fn run_with_store(
     cancel.cancel();
     router.closing().await;
     let _ = tcp_task.await;
-    let _ = sweep_task.await;
+    if let Some(task) = sweep_task {
+        let _ = task.await;
+    }
+    if let Some(task) = links_task {
+        let _ = task.await;
+    }
     tracker.close();
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
@@ -277,8 +358,12 @@ pub async fn run_with_store(
         tracing::warn!("HTTP server did not stop within the grace period");
     }
     drop(gw);
-    router.shutdown(threads).await;
-    store.flush()?;
+    if let Some(threads) = threads {
+        router.shutdown(threads).await;
+    }
+    if let Some(store) = store {
+        store.flush()?;
+    }
     tracing::info!("shutdown complete");
     Ok(())
 }

@@ -33,6 +33,11 @@ pub const ERRORS: &str = "switchboard_errors_total";
 pub const REDIS_ROUND_TRIPS: &str = "switchboard_cluster_redis_round_trips_total";
 /// Cluster mode: batches committed to the cluster store.
 pub const CLUSTER_COMMITS: &str = "switchboard_cluster_commits_total";
+/// Cluster mode: commands a node forwarded to the serving node.
+pub const FORWARDED_COMMANDS: &str = "switchboard_cluster_forwarded_total";
+/// Cluster mode: node links up (on a forwarding node 0 or 1, its link to
+/// the serving node; on the serving node, the links it serves).
+pub const NODE_LINKS: &str = "switchboard_cluster_links";
 /// Goodbyes sent before closing, by wire code.
 pub const GOODBYES: &str = "switchboard_goodbyes_total";
 /// Commands waiting in a shard's inbox, by shard.
@@ -128,11 +133,13 @@ pub fn install() -> Option<PrometheusHandle> {
                 SLOW_READER_DISCONNECTS,
                 REDIS_ROUND_TRIPS,
                 CLUSTER_COMMITS,
+                FORWARDED_COMMANDS,
             ] {
                 metrics::counter!(name).increment(0);
             }
             register_labelled_at_zero();
             metrics::gauge!(AUTHENTICATED).increment(0.0);
+            metrics::gauge!(NODE_LINKS).increment(0.0);
             metrics::gauge!(QUEUED_ENTRIES).set(0.0);
             Some(handle)
         })
@@ -209,6 +216,11 @@ fn describe() {
         "Cluster mode: Redis round trips of commits (pipelines and WAITs)."
     );
     describe_counter!(CLUSTER_COMMITS, "Cluster mode: batches committed.");
+    describe_counter!(
+        FORWARDED_COMMANDS,
+        "Cluster mode: commands forwarded to the serving node."
+    );
+    describe_gauge!(NODE_LINKS, "Cluster mode: node links up.");
     describe_gauge!(SHARD_INBOX_DEPTH, "Commands waiting in a shard inbox.");
     describe_histogram!(
         SHARD_INBOX_WAIT_SECONDS,

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use engines::{Postgres, RedisCluster};
-use switchboard_proto::pb::{self, server_frame::Body as Out};
+use switchboard_proto::pb::{self, client_frame::Body as In, server_frame::Body as Out};
 use tokio::io::AsyncBufReadExt;
 
 /// A node process whose ready line may not have come yet (a standby).
@@ -57,23 +57,32 @@ impl Node {
         Self { child, lines }
     }
 
-    /// Waits up to `limit` for the ready line.
+    /// Waits up to `limit` for the ready line of a node that serves (a
+    /// node prints its forwarding line first: it forwards until it serves).
     async fn ready(&mut self, limit: Duration) -> Option<Serving> {
-        let line = tokio::time::timeout(limit, self.lines.next_line())
+        let until = tokio::time::Instant::now() + limit;
+        loop {
+            let line = tokio::time::timeout_at(until, self.lines.next_line())
+                .await
+                .ok()?
+                .ok()??;
+            if line.starts_with("switchboard forwarding ") {
+                continue;
+            }
+            assert!(line.starts_with("switchboard ready "), "{line}");
+            return Some(fields(&line));
+        }
+    }
+
+    /// Waits for the line of a node that forwards to the serving node.
+    async fn forwarding(&mut self) -> Serving {
+        let line = tokio::time::timeout(WAIT, self.lines.next_line())
             .await
-            .ok()?
-            .ok()??;
-        assert!(line.starts_with("switchboard ready "), "{line}");
-        let field = |name: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(name))
-                .unwrap()
-                .to_owned()
-        };
-        Some(Serving {
-            tcp: field("tcp="),
-            server_key: field("server_key="),
-        })
+            .expect("no forwarding line")
+            .unwrap()
+            .unwrap();
+        assert!(line.starts_with("switchboard forwarding "), "{line}");
+        fields(&line)
     }
 
     fn signal(&self, sig: &str) {
@@ -84,6 +93,43 @@ impl Node {
             .unwrap();
         assert!(status.success());
     }
+}
+
+fn fields(line: &str) -> Serving {
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .unwrap()
+            .to_owned()
+    };
+    Serving {
+        tcp: field("tcp="),
+        server_key: field("server_key="),
+    }
+}
+
+/// Registers `phone` through a forwarding node, retrying while it has no
+/// link to the serving node yet (STORAGE_UNAVAILABLE, as a client would).
+async fn register_via(tcp: &str, data_dir: &Path, phone: &str) -> Account {
+    let start = Instant::now();
+    loop {
+        let mut c = raw_tcp(tcp).await;
+        let out = c
+            .request(In::RequestCode(pb::RequestCode {
+                phone: phone.into(),
+                ..Default::default()
+            }))
+            .await;
+        match out {
+            Out::CodeSent(_) => break,
+            Out::Error(e) if e.code() == pb::ErrorCode::StorageUnavailable => {
+                assert!(start.elapsed() < WAIT, "never linked: {e:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => panic!("request code failed: {other:?}"),
+        }
+    }
+    register_at(tcp, data_dir, phone).await
 }
 
 async fn engines() -> (Postgres, RedisCluster) {
@@ -202,4 +248,142 @@ async fn a_node_that_stalls_past_its_lease_is_fenced_and_stops() {
     let mut bob_at_b = authed(&at_b.tcp, &bob).await;
     let got: Vec<String> = bob_at_b.drain().await.iter().map(message_id).collect();
     assert_eq!(got, vec!["before".to_string(), "during".to_string()]);
+}
+
+fn receipt_of(e: &pb::QueueEntry) -> pb::Receipt {
+    match &e.body {
+        Some(pb::queue_entry::Body::Receipt(r)) => r.clone(),
+        other => panic!("expected a receipt, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_a_forwarding_node_chat_with_clients_of_the_serving_node() {
+    let (pg, redis) = engines().await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = Node::spawn(dir_a.path(), &redis.url(), &pg.url(), "node-a");
+    let at_a = a.ready(WAIT).await.expect("node A never served");
+    let mut b = Node::spawn(dir_b.path(), &redis.url(), &pg.url(), "node-b");
+    let at_b = b.forwarding().await;
+    assert_eq!(at_b.server_key, at_a.server_key, "one key for every node");
+
+    // Bob registers through B (his code is sent by the node he asked).
+    let bob = register_via(&at_b.tcp, dir_b.path(), "+15550000321").await;
+    let alice = register_at(&at_a.tcp, dir_a.path(), "+15550000322").await;
+    let mut alice_at_a = authed(&at_a.tcp, &alice).await;
+    let mut bob_at_b = authed(&at_b.tcp, &bob).await;
+    assert!(bob_at_b.drain().await.is_empty());
+    assert!(alice_at_a.drain().await.is_empty());
+
+    // A → B: ✓, delivery, ✓✓ and read.
+    let bob_info = alice_at_a.lookup(&bob.phone).await;
+    let out = alice_at_a.send_text(&bob_info, "a1", "hello bob").await;
+    assert!(matches!(out, Out::SendOk(_)), "{out:?}");
+    assert_eq!(message_id(&bob_at_b.next_entry().await), "a1");
+    let r = receipt_of(&alice_at_a.next_entry().await);
+    assert_eq!(r.kind(), pb::ReceiptKind::Delivered);
+    assert_eq!(r.client_msg_ids, vec!["a1".to_string()]);
+    let out = bob_at_b
+        .request(In::SendReceipt(pb::SendReceipt {
+            to_user: alice.user_id,
+            kind: pb::ReceiptKind::Read as i32,
+            client_msg_ids: vec!["a1".into()],
+            group_id: 0,
+        }))
+        .await;
+    assert!(matches!(out, Out::ReceiptOk(_)), "{out:?}");
+    let r = receipt_of(&alice_at_a.next_entry().await);
+    assert_eq!(r.kind(), pb::ReceiptKind::Read);
+
+    // B → A, and its ✓✓ back through the link.
+    let alice_info = bob_at_b.lookup(&alice.phone).await;
+    let out = bob_at_b.send_text(&alice_info, "b1", "hello alice").await;
+    assert!(matches!(out, Out::SendOk(_)), "{out:?}");
+    assert_eq!(message_id(&alice_at_a.next_entry().await), "b1");
+    let r = receipt_of(&bob_at_b.next_entry().await);
+    assert_eq!(r.kind(), pb::ReceiptKind::Delivered);
+
+    // A group of both, across the nodes.
+    let Out::GroupInfo(group) = bob_at_b
+        .request(In::CreateGroup(pb::CreateGroup {
+            name: "across".into(),
+            members: vec![alice.user_id],
+            ..Default::default()
+        }))
+        .await
+    else {
+        panic!("group not created")
+    };
+    let out = bob_at_b
+        .request(In::SendGroup(pb::SendGroup {
+            group_id: group.group_id,
+            client_msg_id: "g1".into(),
+            payload: b"to the group".to_vec().into(),
+            first_attempt: false,
+        }))
+        .await;
+    let Out::SendOk(sent) = out else {
+        panic!("group send refused: {out:?}")
+    };
+    let got = loop {
+        match alice_at_a.next_entry().await.body {
+            Some(pb::queue_entry::Body::GroupMessage(m)) => break m,
+            _ => continue,
+        }
+    };
+    assert_eq!(
+        (got.client_msg_id.as_str(), got.group_seq),
+        ("g1", sent.group_seq)
+    );
+
+    // Bob's device moves from B to A and back: his queue drains in order
+    // wherever he connects.
+    drop(bob_at_b);
+    for i in 0..20 {
+        let out = alice_at_a.send_text(&bob_info, &format!("m{i}"), "x").await;
+        assert!(matches!(out, Out::SendOk(_)), "{out:?}");
+    }
+    let mut bob_at_a = authed(&at_a.tcp, &bob).await;
+    let got: Vec<String> = bob_at_a
+        .drain()
+        .await
+        .iter()
+        .filter(|e| matches!(e.body, Some(pb::queue_entry::Body::Message(_))))
+        .map(message_id)
+        .collect();
+    assert_eq!(got, (0..20).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    drop(bob_at_a);
+    for i in 20..30 {
+        let out = alice_at_a.send_text(&bob_info, &format!("m{i}"), "x").await;
+        assert!(matches!(out, Out::SendOk(_)), "{out:?}");
+    }
+    let mut bob_at_b = authed(&at_b.tcp, &bob).await;
+    let got: Vec<String> = bob_at_b
+        .drain()
+        .await
+        .iter()
+        .filter(|e| matches!(e.body, Some(pb::queue_entry::Body::Message(_))))
+        .map(message_id)
+        .collect();
+    assert_eq!(got, (20..30).map(|i| format!("m{i}")).collect::<Vec<_>>());
+
+    // The serving node dies: B's forwarded connection ends (the client
+    // reconnects), B takes over and serves Bob what Alice sent before.
+    let out = alice_at_a.send_text(&bob_info, "last", "x").await;
+    assert!(matches!(out, Out::SendOk(_)), "{out:?}");
+    a.child.start_kill().unwrap();
+    a.child.wait().await.unwrap();
+    let _ = tokio::time::timeout(WAIT, bob_at_b.until_closed())
+        .await
+        .expect("a connection forwarded to a dead node stayed open");
+    let at_b = b.ready(WAIT).await.expect("B never took over");
+    let mut bob_at_b = authed(&at_b.tcp, &bob).await;
+    let got: Vec<String> = bob_at_b
+        .drain()
+        .await
+        .iter()
+        .filter(|e| matches!(e.body, Some(pb::queue_entry::Body::Message(_))))
+        .map(message_id)
+        .collect();
+    assert_eq!(got, vec!["last".to_string()]);
 }

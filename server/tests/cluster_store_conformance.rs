@@ -46,6 +46,7 @@ impl Cluster {
             prefix,
             ownership.clone(),
             std::time::Duration::from_secs(3),
+            "127.0.0.1:1".into(),
         )?;
         let standing = membership.step(&pg)?;
         if standing != Standing::Serving {
@@ -118,8 +119,14 @@ fn a_node_taken_over_is_fenced_in_both_engines(h: &mut Cluster) {
     let node = |name: &str| {
         let ownership = Arc::new(Ownership::new(name.to_owned()));
         let pg = PgDomains::open(&url, ownership.clone()).unwrap();
-        let membership =
-            Membership::connect(&h.redis.url(), prefix, ownership.clone(), lease).unwrap();
+        let membership = Membership::connect(
+            &h.redis.url(),
+            prefix,
+            ownership.clone(),
+            lease,
+            "127.0.0.1:1".into(),
+        )
+        .unwrap();
         (pg, membership, ownership)
     };
     let (pg_a, member_a, own_a) = node("node-a");

@@ -162,50 +162,149 @@ async fn migrate(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Cluster mode (both engines set): opens the cluster node, waits as a
-/// standby until it holds every partition, then serves from the cluster
-/// store while keeping its lease. A node taken over by another (fenced)
-/// stops with an error; a clean stop hands the partitions back at once.
+/// Cluster mode (both engines set): opens the cluster node and listens at
+/// once. Until the node holds every partition it forwards its clients'
+/// requests to the node that does (over a node link); once it holds them
+/// it serves from the cluster store while keeping its lease, and takes the
+/// other nodes' links. A node taken over by another (fenced) stops with an
+/// error; a clean stop hands the partitions back at once.
 async fn serve_cluster(
     config: Config,
     cluster: switchboard_server::cluster::ClusterSettings,
 ) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use switchboard_server::Backend;
     use switchboard_server::cluster::node::Node;
+    use switchboard_server::router::Forwarder;
+
+    let tcp = switchboard_server::listen(config.tcp_listen)
+        .with_context(|| format!("cannot listen on {} (tcp_listen)", config.tcp_listen))?
+        .into_std()?;
+    let http = switchboard_server::listen(config.http_listen)
+        .with_context(|| format!("cannot listen on {} (http_listen)", config.http_listen))?
+        .into_std()?;
+    let links = switchboard_server::listen(config.cluster_listen).with_context(|| {
+        format!(
+            "cannot listen on {} (cluster_listen)",
+            config.cluster_listen
+        )
+    })?;
+    let link_addr = links.local_addr()?;
     let open_config = config.clone();
-    let node = blocking(move || Node::open(&cluster, &open_config)).await??;
-    let node = std::sync::Arc::new(node);
+    let node = Arc::new(blocking(move || Node::open(&cluster, &open_config, link_addr)).await??);
+
+    // Forwarding, until this node serves.
+    let forwarder = Forwarder::new(switchboard_server::load_server_key(&config)?);
+    let (target_tx, target_rx) = tokio::sync::watch::channel(None);
+    let link_cancel = tokio_util::sync::CancellationToken::new();
+    let maintain = tokio::spawn(forwarder.clone().maintain(target_rx, link_cancel.clone()));
+    let (serving_tx, serving_rx) = tokio::sync::oneshot::channel();
     let waiting = node.clone();
-    tokio::select! {
-        serving = blocking(move || waiting.wait_until_serving()) => {
-            if !serving? {
-                return Ok(());
-            }
+    let waiter = std::thread::Builder::new()
+        .name("cluster-standby".into())
+        .spawn(move || {
+            let serving = waiting.wait_until_serving(|addr| {
+                target_tx.send_if_modified(|t| std::mem::replace(t, addr) != addr);
+            });
+            let _ = serving_tx.send(serving);
+        })
+        .context("cannot start a thread")?;
+    let serving = Arc::new(AtomicBool::new(false));
+    let serving_flag = serving.clone();
+    let stop_forwarding = async move {
+        tokio::select! {
+            r = serving_rx => serving_flag.store(matches!(r, Ok(true)), Ordering::Relaxed),
+            () = shutdown_signal() => {}
         }
-        () = shutdown_signal() => {
-            node.resign();
-            return Ok(());
-        }
+    };
+    let data_dir = config.data_dir.clone();
+    switchboard_server::run_stack(
+        config.clone(),
+        Backend::Forward(forwarder),
+        phase_listener(&tcp)?,
+        phase_listener(&http)?,
+        stop_forwarding,
+        move |ready: &switchboard_server::Ready| {
+            println!(
+                "switchboard forwarding tcp={} http={} data_dir={} server_key={} link={link_addr}",
+                ready.tcp_addr,
+                ready.http_addr,
+                data_dir.display(),
+                hex::encode(&ready.server_public_key)
+            );
+        },
+    )
+    .await?;
+    link_cancel.cancel();
+    let _ = maintain.await;
+    if !serving.load(Ordering::Relaxed) {
+        node.stop_waiting();
+        let resigning = node.clone();
+        blocking(move || {
+            let _ = waiter.join();
+            resigning.resign();
+        })
+        .await?;
+        return Ok(());
     }
+    let _ = blocking(move || waiter.join()).await;
+
+    // Serving.
     let (fenced_tx, fenced_rx) = tokio::sync::oneshot::channel::<()>();
     let lease = node.keep_lease(move || {
         let _ = fenced_tx.send(());
     })?;
-    let fenced = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fenced = Arc::new(AtomicBool::new(false));
     let fenced_flag = fenced.clone();
     let stop = async move {
         tokio::select! {
             () = shutdown_signal() => {}
-            Ok(()) = fenced_rx => fenced_flag.store(true, std::sync::atomic::Ordering::Relaxed),
+            Ok(()) = fenced_rx => fenced_flag.store(true, Ordering::Relaxed),
         }
     };
-    let result = serve_on(config, Some(node.store()), stop).await;
+    let result = switchboard_server::run_stack(
+        config.clone(),
+        Backend::Store {
+            store: node.store(),
+            links: Some(links),
+        },
+        phase_listener(&tcp)?,
+        phase_listener(&http)?,
+        stop,
+        ready_line(&config),
+    )
+    .await;
     let resigning = node.clone();
     blocking(move || resigning.resign()).await?;
     let _ = blocking(move || lease.join()).await;
-    if fenced.load(std::sync::atomic::Ordering::Relaxed) {
+    if fenced.load(Ordering::Relaxed) {
         anyhow::bail!("stopped: another node took this node's partitions over (fenced)");
     }
-    result
+    Ok(result?)
+}
+
+/// A listener for one phase of a cluster node, sharing `listener`'s socket
+/// (connections waiting in its backlog between phases are served by the
+/// next).
+fn phase_listener(listener: &std::net::TcpListener) -> anyhow::Result<tokio::net::TcpListener> {
+    let l = listener.try_clone().context("cannot share a listener")?;
+    l.set_nonblocking(true)?;
+    Ok(tokio::net::TcpListener::from_std(l)?)
+}
+
+/// The line printed on stdout when the server is ready (logs go to stderr).
+fn ready_line(config: &Config) -> impl FnOnce(&switchboard_server::Ready) + Send + use<> {
+    let data_dir = config.data_dir.clone();
+    move |ready: &switchboard_server::Ready| {
+        println!(
+            "switchboard ready tcp={} http={} data_dir={} server_key={}",
+            ready.tcp_addr,
+            ready.http_addr,
+            data_dir.display(),
+            hex::encode(&ready.server_public_key)
+        );
+    }
 }
 
 /// Runs `f` on a thread of its own (the cluster engines' blocking calls
@@ -230,37 +329,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         schema::migrate(&mut client).await?;
         return serve_cluster(config, cluster).await;
     }
-    serve_on(config, None, shutdown_signal()).await
+    serve_embedded(config, shutdown_signal()).await
 }
 
-/// Listens and serves from `store` (the embedded store when `None`) until
-/// `stop` resolves.
-async fn serve_on(
+/// Listens and serves from the embedded store until `stop` resolves.
+async fn serve_embedded(
     config: Config,
-    store: Option<std::sync::Arc<dyn switchboard_server::store::Store>>,
     stop: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let tcp = switchboard_server::listen(config.tcp_listen)
         .with_context(|| format!("cannot listen on {} (tcp_listen)", config.tcp_listen))?;
     let http = switchboard_server::listen(config.http_listen)
         .with_context(|| format!("cannot listen on {} (http_listen)", config.http_listen))?;
-    let data_dir = config.data_dir.clone();
-    let on_ready = move |ready: &switchboard_server::Ready| {
-        // One machine-readable line on stdout; logs go to stderr.
-        println!(
-            "switchboard ready tcp={} http={} data_dir={} server_key={}",
-            ready.tcp_addr,
-            ready.http_addr,
-            data_dir.display(),
-            hex::encode(&ready.server_public_key)
-        );
-    };
-    match store {
-        Some(store) => {
-            switchboard_server::run_with_store(config, store, tcp, http, stop, on_ready).await?;
-        }
-        None => switchboard_server::run(config, tcp, http, stop, on_ready).await?,
-    }
+    let on_ready = ready_line(&config);
+    switchboard_server::run(config, tcp, http, stop, on_ready).await?;
     Ok(())
 }
 

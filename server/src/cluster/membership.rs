@@ -54,6 +54,8 @@ pub struct Membership {
     keys: Keys,
     ownership: Arc<Ownership>,
     lease: Duration,
+    /// Where this node takes node links (the value of its liveness key).
+    link_addr: String,
 }
 
 impl std::fmt::Debug for Membership {
@@ -76,12 +78,14 @@ impl Membership {
         prefix: &str,
         ownership: Arc<Ownership>,
         lease: Duration,
+        link_addr: String,
     ) -> Result<Self, StoreError> {
         Ok(Self {
             conn: Conn::open(urls)?,
             keys: Keys::new(prefix),
             ownership,
             lease,
+            link_addr,
         })
     }
 
@@ -91,12 +95,12 @@ impl Membership {
         self.lease / 3
     }
 
-    /// Renews this node's liveness key.
+    /// Renews this node's liveness key, which holds its link address.
     fn heartbeat(&self) -> Result<(), StoreError> {
         let ms = u64::try_from(self.lease.as_millis()).unwrap_or(u64::MAX);
         redis::cmd("SET")
             .arg(self.keys.alive(self.ownership.token()))
-            .arg(1)
+            .arg(&self.link_addr)
             .arg("PX")
             .arg(ms)
             .query::<()>(&mut *self.conn.lock())
@@ -262,6 +266,28 @@ impl Membership {
             .arg(self.keys.alive(self.ownership.token()))
             .query::<()>(&mut *self.conn.lock())
             .map_err(|e| self.conn.fail(e))
+    }
+
+    /// The link address of the live node serving partition 0 (in this
+    /// build, the node serving every partition), if there is one other
+    /// than this node.
+    ///
+    /// # Errors
+    /// [`StoreError::Engine`] when Redis fails.
+    pub fn serving_link(&self) -> Result<Option<String>, StoreError> {
+        let owner: Option<String> = redis::cmd("GET")
+            .arg(self.keys.owner(0))
+            .query(&mut *self.conn.lock())
+            .map_err(|e| self.conn.fail(e))?;
+        let Some(owner) = owner.filter(|o| o != self.ownership.token()) else {
+            return Ok(None);
+        };
+        let addr: Option<String> = redis::cmd("GET")
+            .arg(self.keys.alive(&owner))
+            .query(&mut *self.conn.lock())
+            .map_err(|e| self.conn.fail(e))?;
+        // Nodes of earlier builds wrote "1": no address to link to.
+        Ok(addr.filter(|a| a.parse::<std::net::SocketAddr>().is_ok()))
     }
 
     /// Tokens of the nodes owning partitions, with how many each owns

@@ -2,6 +2,7 @@
 //! a standby until every partition is this node's, serve while keeping the
 //! lease, and stop when fenced or told to.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -65,7 +66,11 @@ impl Node {
     /// # Errors
     /// [`ClusterError`] when an engine cannot be reached or the key not
     /// shared.
-    pub fn open(settings: &ClusterSettings, config: &Config) -> Result<Self, ClusterError> {
+    pub fn open(
+        settings: &ClusterSettings,
+        config: &Config,
+        link_addr: std::net::SocketAddr,
+    ) -> Result<Self, ClusterError> {
         let ownership = Arc::new(Ownership::new(token(settings)));
         let store_pg = PgDomains::open(&settings.postgres_url, ownership.clone())?;
         let pg = PgDomains::open(&settings.postgres_url, ownership.clone())?;
@@ -80,6 +85,7 @@ impl Node {
             REDIS_PREFIX,
             ownership,
             Duration::from_millis(config.cluster_lease_ms),
+            link_addr.to_string(),
         )?;
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| ClusterError::Key(format!("data dir: {e}")))?;
@@ -127,13 +133,22 @@ impl Node {
     }
 
     /// Blocks until this node owns every partition (logging, as a standby,
-    /// who holds them), or `stop` is set.
-    pub fn wait_until_serving(&self) -> bool {
+    /// who holds them), or `stop` is set. Meanwhile `serving_link` hears,
+    /// after every step, the link address of the node serving (`None`:
+    /// none known), for this node to forward its clients' requests to.
+    pub fn wait_until_serving(&self, serving_link: impl Fn(Option<SocketAddr>)) -> bool {
         let mut said = false;
         while !self.stop.load(Ordering::Relaxed) {
             match self.step() {
                 Ok(Standing::Serving) => return true,
                 Ok(standing) => {
+                    match self.membership.serving_link() {
+                        Ok(addr) => serving_link(addr.and_then(|a| a.parse().ok())),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot read the serving node's address");
+                            serving_link(None);
+                        }
+                    }
                     if !said {
                         let holders = self.membership.owner_counts().unwrap_or_default();
                         tracing::info!(
@@ -183,6 +198,11 @@ impl Node {
                     }
                 }
             })
+    }
+
+    /// Stops waiting ([`Node::wait_until_serving`] returns `false`).
+    pub fn stop_waiting(&self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 
     /// Stops the lease thread and hands every partition back at once, so a

@@ -10,6 +10,7 @@ mod crypto;
 mod link;
 mod wire;
 
+pub(crate) use connection::MAX_IN_FLIGHT;
 pub use link::{Link, TcpLink, WS_MAX_OUT_MESSAGE_BYTES, WsLink};
 
 use std::net::IpAddr;
@@ -124,7 +125,9 @@ impl Gateway {
             cfg,
             code_sender,
             server_key,
-            conn_ids: AtomicU64::new(1),
+            // Random high bits: the connections of different nodes of a
+            // cluster meet on the serving node's shards (router::forward).
+            conn_ids: AtomicU64::new((u64::from(rand::random::<u32>()) << 32) | 1),
             stopping: AtomicBool::new(false),
             metrics: GatewayMetrics::registered(),
         })

@@ -10,12 +10,15 @@
 
 mod conn_queue;
 mod error;
+mod forward;
 mod mail;
 mod order;
+mod remote;
 mod shard;
 
 pub use conn_queue::{ConnRx, ConnTx, Received, TrySendError, conn_queue};
 pub use error::RouteError;
+pub use forward::{Forwarder, LinkError, serve_links};
 pub use order::HeldBy;
 use shard::Queued;
 pub use shard::{KickReason, Notice, OwedReceipt, ToConn};
@@ -257,10 +260,24 @@ pub(super) fn joint_answer(
 }
 
 /// Handle to the shards. Cloning is cheap.
+///
+/// A router either owns its shards (the embedded server, a serving cluster
+/// node) or forwards every command to the node that does
+/// ([`Router::forwarding`]: a cluster node that does not serve the
+/// partitions).
 #[derive(Clone)]
 pub struct Router {
     shards: Arc<[mpsc::Sender<Queued>]>,
     deadline: std::time::Duration,
+    forward: Option<Arc<Forwarder>>,
+}
+
+/// Where a command goes: a shard of this node, or over the link to the
+/// serving node.
+#[derive(Clone, Copy)]
+enum Dest<'a> {
+    Shard(&'a mpsc::Sender<Queued>),
+    Remote(&'a Forwarder),
 }
 
 /// The shard threads, to be joined at shutdown.
@@ -327,23 +344,78 @@ impl Router {
             Self {
                 shards: senders,
                 deadline: cfg.request_deadline,
+                forward: None,
             },
             ShardThreads(threads),
         ))
     }
 
-    fn user_shard(&self, user: UserId) -> &mpsc::Sender<Queued> {
-        &self.shards[shard_of_user(user, self.shards.len())]
+    /// A router with no shards of its own: every command goes over
+    /// `forwarder`'s link to the serving node.
+    #[must_use]
+    pub fn forwarding(forwarder: Arc<Forwarder>, request_deadline: std::time::Duration) -> Self {
+        Self {
+            shards: Arc::from(Vec::new()),
+            deadline: request_deadline,
+            forward: Some(forwarder),
+        }
     }
 
-    fn phone_shard(&self, phone: &str) -> &mpsc::Sender<Queued> {
-        &self.shards[shard_of_phone(phone, self.shards.len())]
+    /// Whether this router forwards to another node.
+    #[must_use]
+    pub fn is_forwarding(&self) -> bool {
+        self.forward.is_some()
+    }
+
+    fn user_shard(&self, user: UserId) -> Dest<'_> {
+        match &self.forward {
+            Some(f) => Dest::Remote(f),
+            None => Dest::Shard(&self.shards[shard_of_user(user, self.shards.len())]),
+        }
+    }
+
+    fn phone_shard(&self, phone: &str) -> Dest<'_> {
+        match &self.forward {
+            Some(f) => Dest::Remote(f),
+            None => Dest::Shard(&self.shards[shard_of_phone(phone, self.shards.len())]),
+        }
+    }
+
+    /// The shard of a key, for a command forwarded by another node.
+    fn key_shard(&self, key: &remote::RouteKey) -> Option<&mpsc::Sender<Queued>> {
+        let n = self.shards.len();
+        if n == 0 {
+            return None;
+        }
+        match key {
+            remote::RouteKey::Id(id) => self.shards.get(shard_of_user(*id, n)),
+            remote::RouteKey::Str(s) => self.shards.get(shard_of_phone(s, n)),
+        }
+    }
+
+    /// Queues a command that must be applied however late (acks,
+    /// deletions, disconnects): waits for room in the inbox.
+    async fn post(&self, dest: Dest<'_>, cmd: Command) {
+        match dest {
+            Dest::Shard(shard) => {
+                let _ = shard.send(Queued::new(cmd)).await;
+            }
+            Dest::Remote(f) => {
+                if let Err(e) = f.forward(cmd, self.deadline).await {
+                    tracing::debug!(error = %e, "a forwarded ack or disconnect was not sent");
+                }
+            }
+        }
     }
 
     /// Queues a request with this router's deadline: waits at most that
     /// long for room in the inbox (then OVERLOADED), and the shard discards
     /// it if it is still waiting when the deadline passes.
-    async fn enqueue(&self, shard: &mpsc::Sender<Queued>, cmd: Command) -> Result<(), RouteError> {
+    async fn enqueue(&self, dest: Dest<'_>, cmd: Command) -> Result<(), RouteError> {
+        let shard = match dest {
+            Dest::Shard(shard) => shard,
+            Dest::Remote(f) => return f.forward(cmd, self.deadline).await,
+        };
         let deadline = std::time::Instant::now() + self.deadline;
         // Usually there is room: take it without arming a timer.
         let queued = match shard.try_send(Queued::with_deadline(cmd, deadline)) {
@@ -365,11 +437,11 @@ impl Router {
 
     async fn call<T>(
         &self,
-        shard: &mpsc::Sender<Queued>,
+        dest: Dest<'_>,
         make: impl FnOnce(Reply<T>) -> Command,
     ) -> Result<T, RouteError> {
         let (tx, rx) = oneshot::channel();
-        self.enqueue(shard, make(tx)).await?;
+        self.enqueue(dest, make(tx)).await?;
         // A dropped reply means the shard restarted mid-command (a caught
         // panic) or is shutting down.
         rx.await.map_err(|_| RouteError::Internal)?
@@ -380,6 +452,9 @@ impl Router {
     /// Ends every authenticated connection (each says goodbye once it has
     /// written what was queued for it): the start of a shutdown.
     pub async fn closing(&self) {
+        if let Some(f) = &self.forward {
+            f.close_connections(KickReason::ShuttingDown);
+        }
         for shard in self.shards.iter() {
             let _ = shard.send(Queued::new(Command::Closing)).await;
         }

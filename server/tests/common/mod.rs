@@ -530,11 +530,21 @@ pub async fn spawn_server(data_dir: &Path, extra: &[&str]) -> Proc {
         .unwrap();
     let stdout = child.stdout.take().unwrap();
     let mut lines = tokio::io::BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(WAIT, lines.next_line())
-        .await
-        .expect("server did not become ready")
-        .unwrap()
-        .expect("server exited before it was ready");
+    let line = tokio::time::timeout(WAIT, async {
+        loop {
+            let line = lines.next_line().await.unwrap();
+            // A cluster node forwards until it serves.
+            if !line
+                .as_deref()
+                .is_some_and(|l| l.starts_with("switchboard forwarding "))
+            {
+                return line;
+            }
+        }
+    })
+    .await
+    .expect("server did not become ready")
+    .expect("server exited before it was ready");
     assert!(line.starts_with("switchboard ready "), "{line}");
     let field = |name: &str| {
         line.split_whitespace()

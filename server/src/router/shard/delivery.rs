@@ -266,7 +266,7 @@ impl Shard {
 
 /// The `Router` methods that hand this concern's commands to the shards.
 mod router_side {
-    use super::super::{Command, Queued};
+    use super::super::Command;
     use super::*;
     use crate::router::shard_of_user;
 
@@ -310,21 +310,40 @@ mod router_side {
             released: Vec<(u64, (crate::store::GroupId, u64))>,
             owed: Vec<OwedReceipt>,
         ) -> Vec<OwedReceipt> {
+            if self.forward.is_some() {
+                // The serving node's shard count is not known here: every
+                // receipt goes back to the caller, queued as its own request.
+                self.post(
+                    self.user_shard(device.user),
+                    Command::Ack {
+                        device,
+                        conn_id,
+                        seqs,
+                        delete: receipt_seqs,
+                        released,
+                        receipts: Vec::new(),
+                    },
+                )
+                .await;
+                return owed;
+            }
             let n = self.shards.len();
             let mine = shard_of_user(device.user, n);
             let (local, remote): (Vec<_>, Vec<_>) = owed
                 .into_iter()
                 .partition(|o| shard_of_user(o.to_user, n) == mine);
-            let _ = self.shards[mine]
-                .send(Queued::new(Command::Ack {
+            self.post(
+                self.user_shard(device.user),
+                Command::Ack {
                     device,
                     conn_id,
                     seqs,
                     delete: receipt_seqs,
                     released,
                     receipts: local,
-                }))
-                .await;
+                },
+            )
+            .await;
             remote
         }
 
@@ -336,22 +355,24 @@ mod router_side {
             seqs: Vec<u64>,
             released: Vec<(u64, (crate::store::GroupId, u64))>,
         ) {
-            let _ = self
-                .user_shard(device.user)
-                .send(Queued::new(Command::Delete {
+            self.post(
+                self.user_shard(device.user),
+                Command::Delete {
                     device,
                     seqs,
                     released,
-                }))
-                .await;
+                },
+            )
+            .await;
         }
 
         /// Connection `conn_id` of `device` has ended.
         pub async fn disconnected(&self, device: DeviceKey, conn_id: u64) {
-            let _ = self
-                .user_shard(device.user)
-                .send(Queued::new(Command::Disconnected { device, conn_id }))
-                .await;
+            self.post(
+                self.user_shard(device.user),
+                Command::Disconnected { device, conn_id },
+            )
+            .await;
         }
     }
 }

@@ -459,7 +459,11 @@ mod router_side {
         ) -> Result<Option<SendTicket>, RouteError> {
             let n = self.shards.len();
             let shard = self.user_shard(req.to_user);
-            if shard_of_user(req.from.user, n) == shard_of_user(req.to_user, n) {
+            // Forwarded sends always take the two-part path: the serving
+            // node's shard count is not known here.
+            if self.forward.is_none()
+                && shard_of_user(req.from.user, n) == shard_of_user(req.to_user, n)
+            {
                 self.enqueue(
                     shard,
                     Command::Send {

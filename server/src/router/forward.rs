@@ -1,0 +1,729 @@
+//! Node links (cluster mode): a node that does not serve the partitions
+//! forwards every router command to the node that does, and receives the
+//! answers and the pushes for its connections back.
+//!
+//! A link is one TCP connection from the forwarding node to the serving
+//! node's `cluster_listen` address, encrypted and authenticated with Noise
+//! (the pattern of the client protocol). Both ends present the cluster's
+//! one server key as their static key and each refuses a peer holding any
+//! other: only a node that read the key from the cluster's PostgreSQL can
+//! link. Inside, frames are [`LinkFrame`]s: a kind, a request id and a body
+//! encoded by `router::remote`.
+//!
+//! - `REQUEST` (id, command): the serving node routes the command to its
+//!   shard by the command's key and sends `ANSWER` or `ERROR` with the same
+//!   id once the shard answers. `POST`: a command without an answer (acks,
+//!   deletions, disconnects).
+//! - An `Authenticate` carries the connection's id; the serving node gives
+//!   the shard a push queue of its own for it and pumps what the shard
+//!   pushes back as `PUSH` frames, which the forwarding node hands to the
+//!   connection's real queue (a full one is kicked as a slow reader, as a
+//!   shard would).
+//!
+//! Order: one link carries a node's commands in the order they were
+//! forwarded, and the serving node queues them into its shards in that
+//! order, so a connection's sends keep their order across the link.
+//!
+//! Failure: when a link ends, the forwarding node fails every request
+//! waiting on it (STORAGE_UNAVAILABLE, retryable) and ends every connection
+//! served through it (`Unavailable`): clients reconnect, to this node or
+//! another, and drain their queues; nothing acknowledged was only in the
+//! link. Connection ids are random per node process (`Gateway`), so
+//! connections of different nodes never share an id on the serving node.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use prost::Message;
+use switchboard_proto::noise::{Handshake, Keypair};
+use switchboard_proto::{ProtoError, Session, record};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::remote::{self, AnswerSlot};
+use super::shard::{Command, Queued};
+use super::{ConnTx, KickReason, Received, RouteError, Router, TrySendError};
+use crate::FastMap;
+use crate::store::StoreError;
+use crate::telemetry as tm;
+
+/// Largest frame on a link: a forwarded command carries at most one client
+/// frame's worth of data, and a push at most a `Deliver` frame.
+const LINK_MAX_FRAME_BYTES: usize = 16 << 20;
+
+/// Frames waiting for a link's writer; past it, forwarding waits (within
+/// the request deadline), as it would for a shard's inbox.
+const LINK_QUEUE_FRAMES: usize = 4096;
+
+/// Most plaintext gathered into one write.
+const GATHER_BYTES: usize = 256 * 1024;
+
+/// How long connecting and the handshake may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Pause before connecting again after a failed attempt.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(250);
+
+/// Frame kinds.
+mod kind {
+    pub(super) const REQUEST: u32 = 1;
+    pub(super) const POST: u32 = 2;
+    pub(super) const ANSWER: u32 = 3;
+    pub(super) const ERROR: u32 = 4;
+    pub(super) const PUSH: u32 = 5;
+}
+
+/// One frame on a link.
+#[derive(Clone, PartialEq, Message)]
+struct LinkFrame {
+    #[prost(uint32, tag = "1")]
+    kind: u32,
+    #[prost(uint64, tag = "2")]
+    id: u64,
+    #[prost(bytes = "vec", tag = "3")]
+    body: Vec<u8>,
+}
+
+/// Why a link could not be made or ended.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LinkError {
+    /// The socket failed.
+    #[error("link i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// The handshake or a record failed.
+    #[error("link protocol: {0}")]
+    Proto(#[from] ProtoError),
+    /// The peer does not hold the cluster's key.
+    #[error("the peer does not hold the cluster's server key")]
+    NotCluster,
+    /// A frame did not decode.
+    #[error("undecodable link frame: {0}")]
+    Frame(String),
+    /// The peer closed the link.
+    #[error("the link was closed")]
+    Closed,
+    /// Connecting took too long.
+    #[error("timed out connecting")]
+    Timeout,
+}
+
+/// The error a request gets when no link to the serving node is up.
+fn unavailable() -> RouteError {
+    RouteError::Storage(StoreError::Engine(
+        "no link to the node serving the partitions".into(),
+    ))
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while holding these locks.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Reads one Noise record from `stream`, with `buf` keeping what came
+/// after it.
+async fn read_record(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<BytesMut, LinkError> {
+    loop {
+        if let Some(rec) = record::decode(buf)? {
+            return Ok(rec);
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Err(LinkError::Closed);
+        }
+    }
+}
+
+/// The Noise handshake of a link; both ends must hold `key`.
+async fn handshake(
+    stream: &mut TcpStream,
+    key: &Keypair,
+    initiator: bool,
+) -> Result<(Session, BytesMut), LinkError> {
+    let mut hs = if initiator {
+        Handshake::initiator(&key.private)?
+    } else {
+        Handshake::responder(&key.private)?
+    };
+    let mut buf = BytesMut::new();
+    let mut out = BytesMut::new();
+    // XX: -> e; <- e, ee, s, es; -> s, se.
+    for step in 0..3 {
+        let ours = (step % 2 == 0) == initiator;
+        if ours {
+            out.clear();
+            hs.write_message(&[], &mut out)?;
+            stream.write_all(&out).await?;
+        } else {
+            let rec = read_record(stream, &mut buf).await?;
+            hs.read_message(&rec)?;
+        }
+    }
+    if hs.remote_static().as_deref() != Some(key.public.as_slice()) {
+        return Err(LinkError::NotCluster);
+    }
+    Ok((hs.into_session(LINK_MAX_FRAME_BYTES)?, buf))
+}
+
+/// Writes frames from `rx` to the link until it ends, many per write.
+async fn write_frames(
+    mut half: tokio::net::tcp::OwnedWriteHalf,
+    session: Arc<Mutex<Session>>,
+    mut rx: mpsc::Receiver<LinkFrame>,
+) -> Result<(), LinkError> {
+    let mut out = BytesMut::new();
+    while let Some(first) = rx.recv().await {
+        out.clear();
+        {
+            let mut s = lock(&session);
+            s.queue(&first);
+            while s.pending_bytes() < GATHER_BYTES {
+                match rx.try_recv() {
+                    Ok(frame) => s.queue(&frame),
+                    Err(_) => break,
+                }
+            }
+            s.seal(&mut out)?;
+        }
+        half.write_all(&out).await?;
+    }
+    Ok(())
+}
+
+/// Reads frames from the link and hands each to `on_frame`, in order.
+async fn read_frames<F>(
+    mut half: tokio::net::tcp::OwnedReadHalf,
+    session: Arc<Mutex<Session>>,
+    mut wire: BytesMut,
+    mut on_frame: impl FnMut(LinkFrame) -> F,
+) -> Result<(), LinkError>
+where
+    F: Future<Output = ()>,
+{
+    let mut frames = Vec::new();
+    loop {
+        {
+            let mut s = lock(&session);
+            loop {
+                while let Some(body) = s.next_frame_bytes()? {
+                    frames.push(
+                        LinkFrame::decode(body.freeze())
+                            .map_err(|e| LinkError::Frame(e.to_string()))?,
+                    );
+                }
+                if !s.read_record(&mut wire)? {
+                    break;
+                }
+            }
+        }
+        for frame in frames.drain(..) {
+            on_frame(frame).await;
+        }
+        if half.read_buf(&mut wire).await? == 0 {
+            return Err(LinkError::Closed);
+        }
+    }
+}
+
+/// What a forwarding node keeps per link: answers awaited and the
+/// connections served through it. `closed` is set under the same lock
+/// when the link ends, so nothing is registered after the link failed it.
+#[derive(Default)]
+struct Waiting {
+    closed: bool,
+    answers: FastMap<u64, AnswerSlot>,
+    conns: FastMap<u64, ConnTx>,
+}
+
+/// One link of a forwarding node to the serving node.
+struct Peer {
+    addr: SocketAddr,
+    tx: mpsc::Sender<LinkFrame>,
+    waiting: Mutex<Waiting>,
+    next_id: AtomicU64,
+    ended: CancellationToken,
+}
+
+impl Peer {
+    /// Ends the link's requests and connections.
+    fn fail_all(&self, reason: KickReason) {
+        let (answers, conns) = {
+            let mut w = lock(&self.waiting);
+            w.closed = true;
+            (std::mem::take(&mut w.answers), std::mem::take(&mut w.conns))
+        };
+        for (_, slot) in answers {
+            slot(Err(unavailable()));
+        }
+        for (_, conn) in conns {
+            conn.kick(reason);
+        }
+        self.ended.cancel();
+    }
+
+    /// A frame from the serving node.
+    fn on_frame(&self, frame: LinkFrame) {
+        match frame.kind {
+            kind::ANSWER | kind::ERROR => {
+                let Some(slot) = lock(&self.waiting).answers.remove(&frame.id) else {
+                    return;
+                };
+                if frame.kind == kind::ANSWER {
+                    slot(Ok(&frame.body));
+                } else {
+                    slot(Err(
+                        remote::decode_error(&frame.body).unwrap_or(RouteError::Internal)
+                    ));
+                }
+            }
+            kind::PUSH => match remote::decode_push(&frame.body) {
+                Ok((conn_id, received)) => self.push(conn_id, received),
+                Err(e) => tracing::warn!(error = %e, "undecodable push on a node link"),
+            },
+            other => tracing::warn!(kind = other, "unexpected frame on a node link"),
+        }
+    }
+
+    /// Hands a push to the connection it is for.
+    fn push(&self, conn_id: u64, received: Received) {
+        let mut w = lock(&self.waiting);
+        match received {
+            Received::Item(item) => {
+                let full = match w.conns.get(&conn_id) {
+                    Some(conn) => matches!(conn.try_send(item), Err(TrySendError::Full)),
+                    None => false,
+                };
+                if full && let Some(conn) = w.conns.remove(&conn_id) {
+                    // As a shard does: the connection's entries stay in its
+                    // durable queue; the serving node learns of the end
+                    // when the connection says it is disconnected.
+                    conn.kick(KickReason::SlowReader);
+                }
+            }
+            Received::Kicked(reason) => {
+                if let Some(conn) = w.conns.remove(&conn_id) {
+                    conn.kick(reason);
+                }
+            }
+            Received::Closed => {
+                w.conns.remove(&conn_id);
+            }
+        }
+    }
+}
+
+/// The forwarding end of node links: keeps one link to the serving node
+/// and forwards commands over it.
+pub struct Forwarder {
+    key: Keypair,
+    peer: Mutex<Option<Arc<Peer>>>,
+}
+
+impl std::fmt::Debug for Forwarder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forwarder")
+            .field("peer", &self.current().map(|p| p.addr))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Forwarder {
+    /// A forwarder that links with the cluster's server `key`.
+    #[must_use]
+    pub fn new(key: Keypair) -> Arc<Self> {
+        Arc::new(Self {
+            key,
+            peer: Mutex::new(None),
+        })
+    }
+
+    fn current(&self) -> Option<Arc<Peer>> {
+        lock(&self.peer)
+            .as_ref()
+            .filter(|p| !p.ended.is_cancelled())
+            .cloned()
+    }
+
+    /// The address of the serving node this forwarder is linked to.
+    #[must_use]
+    pub fn linked_to(&self) -> Option<SocketAddr> {
+        self.current().map(|p| p.addr)
+    }
+
+    /// Keeps a link to the address `target` holds (`None`: no node serves;
+    /// requests fail as unavailable), reconnecting when it changes or the
+    /// link ends, until `cancel`.
+    pub async fn maintain(
+        self: Arc<Self>,
+        mut target: watch::Receiver<Option<SocketAddr>>,
+        cancel: CancellationToken,
+    ) {
+        let mut failing = None;
+        loop {
+            let want = *target.borrow_and_update();
+            let current = self.current();
+            let ended = match (&current, want) {
+                (Some(peer), Some(addr)) if peer.addr == addr => Some(peer.ended.clone()),
+                _ => {
+                    if let Some(old) = lock(&self.peer).take() {
+                        old.fail_all(KickReason::Unavailable);
+                    }
+                    metrics::gauge!(tm::NODE_LINKS).set(0.0);
+                    match want {
+                        Some(addr) => match self.connect(addr).await {
+                            Ok(peer) => {
+                                failing = None;
+                                tracing::info!(%addr, "linked to the serving node");
+                                metrics::gauge!(tm::NODE_LINKS).set(1.0);
+                                let ended = peer.ended.clone();
+                                *lock(&self.peer) = Some(peer);
+                                Some(ended)
+                            }
+                            Err(e) => {
+                                // Once per address: while a dead node's
+                                // lease runs, this repeats every pause.
+                                if failing != Some(addr) {
+                                    tracing::warn!(%addr, error = %e, "cannot link to the serving node; retrying");
+                                    failing = Some(addr);
+                                }
+                                None
+                            }
+                        },
+                        None => None,
+                    }
+                }
+            };
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                changed = target.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
+                () = async {
+                    match &ended {
+                        Some(e) => e.cancelled().await,
+                        None => tokio::time::sleep(RECONNECT_PAUSE).await,
+                    }
+                } => {}
+            }
+        }
+        if let Some(old) = lock(&self.peer).take() {
+            old.fail_all(KickReason::ShuttingDown);
+        }
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<Arc<Peer>, LinkError> {
+        let (mut stream, session, wire) = tokio::time::timeout(CONNECT_TIMEOUT, async {
+            let mut stream = TcpStream::connect(addr).await?;
+            stream.set_nodelay(true)?;
+            let (session, wire) = handshake(&mut stream, &self.key, true).await?;
+            Ok::<_, LinkError>((stream, session, wire))
+        })
+        .await
+        .map_err(|_| LinkError::Timeout)??;
+        stream.flush().await?;
+        let (read, write) = stream.into_split();
+        let session = Arc::new(Mutex::new(session));
+        let (tx, rx) = mpsc::channel(LINK_QUEUE_FRAMES);
+        let peer = Arc::new(Peer {
+            addr,
+            tx,
+            waiting: Mutex::new(Waiting::default()),
+            next_id: AtomicU64::new(1),
+            ended: CancellationToken::new(),
+        });
+        let writer_session = session.clone();
+        let writer_peer = peer.clone();
+        tokio::spawn(async move {
+            if let Err(e) = write_frames(write, writer_session, rx).await {
+                tracing::debug!(error = %e, "node link writer ended");
+            }
+            writer_peer.fail_all(KickReason::Unavailable);
+        });
+        let reader_peer = peer.clone();
+        tokio::spawn(async move {
+            let on_frame = |frame| {
+                reader_peer.on_frame(frame);
+                std::future::ready(())
+            };
+            let end = tokio::select! {
+                r = read_frames(read, session, wire, on_frame) => r,
+                () = reader_peer.ended.cancelled() => Ok(()),
+            };
+            if let Err(e) = end {
+                tracing::info!(error = %e, "node link ended");
+            }
+            reader_peer.fail_all(KickReason::Unavailable);
+        });
+        Ok(peer)
+    }
+
+    /// Sends `cmd` to the serving node; its answer (if it has one) reaches
+    /// the command's reply. Returns once the command is on the link's
+    /// queue, so commands forwarded one after another keep their order.
+    ///
+    /// # Errors
+    /// STORAGE_UNAVAILABLE without a link, OVERLOADED when the link's
+    /// queue stays full for `deadline`.
+    pub(super) async fn forward(&self, cmd: Command, deadline: Duration) -> Result<(), RouteError> {
+        let Some(peer) = self.current() else {
+            return Err(unavailable());
+        };
+        let out = match remote::encode_command(cmd) {
+            Ok(out) => out,
+            Err(_) => return Err(RouteError::Internal),
+        };
+        let id = peer.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame_kind = if out.answer.is_some() {
+            kind::REQUEST
+        } else {
+            kind::POST
+        };
+        {
+            let mut w = lock(&peer.waiting);
+            if w.closed {
+                return Err(unavailable());
+            }
+            if let Some(slot) = out.answer {
+                w.answers.insert(id, slot);
+            }
+            if let Some(link) = out.link {
+                w.conns.insert(link.conn_id, link.push);
+            }
+        }
+        let frame = LinkFrame {
+            kind: frame_kind,
+            id,
+            body: out.body,
+        };
+        metrics::counter!(tm::FORWARDED_COMMANDS).increment(1);
+        let sent = match peer.tx.try_send(frame) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(unavailable()),
+            Err(mpsc::error::TrySendError::Full(frame)) => {
+                match peer.tx.send_timeout(frame, deadline).await {
+                    Ok(()) => Ok(()),
+                    Err(mpsc::error::SendTimeoutError::Timeout(_)) => Err(RouteError::Overloaded {
+                        retry_after_ms: super::shard::OVERLOADED_RETRY_AFTER_MS,
+                    }),
+                    Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(unavailable()),
+                }
+            }
+        };
+        if sent.is_err() {
+            // Not sent: its answer slot goes (the caller gets the error
+            // instead); a connection registered with it stays until its
+            // task ends, as after any failed authentication.
+            lock(&peer.waiting).answers.remove(&id);
+        }
+        sent
+    }
+
+    /// Ends every connection served through the link (at shutdown).
+    pub fn close_connections(&self, reason: KickReason) {
+        if let Some(peer) = self.current() {
+            let conns = std::mem::take(&mut lock(&peer.waiting).conns);
+            for (_, conn) in conns {
+                conn.kick(reason);
+            }
+        }
+    }
+}
+
+/// Serves links from forwarding nodes on `listener` until `cancel`: each
+/// command is queued into `router`'s shard for its key, in the order it
+/// came, and answered on the link. `key` is the cluster's server key;
+/// `push_capacity` the push queue of a connection served this way.
+pub async fn serve_links(
+    listener: TcpListener,
+    router: Router,
+    key: Keypair,
+    push_capacity: usize,
+    cancel: CancellationToken,
+) {
+    let key = Arc::new(key);
+    loop {
+        let (stream, from) = tokio::select! {
+            () = cancel.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot accept a node link");
+                    tokio::time::sleep(RECONNECT_PAUSE).await;
+                    continue;
+                }
+            },
+        };
+        let (router, key, cancel) = (router.clone(), key.clone(), cancel.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                r = serve_link(stream, router, &key, push_capacity) => {
+                    if let Err(e) = r {
+                        tracing::info!(%from, error = %e, "node link ended");
+                    }
+                }
+                () = cancel.cancelled() => {}
+            }
+        });
+    }
+}
+
+async fn serve_link(
+    mut stream: TcpStream,
+    router: Router,
+    key: &Keypair,
+    push_capacity: usize,
+) -> Result<(), LinkError> {
+    stream.set_nodelay(true)?;
+    let (session, wire) = tokio::time::timeout(CONNECT_TIMEOUT, handshake(&mut stream, key, false))
+        .await
+        .map_err(|_| LinkError::Timeout)??;
+    tracing::info!(peer = ?stream.peer_addr().ok(), "a node linked");
+    let links = metrics::gauge!(tm::NODE_LINKS);
+    links.increment(1.0);
+    // Counted down however the link ends.
+    let _up = LinkUp(links);
+    let (read, write) = stream.into_split();
+    let session = Arc::new(Mutex::new(session));
+    let (tx, rx) = mpsc::channel(LINK_QUEUE_FRAMES);
+    let done = CancellationToken::new();
+    let writer_session = session.clone();
+    let writer_done = done.clone();
+    tokio::spawn(async move {
+        if let Err(e) = write_frames(write, writer_session, rx).await {
+            tracing::debug!(error = %e, "node link writer ended");
+        }
+        writer_done.cancel();
+    });
+    let on_frame = |frame: LinkFrame| {
+        let (router, tx) = (router.clone(), tx.clone());
+        async move { take_command(frame, &router, tx, push_capacity).await }
+    };
+    let result = tokio::select! {
+        r = read_frames(read, session, wire, on_frame) => r,
+        () = done.cancelled() => Err(LinkError::Closed),
+    };
+    // Dropping the sender ends the writer; the pumps end with it, dropping
+    // their queues, so the shards let those connections go.
+    drop(tx);
+    result
+}
+
+/// Queues one forwarded command into its shard and arranges its answer.
+async fn take_command(
+    frame: LinkFrame,
+    router: &Router,
+    tx: mpsc::Sender<LinkFrame>,
+    push_capacity: usize,
+) {
+    if frame.kind != kind::REQUEST && frame.kind != kind::POST {
+        tracing::warn!(kind = frame.kind, "unexpected frame on a node link");
+        return;
+    }
+    let inbound = match remote::decode_command(&frame.body, push_capacity) {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::warn!(error = %e, "undecodable command on a node link");
+            if frame.kind == kind::REQUEST {
+                let _ = tx
+                    .send(LinkFrame {
+                        kind: kind::ERROR,
+                        id: frame.id,
+                        body: remote::encode_error(&RouteError::BadRequest(
+                            "undecodable forwarded command".into(),
+                        )),
+                    })
+                    .await;
+            }
+            return;
+        }
+    };
+    if let Some((conn_id, mut conn)) = inbound.conn {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                let received = conn.recv().await;
+                let last = !matches!(received, Received::Item(_));
+                let frame = LinkFrame {
+                    kind: kind::PUSH,
+                    id: 0,
+                    body: remote::encode_push(conn_id, &received),
+                };
+                if tx.send(frame).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+    }
+    let Some(shard) = router.key_shard(&inbound.key) else {
+        // Only a forwarding router has no shards, and it takes no links.
+        if frame.kind == kind::REQUEST {
+            let _ = tx
+                .send(LinkFrame {
+                    kind: kind::ERROR,
+                    id: frame.id,
+                    body: remote::encode_error(&unavailable()),
+                })
+                .await;
+        }
+        return;
+    };
+    let must_apply = matches!(
+        inbound.cmd,
+        Command::Ack { .. } | Command::Delete { .. } | Command::Disconnected { .. }
+    );
+    let queued = if must_apply {
+        shard
+            .send(Queued::new(inbound.cmd))
+            .await
+            .map_err(|_| RouteError::ShuttingDown)
+    } else {
+        router.enqueue(super::Dest::Shard(shard), inbound.cmd).await
+    };
+    let Some(answer) = inbound.answer else {
+        return;
+    };
+    let id = frame.id;
+    match queued {
+        Err(e) => {
+            let _ = tx
+                .send(LinkFrame {
+                    kind: kind::ERROR,
+                    id,
+                    body: remote::encode_error(&e),
+                })
+                .await;
+        }
+        Ok(()) => {
+            tokio::spawn(async move {
+                let frame = match answer.await {
+                    Ok(body) => LinkFrame {
+                        kind: kind::ANSWER,
+                        id,
+                        body,
+                    },
+                    Err(e) => LinkFrame {
+                        kind: kind::ERROR,
+                        id,
+                        body: remote::encode_error(&e),
+                    },
+                };
+                let _ = tx.send(frame).await;
+            });
+        }
+    }
+}
+
+/// Decrements the serving node's link gauge when dropped.
+struct LinkUp(metrics::Gauge);
+
+impl Drop for LinkUp {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
