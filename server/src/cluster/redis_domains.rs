@@ -168,6 +168,8 @@ pub struct RedisDomains {
     keys: Keys,
     ownership: Arc<Ownership>,
     min_replicas: u32,
+    /// Which master serves each slot, for one `WAIT` per master.
+    masters: Mutex<Masters>,
     /// Entries stored, as counted at open plus this process's writes.
     entries: AtomicI64,
 }
@@ -274,6 +276,7 @@ impl RedisDomains {
             ownership,
             min_replicas,
             entries: AtomicI64::new(0),
+            masters: Mutex::new(Masters::default()),
         };
         let counts = store.scan(&(0..PARTITIONS).collect::<Vec<_>>(), |p| {
             let mut c = redis::cmd("GET");
@@ -472,6 +475,44 @@ impl RedisDomains {
         Ok(true)
     }
 
+    /// Of `slots`, one per master (by a slot map at most [`MASTERS_TTL`]
+    /// old); all of them when the map cannot be read.
+    fn one_slot_per_master(&self, conn: &mut ClusterConnection, slots: Vec<Slot>) -> Vec<Slot> {
+        if slots.len() <= 1 {
+            return slots;
+        }
+        let mut masters = self
+            .masters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if masters.at.is_none_or(|at| at.elapsed() > MASTERS_TTL) {
+            metrics::counter!(tm::REDIS_ROUND_TRIPS).increment(1);
+            let reply = redis::cmd("CLUSTER").arg("SLOTS").query::<Value>(conn);
+            match reply.ok().as_ref().and_then(parse_cluster_slots) {
+                Some(of) => {
+                    masters.of = of;
+                    masters.at = Some(std::time::Instant::now());
+                }
+                None => {
+                    masters.at = None;
+                    return slots;
+                }
+            }
+        }
+        let mut seen: Vec<u16> = Vec::new();
+        slots
+            .into_iter()
+            .filter(|slot| match masters.of.get(slot) {
+                Some(m) if seen.contains(m) => false,
+                Some(m) => {
+                    seen.push(*m);
+                    true
+                }
+                None => true,
+            })
+            .collect()
+    }
+
     /// Applies these domains' ops of a batch: one script per partition and
     /// domain rank, each rank one pipeline, lower ranks first; with `sync`,
     /// then one `WAIT` for the replicas.
@@ -513,9 +554,9 @@ impl RedisDomains {
             }
         }
         if sync && self.min_replicas > 0 {
-            // One WAIT per slot written, to its master (slots sharing a
-            // master: the later WAITs return at once). Not WAIT on every
-            // master: a one-message batch costs the script and one WAIT.
+            // One WAIT per master written: WAIT confirms every write made
+            // before it on the connection to that master, whatever its
+            // slot.
             let mut slots: Vec<Slot> = Vec::new();
             for unit in &units {
                 let slot = Slot::for_key(self.keys.owner(unit.partition));
@@ -523,6 +564,7 @@ impl RedisDomains {
                     slots.push(slot);
                 }
             }
+            let slots = self.one_slot_per_master(&mut conn, slots);
             for slot in slots {
                 let mut wait = redis::cmd("WAIT");
                 wait.arg(self.min_replicas).arg(WAIT_TIMEOUT_MS);
@@ -544,6 +586,60 @@ impl RedisDomains {
         }
         Ok(())
     }
+}
+
+/// Which master serves each slot, as `CLUSTER SLOTS` said at `at`.
+#[derive(Default)]
+struct Masters {
+    of: crate::FastMap<Slot, u16>,
+    at: Option<std::time::Instant>,
+}
+
+/// How long a slot map is trusted. Failovers move all of a master's slots
+/// together (so slots that shared a master still share one); only a
+/// resharding splits them, and a commit in the second after a slot moved
+/// could then skip the `WAIT` of its new master (its write is still on
+/// that master's AOF).
+const MASTERS_TTL: Duration = Duration::from_secs(1);
+
+/// The master (`host:port`) of each slot in a `CLUSTER SLOTS` reply.
+fn parse_cluster_slots(reply: &Value) -> Option<crate::FastMap<Slot, u16>> {
+    let Value::Array(ranges) = reply else {
+        return None;
+    };
+    let mut names: Vec<String> = Vec::new();
+    let mut of = crate::FastMap::default();
+    for range in ranges {
+        let Value::Array(fields) = range else {
+            return None;
+        };
+        let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(master))) =
+            (fields.first(), fields.get(1), fields.get(2))
+        else {
+            return None;
+        };
+        let host = match master.first()? {
+            Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+            Value::SimpleString(s) => s.clone(),
+            _ => return None,
+        };
+        let Some(Value::Int(port)) = master.get(1) else {
+            return None;
+        };
+        let name = format!("{host}:{port}");
+        let idx = match names.iter().position(|n| *n == name) {
+            Some(i) => i,
+            None => {
+                names.push(name);
+                names.len() - 1
+            }
+        };
+        let idx = u16::try_from(idx).ok()?;
+        for n in *start..=*end {
+            of.insert(Slot::new(u16::try_from(n).ok()?)?, idx);
+        }
+    }
+    Some(of)
 }
 
 /// The partition in a key's hash tag (`...{p:<n>}...`).
@@ -760,5 +856,36 @@ mod tests {
             assert!(key.contains(&tag), "{key}");
             assert_eq!(partition_in(&key), Some(p));
         }
+    }
+
+    #[test]
+    fn cluster_slots_give_each_slot_its_master() {
+        let node = |host: &str, port: i64| {
+            Value::Array(vec![
+                Value::BulkString(host.as_bytes().to_vec()),
+                Value::Int(port),
+                Value::BulkString(b"id".to_vec()),
+            ])
+        };
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                Value::Int(0),
+                Value::Int(8191),
+                node("127.0.0.1", 7000),
+                node("127.0.0.1", 7003),
+            ]),
+            Value::Array(vec![
+                Value::Int(8192),
+                Value::Int(16383),
+                node("127.0.0.1", 7001),
+            ]),
+        ]);
+        let of = parse_cluster_slots(&reply).expect("parsed");
+        assert_eq!(of.len(), 16384);
+        let (a, b, c) = (Slot::new(0), Slot::new(8191), Slot::new(8192));
+        let master = |s: Option<Slot>| s.and_then(|s| of.get(&s).copied());
+        assert_eq!(master(a), master(b));
+        assert_ne!(master(b), master(c));
+        assert!(parse_cluster_slots(&Value::Int(3)).is_none());
     }
 }
