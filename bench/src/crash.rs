@@ -3,6 +3,12 @@
 //! end, every message that got ✓ must have been delivered to its receiver,
 //! stored only once (redeliveries of the same entry are fine and counted),
 //! and per sender→receiver pair in send order.
+//!
+//! The cluster form (`--nodes N`, the engines named by
+//! `SWITCHBOARD_REDIS_URL` and `SWITCHBOARD_POSTGRES_URL`) starts N cluster
+//! nodes, spreads the clients over them (a pair's sender and receiver on
+//! different nodes), and each cycle kills a random node with SIGKILL and
+//! starts it again; its clients reconnect to the next node meanwhile.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -41,6 +47,11 @@ pub struct Args {
     /// Path of the `switchboard` binary (default: next to this one).
     #[arg(long)]
     server_bin: Option<PathBuf>,
+    /// Cluster form: this many cluster nodes (0: one embedded server). The
+    /// engines come from SWITCHBOARD_REDIS_URL and SWITCHBOARD_POSTGRES_URL
+    /// (`scripts/cluster.sh --nodes 0` prints them); use fresh engines.
+    #[arg(long, default_value_t = 0)]
+    nodes: usize,
     /// Seconds allowed for the final delivery check.
     #[arg(long, default_value_t = 60)]
     settle_secs: u64,
@@ -61,7 +72,10 @@ struct Report {
     stored_twice: u64,
     order_violations: u64,
     unexpected: u64,
-    /// Longest time from SIGKILL to the restarted server being ready.
+    /// Cluster nodes (0: one embedded server).
+    nodes: usize,
+    /// Longest time from SIGKILL to the restarted server (node) taking
+    /// clients.
     max_restart_seconds: f64,
     seconds: f64,
     passed: bool,
@@ -100,16 +114,31 @@ async fn register(addr: &str, data_dir: &Path, phone: &str) -> Result<Credential
     Ok(conn.verify_code(phone, &code).await?)
 }
 
-/// The current server address; waits while there is none.
-async fn current(servers: &mut watch::Receiver<Option<String>>) -> Option<String> {
+/// Addresses of the servers (one, or the cluster's nodes); `None` while
+/// one is down.
+type Servers = watch::Receiver<Vec<Option<String>>>;
+
+/// The address of server `prefer` (modulo their number), or of the next
+/// one up; waits while none is.
+async fn current(servers: &mut Servers, prefer: usize) -> Option<String> {
     loop {
-        if let Some(a) = servers.borrow_and_update().clone() {
-            return Some(a);
+        {
+            let list = servers.borrow_and_update();
+            let n = list.len().max(1);
+            if let Some(a) = (0..n).find_map(|i| list.get((prefer + i) % n).cloned().flatten()) {
+                return Some(a);
+            }
         }
         if servers.changed().await.is_err() {
             return None;
         }
     }
+}
+
+/// A pause before registering again (a cluster node not yet linked to the
+/// serving node answers STORAGE_UNAVAILABLE).
+async fn registration_pause() {
+    tokio::time::sleep(Duration::from_millis(200)).await;
 }
 
 fn msg_id(pair: usize, seq: u64) -> String {
@@ -133,7 +162,8 @@ async fn sender(
     creds: Credentials,
     to: Credentials,
     window: usize,
-    mut servers: watch::Receiver<Option<String>>,
+    mut servers: Servers,
+    mut prefer: usize,
     stop: Arc<AtomicBool>,
 ) -> SenderOut {
     let mut next: u64 = 0;
@@ -158,13 +188,14 @@ async fn sender(
         if stop.load(Ordering::SeqCst) && pending.is_empty() {
             break;
         }
-        let Some(addr) = current(&mut servers).await else {
+        let Some(addr) = current(&mut servers, prefer).await else {
             break;
         };
         let mut conn = match connect(&addr, &creds).await {
             Ok(c) => c,
             Err(_) => {
-                // The server is down or restarting.
+                // The server is down or restarting: try the next one.
+                prefer += 1;
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }
@@ -244,7 +275,8 @@ struct ReceiverOut {
 async fn receiver(
     pair: usize,
     creds: Credentials,
-    mut servers: watch::Receiver<Option<String>>,
+    mut servers: Servers,
+    mut prefer: usize,
     mut expect: watch::Receiver<Option<Arc<BTreeSet<u64>>>>,
 ) -> ReceiverOut {
     let mut out = ReceiverOut::default();
@@ -257,10 +289,11 @@ async fn receiver(
         if done(&out, &expect.borrow()) {
             return out;
         }
-        let Some(addr) = current(&mut servers).await else {
+        let Some(addr) = current(&mut servers, prefer).await else {
             return out;
         };
         let Ok(mut conn) = connect(&addr, &creds).await else {
+            prefer += 1;
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };
@@ -310,26 +343,74 @@ pub async fn run(args: Args) -> Result<bool> {
     let started = Instant::now();
     let bin = locate(args.server_bin.clone())?;
     let dir = tempfile::tempdir().context("temp dir")?;
-    let data = dir.path().join("data");
-    let mut server = ServerProc::start(&bin, &data, &[]).await?;
+    let cluster = args.nodes > 0;
+    if cluster {
+        anyhow::ensure!(
+            std::env::var_os("SWITCHBOARD_REDIS_URL").is_some()
+                && std::env::var_os("SWITCHBOARD_POSTGRES_URL").is_some(),
+            "--nodes needs SWITCHBOARD_REDIS_URL and SWITCHBOARD_POSTGRES_URL (scripts/cluster.sh --nodes 0 starts engines and prints them)"
+        );
+    }
+    let data_of = |i: usize| dir.path().join(format!("data{i}"));
+    let node_args = |i: usize| -> Vec<String> {
+        vec![
+            "--node-id".into(),
+            format!("crash-{i}"),
+            "--cluster-lease-ms".into(),
+            "1000".into(),
+        ]
+    };
+    let start = async |i: usize| {
+        if cluster {
+            ServerProc::start_node(&bin, &data_of(i), &node_args(i)).await
+        } else {
+            ServerProc::start(&bin, &data_of(i), &[]).await
+        }
+    };
+    let mut servers = Vec::new();
+    for i in 0..args.nodes.max(1) {
+        servers.push(start(i).await?);
+    }
 
+    // Registered at the first server (a cluster node forwards once linked).
     let mut pairs = Vec::with_capacity(args.pairs);
+    let registering = Instant::now();
     for p in 0..args.pairs {
-        let s = register(&server.tcp, &data, &format!("+1555100{p:04}")).await?;
-        let r = register(&server.tcp, &data, &format!("+1555200{p:04}")).await?;
+        let (s, r) = loop {
+            let first = &servers[0].tcp;
+            let pair = async {
+                let s = register(first, &data_of(0), &format!("+1555100{p:04}")).await?;
+                let r = register(first, &data_of(0), &format!("+1555200{p:04}")).await?;
+                Ok::<_, anyhow::Error>((s, r))
+            };
+            match pair.await {
+                Ok(pair) => break pair,
+                Err(_) if registering.elapsed() < Duration::from_secs(30) => {
+                    registration_pause().await;
+                }
+                Err(e) => return Err(e).context("registration"),
+            }
+        };
         pairs.push((s, r));
     }
-    let (servers_tx, servers_rx) = watch::channel(Some(server.tcp.clone()));
+    let (servers_tx, servers_rx) = watch::channel(
+        servers
+            .iter()
+            .map(|s| Some(s.tcp.clone()))
+            .collect::<Vec<_>>(),
+    );
     let (expect_txs, mut receivers, mut senders) = (Vec::new(), Vec::new(), Vec::new());
     let mut expect_txs = expect_txs;
     let stop = Arc::new(AtomicBool::new(false));
     for (p, (s, r)) in pairs.into_iter().enumerate() {
         let (etx, erx) = watch::channel(None);
         expect_txs.push(etx);
+        // A pair's two ends on different nodes.
         receivers.push(tokio::spawn(receiver(
             p,
             r.clone(),
             servers_rx.clone(),
+            p + 1,
             erx,
         )));
         senders.push(tokio::spawn(sender(
@@ -338,6 +419,7 @@ pub async fn run(args: Args) -> Result<bool> {
             r,
             args.window,
             servers_rx.clone(),
+            p,
             stop.clone(),
         )));
     }
@@ -348,10 +430,12 @@ pub async fn run(args: Args) -> Result<bool> {
         let run_ms =
             rand::rng().random_range(args.min_run_ms..=args.max_run_ms.max(args.min_run_ms));
         tokio::time::sleep(Duration::from_millis(run_ms)).await;
-        let _ = servers_tx.send(None);
+        let victim = rand::rng().random_range(0..servers.len());
+        servers_tx.send_modify(|list| list[victim] = None);
         let killed_at = Instant::now();
-        server.kill().await?;
-        server = match ServerProc::start(&bin, &data, &[]).await {
+        let dead = servers.remove(victim);
+        dead.kill().await?;
+        let restarted = match start(victim).await {
             Ok(s) => s,
             Err(e) => {
                 // Keep the evidence.
@@ -365,8 +449,9 @@ pub async fn run(args: Args) -> Result<bool> {
                 });
             }
         };
+        servers_tx.send_modify(|list| list[victim] = Some(restarted.tcp.clone()));
+        servers.insert(victim, restarted);
         max_restart = max_restart.max(killed_at.elapsed());
-        let _ = servers_tx.send(Some(server.tcp.clone()));
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -377,6 +462,7 @@ pub async fn run(args: Args) -> Result<bool> {
     let mut report = Report {
         cycles: args.cycles,
         pairs: args.pairs,
+        nodes: args.nodes,
         max_restart_seconds: max_restart.as_secs_f64(),
         ..Report::default()
     };
@@ -410,7 +496,9 @@ pub async fn run(args: Args) -> Result<bool> {
             .count() as u64;
         report.order_violations += out.order.windows(2).filter(|w| w[0] > w[1]).count() as u64;
     }
-    server.stop().await?;
+    for server in servers {
+        server.stop().await?;
+    }
     report.seconds = started.elapsed().as_secs_f64();
     report.passed = report.lost == 0
         && report.stored_twice == 0
@@ -421,7 +509,12 @@ pub async fn run(args: Args) -> Result<bool> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
-            "crash test: {} cycles, {} pairs, {} sent, {} acknowledged, {} delivered ({} redeliveries), lost {}, stored twice {}, order violations {}, unexpected {}, slowest restart {:.2}s — {} in {:.1}s",
+            "crash test{}: {} cycles, {} pairs, {} sent, {} acknowledged, {} delivered ({} redeliveries), lost {}, stored twice {}, order violations {}, unexpected {}, slowest restart {:.2}s — {} in {:.1}s",
+            if cluster {
+                format!(" ({} cluster nodes)", report.nodes)
+            } else {
+                String::new()
+            },
             report.cycles,
             report.pairs,
             report.sent,

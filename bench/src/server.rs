@@ -109,7 +109,45 @@ impl ServerProc {
     ///
     /// # Errors
     /// If it cannot be spawned or never becomes ready.
-    pub async fn spawn(mut cmd: Command, what: &str) -> Result<Self> {
+    pub async fn spawn(cmd: Command, what: &str) -> Result<Self> {
+        Self::spawn_until(cmd, what, false).await
+    }
+
+    /// Starts a cluster node on `data_dir` with extra `args` (the engines
+    /// come from the environment): ready once it takes clients, whether it
+    /// serves or forwards to the node that does.
+    ///
+    /// # Errors
+    /// If it cannot be spawned or never takes clients.
+    pub async fn start_node(bin: &Path, data_dir: &Path, args: &[String]) -> Result<Self> {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("cannot create {}", data_dir.display()))?;
+        let config = data_dir.join(CONFIG_FILE);
+        std::fs::write(&config, LOAD_GENERATOR_LIMITS)
+            .with_context(|| format!("cannot write {}", config.display()))?;
+        let mut cmd = Command::new(bin);
+        cmd.args([
+            "serve",
+            "--tcp-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--config")
+        .arg(&config)
+        .args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_SERVER_LOG").unwrap_or_else(|_| "error".into()),
+        );
+        Self::spawn_until(cmd, &bin.display().to_string(), true).await
+    }
+
+    /// Spawns `cmd` and waits for its ready line, or with `forwarding` its
+    /// forwarding line too.
+    async fn spawn_until(mut cmd: Command, what: &str, forwarding: bool) -> Result<Self> {
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -123,7 +161,7 @@ impl ServerProc {
                 // A cluster node forwards to the serving node until it
                 // serves itself: wait for the serving line.
                 match lines.next_line().await? {
-                    Some(l) if l.starts_with("switchboard forwarding ") => {}
+                    Some(l) if !forwarding && l.starts_with("switchboard forwarding ") => {}
                     other => return Ok::<_, std::io::Error>(other),
                 }
             }
@@ -136,6 +174,8 @@ impl ServerProc {
             .find_map(|w| w.strip_prefix("tcp="))
             .with_context(|| format!("unexpected ready line: {line}"))?
             .to_owned();
+        // Keep reading: a cluster node prints again when it takes over.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Ok(Self { child, tcp })
     }
 

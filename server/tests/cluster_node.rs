@@ -24,6 +24,7 @@ struct Node {
 /// Ready-line fields of a serving node.
 struct Serving {
     tcp: String,
+    http: String,
     server_key: String,
 }
 
@@ -104,6 +105,7 @@ fn fields(line: &str) -> Serving {
     };
     Serving {
         tcp: field("tcp="),
+        http: field("http="),
         server_key: field("server_key="),
     }
 }
@@ -170,12 +172,22 @@ async fn a_standby_takes_over_a_killed_node_with_nothing_acknowledged_lost() {
     let bob = register_at(&at_a.tcp, dir_a.path(), "+15550000302").await;
     let mut alice_at_a = authed(&at_a.tcp, &alice).await;
     let bob_info = alice_at_a.lookup(&bob.phone).await;
+    let round_trips = async || {
+        let (_, text) = http_get(&at_a.http, "/metrics").await;
+        metric(&text, "switchboard_cluster_redis_round_trips_total").unwrap()
+    };
+    let before = round_trips().await;
     for i in 0..50 {
         let out = alice_at_a
             .send_text(&bob_info, &format!("m{i}"), "durable")
             .await;
         assert!(matches!(out, Out::SendOk(_)), "{out:?}");
     }
+    // One send at a time, Bob offline: each is its own commit, one script
+    // pipeline and one WAIT (issue #21: at most 3 on the send path).
+    let per_send = (round_trips().await - before) / 50.0;
+    eprintln!("Redis round trips per send: {per_send}");
+    assert!(per_send <= 3.0, "{per_send} Redis round trips per send");
     // The instant the last ✓ arrived, kill -9 node A.
     a.child.start_kill().unwrap();
     a.child.wait().await.unwrap();

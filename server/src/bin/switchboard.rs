@@ -226,13 +226,13 @@ async fn serve_cluster(
         phase_listener(&http)?,
         stop_forwarding,
         move |ready: &switchboard_server::Ready| {
-            println!(
+            say(&format!(
                 "switchboard forwarding tcp={} http={} data_dir={} server_key={} link={link_addr}",
                 ready.tcp_addr,
                 ready.http_addr,
                 data_dir.display(),
                 hex::encode(&ready.server_public_key)
-            );
+            ));
         },
     )
     .await?;
@@ -297,14 +297,23 @@ fn phase_listener(listener: &std::net::TcpListener) -> anyhow::Result<tokio::net
 fn ready_line(config: &Config) -> impl FnOnce(&switchboard_server::Ready) + Send + use<> {
     let data_dir = config.data_dir.clone();
     move |ready: &switchboard_server::Ready| {
-        println!(
+        say(&format!(
             "switchboard ready tcp={} http={} data_dir={} server_key={}",
             ready.tcp_addr,
             ready.http_addr,
             data_dir.display(),
             hex::encode(&ready.server_public_key)
-        );
+        ));
     }
+}
+
+/// One line on stdout. A closed stdout (whoever started the node stopped
+/// reading after its first line) must not stop a node that takes over
+/// later, so a failed write is ignored.
+fn say(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
 }
 
 /// Runs `f` on a thread of its own (the cluster engines' blocking calls
