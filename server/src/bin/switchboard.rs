@@ -200,6 +200,7 @@ async fn serve_cluster(
     let link_cancel = tokio_util::sync::CancellationToken::new();
     let maintain = tokio::spawn(forwarder.clone().maintain(target_rx, link_cancel.clone()));
     let (serving_tx, serving_rx) = tokio::sync::oneshot::channel();
+    let (fenced_tx, fenced_rx) = tokio::sync::oneshot::channel::<()>();
     let waiting = node.clone();
     let waiter = std::thread::Builder::new()
         .name("cluster-standby".into())
@@ -207,14 +208,27 @@ async fn serve_cluster(
             let serving = waiting.wait_until_serving(|addr| {
                 target_tx.send_if_modified(|t| std::mem::replace(t, addr) != addr);
             });
-            let _ = serving_tx.send(serving);
+            // The lease is kept from this moment: the forwarding stack's
+            // shutdown, which comes first, may take longer than a lease.
+            let lease = serving
+                .then(|| {
+                    waiting.keep_lease(move || {
+                        let _ = fenced_tx.send(());
+                    })
+                })
+                .transpose();
+            let _ = serving_tx.send(lease);
         })
         .context("cannot start a thread")?;
-    let serving = Arc::new(AtomicBool::new(false));
-    let serving_flag = serving.clone();
+    let lease = Arc::new(std::sync::Mutex::new(None));
+    let lease_slot = lease.clone();
     let stop_forwarding = async move {
         tokio::select! {
-            r = serving_rx => serving_flag.store(matches!(r, Ok(true)), Ordering::Relaxed),
+            r = serving_rx => {
+                if let Ok(started) = r {
+                    *lease_slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(started);
+                }
+            }
             () = shutdown_signal() => {}
         }
     };
@@ -238,23 +252,27 @@ async fn serve_cluster(
     .await?;
     link_cancel.cancel();
     let _ = maintain.await;
-    if !serving.load(Ordering::Relaxed) {
-        node.stop_waiting();
-        let resigning = node.clone();
-        blocking(move || {
-            let _ = waiter.join();
-            resigning.resign();
-        })
-        .await?;
-        return Ok(());
-    }
+    let lease = lease
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    let lease = match lease {
+        Some(Ok(Some(lease))) => lease,
+        Some(Err(e)) => return Err(e).context("cannot start the lease thread"),
+        _ => {
+            node.stop_waiting();
+            let resigning = node.clone();
+            blocking(move || {
+                let _ = waiter.join();
+                resigning.resign();
+            })
+            .await?;
+            return Ok(());
+        }
+    };
     let _ = blocking(move || waiter.join()).await;
 
     // Serving.
-    let (fenced_tx, fenced_rx) = tokio::sync::oneshot::channel::<()>();
-    let lease = node.keep_lease(move || {
-        let _ = fenced_tx.send(());
-    })?;
     let fenced = Arc::new(AtomicBool::new(false));
     let fenced_flag = fenced.clone();
     let stop = async move {
