@@ -19,6 +19,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use redis::cluster::cluster_pipe;
@@ -36,6 +37,9 @@ if cur ~= ARGV[1] then return 0 end
 if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], ARGV[2]) end
 return redis.call('INCR', KEYS[2])
 ";
+
+/// Partitions a serving node re-reads per round besides partition 0.
+const CHECK_WINDOW: u32 = 256;
 
 /// Where this node stands after a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +60,8 @@ pub struct Membership {
     lease: Duration,
     /// Where this node takes node links (the value of its liveness key).
     link_addr: String,
+    /// The next window of partitions a serving node checks (see `step`).
+    cursor: std::sync::atomic::AtomicU32,
 }
 
 impl std::fmt::Debug for Membership {
@@ -86,6 +92,7 @@ impl Membership {
             ownership,
             lease,
             link_addr,
+            cursor: std::sync::atomic::AtomicU32::new(0),
         })
     }
 
@@ -109,12 +116,52 @@ impl Membership {
 
     /// Every partition's owner token.
     fn owners(&self) -> Result<Vec<Option<String>>, StoreError> {
+        self.owners_of(0..PARTITIONS)
+    }
+
+    /// The owner tokens of `partitions`, in order.
+    fn owners_of(
+        &self,
+        partitions: impl Iterator<Item = u32>,
+    ) -> Result<Vec<Option<String>>, StoreError> {
         let mut pipe = cluster_pipe();
-        for p in 0..PARTITIONS {
+        for p in partitions {
             pipe.cmd("GET").arg(self.keys.owner(p));
         }
         pipe.query(&mut self.conn.lock())
             .map_err(|e| self.conn.fail(e))
+    }
+
+    /// The cheap round of a node that serves or waits, when nothing has
+    /// changed: `None` if the full round is needed. Reading all 4,096
+    /// owner keys every period on every node would grow Redis's load with
+    /// the number of nodes; a takeover claims every partition, 0 among
+    /// them, in one step, so partition 0 tells both who serves and whether
+    /// this node lost, and a serving node also checks a window of
+    /// [`CHECK_WINDOW`] partitions per round (all of them every
+    /// `PARTITIONS / CHECK_WINDOW` rounds) in case one was taken alone.
+    fn quick_step(&self) -> Result<Option<Standing>, StoreError> {
+        let me = self.ownership.token();
+        if self.ownership.owns_all() {
+            let start = self.cursor.fetch_add(CHECK_WINDOW, Ordering::Relaxed) % PARTITIONS;
+            let window = start..(start + CHECK_WINDOW).min(PARTITIONS);
+            let owners = self.owners_of(std::iter::once(0).chain(window.clone()))?;
+            if owners.iter().all(|o| o.as_deref() == Some(me)) {
+                return Ok(Some(Standing::Serving));
+            }
+            return Ok(None);
+        }
+        if !self.ownership.owned().is_empty() {
+            return Ok(None);
+        }
+        let owner = self.owners_of(std::iter::once(0))?.pop().flatten();
+        match owner {
+            Some(t) if t != me => {
+                let alive = self.alive(&HashSet::from([t.as_str()]))?;
+                Ok(alive.contains(&t).then_some(Standing::Standby))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// Which of `tokens` have a live liveness key.
@@ -174,6 +221,9 @@ impl Membership {
     /// lease is taken over and then finds itself fenced).
     pub fn step(&self, pg: &PgDomains) -> Result<Standing, StoreError> {
         self.heartbeat()?;
+        if let Some(standing) = self.quick_step()? {
+            return Ok(standing);
+        }
         let owners = self.owners()?;
         let me = self.ownership.token();
         let mut lost = false;
