@@ -727,3 +727,52 @@ impl Drop for LinkUp {
         self.0.decrement(1.0);
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use switchboard_proto::noise::generate_keypair;
+
+    /// Runs both ends of a link handshake, the responder with `server`
+    /// and the initiator with `client`.
+    async fn both_ends(
+        server: Keypair,
+        client: Keypair,
+    ) -> (Result<(), LinkError>, Result<(), LinkError>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let responder = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            handshake(&mut stream, &server, false).await.map(|_| ())
+        });
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let initiator = handshake(&mut stream, &client, true).await.map(|_| ());
+        drop(stream);
+        (responder.await.unwrap(), initiator)
+    }
+
+    #[tokio::test]
+    async fn a_link_needs_the_cluster_key_on_both_ends() {
+        let cluster = generate_keypair().unwrap();
+        let same = Keypair {
+            private: cluster.private.clone(),
+            public: cluster.public.clone(),
+        };
+        let (server, client) = both_ends(cluster, same).await;
+        assert!(server.is_ok() && client.is_ok(), "{server:?} {client:?}");
+
+        // A peer with any other key is refused by the side that sees it.
+        let cluster = generate_keypair().unwrap();
+        let stranger = generate_keypair().unwrap();
+        let (server, client) = both_ends(cluster, stranger).await;
+        assert!(
+            matches!(server, Err(LinkError::NotCluster)),
+            "the serving end took a stranger: {server:?}"
+        );
+        assert!(
+            matches!(client, Err(LinkError::NotCluster)),
+            "the forwarding end linked to a stranger: {client:?}"
+        );
+    }
+}
