@@ -4,7 +4,7 @@
 # switchboard nodes (default 3), each in its own directory under DIR.
 # Runs in the foreground; Ctrl-C (or SIGTERM) stops everything it started.
 #
-#   scripts/cluster.sh [--dir DIR] [--nodes N] [--base-port P]
+#   scripts/cluster.sh [--dir DIR] [--nodes N] [--base-port P] [--appendfsync always|everysec]
 #
 # Ports (P = 17000 by default): Redis P..P+5 (cluster bus +10000),
 # PostgreSQL P+10, node i (1..N) TCP P+100+i, HTTP P+200+i.
@@ -15,11 +15,13 @@ set -euo pipefail
 DIR=./cluster-data
 NODES=3
 BASE=17000
+FSYNC=always
 while [ $# -gt 0 ]; do
     case "$1" in
         --dir) DIR=$2; shift 2 ;;
         --nodes) NODES=$2; shift 2 ;;
         --base-port) BASE=$2; shift 2 ;;
+        --appendfsync) FSYNC=$2; shift 2 ;;
         -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
@@ -60,7 +62,7 @@ for i in 0 1 2 3 4 5; do
     port=$((BASE + i))
     mkdir -p "$DIR/redis/$port"
     redis-server --port "$port" --bind 127.0.0.1 --cluster-enabled yes \
-        --cluster-node-timeout 2000 --appendonly yes --appendfsync always \
+        --cluster-node-timeout 2000 --appendonly yes --appendfsync "$FSYNC" \
         --save "" --dir "$DIR/redis/$port" --logfile redis.log &
     PIDS+=($!)
     ADDRS+=("127.0.0.1:$port")
