@@ -52,6 +52,39 @@ pub fn locate(explicit: Option<PathBuf>) -> Result<PathBuf> {
     )
 }
 
+/// `switchboard serve` on `data_dir` and free loopback ports with extra
+/// `args` and the settings in `config_toml` (written into the data dir).
+fn serve_command(
+    bin: &Path,
+    data_dir: &Path,
+    args: &[String],
+    config_toml: &str,
+) -> Result<Command> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let config = data_dir.join(CONFIG_FILE);
+    std::fs::write(&config, config_toml)
+        .with_context(|| format!("cannot write {}", config.display()))?;
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "serve",
+        "--tcp-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+    ])
+    .arg("--data-dir")
+    .arg(data_dir)
+    .arg("--config")
+    .arg(&config)
+    .args(args)
+    .env(
+        "RUST_LOG",
+        std::env::var("BENCH_SERVER_LOG").unwrap_or_else(|_| "error".into()),
+    );
+    Ok(cmd)
+}
+
 /// A running server process.
 pub struct ServerProc {
     child: Child,
@@ -80,28 +113,7 @@ impl ServerProc {
         args: &[String],
         config_toml: &str,
     ) -> Result<Self> {
-        std::fs::create_dir_all(data_dir)
-            .with_context(|| format!("cannot create {}", data_dir.display()))?;
-        let config = data_dir.join(CONFIG_FILE);
-        std::fs::write(&config, config_toml)
-            .with_context(|| format!("cannot write {}", config.display()))?;
-        let mut cmd = Command::new(bin);
-        cmd.args([
-            "serve",
-            "--tcp-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .arg("--config")
-        .arg(&config)
-        .args(args)
-        .env(
-            "RUST_LOG",
-            std::env::var("BENCH_SERVER_LOG").unwrap_or_else(|_| "error".into()),
-        );
+        let cmd = serve_command(bin, data_dir, args, config_toml)?;
         Self::spawn(cmd, &bin.display().to_string()).await
     }
 
@@ -120,28 +132,7 @@ impl ServerProc {
     /// # Errors
     /// If it cannot be spawned or never takes clients.
     pub async fn start_node(bin: &Path, data_dir: &Path, args: &[String]) -> Result<Self> {
-        std::fs::create_dir_all(data_dir)
-            .with_context(|| format!("cannot create {}", data_dir.display()))?;
-        let config = data_dir.join(CONFIG_FILE);
-        std::fs::write(&config, LOAD_GENERATOR_LIMITS)
-            .with_context(|| format!("cannot write {}", config.display()))?;
-        let mut cmd = Command::new(bin);
-        cmd.args([
-            "serve",
-            "--tcp-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .arg("--config")
-        .arg(&config)
-        .args(args)
-        .env(
-            "RUST_LOG",
-            std::env::var("BENCH_SERVER_LOG").unwrap_or_else(|_| "error".into()),
-        );
+        let cmd = serve_command(bin, data_dir, args, LOAD_GENERATOR_LIMITS)?;
         Self::spawn_until(cmd, &bin.display().to_string(), true).await
     }
 

@@ -262,6 +262,16 @@ async fn a_node_that_stalls_past_its_lease_is_fenced_and_stops() {
     assert_eq!(got, vec!["before".to_string(), "during".to_string()]);
 }
 
+/// The ids of the messages (not receipts) a drain brings.
+async fn drained_messages(c: &mut Raw) -> Vec<String> {
+    c.drain()
+        .await
+        .iter()
+        .filter(|e| matches!(e.body, Some(pb::queue_entry::Body::Message(_))))
+        .map(message_id)
+        .collect()
+}
+
 fn receipt_of(e: &pb::QueueEntry) -> pb::Receipt {
     match &e.body {
         Some(pb::queue_entry::Body::Receipt(r)) => r.clone(),
@@ -356,13 +366,7 @@ async fn clients_of_a_forwarding_node_chat_with_clients_of_the_serving_node() {
         assert!(matches!(out, Out::SendOk(_)), "{out:?}");
     }
     let mut bob_at_a = authed(&at_a.tcp, &bob).await;
-    let got: Vec<String> = bob_at_a
-        .drain()
-        .await
-        .iter()
-        .filter(|e| matches!(e.body, Some(pb::queue_entry::Body::Message(_))))
-        .map(message_id)
-        .collect();
+    let got = drained_messages(&mut bob_at_a).await;
     assert_eq!(got, (0..20).map(|i| format!("m{i}")).collect::<Vec<_>>());
     drop(bob_at_a);
     for i in 20..30 {
@@ -370,13 +374,7 @@ async fn clients_of_a_forwarding_node_chat_with_clients_of_the_serving_node() {
         assert!(matches!(out, Out::SendOk(_)), "{out:?}");
     }
     let mut bob_at_b = authed(&at_b.tcp, &bob).await;
-    let got: Vec<String> = bob_at_b
-        .drain()
-        .await
-        .iter()
-        .filter(|e| matches!(e.body, Some(pb::queue_entry::Body::Message(_))))
-        .map(message_id)
-        .collect();
+    let got = drained_messages(&mut bob_at_b).await;
     assert_eq!(got, (20..30).map(|i| format!("m{i}")).collect::<Vec<_>>());
 
     // The serving node dies: B's forwarded connection ends (the client
@@ -390,12 +388,6 @@ async fn clients_of_a_forwarding_node_chat_with_clients_of_the_serving_node() {
         .expect("a connection forwarded to a dead node stayed open");
     let at_b = b.ready(WAIT).await.expect("B never took over");
     let mut bob_at_b = authed(&at_b.tcp, &bob).await;
-    let got: Vec<String> = bob_at_b
-        .drain()
-        .await
-        .iter()
-        .filter(|e| matches!(e.body, Some(pb::queue_entry::Body::Message(_))))
-        .map(message_id)
-        .collect();
+    let got = drained_messages(&mut bob_at_b).await;
     assert_eq!(got, vec!["last".to_string()]);
 }

@@ -310,28 +310,16 @@ mod router_side {
             released: Vec<(u64, (crate::store::GroupId, u64))>,
             owed: Vec<OwedReceipt>,
         ) -> Vec<OwedReceipt> {
-            if self.forward.is_some() {
+            let (local, remote): (Vec<_>, Vec<_>) = if self.forward.is_some() {
                 // The serving node's shard count is not known here: every
                 // receipt goes back to the caller, queued as its own request.
-                self.post(
-                    self.user_shard(device.user),
-                    Command::Ack {
-                        device,
-                        conn_id,
-                        seqs,
-                        delete: receipt_seqs,
-                        released,
-                        receipts: Vec::new(),
-                    },
-                )
-                .await;
-                return owed;
-            }
-            let n = self.shards.len();
-            let mine = shard_of_user(device.user, n);
-            let (local, remote): (Vec<_>, Vec<_>) = owed
-                .into_iter()
-                .partition(|o| shard_of_user(o.to_user, n) == mine);
+                (Vec::new(), owed)
+            } else {
+                let n = self.shards.len();
+                let mine = shard_of_user(device.user, n);
+                owed.into_iter()
+                    .partition(|o| shard_of_user(o.to_user, n) == mine)
+            };
             self.post(
                 self.user_shard(device.user),
                 Command::Ack {
