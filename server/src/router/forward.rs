@@ -484,6 +484,7 @@ impl Forwarder {
         } else {
             kind::POST
         };
+        let conn_id = out.link.as_ref().map(|l| l.conn_id);
         {
             let mut w = lock(&peer.waiting);
             if w.closed {
@@ -516,10 +517,13 @@ impl Forwarder {
             }
         };
         if sent.is_err() {
-            // Not sent: its answer slot goes (the caller gets the error
-            // instead); a connection registered with it stays until its
-            // task ends, as after any failed authentication.
-            lock(&peer.waiting).answers.remove(&id);
+            // Not sent: its answer slot and its connection go (the caller
+            // gets the error instead).
+            let mut w = lock(&peer.waiting);
+            w.answers.remove(&id);
+            if let Some(conn_id) = conn_id {
+                w.conns.remove(&conn_id);
+            }
         }
         sent
     }
