@@ -317,6 +317,11 @@ async fn clients_of_a_forwarding_node_chat_with_clients_of_the_serving_node() {
     let r = receipt_of(&alice_at_a.next_entry().await);
     assert_eq!(r.kind(), pb::ReceiptKind::Read);
 
+    let (_, text) = http_get(&at_b.http, "/metrics").await;
+    let forwarded = metric(&text, "switchboard_cluster_forwarded_total").unwrap();
+    assert!(forwarded > 0.0, "B forwarded nothing by its metric");
+    assert_eq!(metric(&text, "switchboard_cluster_links"), Some(1.0));
+
     // B → A, and its ✓✓ back through the link.
     let alice_info = bob_at_b.lookup(&alice.phone).await;
     let out = bob_at_b.send_text(&alice_info, "b1", "hello alice").await;

@@ -195,6 +195,8 @@ async fn serve_cluster(
     let node = Arc::new(blocking(move || Node::open(&cluster, &open_config, link_addr)).await??);
 
     // Forwarding, until this node serves.
+    // The recorder first: the forwarder takes its metric handles at once.
+    switchboard_server::telemetry::install();
     let forwarder = Forwarder::new(switchboard_server::load_server_key(&config)?);
     let (target_tx, target_rx) = tokio::sync::watch::channel(None);
     let link_cancel = tokio_util::sync::CancellationToken::new();

@@ -321,6 +321,8 @@ impl Peer {
 pub struct Forwarder {
     key: Keypair,
     peer: Mutex<Option<Arc<Peer>>>,
+    /// Looked up once: a lookup searches the registry.
+    forwarded: metrics::Counter,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -338,6 +340,7 @@ impl Forwarder {
         Arc::new(Self {
             key,
             peer: Mutex::new(None),
+            forwarded: metrics::counter!(tm::FORWARDED_COMMANDS),
         })
     }
 
@@ -502,7 +505,7 @@ impl Forwarder {
             id,
             body: out.body,
         };
-        metrics::counter!(tm::FORWARDED_COMMANDS).increment(1);
+        self.forwarded.increment(1);
         let sent = match peer.tx.try_send(frame) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(unavailable()),
