@@ -72,6 +72,9 @@ pub enum ServerError {
     /// The server key is unusable.
     #[error("server key: {0}")]
     Key(String),
+    /// The cluster settings are incomplete.
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError {
@@ -153,6 +156,24 @@ pub async fn run_with_store(
     .await
 }
 
+/// In cluster mode, the request limits' counts shared by the nodes.
+async fn shared_limits(config: &Config) -> Result<Option<limits::shared::Shared>, ServerError> {
+    let Some(settings) = cluster::ClusterSettings::from_config(config)? else {
+        return Ok(None);
+    };
+    let counters = tokio::task::spawn_blocking(move || {
+        cluster::counters::RedisCounters::open(&settings.redis_url, cluster::node::REDIS_PREFIX)
+    })
+    .await
+    .map_err(|e| ServerError::Io {
+        what: "cannot open the limit counters".into(),
+        source: std::io::Error::other(e),
+    })??;
+    let shared = limits::shared::Shared::start(Arc::new(counters), limits::MAX_TRACKED_KEYS)
+        .map_err(io_err("cannot start the limit-counts thread"))?;
+    Ok(Some(shared))
+}
+
 /// What a server's router works on.
 pub enum Backend {
     /// Shards of its own on `store` (the embedded server; a cluster node
@@ -220,10 +241,12 @@ pub async fn run_stack(
         private: key.private.clone(),
         public: key.public.clone(),
     };
-    let gw = Arc::new(
-        Gateway::new(router.clone(), gateway_cfg, code_sender, key)
-            .map_err(io_err("cannot start crypto threads"))?,
-    );
+    let mut gateway = Gateway::new(router.clone(), gateway_cfg, code_sender, key)
+        .map_err(io_err("cannot start crypto threads"))?;
+    if let Some(shared) = shared_limits(&config).await? {
+        gateway.limits.share(shared);
+    }
+    let gw = Arc::new(gateway);
 
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();

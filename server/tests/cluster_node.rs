@@ -30,6 +30,11 @@ struct Serving {
 
 impl Node {
     fn spawn(data_dir: &Path, redis: &str, pg: &str, name: &str) -> Self {
+        Self::spawn_with(data_dir, redis, pg, name, &[])
+    }
+
+    /// As [`Node::spawn`], with more command-line settings.
+    fn spawn_with(data_dir: &Path, redis: &str, pg: &str, name: &str, extra: &[&str]) -> Self {
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
             .args([
                 "serve",
@@ -46,6 +51,7 @@ impl Node {
                 "--cluster-lease-ms",
                 "1000",
             ])
+            .args(extra)
             .arg("--data-dir")
             .arg(data_dir)
             .env("RUST_LOG", "warn")
@@ -395,4 +401,54 @@ async fn clients_of_a_forwarding_node_chat_with_clients_of_the_serving_node() {
     let mut bob_at_b = authed(&at_b.tcp, &bob).await;
     let got = drained_messages(&mut bob_at_b).await;
     assert_eq!(got, vec!["last".to_string()]);
+}
+
+/// Lookups by one user, `n` of them: how many were answered (the rest must
+/// be refused as RATE_LIMITED).
+async fn lookups_answered(c: &mut Raw, phone: &str, n: usize) -> usize {
+    let mut answered = 0;
+    for _ in 0..n {
+        match c
+            .request(In::LookupUser(pb::LookupUser {
+                phone: phone.into(),
+            }))
+            .await
+        {
+            Out::UserInfo(_) => answered += 1,
+            Out::Error(e) => assert_eq!(e.code(), pb::ErrorCode::RateLimited, "{e:?}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    answered
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_limits_hold_across_nodes() {
+    let (pg, redis) = engines().await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let limit = ["--lookups-per-user-per-hour", "10"];
+    let mut a = Node::spawn_with(dir_a.path(), &redis.url(), &pg.url(), "node-a", &limit);
+    let at_a = a.ready(WAIT).await.expect("node A never served");
+    let mut b = Node::spawn_with(dir_b.path(), &redis.url(), &pg.url(), "node-b", &limit);
+    let at_b = b.forwarding().await;
+    let alice = register_at(&at_a.tcp, dir_a.path(), "+15550000401").await;
+
+    // 6 of Alice's 10 an hour on A, then she moves to B: each node's own
+    // bucket would give her 10 more there; the cluster's count leaves 4
+    // (one more may pass while B's first report is on its way).
+    let mut at_a_conn = authed(&at_a.tcp, &alice).await;
+    assert_eq!(lookups_answered(&mut at_a_conn, &alice.phone, 6).await, 6);
+    drop(at_a_conn);
+    let mut at_b_conn = authed(&at_b.tcp, &alice).await;
+    let on_b = lookups_answered(&mut at_b_conn, &alice.phone, 10).await;
+    assert!(
+        (4..=5).contains(&on_b),
+        "B answered {on_b} of Alice's lookups"
+    );
+    let (_, text) = http_get(&at_b.http, "/metrics").await;
+    let refused = text
+        .lines()
+        .find(|l| l.starts_with("switchboard_rate_limited_total") && l.contains("lookups_per_user"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    assert_eq!(refused, Some((10 - on_b) as f64));
 }

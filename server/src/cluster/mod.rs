@@ -9,12 +9,14 @@
 //! - [`store`]: both as one `Store`;
 //! - [`partition`]: the 4,096 partitions, each written by one node, and
 //!   the fencing both engines apply;
-//! - [`membership`], [`node`]: leases, takeovers and a node's life.
+//! - [`membership`], [`node`]: leases, takeovers and a node's life;
+//! - [`counters`]: the request limits' counts shared by the nodes.
 //!
 //! In this build one node owns every partition and serves; the others
 //! stand by and take over when it dies (docs/ARCHITECTURE.md, "Cluster
 //! mode").
 
+pub mod counters;
 pub mod membership;
 pub mod node;
 pub mod partition;

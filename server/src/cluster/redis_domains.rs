@@ -105,6 +105,10 @@ impl Keys {
     pub(crate) fn owner(&self, p: u32) -> String {
         format!("{}:owner", self.tag(p))
     }
+    /// A limit counter (`name`: limit, key and window).
+    pub(crate) fn limit(&self, name: &str) -> String {
+        format!("{}lim:{name}", self.prefix)
+    }
     /// The liveness key of the node holding `token`.
     pub(crate) fn alive(&self, token: &str) -> String {
         format!("{}alive:{token}", self.prefix)

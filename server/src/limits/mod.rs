@@ -17,17 +17,22 @@
 //!   that owns the number or the device (`router::shard`), because they are
 //!   part of that owner's durable state or need its queue's size.
 //!
-//! In cluster mode the keyed buckets move to Redis counters in the key's
-//! hash slot (docs/ARCHITECTURE.md); the rules stay these.
+//! In cluster mode each node keeps these buckets and also counts every
+//! per-user and per-IP request limit in the cluster (`shared`: Redis
+//! counters per key and window, reported in steps and never waited on), so
+//! spreading requests over several nodes does not multiply a limit. New
+//! connections per IP stay per node: they protect that node's accept loop.
 //!
 //! Each limit is a setting (docs/OPERATIONS.md lists them with their
 //! defaults) and counts its refusals in `rate_limited_total{limit}`.
 
 mod admission;
 mod bucket;
+pub mod shared;
 
 pub use admission::{Admission, Slot};
 pub use bucket::{KeyedLimiter, MAX_TRACKED_KEYS, Rate, TokenBucket};
+use shared::{Shared, SharedKey};
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -36,7 +41,7 @@ use crate::store::UserId;
 use crate::telemetry as tm;
 
 /// Which limit refused a request: the metric label and the error message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Limit {
     /// Sends per sending user (all devices and connections together).
@@ -196,6 +201,8 @@ pub struct Limits {
     code_requests_per_ip: KeyedLimiter<IpAddr>,
     connections_per_ip: KeyedLimiter<IpAddr>,
     group_changes: KeyedLimiter<UserId>,
+    /// The cluster's counts (cluster mode only).
+    shared: Option<Shared>,
 }
 
 impl Limits {
@@ -211,18 +218,27 @@ impl Limits {
             code_requests_per_ip: KeyedLimiter::new(cfg.code_requests_per_ip, MAX_TRACKED_KEYS),
             connections_per_ip: KeyedLimiter::new(cfg.connections_per_ip, MAX_TRACKED_KEYS),
             group_changes: KeyedLimiter::new(cfg.group_changes_per_user, MAX_TRACKED_KEYS),
+            shared: None,
         }
     }
 
-    fn check<K: std::hash::Hash + Eq + Clone>(
+    /// Counts the request limits in the cluster as well (cluster mode).
+    pub fn share(&mut self, shared: Shared) {
+        self.shared = Some(shared);
+    }
+
+    fn check<K: SharedKey + Eq + Clone>(
+        &self,
         limiter: &KeyedLimiter<K>,
         limit: Limit,
         key: &K,
     ) -> Result<(), Refused> {
-        Self::check_at(limiter, limit, key, Instant::now())
+        self.check_at(limiter, limit, key, Instant::now())
     }
 
-    fn check_at<K: std::hash::Hash + Eq + Clone>(
+    /// This node's bucket, then the cluster's count.
+    fn check_at<K: SharedKey + Eq + Clone>(
+        &self,
         limiter: &KeyedLimiter<K>,
         limit: Limit,
         key: &K,
@@ -230,7 +246,11 @@ impl Limits {
     ) -> Result<(), Refused> {
         limiter
             .take(key, now)
-            .map_err(|retry_after_ms| limit.refuse(retry_after_ms))
+            .map_err(|retry_after_ms| limit.refuse(retry_after_ms))?;
+        match &self.shared {
+            Some(shared) => shared.check(limit, limiter.rate(), key, crate::clock::now_ms()),
+            None => Ok(()),
+        }
     }
 
     /// A send from `from` to `to`: counts against the sender and the pair.
@@ -239,9 +259,9 @@ impl Limits {
     /// [`Refused`] naming the limit that is exhausted (nothing is taken then).
     pub fn send(&self, from: UserId, to: UserId) -> Result<(), Refused> {
         let now = Instant::now();
-        Self::check_at(&self.sends_per_user, Limit::UserSends, &from, now)?;
+        self.check_at(&self.sends_per_user, Limit::UserSends, &from, now)?;
         if let Err(refused) =
-            Self::check_at(&self.sends_per_pair, Limit::PairSends, &(from, to), now)
+            self.check_at(&self.sends_per_pair, Limit::PairSends, &(from, to), now)
         {
             self.sends_per_user.give_back(&from);
             return Err(refused);
@@ -254,7 +274,7 @@ impl Limits {
     /// # Errors
     /// [`Refused`] when the user's receipts are exhausted.
     pub fn read_receipt(&self, user: UserId) -> Result<(), Refused> {
-        Self::check(&self.read_receipts, Limit::ReadReceipts, &user)
+        self.check(&self.read_receipts, Limit::ReadReceipts, &user)
     }
 
     /// A group creation or change by `user`.
@@ -262,7 +282,7 @@ impl Limits {
     /// # Errors
     /// [`Refused`] when the user's group changes are exhausted.
     pub fn group_change(&self, user: UserId) -> Result<(), Refused> {
-        Self::check(&self.group_changes, Limit::GroupChanges, &user)
+        self.check(&self.group_changes, Limit::GroupChanges, &user)
     }
 
     /// A phone-number lookup by `user`.
@@ -270,7 +290,7 @@ impl Limits {
     /// # Errors
     /// [`Refused`] when the user's lookups are exhausted.
     pub fn lookup(&self, user: UserId) -> Result<(), Refused> {
-        Self::check(&self.lookups, Limit::Lookups, &user)
+        self.check(&self.lookups, Limit::Lookups, &user)
     }
 
     /// A key-bundle fetch by `user`.
@@ -278,7 +298,7 @@ impl Limits {
     /// # Errors
     /// [`Refused`] when the user's fetches are exhausted.
     pub fn bundle_fetch(&self, user: UserId) -> Result<(), Refused> {
-        Self::check(&self.bundle_fetches, Limit::BundleFetches, &user)
+        self.check(&self.bundle_fetches, Limit::BundleFetches, &user)
     }
 
     /// A new connection from `ip` (checked before its handshake).
@@ -286,7 +306,10 @@ impl Limits {
     /// # Errors
     /// [`Refused`] when the address's new connections are exhausted.
     pub fn connection(&self, ip: IpAddr) -> Result<(), Refused> {
-        Self::check(&self.connections_per_ip, Limit::ConnectionsPerIp, &ip)
+        // Per node only: it protects this node's accept loop.
+        self.connections_per_ip
+            .take(&ip, Instant::now())
+            .map_err(|retry_after_ms| Limit::ConnectionsPerIp.refuse(retry_after_ms))
     }
 
     /// A verification-code request from `ip`.
@@ -294,7 +317,7 @@ impl Limits {
     /// # Errors
     /// [`Refused`] when the address's requests are exhausted.
     pub fn code_request(&self, ip: IpAddr) -> Result<(), Refused> {
-        Self::check(&self.code_requests_per_ip, Limit::CodeRequestsPerIp, &ip)
+        self.check(&self.code_requests_per_ip, Limit::CodeRequestsPerIp, &ip)
     }
 }
 
@@ -366,6 +389,35 @@ mod tests {
         assert!(r.retry_after_ms > 0);
         // Another sender is unaffected.
         l.send(5, 2).unwrap();
+    }
+
+    #[test]
+    fn nodes_sharing_counts_hold_one_limit_together() {
+        let counters: std::sync::Arc<dyn shared::Counters> =
+            std::sync::Arc::new(shared::MemoryCounters::default());
+        let node = |counters: std::sync::Arc<dyn shared::Counters>| {
+            let mut l = limits(20);
+            l.share(Shared::start(counters, 1_000).unwrap());
+            l
+        };
+        let (a, b) = (node(counters.clone()), node(counters));
+        // Alternating nodes: each one's own bucket allows 20 an hour, 40 in
+        // all; the cluster's count stops them together, each after at most
+        // one request past the limit.
+        let mut accepted = 0;
+        for i in 0..40 {
+            let l = if i % 2 == 0 { &a } else { &b };
+            if l.lookup(1).is_ok() {
+                accepted += 1;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!((20..=22).contains(&accepted), "{accepted}");
+        // Per-node only: new connections per address.
+        for _ in 0..20 {
+            a.connection(IpAddr::from([10, 0, 0, 1])).unwrap();
+            b.connection(IpAddr::from([10, 0, 0, 1])).unwrap();
+        }
     }
 
     #[test]
