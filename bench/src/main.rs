@@ -3,6 +3,7 @@
 
 mod abuse;
 mod crash;
+mod failover;
 mod group_fanout;
 mod group_keys;
 mod harness;
@@ -46,6 +47,9 @@ enum Command {
     /// M clients connect at once: time until all are authenticated and
     /// drained.
     Herd(scenarios::HerdArgs),
+    /// A two-node cluster loses the node its N clients are on: time until
+    /// all are back on the other node and drained.
+    Failover(failover::FailoverArgs),
     /// One user floods another with sends, receipts, lookups and bundle
     /// fetches from many reconnecting connections while two others chat:
     /// the limits hold and the bystanders' latency stays within 2×.
@@ -92,6 +96,7 @@ fn main() -> ExitCode {
             Command::Relay(args) => relay::serve(args).await,
             Command::OfflineDrain(args) => scenarios::offline_drain(args).await,
             Command::Herd(args) => scenarios::herd(args).await,
+            Command::Failover(args) => failover::failover(args).await,
             Command::Abuse(args) => abuse::abuse(args).await,
             Command::GroupFanout(args) => group_fanout::group_fanout(args).await,
             Command::GroupKeys(args) => group_keys::group_keys(args).await,

@@ -257,13 +257,17 @@ pub async fn run_stack(
         server_public_key: public_key,
     };
 
+    // Node links outlive the connections: at a clean stop they end only
+    // once the shards have applied what the other nodes forwarded, so
+    // those nodes see this one gone (its link refused) when it is done.
+    let links_cancel = CancellationToken::new();
     let links_task = links.map(|listener| {
         tokio::spawn(router::serve_links(
             listener,
             router.clone(),
             link_key,
             push_capacity,
-            cancel.clone(),
+            links_cancel.clone(),
         ))
     });
     let tcp_task = tokio::spawn(gateway::serve_tcp(
@@ -366,9 +370,6 @@ pub async fn run_stack(
     if let Some(task) = sweep_task {
         let _ = task.await;
     }
-    if let Some(task) = links_task {
-        let _ = task.await;
-    }
     tracker.close();
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
@@ -383,6 +384,10 @@ pub async fn run_stack(
     drop(gw);
     if let Some(threads) = threads {
         router.shutdown(threads).await;
+    }
+    links_cancel.cancel();
+    if let Some(task) = links_task {
+        let _ = task.await;
     }
     if let Some(store) = store {
         store.flush()?;

@@ -48,9 +48,14 @@ impl Node {
                 pg,
                 "--node-id",
                 name,
-                "--cluster-lease-ms",
-                "1000",
             ])
+            // A short lease unless the test sets its own.
+            .args(
+                (!extra.contains(&"--cluster-lease-ms"))
+                    .then_some(["--cluster-lease-ms", "1000"])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(extra)
             .arg("--data-dir")
             .arg(data_dir)
@@ -451,4 +456,49 @@ async fn a_users_limits_hold_across_nodes() {
         .find(|l| l.starts_with("switchboard_rate_limited_total") && l.contains("lookups_per_user"))
         .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
     assert_eq!(refused, Some((10 - on_b) as f64));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serving_node_that_is_gone_is_taken_over_before_its_lease_ends() {
+    let (pg, redis) = engines().await;
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    // Leases far longer than the test waits: a takeover here can only come
+    // from the serving node's link refusing connections.
+    let long = ["--cluster-lease-ms", "60000"];
+    let spawn = |i: usize, name: &str| {
+        Node::spawn_with(dirs[i].path(), &redis.url(), &pg.url(), name, &long)
+    };
+    let mut a = spawn(0, "node-a");
+    let at_a = a.ready(WAIT).await.expect("node A never served");
+    let mut b = spawn(1, "node-b");
+    b.forwarding().await;
+    let alice = register_at(&at_a.tcp, dirs[0].path(), "+15550000501").await;
+    let bob = register_at(&at_a.tcp, dirs[0].path(), "+15550000502").await;
+    let mut alice_at_a = authed(&at_a.tcp, &alice).await;
+    let bob_info = alice_at_a.lookup(&bob.phone).await;
+    let out = alice_at_a.send_text(&bob_info, "m1", "x").await;
+    assert!(matches!(out, Out::SendOk(_)), "{out:?}");
+    drop(alice_at_a);
+
+    // A clean stop: A hands over and exits successfully (not "fenced").
+    a.signal("-TERM");
+    let status = tokio::time::timeout(WAIT, a.child.wait())
+        .await
+        .expect("A did not stop")
+        .unwrap();
+    assert!(status.success(), "a clean stop ended with {status:?}");
+    let at_b = b.ready(WAIT).await.expect("B never took over from a clean stop");
+    let mut c = spawn(2, "node-c");
+    c.forwarding().await;
+    let mut alice_at_b = authed(&at_b.tcp, &alice).await;
+    let out = alice_at_b.send_text(&bob_info, "m2", "x").await;
+    assert!(matches!(out, Out::SendOk(_)), "{out:?}");
+    drop(alice_at_b);
+
+    // A crash: its link refuses connections at once.
+    b.child.start_kill().unwrap();
+    b.child.wait().await.unwrap();
+    let at_c = c.ready(WAIT).await.expect("C never took over from a crash");
+    let mut bob_at_c = authed(&at_c.tcp, &bob).await;
+    assert_eq!(drained_messages(&mut bob_at_c).await, vec!["m1", "m2"]);
 }

@@ -204,12 +204,16 @@ async fn serve_cluster(
     let (serving_tx, serving_rx) = tokio::sync::oneshot::channel();
     let (fenced_tx, fenced_rx) = tokio::sync::oneshot::channel::<()>();
     let waiting = node.clone();
+    let watching = forwarder.clone();
     let waiter = std::thread::Builder::new()
         .name("cluster-standby".into())
         .spawn(move || {
-            let serving = waiting.wait_until_serving(|addr| {
-                target_tx.send_if_modified(|t| std::mem::replace(t, addr) != addr);
-            });
+            let serving = waiting.wait_until_serving(
+                |addr| {
+                    target_tx.send_if_modified(|t| std::mem::replace(t, addr) != addr);
+                },
+                || watching.refused(),
+            );
             // The lease is kept from this moment: the forwarding stack's
             // shutdown, which comes first, may take longer than a lease.
             let lease = serving
@@ -222,6 +226,9 @@ async fn serve_cluster(
             let _ = serving_tx.send(lease);
         })
         .context("cannot start a thread")?;
+    // A refused link wakes the standby: it takes over at once.
+    let standby = waiter.thread().clone();
+    forwarder.on_refused(move || standby.unpark());
     let lease = Arc::new(std::sync::Mutex::new(None));
     let lease_slot = lease.clone();
     let stop_forwarding = async move {
@@ -263,6 +270,7 @@ async fn serve_cluster(
         Some(Err(e)) => return Err(e).context("cannot start the lease thread"),
         _ => {
             node.stop_waiting();
+            waiter.thread().unpark();
             let resigning = node.clone();
             blocking(move || {
                 let _ = waiter.join();
@@ -295,9 +303,13 @@ async fn serve_cluster(
         ready_line(&config),
     )
     .await;
+    // The lease thread ends first: a step of it must not claim again what
+    // resigning gives back.
+    node.stop_waiting();
+    lease.thread().unpark();
+    let _ = blocking(move || lease.join()).await;
     let resigning = node.clone();
     blocking(move || resigning.resign()).await?;
-    let _ = blocking(move || lease.join()).await;
     if fenced.load(Ordering::Relaxed) {
         anyhow::bail!("stopped: another node took this node's partitions over (fenced)");
     }

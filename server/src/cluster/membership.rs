@@ -62,6 +62,8 @@ pub struct Membership {
     link_addr: String,
     /// The next window of partitions a serving node checks (see `step`).
     cursor: std::sync::atomic::AtomicU32,
+    /// Set by [`Membership::resign`]: no step claims anything after it.
+    resigned: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Membership {
@@ -93,6 +95,7 @@ impl Membership {
             lease,
             link_addr,
             cursor: std::sync::atomic::AtomicU32::new(0),
+            resigned: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -140,7 +143,7 @@ impl Membership {
     /// this node lost, and a serving node also checks a window of
     /// [`CHECK_WINDOW`] partitions per round (all of them every
     /// `PARTITIONS / CHECK_WINDOW` rounds) in case one was taken alone.
-    fn quick_step(&self) -> Result<Option<Standing>, StoreError> {
+    fn quick_step(&self, dead: Option<&str>) -> Result<Option<Standing>, StoreError> {
         let me = self.ownership.token();
         if self.ownership.owns_all() {
             let start = self.cursor.fetch_add(CHECK_WINDOW, Ordering::Relaxed) % PARTITIONS;
@@ -157,30 +160,36 @@ impl Membership {
         let owner = self.owners_of(std::iter::once(0))?.pop().flatten();
         match owner {
             Some(t) if t != me => {
-                let alive = self.alive(&HashSet::from([t.as_str()]))?;
+                let alive = self.alive(&HashSet::from([t.as_str()]), dead)?;
                 Ok(alive.contains(&t).then_some(Standing::Standby))
             }
             _ => Ok(None),
         }
     }
 
-    /// Which of `tokens` have a live liveness key.
-    fn alive(&self, tokens: &HashSet<&str>) -> Result<HashSet<String>, StoreError> {
+    /// Which of `tokens` have a live liveness key, leaving out the node
+    /// whose link address is `dead` (presumed dead: its link refuses
+    /// connections).
+    fn alive(
+        &self,
+        tokens: &HashSet<&str>,
+        dead: Option<&str>,
+    ) -> Result<HashSet<String>, StoreError> {
         let tokens: Vec<&str> = tokens.iter().copied().collect();
         if tokens.is_empty() {
             return Ok(HashSet::new());
         }
         let mut pipe = cluster_pipe();
         for t in &tokens {
-            pipe.cmd("EXISTS").arg(self.keys.alive(t));
+            pipe.cmd("GET").arg(self.keys.alive(t));
         }
-        let found: Vec<bool> = pipe
+        let found: Vec<Option<String>> = pipe
             .query(&mut self.conn.lock())
             .map_err(|e| self.conn.fail(e))?;
         Ok(tokens
             .iter()
             .zip(found)
-            .filter(|(_, alive)| *alive)
+            .filter(|(_, addr)| addr.is_some() && addr.as_deref() != dead)
             .map(|(t, _)| (*t).to_owned())
             .collect())
     }
@@ -220,8 +229,27 @@ impl Membership {
     /// its next period; a node that cannot renew its lease for a whole
     /// lease is taken over and then finds itself fenced).
     pub fn step(&self, pg: &PgDomains) -> Result<Standing, StoreError> {
+        self.step_presuming(pg, None)
+    }
+
+    /// As [`Membership::step`], counting the node whose link address is
+    /// `dead` as dead even while its liveness key lasts: its link refused
+    /// a connection, so its process is gone (the port is closed). If it is
+    /// in fact alive, the engines fence it once this node takes over, and
+    /// it stops; nothing acknowledged is lost either way.
+    ///
+    /// # Errors
+    /// As [`Membership::step`].
+    pub fn step_presuming(
+        &self,
+        pg: &PgDomains,
+        dead: Option<&str>,
+    ) -> Result<Standing, StoreError> {
+        if self.resigned.load(Ordering::Acquire) {
+            return Ok(Standing::Standby);
+        }
         self.heartbeat()?;
-        if let Some(standing) = self.quick_step()? {
+        if let Some(standing) = self.quick_step(dead)? {
             return Ok(standing);
         }
         let owners = self.owners()?;
@@ -245,7 +273,7 @@ impl Membership {
             .map(String::as_str)
             .filter(|t| *t != me)
             .collect();
-        let alive = self.alive(&others)?;
+        let alive = self.alive(&others, dead)?;
         if owners
             .iter()
             .flatten()
@@ -259,6 +287,9 @@ impl Membership {
             .filter(|(p, _)| !self.ownership.owns(*p))
             .map(|(p, o)| (p, o.clone().unwrap_or_default()))
             .collect();
+        if self.resigned.load(Ordering::Acquire) {
+            return Ok(Standing::Standby);
+        }
         let won = self.swap(&wanted, me)?;
         let recorded: HashSet<u32> = pg.claim(&won)?.into_iter().collect();
         for (p, _) in &won {
@@ -300,6 +331,7 @@ impl Membership {
     /// # Errors
     /// [`StoreError::Engine`] when Redis fails (the lease then expires).
     pub fn resign(&self) -> Result<(), StoreError> {
+        self.resigned.store(true, Ordering::Release);
         let held: Vec<(u32, String)> = self
             .ownership
             .owned()

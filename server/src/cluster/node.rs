@@ -57,6 +57,11 @@ fn token(settings: &ClusterSettings) -> String {
     format!("{name}-{:08x}", rand::random::<u32>())
 }
 
+/// Steps tried at once after a contested takeover of a presumed-dead node.
+const QUICK_STEPS: u32 = 5;
+/// The pause between them.
+const QUICK_STEP_PAUSE: Duration = Duration::from_millis(50);
+
 impl Node {
     /// Connects to both engines (migrating the schema), and makes the
     /// data dir's server key the cluster's (the first node's key becomes
@@ -136,10 +141,31 @@ impl Node {
     /// who holds them), or `stop` is set. Meanwhile `serving_link` hears,
     /// after every step, the link address of the node serving (`None`:
     /// none known), for this node to forward its clients' requests to.
-    pub fn wait_until_serving(&self, serving_link: impl Fn(Option<SocketAddr>)) -> bool {
+    /// `presumed_dead` names a serving node's link address that refused a
+    /// connection: that node is taken over at once instead of when its
+    /// lease expires. Steps run every period, or sooner when the thread is
+    /// unparked (the link ended).
+    pub fn wait_until_serving(
+        &self,
+        serving_link: impl Fn(Option<SocketAddr>),
+        presumed_dead: impl Fn() -> Option<SocketAddr>,
+    ) -> bool {
         let mut said = false;
+        // Quick steps left while a presumed-dead node's partitions are
+        // contested (a takeover racing that node's own resignation at a
+        // clean stop wins only part of them, gives them back, and tries
+        // again at once).
+        let mut quick = 0u32;
         while !self.stop.load(Ordering::Relaxed) {
-            match self.step() {
+            let dead = presumed_dead().map(|a| a.to_string());
+            match &dead {
+                Some(addr) => {
+                    tracing::info!(%addr, "the serving node's link refuses connections: taking over");
+                    quick = quick.saturating_sub(1);
+                }
+                None => quick = QUICK_STEPS,
+            }
+            match self.membership.step_presuming(&self.pg, dead.as_deref()) {
                 Ok(Standing::Serving) => return true,
                 Ok(standing) => {
                     match self.membership.serving_link() {
@@ -161,14 +187,20 @@ impl Node {
                 }
                 Err(e) => tracing::warn!(error = %e, "cluster membership step failed"),
             }
-            std::thread::sleep(self.membership.period());
+            if dead.is_some() && quick > 0 {
+                std::thread::park_timeout(QUICK_STEP_PAUSE);
+            } else {
+                std::thread::park_timeout(self.membership.period());
+            }
         }
         false
     }
 
     /// Keeps the lease on a thread of its own while serving; `on_fenced`
     /// runs once if another node takes a partition over. Stops with
-    /// [`Node::resign`].
+    /// [`Node::stop_waiting`] (unpark the thread to stop it at once); join
+    /// it before [`Node::resign`], so no step of it claims again what
+    /// resigning gave back.
     ///
     /// # Errors
     /// The thread could not be started.
@@ -182,10 +214,14 @@ impl Node {
         std::thread::Builder::new()
             .name("cluster-lease".into())
             .spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(membership.period());
+                loop {
+                    std::thread::park_timeout(membership.period());
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
                     match membership.step(&pg) {
                         Ok(Standing::Serving) => {}
+                        Ok(_) if stop.load(Ordering::Relaxed) => return,
                         Ok(standing) => {
                             tracing::error!(
                                 ?standing,
@@ -205,8 +241,9 @@ impl Node {
         self.stop.store(true, Ordering::Relaxed);
     }
 
-    /// Stops the lease thread and hands every partition back at once, so a
-    /// standby takes over without waiting for the lease to expire.
+    /// Hands every partition back at once (stop and join the lease thread
+    /// first), so a standby takes over without waiting for the lease to
+    /// expire.
     pub fn resign(&self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Err(e) = self.membership.resign() {

@@ -9,6 +9,42 @@ use crate::router::{HeldBy, KickReason, RouteError};
 /// How long clients should wait before retrying after a storage failure.
 const STORAGE_RETRY_AFTER_MS: u64 = 1000;
 
+/// Logs of storage failures, throttled.
+static STORAGE_LOG: Throttle = Throttle::new();
+
+/// Lets one log line through per second, counting the ones held back.
+struct Throttle {
+    /// When the last line went through (ms since the epoch).
+    last_ms: std::sync::atomic::AtomicU64,
+    held: std::sync::atomic::AtomicU64,
+}
+
+impl Throttle {
+    const fn new() -> Self {
+        Self {
+            last_ms: std::sync::atomic::AtomicU64::new(0),
+            held: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines held back since the last one)` if this one may go out.
+    fn admit(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = crate::clock::now_ms();
+        let last = self.last_ms.load(Relaxed);
+        if now.saturating_sub(last) >= 1_000
+            && self
+                .last_ms
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+        {
+            return Some(self.held.swap(0, Relaxed));
+        }
+        self.held.fetch_add(1, Relaxed);
+        None
+    }
+}
+
 /// The message of a send refused because an earlier send of the same
 /// device to the same user was refused and has not been sent again.
 pub const HELD_MESSAGE: &str =
@@ -124,7 +160,11 @@ pub fn route_error(err: &RouteError) -> pb::Error {
             "a group has at most 1024 members; nobody was added",
         ),
         RouteError::Storage(e) => {
-            tracing::error!(error = %e, "storage failure answered as STORAGE_UNAVAILABLE");
+            // One line a second at most: an engine fault or a failover
+            // refuses every request for a while.
+            if let Some(more) = STORAGE_LOG.admit() {
+                tracing::error!(error = %e, similar_before = more, "storage failure answered as STORAGE_UNAVAILABLE");
+            }
             pb::Error {
                 retry_after_ms: STORAGE_RETRY_AFTER_MS,
                 ..error(
@@ -199,5 +239,22 @@ pub fn error_frame(id: u32, err: pb::Error) -> pb::ServerFrame {
     pb::ServerFrame {
         id,
         body: Some(pb::server_frame::Body::Error(err)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_throttle_lets_one_line_a_second_through_and_counts_the_rest() {
+        let t = Throttle::new();
+        assert_eq!(t.admit(), Some(0));
+        assert_eq!(t.admit(), None);
+        assert_eq!(t.admit(), None);
+        // A second later (moved back in time instead of sleeping).
+        t.last_ms
+            .fetch_sub(1_000, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(t.admit(), Some(2));
     }
 }

@@ -321,6 +321,11 @@ impl Peer {
 pub struct Forwarder {
     key: Keypair,
     peer: Mutex<Option<Arc<Peer>>>,
+    /// The serving node's address when its last connection attempt was
+    /// refused (its process is gone), until a link is up again.
+    refused: Mutex<Option<SocketAddr>>,
+    /// Told when a connection is refused.
+    on_refused: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
     /// Looked up once: a lookup searches the registry.
     forwarded: metrics::Counter,
 }
@@ -340,6 +345,8 @@ impl Forwarder {
         Arc::new(Self {
             key,
             peer: Mutex::new(None),
+            refused: Mutex::new(None),
+            on_refused: Mutex::new(None),
             forwarded: metrics::counter!(tm::FORWARDED_COMMANDS),
         })
     }
@@ -349,6 +356,19 @@ impl Forwarder {
             .as_ref()
             .filter(|p| !p.ended.is_cancelled())
             .cloned()
+    }
+
+    /// The serving node's link address if it refused this node's last
+    /// attempt to link (nothing listens there: the node is gone).
+    #[must_use]
+    pub fn refused(&self) -> Option<SocketAddr> {
+        *lock(&self.refused)
+    }
+
+    /// Calls `f` each time the serving node refuses a link (for the
+    /// membership thread to look again at once).
+    pub fn on_refused(&self, f: impl Fn() + Send + Sync + 'static) {
+        *lock(&self.on_refused) = Some(Box::new(f));
     }
 
     /// The address of the serving node this forwarder is linked to.
@@ -380,6 +400,7 @@ impl Forwarder {
                         Some(addr) => match self.connect(addr).await {
                             Ok(peer) => {
                                 failing = None;
+                                *lock(&self.refused) = None;
                                 tracing::info!(%addr, "linked to the serving node");
                                 metrics::gauge!(tm::NODE_LINKS).set(1.0);
                                 let ended = peer.ended.clone();
@@ -387,6 +408,13 @@ impl Forwarder {
                                 Some(ended)
                             }
                             Err(e) => {
+                                if matches!(&e, LinkError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused)
+                                {
+                                    *lock(&self.refused) = Some(addr);
+                                    if let Some(f) = lock(&self.on_refused).as_ref() {
+                                        f();
+                                    }
+                                }
                                 // Once per address: while a dead node's
                                 // lease runs, this repeats every pause.
                                 if failing != Some(addr) {
