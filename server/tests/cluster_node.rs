@@ -487,7 +487,10 @@ async fn a_serving_node_that_is_gone_is_taken_over_before_its_lease_ends() {
         .expect("A did not stop")
         .unwrap();
     assert!(status.success(), "a clean stop ended with {status:?}");
-    let at_b = b.ready(WAIT).await.expect("B never took over from a clean stop");
+    let at_b = b
+        .ready(WAIT)
+        .await
+        .expect("B never took over from a clean stop");
     let mut c = spawn(2, "node-c");
     c.forwarding().await;
     let mut alice_at_b = authed(&at_b.tcp, &alice).await;
@@ -501,4 +504,160 @@ async fn a_serving_node_that_is_gone_is_taken_over_before_its_lease_ends() {
     let at_c = c.ready(WAIT).await.expect("C never took over from a crash");
     let mut bob_at_c = authed(&at_c.tcp, &bob).await;
     assert_eq!(drained_messages(&mut bob_at_c).await, vec!["m1", "m2"]);
+}
+
+/// The next plain message's id, skipping other entries.
+async fn next_message(c: &mut Raw) -> String {
+    loop {
+        let e = c.next_entry().await;
+        if let Some(pb::queue_entry::Body::Message(m)) = e.body {
+            return m.client_msg_id;
+        }
+    }
+}
+
+/// The next group message's `(group_seq, client id)`, skipping others.
+async fn next_group_message(c: &mut Raw) -> (u64, String) {
+    loop {
+        let e = c.next_entry().await;
+        if let Some(pb::queue_entry::Body::GroupMessage(m)) = e.body {
+            return (m.group_seq, m.client_msg_id);
+        }
+    }
+}
+
+/// Waits for delivery receipts for `id` (of `group`, 0 for 1:1) until
+/// `from` (user ids) have all sent one.
+async fn delivered_from(c: &mut Raw, group: u64, id: &str, mut from: Vec<u64>) {
+    while !from.is_empty() {
+        let e = tokio::time::timeout(WAIT, c.next_entry())
+            .await
+            .expect("missing delivery receipts");
+        if let Some(pb::queue_entry::Body::Receipt(r)) = e.body
+            && r.kind() == pb::ReceiptKind::Delivered
+            && r.group_id == group
+            && r.client_msg_ids.iter().any(|m| m == id)
+        {
+            from.retain(|u| *u != r.from_user);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_keys_and_group_receipts_work_across_nodes() {
+    let (pg, redis) = engines().await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = Node::spawn(dir_a.path(), &redis.url(), &pg.url(), "node-a");
+    let at_a = a.ready(WAIT).await.expect("node A never served");
+    let mut b = Node::spawn(dir_b.path(), &redis.url(), &pg.url(), "node-b");
+    let at_b = b.forwarding().await;
+    let alice = register_at(&at_a.tcp, dir_a.path(), "+15550000601").await;
+    let bob = register_at(&at_a.tcp, dir_a.path(), "+15550000602").await;
+    let carol = register_via(&at_b.tcp, dir_b.path(), "+15550000603").await;
+
+    // Alice's primary is on A; she links a laptop through B.
+    let mut alice_a = authed(&at_a.tcp, &alice).await;
+    alice_a.drain().await;
+    let Out::LinkCode(code) = alice_a
+        .request(In::CreateLinkCode(pb::CreateLinkCode {}))
+        .await
+    else {
+        panic!("no link code")
+    };
+    let mut linking = raw_tcp(&at_b.tcp).await;
+    let Out::Verified(v) = linking
+        .request(In::LinkDevice(pb::LinkDevice { code: code.code }))
+        .await
+    else {
+        panic!("linking through B failed")
+    };
+    assert_eq!(v.user_id, alice.user_id);
+    let laptop = Account {
+        phone: alice.phone.clone(),
+        user_id: v.user_id,
+        device_id: v.device_id,
+        credential: v.credential.to_vec(),
+    };
+    let mut laptop_b = authed(&at_b.tcp, &laptop).await;
+    laptop_b.drain().await;
+
+    // Keys uploaded through B are handed out through A.
+    let keys = TestKeys::new(7);
+    let out = laptop_b.request(In::UploadKeys(keys.upload(0, 20))).await;
+    assert!(matches!(out, Out::KeysUploaded(_)), "{out:?}");
+    let mut bob_a = authed(&at_a.tcp, &bob).await;
+    bob_a.drain().await;
+    let Out::Bundles(bundles) = bob_a
+        .request(In::FetchBundles(pb::FetchBundles {
+            user_id: alice.user_id,
+            ..Default::default()
+        }))
+        .await
+    else {
+        panic!("no bundles")
+    };
+    let d = bundles
+        .devices
+        .iter()
+        .find(|d| d.device_id == laptop.device_id)
+        .expect("the laptop's bundle");
+    assert_eq!(
+        d.identity.as_ref().map(|i| i.ed25519.clone()),
+        Some(keys.identity().ed25519)
+    );
+    assert!(matches!(d.key, Some(pb::device_bundle::Key::OneTimeKey(_))));
+
+    // A message to Alice reaches both her devices, one on each node, and
+    // Bob gets her ✓✓.
+    let alice_info = bob_a.lookup(&alice.phone).await;
+    assert_eq!(alice_info.devices.len(), 2);
+    let out = bob_a.send_text(&alice_info, "d1", "to both").await;
+    assert!(matches!(out, Out::SendOk(_)), "{out:?}");
+    assert_eq!(next_message(&mut alice_a).await, "d1");
+    assert_eq!(next_message(&mut laptop_b).await, "d1");
+    delivered_from(&mut bob_a, 0, "d1", vec![alice.user_id]).await;
+
+    // A group of Bob (A), Alice (A and B) and Carol (B): one sequence for
+    // every member device, and a delivery receipt from each member.
+    let mut carol_b = authed(&at_b.tcp, &carol).await;
+    carol_b.drain().await;
+    let Out::GroupInfo(group) = bob_a
+        .request(In::CreateGroup(pb::CreateGroup {
+            name: "three".into(),
+            members: vec![alice.user_id, carol.user_id],
+            ..Default::default()
+        }))
+        .await
+    else {
+        panic!("group not created")
+    };
+    let mut seqs = Vec::new();
+    for i in 0..3 {
+        let Out::SendOk(sent) = bob_a
+            .request(In::SendGroup(pb::SendGroup {
+                group_id: group.group_id,
+                client_msg_id: format!("g{i}"),
+                payload: b"to the group".to_vec().into(),
+                first_attempt: false,
+            }))
+            .await
+        else {
+            panic!("group send refused")
+        };
+        seqs.push((sent.group_seq, format!("g{i}")));
+    }
+    for member in [&mut alice_a, &mut laptop_b, &mut carol_b] {
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            got.push(next_group_message(member).await);
+        }
+        assert_eq!(got, seqs);
+    }
+    delivered_from(
+        &mut bob_a,
+        group.group_id,
+        "g2",
+        vec![alice.user_id, carol.user_id],
+    )
+    .await;
 }

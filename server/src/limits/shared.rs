@@ -278,6 +278,20 @@ fn report_loop(rx: &Receiver<Report>, counters: &dyn Counters, inner: &Inner) {
 #[derive(Debug, Default)]
 pub struct MemoryCounters(Mutex<FastMap<String, u64>>);
 
+impl MemoryCounters {
+    /// The sum of the counters whose names start with `prefix`.
+    #[must_use]
+    pub fn total_with_prefix(&self, prefix: &str) -> u64 {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(_, v)| *v)
+            .sum()
+    }
+}
+
 impl Counters for MemoryCounters {
     fn add(&self, batch: &[CountAdd]) -> Result<Vec<u64>, StoreError> {
         let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
@@ -310,14 +324,18 @@ mod tests {
 
     #[test]
     fn two_nodes_share_one_limit() {
-        let counters: Arc<dyn Counters> = Arc::new(MemoryCounters::default());
+        let counters = Arc::new(MemoryCounters::default());
         let a = Shared::start(counters.clone(), 100).unwrap();
-        let b = Shared::start(counters, 100).unwrap();
+        let b = Shared::start(counters.clone(), 100).unwrap();
         let rate = Rate::per_minute(10);
         let now = 60_000 * 1_000;
         for _ in 0..10 {
             a.check(Limit::UserSends, rate, &7u64, now).unwrap();
         }
+        // A's reports have landed (they go on A's own thread).
+        assert!(eventually(|| {
+            counters.0.lock().unwrap().get("sends_per_user:7:1000") == Some(&10)
+        }));
         // B has not counted user 7: its first request goes through and
         // reports the 11th; from then on the cluster's total refuses it.
         let mut accepted_on_b = 0;

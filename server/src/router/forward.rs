@@ -15,10 +15,11 @@
 //!   id once the shard answers. `POST`: a command without an answer (acks,
 //!   deletions, disconnects).
 //! - An `Authenticate` carries the connection's id; the serving node gives
-//!   the shard a push queue of its own for it and pumps what the shard
-//!   pushes back as `PUSH` frames, which the forwarding node hands to the
-//!   connection's real queue (a full one is kicked as a slow reader, as a
-//!   shard would).
+//!   the shard a push queue of its own for it, and one pump per link
+//!   (not a task per connection: about 1 KB less per connection) sends
+//!   what the shards push back as `PUSH` frames, which the forwarding node
+//!   hands to the connection's real queue (a full one is kicked as a slow
+//!   reader, as a shard would).
 //!
 //! Order: one link carries a node's commands in the order they were
 //! forwarded, and the serving node queues them into its shards in that
@@ -47,7 +48,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::remote::{self, AnswerSlot};
 use super::shard::{Command, Queued};
-use super::{ConnTx, KickReason, Received, RouteError, Router, TrySendError};
+use super::{ConnRx, ConnTx, KickReason, Received, RouteError, Router, TrySendError};
 use crate::FastMap;
 use crate::store::StoreError;
 use crate::telemetry as tm;
@@ -635,17 +636,20 @@ async fn serve_link(
         }
         writer_done.cancel();
     });
+    let (conns_tx, conns_rx) = mpsc::channel(PUMP_QUEUE);
+    tokio::spawn(pump(conns_rx, tx.clone()));
     let on_frame = |frame: LinkFrame| {
-        let (router, tx) = (router.clone(), tx.clone());
-        async move { take_command(frame, &router, tx, push_capacity).await }
+        let (router, tx, conns) = (router.clone(), tx.clone(), conns_tx.clone());
+        async move { take_command(frame, &router, tx, &conns, push_capacity).await }
     };
     let result = tokio::select! {
         r = read_frames(read, session, wire, on_frame) => r,
         () = done.cancelled() => Err(LinkError::Closed),
     };
-    // Dropping the sender ends the writer; the pumps end with it, dropping
-    // their queues, so the shards let those connections go.
+    // Dropping the senders ends the writer and the pump, which drops the
+    // connections' queues, so the shards let those connections go.
     drop(tx);
+    drop(conns_tx);
     result
 }
 
@@ -654,6 +658,7 @@ async fn take_command(
     frame: LinkFrame,
     router: &Router,
     tx: mpsc::Sender<LinkFrame>,
+    conns: &mpsc::Sender<(u64, ConnRx)>,
     push_capacity: usize,
 ) {
     if frame.kind != kind::REQUEST && frame.kind != kind::POST {
@@ -678,22 +683,10 @@ async fn take_command(
             return;
         }
     };
-    if let Some((conn_id, mut conn)) = inbound.conn {
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            loop {
-                let received = conn.recv().await;
-                let last = !matches!(received, Received::Item(_));
-                let frame = LinkFrame {
-                    kind: kind::PUSH,
-                    id: 0,
-                    body: remote::encode_push(conn_id, &received),
-                };
-                if tx.send(frame).await.is_err() || last {
-                    return;
-                }
-            }
-        });
+    if let Some(conn) = inbound.conn {
+        // Before the command is queued: the pump holds the queue before
+        // the shard can push into it. Fails only once the link ends.
+        let _ = conns.send(conn).await;
     }
     let Some(shard) = router.key_shard(&inbound.key) else {
         // Only a forwarding router has no shards, and it takes no links.
@@ -750,6 +743,62 @@ async fn take_command(
                 };
                 let _ = tx.send(frame).await;
             });
+        }
+    }
+}
+
+/// Connections waiting to be taken by their link's pump.
+const PUMP_QUEUE: usize = 1024;
+
+/// One connection's pushes as a stream, ending after its kick or end.
+struct ConnPushes {
+    conn_id: u64,
+    rx: Option<ConnRx>,
+}
+
+impl futures_util::Stream for ConnPushes {
+    type Item = (u64, Received);
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let Some(rx) = self.rx.as_mut() else {
+            return std::task::Poll::Ready(None);
+        };
+        let received = std::task::ready!(rx.poll_recv(cx));
+        if !matches!(received, Received::Item(_)) {
+            // The last one: the queue is let go.
+            self.rx = None;
+        }
+        std::task::Poll::Ready(Some((self.conn_id, received)))
+    }
+}
+
+/// The link's pump: sends what the shards push to the link's connections
+/// as `PUSH` frames, in each connection's order. Only connections with
+/// something new are polled (each has its own waker). Ends with the link.
+async fn pump(mut added: mpsc::Receiver<(u64, ConnRx)>, tx: mpsc::Sender<LinkFrame>) {
+    use futures_util::StreamExt as _;
+    let mut conns = futures_util::stream::SelectAll::new();
+    loop {
+        let (conn_id, received) = tokio::select! {
+            new = added.recv() => match new {
+                Some((conn_id, rx)) => {
+                    conns.push(ConnPushes { conn_id, rx: Some(rx) });
+                    continue;
+                }
+                None => return,
+            },
+            Some(push) = conns.next(), if !conns.is_empty() => push,
+        };
+        let frame = LinkFrame {
+            kind: kind::PUSH,
+            id: 0,
+            body: remote::encode_push(conn_id, &received),
+        };
+        if tx.send(frame).await.is_err() {
+            return;
         }
     }
 }
