@@ -12,7 +12,7 @@ use engines::{Postgres, RedisCluster};
 use switchboard_server::cluster::membership::{Membership, Standing};
 use switchboard_server::cluster::partition::Ownership;
 use switchboard_server::cluster::postgres::PgDomains;
-use switchboard_server::cluster::redis_domains::RedisDomains;
+use switchboard_server::cluster::redis_domains::{Conn, RedisDomains};
 use switchboard_server::cluster::store::ClusterStore;
 use switchboard_server::store::conformance::{self, Harness};
 use switchboard_server::store::{Store, StoreError};
@@ -55,7 +55,7 @@ impl Cluster {
             )));
         }
         // One replica must confirm every synced commit.
-        let redis = RedisDomains::open(&self.redis.url(), prefix, 1, ownership)?;
+        let redis = RedisDomains::open(&self.redis.url(), prefix, 1, ownership, 2)?;
         Ok((Arc::new(ClusterStore::new(pg, redis)), Arc::new(membership)))
     }
 }
@@ -135,7 +135,7 @@ fn a_node_taken_over_is_fenced_in_both_engines(h: &mut Cluster) {
     assert_eq!(member_b.step(&pg_b).unwrap(), Standing::Standby);
     let store_a = ClusterStore::new(
         pg_a,
-        RedisDomains::open(&h.redis.url(), prefix, 1, own_a).unwrap(),
+        RedisDomains::open(&h.redis.url(), prefix, 1, own_a, 2).unwrap(),
     );
     let device = DeviceKey { user: 7, device: 1 };
     let writes = |seq: u64| -> Vec<Op> {
@@ -155,7 +155,7 @@ fn a_node_taken_over_is_fenced_in_both_engines(h: &mut Cluster) {
     assert_eq!(member_b2.step(&pg_b2).unwrap(), Standing::Serving);
     let store_b = ClusterStore::new(
         pg_b2,
-        RedisDomains::open(&h.redis.url(), prefix, 1, own_b).unwrap(),
+        RedisDomains::open(&h.redis.url(), prefix, 1, own_b, 2).unwrap(),
     );
     // A's next writes are refused by Redis (the queue counter) ...
     let redis_refused = store_a.commit(vec![writes(2).remove(0)], true);
@@ -183,6 +183,106 @@ fn a_node_taken_over_is_fenced_in_both_engines(h: &mut Cluster) {
     assert_eq!(store_b.reserved_seq(device).unwrap(), 3);
 }
 
+/// The shard threads of a node call Redis side by side: while one call
+/// holds a connection (a commit waiting for its `WAIT`, a sweep), another
+/// takes the next connection instead of waiting for it. With one shared
+/// connection the second call waits until the first is done, here past
+/// the deadline.
+fn a_busy_connection_does_not_hold_up_other_calls(h: &Cluster) {
+    let conn = Conn::open(&h.redis.url(), 2).unwrap();
+    let held = conn.lock();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let pong = redis::cmd("PING").query::<String>(&mut *conn.lock());
+            tx.send(pong.map_err(|e| e.to_string())).unwrap();
+        });
+        let got = rx.recv_timeout(std::time::Duration::from_secs(20));
+        drop(held);
+        assert_eq!(got, Ok(Ok("PONG".to_owned())));
+    });
+}
+
+/// The same for PostgreSQL: while one shard's transaction waits on a row
+/// lock, another shard's read is answered on another connection.
+fn a_waiting_transaction_does_not_hold_up_other_calls(h: &mut Cluster) {
+    use switchboard_server::cluster::postgres::PgOp;
+    use switchboard_server::store::{AccountOp, Accounts};
+    let n = h.opened.len();
+    let admin = h.pg.url();
+    let db = format!("pool_{n}");
+    let url = admin.replace("dbname=postgres", &format!("dbname={db}"));
+    let other = h.rt.block_on(async {
+        let c = switchboard_server::cluster::schema::connect(&admin)
+            .await
+            .unwrap();
+        c.batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .unwrap();
+        c
+    });
+    let ownership = Arc::new(Ownership::new("pool-node".into()));
+    let pg = PgDomains::open_with(&url, ownership.clone(), 2).unwrap();
+    let membership = Membership::connect(
+        &h.redis.url(),
+        "pool:",
+        ownership,
+        std::time::Duration::from_secs(3),
+        "127.0.0.1:1".into(),
+    )
+    .unwrap();
+    assert_eq!(membership.step(&pg).unwrap(), Standing::Serving);
+    drop(other);
+    // Another session holds every partition owner's row: a transaction's
+    // owner check (FOR SHARE) waits for it.
+    let blocker = h.rt.block_on(async {
+        let c = switchboard_server::cluster::schema::connect(&url)
+            .await
+            .unwrap();
+        c.batch_execute("BEGIN; SELECT partition FROM partition_owners FOR UPDATE")
+            .await
+            .unwrap();
+        c
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let waiting = s.spawn(|| {
+            pg.apply(&[PgOp::Account(AccountOp::PutPhone {
+                phone: "+15550001234".into(),
+                user: 9,
+            })])
+        });
+        // The transaction waits for the lock before the read starts.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let row =
+                h.rt.block_on(blocker.query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    &[],
+                ))
+                .unwrap();
+            if row.get::<_, i64>(0) > 0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the transaction never waited"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        s.spawn(|| {
+            tx.send(pg.user(9).map_err(|e| e.to_string())).unwrap();
+        });
+        let read = rx.recv_timeout(std::time::Duration::from_secs(20));
+        h.rt.block_on(blocker.batch_execute("COMMIT")).unwrap();
+        assert!(matches!(read, Ok(Ok(None))), "{read:?}");
+        waiting.join().unwrap().unwrap();
+    });
+    assert_eq!(pg.phone("+15550001234").unwrap(), Some(9));
+    membership.resign().unwrap();
+}
+
 #[test]
 fn the_cluster_store_passes_the_conformance_suite() {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -197,6 +297,8 @@ fn the_cluster_store_passes_the_conformance_suite() {
         rt,
         opened: Vec::new(),
     };
+    a_busy_connection_does_not_hold_up_other_calls(&harness);
+    a_waiting_transaction_does_not_hold_up_other_calls(&mut harness);
     a_node_taken_over_is_fenced_in_both_engines(&mut harness);
     let failures = conformance::run(&mut harness);
     let report: Vec<String> = failures.iter().map(ToString::to_string).collect();

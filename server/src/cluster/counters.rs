@@ -30,7 +30,7 @@ impl RedisCounters {
     /// [`StoreError::Engine`] when no seed node answers as a cluster.
     pub fn open(urls: &str, prefix: &str) -> Result<Self, StoreError> {
         Ok(Self {
-            conn: Conn::open(urls)?,
+            conn: Conn::open(urls, 1)?,
             keys: Keys::new(prefix),
         })
     }

@@ -89,7 +89,7 @@ impl Membership {
         link_addr: String,
     ) -> Result<Self, StoreError> {
         Ok(Self {
-            conn: Conn::open(urls)?,
+            conn: Conn::open(urls, 1)?,
             keys: Keys::new(prefix),
             ownership,
             lease,

@@ -77,13 +77,18 @@ impl Node {
         link_addr: std::net::SocketAddr,
     ) -> Result<Self, ClusterError> {
         let ownership = Arc::new(Ownership::new(token(settings)));
-        let store_pg = PgDomains::open(&settings.postgres_url, ownership.clone())?;
+        let store_pg = PgDomains::open_with(
+            &settings.postgres_url,
+            ownership.clone(),
+            config.shard_count() + 1,
+        )?;
         let pg = PgDomains::open(&settings.postgres_url, ownership.clone())?;
         let redis = RedisDomains::open(
             &settings.redis_url,
             REDIS_PREFIX,
             config.redis_min_replicas,
             ownership.clone(),
+            config.shard_count() + 1,
         )?;
         let membership = Membership::connect(
             &settings.redis_url,

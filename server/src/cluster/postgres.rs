@@ -3,11 +3,14 @@
 //!
 //! The domain traits are synchronous and called from shard threads, so a
 //! [`PgDomains`] owns a small current-thread runtime and blocks on it for
-//! each statement; it must not be called from inside an async task. One
+//! each statement (from several threads at once: each call takes one of a
+//! few connections, a free one if there is); it must not be called from
+//! inside an async task. One
 //! [`PgDomains::apply`] is one transaction: the batch is the atomic unit
 //! of these domains.
 
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 
 use bytes::Bytes;
 use prost::Message;
@@ -103,7 +106,10 @@ impl PgOp {
 pub struct PgDomains {
     /// `Some` until dropped.
     rt: Option<tokio::runtime::Runtime>,
-    client: Mutex<Client>,
+    /// One per shard thread and one more: shards call side by side.
+    clients: Box<[Mutex<Client>]>,
+    /// Where the next call starts looking for a free connection.
+    next: AtomicUsize,
     /// Where to connect again after the connection is lost.
     url: String,
     ownership: Arc<Ownership>,
@@ -123,18 +129,36 @@ impl PgDomains {
     /// [`StoreError::Engine`] when PostgreSQL cannot be reached, refuses, or
     /// has a newer schema.
     pub fn open(url: &str, ownership: Arc<Ownership>) -> Result<Self, StoreError> {
+        Self::open_with(url, ownership, 1)
+    }
+
+    /// As [`PgDomains::open`], with `connections` (at least one) used side
+    /// by side by the threads that call it.
+    ///
+    /// # Errors
+    /// As [`PgDomains::open`].
+    pub fn open_with(
+        url: &str,
+        ownership: Arc<Ownership>,
+        connections: usize,
+    ) -> Result<Self, StoreError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(engine)?;
-        let client = rt.block_on(async {
-            let mut client = connect(url).await?;
-            schema::migrate(&mut client).await.map_err(engine)?;
-            Ok::<_, StoreError>(client)
+        let clients = rt.block_on(async {
+            let mut first = connect(url).await?;
+            schema::migrate(&mut first).await.map_err(engine)?;
+            let mut clients = vec![Mutex::new(first)];
+            for _ in 1..connections.max(1) {
+                clients.push(Mutex::new(connect(url).await?));
+            }
+            Ok::<_, StoreError>(clients)
         })?;
         Ok(Self {
             rt: Some(rt),
-            client: Mutex::new(client),
+            clients: clients.into_boxed_slice(),
+            next: AtomicUsize::new(0),
             url: url.to_owned(),
             ownership,
         })
@@ -146,14 +170,23 @@ impl PgDomains {
         self.rt.as_ref().expect("runtime present until drop")
     }
 
-    /// The connection, opened again first if it was lost (PostgreSQL
-    /// restarted or the network failed): the failed statement's batch was
-    /// refused, and the next one finds a working connection.
-    fn client(&self) -> Result<std::sync::MutexGuard<'_, Client>, StoreError> {
-        let mut client = self
-            .client
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+    /// A free connection, or the next one once it is free; opened again
+    /// first if it was lost (PostgreSQL restarted or the network failed):
+    /// the failed statement's batch was refused, and the next one finds a
+    /// working connection.
+    fn client(&self) -> Result<MutexGuard<'_, Client>, StoreError> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.clients.len();
+        let free = (0..n).find_map(|i| match self.clients[(start + i) % n].try_lock() {
+            Ok(guard) => Some(guard),
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        });
+        let mut client = free.unwrap_or_else(|| {
+            self.clients[start % n]
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+        });
         if client.is_closed() {
             *client = self.rt().block_on(connect(&self.url))?;
             tracing::info!("reconnected to PostgreSQL");

@@ -35,12 +35,12 @@
 //! each slot written then confirms that many replicas hold the writes; Redis's own `appendfsync` covers the master's disk
 //! (docs/OPERATIONS.md, "Cluster mode").
 //!
-//! The traits are synchronous and called from shard threads; the
-//! connection is the `redis` crate's blocking cluster connection behind a
-//! mutex.
+//! The traits are synchronous and called from shard threads; each call
+//! takes one of a few of the `redis` crate's blocking cluster connections
+//! (one per shard and one more for sweeps, [`Conn`]).
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -62,6 +62,9 @@ const APPLY: &str = include_str!("apply.lua");
 
 /// Commands per pipeline of a scan over every partition's index.
 const SCAN_CHUNK: usize = 4096;
+
+/// Expired dedup records removed per pipeline.
+const EXPIRE_CHUNK: usize = 512;
 
 /// How long a synced commit waits for its replicas before failing.
 const WAIT_TIMEOUT_MS: u64 = 2_000;
@@ -187,22 +190,33 @@ impl std::fmt::Debug for RedisDomains {
     }
 }
 
-/// A blocking cluster connection that is replaced after a connection
+/// A few blocking cluster connections, each replaced after a connection
 /// error: the `redis` crate's connection to a node that died stays broken
 /// (every call answers "broken pipe") even after its replica took over.
-pub(crate) struct Conn {
+///
+/// A call takes a free connection (or waits for one), so the shard threads
+/// of a node commit side by side instead of in turn, and a long sweep does
+/// not hold up the others. A commit keeps its connection from its first
+/// write to its `WAIT`, which confirms the writes made on that connection.
+pub struct Conn {
     client: ClusterClient,
+    pool: Box<[Pooled]>,
+    /// Where the next call starts looking for a free connection.
+    next: AtomicUsize,
+}
+
+struct Pooled {
     conn: Mutex<ClusterConnection>,
     broken: AtomicBool,
 }
 
 impl Conn {
-    /// Connects to the cluster whose seed nodes are `urls`
-    /// (comma-separated `redis://host:port`).
+    /// Opens `size` (at least one) connections to the cluster whose seed
+    /// nodes are `urls` (comma-separated `redis://host:port`).
     ///
     /// # Errors
     /// [`StoreError::Engine`] when no seed node answers as a cluster.
-    pub(crate) fn open(urls: &str) -> Result<Self, StoreError> {
+    pub fn open(urls: &str, size: usize) -> Result<Self, StoreError> {
         let seeds: Vec<&str> = urls
             .split(',')
             .map(str::trim)
@@ -214,30 +228,48 @@ impl Conn {
             .retries(3)
             .build()
             .map_err(engine)?;
-        let conn = client.get_connection().map_err(engine)?;
+        let pool = (0..size.max(1))
+            .map(|_| {
+                Ok(Pooled {
+                    conn: Mutex::new(client.get_connection().map_err(engine)?),
+                    broken: AtomicBool::new(false),
+                })
+            })
+            .collect::<Result<_, StoreError>>()?;
         Ok(Self {
             client,
-            conn: Mutex::new(conn),
-            broken: AtomicBool::new(false),
+            pool,
+            next: AtomicUsize::new(0),
         })
     }
 
-    /// The connection, replaced first if the last call found it broken
-    /// (if the cluster cannot be reached now, the old one is kept and the
-    /// call fails again, to be retried).
-    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, ClusterConnection> {
-        let mut conn = self
-            .conn
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if self.broken.swap(false, Ordering::Relaxed) {
+    /// A free connection, or the next one once it is free; replaced first
+    /// if a call found the connections broken (if the cluster cannot be
+    /// reached now, the old one is kept and the call fails again, to be
+    /// retried).
+    pub fn lock(&self) -> MutexGuard<'_, ClusterConnection> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.pool.len();
+        let free = (0..n).find_map(|i| {
+            let p = &self.pool[(start + i) % n];
+            match p.conn.try_lock() {
+                Ok(guard) => Some((p, guard)),
+                Err(TryLockError::Poisoned(e)) => Some((p, e.into_inner())),
+                Err(TryLockError::WouldBlock) => None,
+            }
+        });
+        let (p, mut conn) = free.unwrap_or_else(|| {
+            let p = &self.pool[start % n];
+            (p, p.conn.lock().unwrap_or_else(PoisonError::into_inner))
+        });
+        if p.broken.swap(false, Ordering::Relaxed) {
             match self.client.get_connection() {
                 Ok(fresh) => {
                     *conn = fresh;
                     tracing::info!("reconnected to the Redis Cluster");
                 }
                 Err(e) => {
-                    self.broken.store(true, Ordering::Relaxed);
+                    p.broken.store(true, Ordering::Relaxed);
                     tracing::warn!(error = %e, "cannot reconnect to the Redis Cluster");
                 }
             }
@@ -245,16 +277,18 @@ impl Conn {
         conn
     }
 
-    /// `e` as a store error; a connection error marks the connection for
-    /// replacement.
-    pub(crate) fn fail(&self, e: redis::RedisError) -> StoreError {
+    /// `e` as a store error; a connection error marks every connection
+    /// for replacement (a dead master broke all of them).
+    pub fn fail(&self, e: redis::RedisError) -> StoreError {
         if e.is_io_error()
             || e.is_connection_dropped()
             || e.is_connection_refusal()
             || e.is_timeout()
             || e.is_unrecoverable_error()
         {
-            self.broken.store(true, Ordering::Relaxed);
+            for p in &self.pool {
+                p.broken.store(true, Ordering::Relaxed);
+            }
         }
         engine(e)
     }
@@ -263,8 +297,9 @@ impl Conn {
 impl RedisDomains {
     /// Connects to the cluster whose seed nodes are `urls`, keeping every
     /// key under `prefix`, writing as `ownership` (only to the partitions
-    /// it owns; the engine refuses the rest). A synced commit waits for
-    /// `min_replicas` replicas.
+    /// it owns; the engine refuses the rest), over `connections`
+    /// connections used side by side (one per shard thread and one for the
+    /// sweeps). A synced commit waits for `min_replicas` replicas.
     ///
     /// # Errors
     /// [`StoreError::Engine`] when no seed node answers as a cluster.
@@ -273,9 +308,10 @@ impl RedisDomains {
         prefix: &str,
         min_replicas: u32,
         ownership: Arc<Ownership>,
+        connections: usize,
     ) -> Result<Self, StoreError> {
         let store = Self {
-            conn: Conn::open(urls)?,
+            conn: Conn::open(urls, connections)?,
             keys: Keys::new(prefix),
             ownership,
             min_replicas,
@@ -776,21 +812,28 @@ impl Dedup for RedisDomains {
 
     fn expire_dedup(&self, before_ms: u64) -> Result<usize, StoreError> {
         let old = self.index_below("dix", before_ms, usize::MAX)?;
-        let mut conn = self.conn.lock();
-        for (name, _) in &old {
-            let Some(p) = partition_in(name) else {
-                return Err(corrupt("dedup index", name));
-            };
-            let mut eval = redis::cmd("EVAL");
-            eval.arg(APPLY)
-                .arg(3)
-                .arg(self.keys.owner(p))
-                .arg(name)
-                .arg(self.keys.index(p, "dix"))
-                .arg(self.ownership.token())
-                .arg("dexp")
-                .arg(before_ms);
-            eval.query::<i64>(&mut *conn)
+        // A pipeline per chunk, the connection given back between chunks:
+        // a day's records are many, and commits go on meanwhile.
+        for chunk in old.chunks(EXPIRE_CHUNK) {
+            let mut pipe = cluster_pipe();
+            for (name, _) in chunk {
+                let Some(p) = partition_in(name) else {
+                    return Err(corrupt("dedup index", name));
+                };
+                let mut eval = redis::cmd("EVAL");
+                eval.arg(APPLY)
+                    .arg(3)
+                    .arg(self.keys.owner(p))
+                    .arg(name)
+                    .arg(self.keys.index(p, "dix"))
+                    .arg(self.ownership.token())
+                    .arg("dexp")
+                    .arg(before_ms);
+                pipe.add_command(eval);
+            }
+            metrics::counter!(tm::REDIS_ROUND_TRIPS).increment(1);
+            let _: Vec<Value> = pipe
+                .query(&mut self.conn.lock())
                 .map_err(|e| self.conn.fail(e))?;
         }
         Ok(old.len())
