@@ -70,8 +70,17 @@ const KEEP_UP: f64 = 0.95;
 /// Each ramp step offers this many times the rate of the one before.
 const RAMP_STEP: f64 = 1.5;
 /// Pause before each refining step (it follows an overloaded one), so the
-/// target works off that step's debt first.
+/// target works off that step's debt first: at least this long, and until
+/// no member has received anything for [`QUIET`] (at most [`SETTLE_MAX`]).
 const SETTLE: Duration = Duration::from_secs(5);
+/// See [`SETTLE`].
+const QUIET: Duration = Duration::from_secs(1);
+/// See [`SETTLE`].
+const SETTLE_MAX: Duration = Duration::from_secs(120);
+/// Times a member may reconnect over the run after the server ended its
+/// connection (an overloaded step makes slow readers of some members,
+/// which a client answers by reconnecting and draining its queue).
+const REJOINS: u32 = 20;
 /// The target for p99 send→last member at 1,024 members
 /// (docs/BENCHMARKS.md), printed beside the measured figure.
 const LATENCY_TARGET_MS: f64 = 20.0;
@@ -298,6 +307,8 @@ struct Room {
     /// creation.
     joined: AtomicUsize,
     joined_notify: Notify,
+    /// When a member last received anything (µs since `epoch`).
+    last_delivery_us: AtomicU64,
 }
 
 /// A send handed to a member's task.
@@ -314,12 +325,49 @@ async fn member(
     mut link: Link,
     me: usize,
     room: Arc<Room>,
-    mut books: watch::Receiver<Arc<Book>>,
+    books: watch::Receiver<Arc<Book>>,
     mut sends: mpsc::Receiver<SendCmd>,
+    rejoin: Option<Rejoin>,
 ) -> Result<()> {
-    // Request id → (phase, when sent) for sends awaiting their ✓.
-    let mut pending: HashMap<u32, (Arc<Book>, Instant)> = HashMap::new();
     let mut joined = false;
+    let mut left = REJOINS;
+    loop {
+        let ended = serve_member(&mut link, me, &room, books.clone(), &mut sends, &mut joined).await;
+        let Err(e) = ended else { return Ok(()) };
+        let Some(r) = rejoin.as_ref().filter(|_| left > 0) else {
+            return Err(e);
+        };
+        // As a client does: reconnect and drain what is queued (what it
+        // drains is not counted: the step it belonged to failed anyway).
+        left -= 1;
+        tracing::debug!(member = me, error = %e, "member reconnecting");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        link = Link::Server(Box::new(
+            connect_drained(&r.tcp, &r.creds, "group-fanout")
+                .await
+                .with_context(|| format!("reconnecting after: {e:#}"))?,
+        ));
+    }
+}
+
+/// Where a member reconnects when the server ends its connection.
+struct Rejoin {
+    tcp: String,
+    creds: switchboard_client::Credentials,
+}
+
+/// One connection's life of a member (see [`member`]).
+async fn serve_member(
+    link: &mut Link,
+    me: usize,
+    room: &Room,
+    mut books: watch::Receiver<Arc<Book>>,
+    sends: &mut mpsc::Receiver<SendCmd>,
+    joined: &mut bool,
+) -> Result<()> {
+    // Request id → (phase, when sent) for sends awaiting their ✓; those of
+    // a connection that ended get no answer (their step fails).
+    let mut pending: HashMap<u32, (Arc<Book>, Instant)> = HashMap::new();
     let mut ping = tokio::time::interval(PING_INTERVAL);
     ping.tick().await;
     loop {
@@ -367,8 +415,10 @@ async fn member(
                         }
                     }
                     Some(Out::Deliver(d)) => {
+                        room.last_delivery_us
+                            .fetch_max(room.epoch.elapsed().as_micros() as u64, Ordering::Relaxed);
                         let book = books.borrow_and_update().clone();
-                        let seqs = take_entries(d, me, &room, &book, &mut joined);
+                        let seqs = take_entries(d, me, room, &book, joined);
                         link.ack(&seqs).await?;
                     }
                     _ => {}
@@ -477,6 +527,7 @@ struct Fleet {
     /// The current phase's book; every member task holds a receiver.
     books: watch::Sender<Arc<Book>>,
     tasks: Vec<JoinHandle<Result<()>>>,
+    room: Arc<Room>,
     last_phase: u32,
     quiet: bool,
 }
@@ -491,6 +542,7 @@ impl Fleet {
         mut links: Vec<Link>,
         user_ids: &[u64],
         receipts_expected: bool,
+        rejoin: Option<(&str, &[switchboard_client::Credentials])>,
         a: &FanoutArgs,
     ) -> Result<Self> {
         let members = links.len();
@@ -502,6 +554,7 @@ impl Fleet {
             size: a.size,
             joined: AtomicUsize::new(0),
             joined_notify: Notify::new(),
+            last_delivery_us: AtomicU64::new(0),
         });
         let (books, books_rx) = watch::channel(Arc::new(Book::new(0, 0, 1)));
         let mut sends = Vec::with_capacity(members);
@@ -509,12 +562,19 @@ impl Fleet {
         for (me, link) in links.into_iter().enumerate() {
             let (tx, rx) = mpsc::channel(SEND_BACKLOG);
             sends.push(tx);
+            let rejoin = rejoin.and_then(|(tcp, users)| {
+                Some(Rejoin {
+                    tcp: tcp.to_owned(),
+                    creds: users.get(me)?.clone(),
+                })
+            });
             tasks.push(tokio::spawn(member(
                 link,
                 me,
                 room.clone(),
                 books_rx.clone(),
                 rx,
+                rejoin,
             )));
         }
         let mut fleet = Self {
@@ -530,6 +590,7 @@ impl Fleet {
             sends,
             books,
             tasks,
+            room: room.clone(),
             last_phase: 0,
             quiet: a.target.json,
         };
@@ -603,6 +664,21 @@ impl Fleet {
         bar.finish_and_clear();
         self.check_members().await?;
         Measured::new(self, plan, &book, cpu)
+    }
+
+    /// Waits [`SETTLE`], then until no member has received anything for
+    /// [`QUIET`] (at most [`SETTLE_MAX`]): the target has worked off what
+    /// an overloaded step left queued.
+    async fn settle(&self) {
+        tokio::time::sleep(SETTLE).await;
+        let deadline = Instant::now() + SETTLE_MAX;
+        while Instant::now() < deadline {
+            let last = Duration::from_micros(self.room.last_delivery_us.load(Ordering::Relaxed));
+            if self.room.epoch.elapsed().saturating_sub(last) >= QUIET {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Ends the member tasks (closing their connections).
@@ -796,7 +872,7 @@ async fn ramp(fleet: &mut Fleet, a: &FanoutArgs) -> Result<RampReport> {
     if let (Some(mut good), Some(mut bad)) = (report.knee_msgs_per_sec, failed) {
         for _ in 0..a.refine {
             let mid = (good * bad).sqrt();
-            tokio::time::sleep(SETTLE).await;
+            fleet.settle().await;
             let (held, r) = ramp_step(fleet, a, mid).await?;
             report.steps.push(r);
             if held {
@@ -1074,7 +1150,16 @@ pub async fn group_fanout(a: FanoutArgs) -> Result<bool> {
     .context("registering members")?;
     let links = server_links(&sut.tcp, &users).await?;
     let ids: Vec<u64> = users.iter().map(|u| u.user_id.get()).collect();
-    let fleet = Fleet::start("switchboard", sut.pid(), links, &ids, true, &a).await?;
+    let fleet = Fleet::start(
+        "switchboard",
+        sut.pid(),
+        links,
+        &ids,
+        true,
+        Some((sut.tcp.as_str(), &users)),
+        &a,
+    )
+    .await?;
     let (server, server_latency) = measure(fleet, Some(&sut.data_dir), &a).await?;
     sut.stop().await?;
     if !quiet {
@@ -1091,7 +1176,16 @@ pub async fn group_fanout(a: FanoutArgs) -> Result<bool> {
         } else {
             "baseline"
         };
-        let fleet = Fleet::start(target, relay.pid(), links, &ids, a.baseline_receipts, &a).await?;
+        let fleet = Fleet::start(
+            target,
+            relay.pid(),
+            links,
+            &ids,
+            a.baseline_receipts,
+            None,
+            &a,
+        )
+        .await?;
         let measured = measure(fleet, None, &a).await?;
         relay.stop().await?;
         if !quiet {
