@@ -17,7 +17,10 @@
 //! receipts, not the fan-out.
 //!
 //! The member connections live for the whole run (a task each, reading and
-//! acking all the time), so nothing queues up between phases; a phase is a
+//! acking all the time), so nothing queues up between phases; a member the
+//! server ends (a slow reader in an overloaded ramp step) reconnects and
+//! drains, as a client does, and the refining steps after an overloaded
+//! one start once no member has received anything for a second. A phase is a
 //! [`Book`] the tasks record into, found by the phase number stamped in
 //! each payload.
 
@@ -332,7 +335,8 @@ async fn member(
     let mut joined = false;
     let mut left = REJOINS;
     loop {
-        let ended = serve_member(&mut link, me, &room, books.clone(), &mut sends, &mut joined).await;
+        let ended =
+            serve_member(&mut link, me, &room, books.clone(), &mut sends, &mut joined).await;
         let Err(e) = ended else { return Ok(()) };
         let Some(r) = rejoin.as_ref().filter(|_| left > 0) else {
             return Err(e);
