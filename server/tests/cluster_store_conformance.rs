@@ -60,10 +60,9 @@ impl Cluster {
     }
 }
 
-impl Harness for Cluster {
-    fn fresh(&mut self) -> Result<Arc<dyn Store>, StoreError> {
-        let n = self.opened.len();
-        let db = format!("conformance_{n}");
+impl Cluster {
+    /// Creates database `db` on the harness's PostgreSQL; its URL.
+    fn database(&self, db: &str) -> Result<String, StoreError> {
         let admin = self.pg.url();
         self.rt
             .block_on(async {
@@ -72,7 +71,15 @@ impl Harness for Cluster {
                 Ok::<_, switchboard_server::cluster::schema::SchemaError>(())
             })
             .map_err(|e| StoreError::Engine(e.to_string()))?;
-        let url = admin.replace("dbname=postgres", &format!("dbname={db}"));
+        Ok(admin.replace("dbname=postgres", &format!("dbname={db}")))
+    }
+}
+
+impl Harness for Cluster {
+    fn fresh(&mut self) -> Result<Arc<dyn Store>, StoreError> {
+        let n = self.opened.len();
+        let db = format!("conformance_{n}");
+        let url = self.database(&db)?;
         let prefix = format!("c{n}:");
         let (store, membership) = self.open(&url, &prefix)?;
         self.opened
@@ -103,17 +110,7 @@ impl Harness for Cluster {
 /// themselves.
 fn a_node_taken_over_is_fenced_in_both_engines(h: &mut Cluster) {
     use switchboard_server::store::{AccountOp, DeviceKey, Op, QueueOp, Queues};
-    let n = h.opened.len();
-    let admin = h.pg.url();
-    h.rt.block_on(async {
-        let c = switchboard_server::cluster::schema::connect(&admin)
-            .await
-            .unwrap();
-        c.batch_execute(&format!("CREATE DATABASE fencing_{n}"))
-            .await
-            .unwrap();
-    });
-    let url = admin.replace("dbname=postgres", &format!("dbname=fencing_{n}"));
+    let url = h.database(&format!("fencing_{}", h.opened.len())).unwrap();
     let prefix = "fencing:";
     let lease = std::time::Duration::from_millis(600);
     let node = |name: &str| {
@@ -208,19 +205,7 @@ fn a_busy_connection_does_not_hold_up_other_calls(h: &Cluster) {
 fn a_waiting_transaction_does_not_hold_up_other_calls(h: &mut Cluster) {
     use switchboard_server::cluster::postgres::PgOp;
     use switchboard_server::store::{AccountOp, Accounts};
-    let n = h.opened.len();
-    let admin = h.pg.url();
-    let db = format!("pool_{n}");
-    let url = admin.replace("dbname=postgres", &format!("dbname={db}"));
-    let other = h.rt.block_on(async {
-        let c = switchboard_server::cluster::schema::connect(&admin)
-            .await
-            .unwrap();
-        c.batch_execute(&format!("CREATE DATABASE {db}"))
-            .await
-            .unwrap();
-        c
-    });
+    let url = h.database(&format!("pool_{}", h.opened.len())).unwrap();
     let ownership = Arc::new(Ownership::new("pool-node".into()));
     let pg = PgDomains::open_with(&url, ownership.clone(), 2).unwrap();
     let membership = Membership::connect(
@@ -232,7 +217,6 @@ fn a_waiting_transaction_does_not_hold_up_other_calls(h: &mut Cluster) {
     )
     .unwrap();
     assert_eq!(membership.step(&pg).unwrap(), Standing::Serving);
-    drop(other);
     // Another session holds every partition owner's row: a transaction's
     // owner check (FOR SHARE) waits for it.
     let blocker = h.rt.block_on(async {
