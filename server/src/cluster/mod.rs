@@ -77,3 +77,28 @@ impl ClusterSettings {
         }
     }
 }
+
+/// One of a pool of engine connections for a call from a shard thread: a
+/// free one (looking from where `next` points, moved on by each call), or
+/// the one there once it is free; with its index in `pool` (not empty).
+pub(crate) fn take<'a, T>(
+    pool: &'a [std::sync::Mutex<T>],
+    next: &std::sync::atomic::AtomicUsize,
+) -> (usize, std::sync::MutexGuard<'a, T>) {
+    use std::sync::{PoisonError, TryLockError};
+    let start = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let n = pool.len().max(1);
+    (0..n)
+        .find_map(|i| {
+            let at = (start + i) % n;
+            match pool.get(at)?.try_lock() {
+                Ok(guard) => Some((at, guard)),
+                Err(TryLockError::Poisoned(e)) => Some((at, e.into_inner())),
+                Err(TryLockError::WouldBlock) => None,
+            }
+        })
+        .unwrap_or_else(|| {
+            let at = start % n;
+            (at, pool[at].lock().unwrap_or_else(PoisonError::into_inner))
+        })
+}

@@ -9,8 +9,8 @@
 //! [`PgDomains::apply`] is one transaction: the batch is the atomic unit
 //! of these domains.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use prost::Message;
@@ -175,18 +175,7 @@ impl PgDomains {
     /// the failed statement's batch was refused, and the next one finds a
     /// working connection.
     fn client(&self) -> Result<MutexGuard<'_, Client>, StoreError> {
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let n = self.clients.len();
-        let free = (0..n).find_map(|i| match self.clients[(start + i) % n].try_lock() {
-            Ok(guard) => Some(guard),
-            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
-            Err(TryLockError::WouldBlock) => None,
-        });
-        let mut client = free.unwrap_or_else(|| {
-            self.clients[start % n]
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-        });
+        let (_, mut client) = super::take(&self.clients, &self.next);
         if client.is_closed() {
             *client = self.rt().block_on(connect(&self.url))?;
             tracing::info!("reconnected to PostgreSQL");

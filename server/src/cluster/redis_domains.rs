@@ -40,7 +40,7 @@
 //! (one per shard and one more for sweeps, [`Conn`]).
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -200,14 +200,11 @@ impl std::fmt::Debug for RedisDomains {
 /// write to its `WAIT`, which confirms the writes made on that connection.
 pub struct Conn {
     client: ClusterClient,
-    pool: Box<[Pooled]>,
+    pool: Box<[Mutex<ClusterConnection>]>,
+    /// Per connection: a call found it broken.
+    broken: Box<[AtomicBool]>,
     /// Where the next call starts looking for a free connection.
     next: AtomicUsize,
-}
-
-struct Pooled {
-    conn: Mutex<ClusterConnection>,
-    broken: AtomicBool,
 }
 
 impl Conn {
@@ -229,15 +226,11 @@ impl Conn {
             .build()
             .map_err(engine)?;
         let pool = (0..size.max(1))
-            .map(|_| {
-                Ok(Pooled {
-                    conn: Mutex::new(client.get_connection().map_err(engine)?),
-                    broken: AtomicBool::new(false),
-                })
-            })
-            .collect::<Result<_, StoreError>>()?;
+            .map(|_| Ok(Mutex::new(client.get_connection().map_err(engine)?)))
+            .collect::<Result<Box<[_]>, StoreError>>()?;
         Ok(Self {
             client,
+            broken: pool.iter().map(|_| AtomicBool::new(false)).collect(),
             pool,
             next: AtomicUsize::new(0),
         })
@@ -248,28 +241,16 @@ impl Conn {
     /// reached now, the old one is kept and the call fails again, to be
     /// retried).
     pub fn lock(&self) -> MutexGuard<'_, ClusterConnection> {
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let n = self.pool.len();
-        let free = (0..n).find_map(|i| {
-            let p = &self.pool[(start + i) % n];
-            match p.conn.try_lock() {
-                Ok(guard) => Some((p, guard)),
-                Err(TryLockError::Poisoned(e)) => Some((p, e.into_inner())),
-                Err(TryLockError::WouldBlock) => None,
-            }
-        });
-        let (p, mut conn) = free.unwrap_or_else(|| {
-            let p = &self.pool[start % n];
-            (p, p.conn.lock().unwrap_or_else(PoisonError::into_inner))
-        });
-        if p.broken.swap(false, Ordering::Relaxed) {
+        let (at, mut conn) = super::take(&self.pool, &self.next);
+        let broken = &self.broken[at];
+        if broken.swap(false, Ordering::Relaxed) {
             match self.client.get_connection() {
                 Ok(fresh) => {
                     *conn = fresh;
                     tracing::info!("reconnected to the Redis Cluster");
                 }
                 Err(e) => {
-                    p.broken.store(true, Ordering::Relaxed);
+                    broken.store(true, Ordering::Relaxed);
                     tracing::warn!(error = %e, "cannot reconnect to the Redis Cluster");
                 }
             }
@@ -286,8 +267,8 @@ impl Conn {
             || e.is_timeout()
             || e.is_unrecoverable_error()
         {
-            for p in &self.pool {
-                p.broken.store(true, Ordering::Relaxed);
+            for b in &self.broken {
+                b.store(true, Ordering::Relaxed);
             }
         }
         engine(e)
