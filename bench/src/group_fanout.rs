@@ -344,7 +344,7 @@ async fn member(
         // As a client does: reconnect and drain what is queued (what it
         // drains is not counted: the step it belonged to failed anyway).
         left -= 1;
-        tracing::debug!(member = me, error = %e, "member reconnecting");
+        tracing::warn!(member = me, error = %e, "member reconnecting");
         tokio::time::sleep(Duration::from_millis(200)).await;
         link = Link::Server(Box::new(
             connect_drained(&r.tcp, &r.creds, "group-fanout")
