@@ -677,18 +677,15 @@ impl Shard {
                 last_sync = Some(Instant::now());
             }
             batch_size.record(applied as f64);
-            let committed =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.commit()));
-            if committed.is_err() {
-                metrics::counter!(tm::PANICS, "where" => "shard").increment(1);
-                tracing::error!(
-                    shard = self.id,
-                    "panic while committing; restarting the shard from the store"
-                );
-                self.restart();
-            }
+            self.commit_guarded();
             depth.set(inbox.len() as f64);
             self.maybe_evict();
+        }
+        // What the last commit's aftermath staged (a group payload released
+        // by the acks it applied) waits for the next batch: at a stop there
+        // is none, so it is committed here, not lost with the process.
+        if !self.ops.is_empty() {
+            self.commit_guarded();
         }
         for (_, online) in self.online.drain() {
             drop(online);
@@ -946,6 +943,21 @@ impl Shard {
     /// Adds a write, of any domain, to the batch being built.
     pub(super) fn stage(&mut self, op: impl Into<Op>) {
         self.ops.push(op.into());
+    }
+
+    /// [`Shard::commit`], restarting the shard from the store if it
+    /// panics; whether it returned.
+    fn commit_guarded(&mut self) -> bool {
+        let committed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.commit()));
+        if committed.is_err() {
+            metrics::counter!(tm::PANICS, "where" => "shard").increment(1);
+            tracing::error!(
+                shard = self.id,
+                "panic while committing; restarting the shard from the store"
+            );
+            self.restart();
+        }
+        committed.is_ok()
     }
 
     fn commit(&mut self) {
