@@ -677,7 +677,7 @@ impl Shard {
                 last_sync = Some(Instant::now());
             }
             batch_size.record(applied as f64);
-            self.commit_guarded();
+            self.commit_contained();
             depth.set(inbox.len() as f64);
             self.maybe_evict();
         }
@@ -685,7 +685,7 @@ impl Shard {
         // by the acks it applied) waits for the next batch: at a stop there
         // is none, so it is committed here, not lost with the process.
         if !self.ops.is_empty() {
-            self.commit_guarded();
+            self.commit_contained();
         }
         for (_, online) in self.online.drain() {
             drop(online);
@@ -755,12 +755,18 @@ impl Shard {
     /// restarts from the store: the batch is failed, caches are dropped and
     /// connections are told to reconnect (they re-drain from the store).
     fn apply_contained(&mut self, cmd: Command) {
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.apply(cmd)));
+        self.contained("in shard command", |shard| shard.apply(cmd));
+    }
+
+    /// Runs `f`; a panic in it (`what` says where, for the log) is caught
+    /// and the shard restarts from the store.
+    fn contained(&mut self, what: &str, f: impl FnOnce(&mut Self)) {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self)));
         if result.is_err() {
             metrics::counter!(tm::PANICS, "where" => "shard").increment(1);
             tracing::error!(
                 shard = self.id,
-                "panic in shard command; restarting the shard from the store"
+                "panic {what}; restarting the shard from the store"
             );
             self.restart();
         }
@@ -945,19 +951,9 @@ impl Shard {
         self.ops.push(op.into());
     }
 
-    /// [`Shard::commit`], restarting the shard from the store if it
-    /// panics; whether it returned.
-    fn commit_guarded(&mut self) -> bool {
-        let committed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.commit()));
-        if committed.is_err() {
-            metrics::counter!(tm::PANICS, "where" => "shard").increment(1);
-            tracing::error!(
-                shard = self.id,
-                "panic while committing; restarting the shard from the store"
-            );
-            self.restart();
-        }
-        committed.is_ok()
+    /// [`Shard::commit`], contained as a command is.
+    fn commit_contained(&mut self) {
+        self.contained("while committing", Self::commit);
     }
 
     fn commit(&mut self) {
