@@ -28,7 +28,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use hdrhistogram::Histogram;
@@ -38,8 +38,8 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::harness::{
-    CpuMeter, CpuUse, Latency, Sut, Target, connect_drained, histogram, latency, print_json,
-    progress, register_users, start_relay,
+    CpuMeter, CpuUse, Latency, Sut, Target, connect_drained_with, histogram, latency, options,
+    print_json, progress, register_users, start_relay,
 };
 use crate::link::{Link, Plain};
 use crate::plot;
@@ -200,6 +200,11 @@ struct Slot {
     received: AtomicU32,
     /// The slowest member's send→receipt (µs).
     last_us: AtomicU64,
+    /// The latest send→arrival in a member's socket (µs, from the kernel's
+    /// receive time; see [`Link::received_at`]).
+    last_socket_us: AtomicU64,
+    /// Members whose arrival had a kernel receive time.
+    socket_stamped: AtomicU32,
     /// The send→receipt of the member that received it in the middle.
     median_us: AtomicU64,
 }
@@ -246,14 +251,20 @@ impl Book {
         }
     }
 
-    /// A member received message `index` `latency_us` after it was sent.
-    fn arrived(&self, index: u32, latency_us: u64) {
+    /// A member received message `index` `latency_us` after it was sent,
+    /// the bytes having reached its socket `socket_us` after (when the
+    /// kernel's receive time is known).
+    fn arrived(&self, index: u32, latency_us: u64, socket_us: Option<u64>) {
         let Some(slot) = usize::try_from(index).ok().and_then(|i| self.slots.get(i)) else {
             return;
         };
-        // The maximum first: whoever counts the last arrival then reads a
-        // final `last_us`.
+        // The maxima first: whoever counts the last arrival then reads
+        // final ones.
         slot.last_us.fetch_max(latency_us, Ordering::AcqRel);
+        if let Some(us) = socket_us {
+            slot.last_socket_us.fetch_max(us, Ordering::AcqRel);
+            slot.socket_stamped.fetch_add(1, Ordering::AcqRel);
+        }
         let rank = slot.received.fetch_add(1, Ordering::AcqRel) + 1;
         if rank == self.median_rank {
             slot.median_us.store(latency_us, Ordering::Release);
@@ -304,6 +315,8 @@ impl Book {
 struct Room {
     /// The time origin of the payload stamps.
     epoch: Instant,
+    /// `epoch` on the system clock (the kernel's receive times are on it).
+    epoch_wall: SystemTime,
     group_id: u64,
     size: usize,
     /// Members (other than the creator) that have seen the group's
@@ -347,11 +360,19 @@ async fn member(
         tracing::warn!(member = me, error = %e, "member reconnecting");
         tokio::time::sleep(Duration::from_millis(200)).await;
         link = Link::Server(Box::new(
-            connect_drained(&r.tcp, &r.creds, "group-fanout")
+            connect_drained_with(&r.tcp, &r.creds, &member_options())
                 .await
                 .with_context(|| format!("reconnecting after: {e:#}"))?,
         ));
     }
+}
+
+/// A member's connection options: the kernel's receive times on, for
+/// [`PhaseReport::send_to_last_member_socket`].
+fn member_options() -> switchboard_client::ConnectOptions {
+    let mut o = options("group-fanout");
+    o.receive_timestamps = true;
+    o
 }
 
 /// Where a member reconnects when the server ends its connection.
@@ -422,7 +443,8 @@ async fn serve_member(
                         room.last_delivery_us
                             .fetch_max(room.epoch.elapsed().as_micros() as u64, Ordering::Relaxed);
                         let book = books.borrow_and_update().clone();
-                        let seqs = take_entries(d, me, room, &book, joined);
+                        let at = link.received_at();
+                        let seqs = take_entries(d, at, me, room, &book, joined);
                         link.ack(&seqs).await?;
                     }
                     _ => {}
@@ -436,6 +458,7 @@ async fn serve_member(
 /// the group's creation into the room); the seqs to ack.
 fn take_entries(
     d: pb::Deliver,
+    received_at: Option<SystemTime>,
     me: usize,
     room: &Room,
     book: &Book,
@@ -451,7 +474,12 @@ fn take_entries(
                 if let Some(s) = Stamp::parse(&m.payload)
                     && s.phase == book.id
                 {
-                    book.arrived(s.index, now_us.saturating_sub(s.sent_us).max(1));
+                    let socket_us = received_at.map(|at| {
+                        let sent = room.epoch_wall + Duration::from_micros(s.sent_us);
+                        at.duration_since(sent)
+                            .map_or(1, |d| (d.as_micros() as u64).max(1))
+                    });
+                    book.arrived(s.index, now_us.saturating_sub(s.sent_us).max(1), socket_us);
                 }
             }
             Some(Body::GroupEvent(ev))
@@ -554,6 +582,7 @@ impl Fleet {
         let group_id = create_group(creator, user_ids.get(1..).unwrap_or_default()).await?;
         let room = Arc::new(Room {
             epoch: Instant::now(),
+            epoch_wall: SystemTime::now(),
             group_id,
             size: a.size,
             joined: AtomicUsize::new(0),
@@ -723,8 +752,14 @@ struct PhaseReport {
     deliveries_per_sec: f64,
     /// Delivery receipts the senders got for this phase's messages.
     receipts: u64,
-    /// Over complete messages: send → the last member's receipt.
+    /// Over complete messages: send → the last member's receipt (as the
+    /// load generator's member tasks saw it).
     send_to_last_member: Latency,
+    /// Over complete messages whose every arrival had a kernel receive
+    /// time: send → the bytes reaching the last member's socket (the
+    /// delivery itself, without the load generator's own queueing while it
+    /// reads a thousand sockets on one core).
+    send_to_last_member_socket: Option<Latency>,
     /// Over complete messages: send → the median member's receipt.
     send_to_median_member: Latency,
     send_to_ack: Latency,
@@ -744,10 +779,14 @@ impl Measured {
     fn new(fleet: &Fleet, plan: &Plan, book: &Book, cpu: CpuUse) -> Result<Self> {
         let mut last = histogram()?;
         let mut median = histogram()?;
+        let mut socket = histogram()?;
         for slot in &book.slots {
             if slot.received.load(Ordering::Acquire) >= book.recipients {
                 last.saturating_record(slot.last_us.load(Ordering::Acquire).max(1));
                 median.saturating_record(slot.median_us.load(Ordering::Acquire).max(1));
+                if slot.socket_stamped.load(Ordering::Acquire) >= book.recipients {
+                    socket.saturating_record(slot.last_socket_us.load(Ordering::Acquire).max(1));
+                }
             }
         }
         let mut acks = histogram()?;
@@ -775,6 +814,7 @@ impl Measured {
                 deliveries_per_sec,
                 receipts: book.receipts.load(Ordering::Acquire),
                 send_to_last_member: latency(&last),
+                send_to_last_member_socket: (!socket.is_empty()).then(|| latency(&socket)),
                 send_to_median_member: latency(&median),
                 send_to_ack: latency(&acks),
                 cpu,
@@ -799,7 +839,7 @@ impl Measured {
 
 fn print_phase(r: &PhaseReport) {
     println!(
-        "  {} [{}] {:.1} msgs/s × {} members: {}/{} messages reached every member, {} deliveries ({:.0}/s), {} sent, {} ✓, {} ✓✓, {} errors, {} skipped\n    send→last member   {}\n    send→median member {}\n    send→✓             {}\n    {}; target CPU per delivery {}",
+        "  {} [{}] {:.1} msgs/s × {} members: {}/{} messages reached every member, {} deliveries ({:.0}/s), {} sent, {} ✓, {} ✓✓, {} errors, {} skipped\n    send→last member   {}\n    send→last socket   {}\n    send→median member {}\n    send→✓             {}\n    {}; target CPU per delivery {}",
         r.phase,
         r.target,
         r.offered_msgs_per_sec,
@@ -814,6 +854,9 @@ fn print_phase(r: &PhaseReport) {
         r.errors,
         r.skipped,
         r.send_to_last_member,
+        r.send_to_last_member_socket
+            .as_ref()
+            .map_or_else(|| "n/a".to_owned(), ToString::to_string),
         r.send_to_median_member,
         r.send_to_ack,
         r.cpu,
@@ -1055,7 +1098,7 @@ async fn server_links(tcp: &str, users: &[switchboard_client::Credentials]) -> R
         for u in chunk {
             let (tcp, u) = (tcp.to_owned(), u.clone());
             tasks.push(tokio::spawn(async move {
-                connect_drained(&tcp, &u, "group-fanout").await
+                connect_drained_with(&tcp, &u, &member_options()).await
             }));
         }
         for t in tasks {
@@ -1077,7 +1120,7 @@ async fn relay_links(tcp: &str, n: usize) -> Result<Vec<Link>> {
         for user in start..(start + CONNECT_CONCURRENCY).min(n) {
             let tcp = tcp.to_owned();
             tasks.push(tokio::spawn(async move {
-                Plain::connect(&tcp, user as u64 + 1).await
+                Plain::connect(&tcp, user as u64 + 1, true).await
             }));
         }
         for t in tasks {
@@ -1103,6 +1146,12 @@ fn print_target(r: &TargetReport) {
         l.send_to_median_member.p50_ms,
         l.send_to_median_member.p99_ms,
     );
+    if let Some(s) = &l.send_to_last_member_socket {
+        println!(
+            "  delivery (bytes in the last member's socket, kernel receive time) at {:.1} msgs/s: p50 {:.2} ms, p99 {:.2} ms over {} messages (target at 1,024 members: p99 ≤ {LATENCY_TARGET_MS} ms)",
+            l.offered_msgs_per_sec, s.p50_ms, s.p99_ms, s.count
+        );
+    }
     match (r.ramp.knee_msgs_per_sec, r.ramp.knee_deliveries_per_sec) {
         (Some(m), Some(d)) => println!(
             "  sustained fan-out (p99 send→last member ≤ {P99_LIMIT_MS} ms): {m:.1} msgs/s = {d:.0} deliveries/s{}",
@@ -1287,14 +1336,17 @@ mod tests {
         let book = Book::new(1, 2, 5);
         assert_eq!(book.median_rank, 3);
         for (i, us) in [40, 10, 30, 20, 50].into_iter().enumerate() {
-            book.arrived(0, us);
+            book.arrived(0, us, Some(us / 2));
             assert_eq!(book.complete.load(Ordering::Acquire), u64::from(i == 4));
         }
-        book.arrived(1, 7);
-        book.arrived(9, 7); // not a message of this phase: ignored
+        book.arrived(1, 7, None);
+        book.arrived(9, 7, None); // not a message of this phase: ignored
         let slot = &book.slots[0];
         assert_eq!(slot.last_us.load(Ordering::Acquire), 50);
         assert_eq!(slot.median_us.load(Ordering::Acquire), 30);
+        assert_eq!(slot.last_socket_us.load(Ordering::Acquire), 25);
+        assert_eq!(slot.socket_stamped.load(Ordering::Acquire), 5);
+        assert_eq!(book.slots[1].socket_stamped.load(Ordering::Acquire), 0);
         assert_eq!(book.deliveries.load(Ordering::Acquire), 6);
         // One message has not reached everyone and none has its ✓.
         assert!(!book.settled(false));

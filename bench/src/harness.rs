@@ -348,8 +348,17 @@ pub async fn register_users(
 /// Connects and authenticates, then acks everything queued until
 /// `UpToDate`.
 pub async fn connect_drained(tcp: &str, creds: &Credentials, agent: &str) -> Result<Connection> {
+    connect_drained_with(tcp, creds, &options(agent)).await
+}
+
+/// [`connect_drained`] with `options`.
+pub async fn connect_drained_with(
+    tcp: &str,
+    creds: &Credentials,
+    options: &ConnectOptions,
+) -> Result<Connection> {
     let endpoint: Endpoint = tcp.parse().context("endpoint")?;
-    let mut conn = Connection::connect(&endpoint, &options(agent)).await?;
+    let mut conn = Connection::connect(&endpoint, options).await?;
     conn.auth(creds).await?;
     loop {
         let f = conn.next_frame().await?;

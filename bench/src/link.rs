@@ -3,14 +3,15 @@
 //! plain TCP). The driver code is the same for both, so their numbers
 //! compare.
 
+use std::time::SystemTime;
+
 use anyhow::{Context, Result, bail};
 use bytes::BytesMut;
-use switchboard_client::Connection;
 use switchboard_client::pb::{self, client_frame::Body as In, server_frame::Body as Out};
+use switchboard_client::transport::{self, Reader, Writer};
+use switchboard_client::{Connection, Endpoint};
 use switchboard_proto::frame::{self, FrameDecoder};
 use switchboard_proto::limits::DEFAULT_MAX_FRAME_BYTES;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// A driver's connection.
 pub enum Link {
@@ -54,6 +55,15 @@ impl Link {
         }
     }
 
+    /// When the kernel received the bytes that completed the last frame
+    /// (`None` unless the link was opened with receive timestamps).
+    pub fn received_at(&self) -> Option<SystemTime> {
+        match self {
+            Self::Server(c) => c.received_at(),
+            Self::Relay(p) => p.reader.received_at(),
+        }
+    }
+
     /// Acknowledges queue entries.
     ///
     /// # Errors
@@ -76,7 +86,8 @@ impl Link {
 
 /// A plain-TCP link to the relay.
 pub struct Plain {
-    stream: TcpStream,
+    reader: Reader,
+    writer: Writer,
     decoder: FrameDecoder,
     inbuf: BytesMut,
     outbuf: BytesMut,
@@ -84,17 +95,23 @@ pub struct Plain {
 }
 
 impl Plain {
-    /// Connects to the relay as `user_id` and waits until it is registered.
+    /// Connects to the relay as `user_id` and waits until it is registered;
+    /// `stamped`: take the kernel's receive times (see
+    /// [`Link::received_at`]).
     ///
     /// # Errors
     /// If the relay cannot be reached or answers something else.
-    pub async fn connect(addr: &str, user_id: u64) -> Result<Self> {
-        let stream = TcpStream::connect(addr)
+    pub async fn connect(addr: &str, user_id: u64, stamped: bool) -> Result<Self> {
+        let endpoint: Endpoint = addr.parse().context("relay address")?;
+        let (mut reader, writer) = transport::connect(&endpoint)
             .await
             .with_context(|| format!("relay at {addr}"))?;
-        stream.set_nodelay(true)?;
+        if stamped {
+            reader = reader.stamp_receives()?;
+        }
         let mut p = Self {
-            stream,
+            reader,
+            writer,
             decoder: FrameDecoder::new(DEFAULT_MAX_FRAME_BYTES),
             inbuf: BytesMut::with_capacity(8 * 1024),
             outbuf: BytesMut::new(),
@@ -121,8 +138,8 @@ impl Plain {
 
     async fn send(&mut self, f: &pb::ClientFrame) -> Result<()> {
         frame::encode(f, &mut self.outbuf);
-        let out = self.outbuf.split();
-        self.stream.write_all(&out).await.context("relay write")
+        let out = self.outbuf.split().freeze();
+        self.writer.write(out).await.context("relay write")
     }
 
     async fn next_frame(&mut self) -> Result<pb::ServerFrame> {
@@ -133,7 +150,7 @@ impl Plain {
             {
                 return Ok(f);
             }
-            if self.stream.read_buf(&mut self.inbuf).await? == 0 {
+            if self.reader.read(&mut self.inbuf).await? == 0 {
                 bail!("the relay closed the connection");
             }
         }

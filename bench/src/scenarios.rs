@@ -301,7 +301,9 @@ impl Driver {
                     Self::Relay { tcp, .. } => {
                         let tcp = tcp.clone();
                         tokio::spawn(async move {
-                            Ok(Link::Relay(Plain::connect(&tcp, i as u64 + 1).await?))
+                            Ok(Link::Relay(
+                                Plain::connect(&tcp, i as u64 + 1, false).await?,
+                            ))
                         })
                     }
                 });

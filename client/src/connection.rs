@@ -45,6 +45,10 @@ pub struct ConnectOptions {
     pub max_frame_bytes: usize,
     /// Protocol versions offered in `ClientHello` (tests may offer others).
     pub versions: Vec<u32>,
+    /// Take the kernel's receive time of what is read, for
+    /// [`Connection::received_at`] (TCP on Linux; see
+    /// [`Reader::stamp_receives`]). Off by default.
+    pub receive_timestamps: bool,
 }
 
 impl Default for ConnectOptions {
@@ -55,6 +59,7 @@ impl Default for ConnectOptions {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             max_frame_bytes: limits::DEFAULT_MAX_FRAME_BYTES,
             versions: vec![version::CURRENT],
+            receive_timestamps: false,
         }
     }
 }
@@ -184,6 +189,9 @@ impl Connection {
 
     async fn handshake(endpoint: &Endpoint, options: &ConnectOptions) -> Result<Self, Error> {
         let (mut reader, mut writer) = transport::connect(endpoint).await?;
+        if options.receive_timestamps {
+            reader = reader.stamp_receives()?;
+        }
         // A fresh static key per connection: the client's Noise key is not a
         // credential (accounts authenticate inside the session).
         let keypair = noise::generate_keypair()?;
@@ -239,6 +247,15 @@ impl Connection {
             server_key,
             goodbye: None,
         })
+    }
+
+    /// When the kernel received the bytes that completed the frame
+    /// [`Connection::next_frame`] returned last (an upper bound if that
+    /// frame was already buffered); `None` unless connected with
+    /// [`ConnectOptions::receive_timestamps`].
+    #[must_use]
+    pub fn received_at(&self) -> Option<std::time::SystemTime> {
+        self.reader.received_at()
     }
 
     /// The endpoint this connection was opened to.

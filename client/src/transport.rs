@@ -7,6 +7,8 @@
 //! objects: there are exactly two transports and the enum keeps the futures
 //! `Send` without boxing.
 
+use std::time::SystemTime;
+
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
@@ -32,11 +34,24 @@ const MAX_WS_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// Bytes asked of the socket per stamped read (see
+/// [`Reader::stamp_receives`]); the buffer is zeroed first, so smaller than
+/// [`READ_CHUNK_BYTES`].
+const STAMPED_READ_CHUNK_BYTES: usize = 16 * 1024;
+
 /// The receiving half of a link.
 #[derive(Debug)]
 pub enum Reader {
     /// TCP.
     Tcp(OwnedReadHalf),
+    /// TCP, each read also taking the kernel's receive time of the bytes
+    /// it returned (see [`Reader::stamp_receives`]).
+    TcpStamped {
+        /// The socket's receiving half.
+        half: OwnedReadHalf,
+        /// When the kernel received the bytes of the last read.
+        last: Option<SystemTime>,
+    },
     /// WebSocket.
     WebSocket(SplitStream<Ws>),
 }
@@ -103,6 +118,16 @@ impl Reader {
                 buf.reserve(READ_CHUNK_BYTES);
                 Ok(r.read_buf(buf).await?)
             }
+            Self::TcpStamped { half, last } => {
+                let (n, at) = half
+                    .as_ref()
+                    .async_io(tokio::io::Interest::READABLE, || stamped::recv(half, buf))
+                    .await?;
+                if at.is_some() {
+                    *last = at;
+                }
+                Ok(n)
+            }
             Self::WebSocket(stream) => loop {
                 match stream.next().await {
                     None | Some(Ok(Message::Close(_))) => return Ok(0),
@@ -122,6 +147,103 @@ impl Reader {
                 }
             },
         }
+    }
+}
+
+impl Reader {
+    /// From now on, takes the kernel's receive time of what each read
+    /// returns (`SO_TIMESTAMPNS`), for [`Reader::received_at`]: when the
+    /// bytes reached this machine's socket, before this process got to
+    /// them. For measuring delivery apart from the reader's own delays (a
+    /// load generator reading a thousand sockets on one core). TCP on Linux
+    /// only; elsewhere the reader is returned unchanged.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Transport`] if the socket refuses the option.
+    pub fn stamp_receives(self) -> Result<Self, Error> {
+        match self {
+            #[cfg(target_os = "linux")]
+            Self::Tcp(half) => {
+                stamped::enable(&half)?;
+                Ok(Self::TcpStamped { half, last: None })
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// When the kernel received the bytes of the last read that had a
+    /// receive time (see [`Reader::stamp_receives`]); `None` if not
+    /// stamping. A frame completed by that read arrived no later.
+    #[must_use]
+    pub fn received_at(&self) -> Option<SystemTime> {
+        match self {
+            Self::TcpStamped { last, .. } => *last,
+            _ => None,
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+mod stamped {
+    //! Reads that carry the kernel's receive time (`SO_TIMESTAMPNS`).
+
+    use std::io;
+    use std::os::fd::AsRawFd;
+    use std::time::{Duration, SystemTime};
+
+    use bytes::BytesMut;
+    use nix::sys::socket::{self, ControlMessageOwned, MsgFlags, sockopt};
+    use nix::sys::time::{TimeSpec, TimeValLike};
+    use tokio::net::tcp::OwnedReadHalf;
+
+    pub(super) fn enable(half: &OwnedReadHalf) -> io::Result<()> {
+        socket::setsockopt(half.as_ref(), sockopt::ReceiveTimestampns, &true)?;
+        Ok(())
+    }
+
+    /// One `recvmsg` appending to `buf`: the bytes read and their receive
+    /// time. `WouldBlock` when nothing is waiting.
+    pub(super) fn recv(
+        half: &OwnedReadHalf,
+        buf: &mut BytesMut,
+    ) -> io::Result<(usize, Option<SystemTime>)> {
+        let start = buf.len();
+        buf.resize(start + super::STAMPED_READ_CHUNK_BYTES, 0);
+        let mut space = nix::cmsg_space!(TimeSpec);
+        let result = {
+            let mut iov = [io::IoSliceMut::new(&mut buf[start..])];
+            socket::recvmsg::<()>(
+                half.as_ref().as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::MSG_DONTWAIT,
+            )
+            .map(|msg| {
+                let at = msg.cmsgs().ok().and_then(|mut c| {
+                    c.find_map(|m| match m {
+                        ControlMessageOwned::ScmTimestampns(ts) => Some(at(ts)),
+                        _ => None,
+                    })
+                });
+                (msg.bytes, at)
+            })
+        };
+        match result {
+            Ok((n, at)) => {
+                buf.truncate(start + n);
+                Ok((n, at))
+            }
+            Err(e) => {
+                buf.truncate(start);
+                Err(e.into())
+            }
+        }
+    }
+
+    fn at(ts: TimeSpec) -> SystemTime {
+        let nanos = u64::try_from(ts.num_nanoseconds()).unwrap_or(0);
+        SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos)
     }
 }
 

@@ -83,6 +83,48 @@ async fn connection_handshake_ping_auth_and_key_pinning() {
     server.stop().await;
 }
 
+/// With receive timestamps a connection tells when the server's bytes
+/// reached its socket, not when it got round to reading them.
+#[tokio::test]
+async fn receive_timestamps_tell_when_bytes_arrived_not_when_they_were_read() {
+    let mut server = TestServer::start().await;
+    let endpoint = server.endpoint();
+    let mut plain = Connection::connect(&endpoint, &ConnectOptions::default())
+        .await
+        .unwrap();
+    plain.ping().await.unwrap();
+    assert_eq!(plain.received_at(), None, "off by default");
+
+    let mut options = ConnectOptions::default();
+    options.receive_timestamps = true;
+    let mut conn = Connection::connect(&endpoint, &options).await.unwrap();
+    let sent = std::time::SystemTime::now();
+    let id = conn.next_request_id();
+    conn.send_frame(&pb::ClientFrame {
+        id,
+        body: Some(pb::client_frame::Body::Ping(pb::Ping {})),
+    })
+    .await
+    .unwrap();
+    // The Pong waits in the socket while this reader is busy elsewhere.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let read_from = std::time::SystemTime::now();
+    let pong = conn.next_frame().await.unwrap();
+    assert!(
+        matches!(pong.body, Some(pb::server_frame::Body::Pong(_))),
+        "{pong:?}"
+    );
+    let at = conn.received_at().expect("a receive time");
+    assert!(at >= sent, "{at:?} before the ping was sent ({sent:?})");
+    assert!(
+        at < read_from,
+        "{at:?} is the read's time ({read_from:?}), not the arrival's"
+    );
+    plain.close().await.unwrap();
+    conn.close().await.unwrap();
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn send_to_phone_looks_up_and_fixes_device_mismatch() {
     let mut server = TestServer::start().await;
