@@ -31,6 +31,10 @@ pub const ERRORS: &str = "switchboard_errors_total";
 /// Cluster mode: round trips to Redis on the commit path (a pipeline of
 /// scripts counts one, each `WAIT` one).
 pub const REDIS_ROUND_TRIPS: &str = "switchboard_cluster_redis_round_trips_total";
+/// Cluster mode: script pipelines sent again with `apply.lua`'s body
+/// because a Redis master did not have it cached (after its restart or a
+/// failover).
+pub const REDIS_SCRIPT_LOADS: &str = "switchboard_cluster_redis_script_loads_total";
 /// Cluster mode: batches committed to the cluster store.
 pub const CLUSTER_COMMITS: &str = "switchboard_cluster_commits_total";
 /// Cluster mode: commands a node forwarded to the serving node.
@@ -132,6 +136,7 @@ pub fn install() -> Option<PrometheusHandle> {
                 DISCARDED_REQUESTS,
                 SLOW_READER_DISCONNECTS,
                 REDIS_ROUND_TRIPS,
+                REDIS_SCRIPT_LOADS,
                 CLUSTER_COMMITS,
                 FORWARDED_COMMANDS,
             ] {
@@ -214,6 +219,10 @@ fn describe() {
     describe_counter!(
         REDIS_ROUND_TRIPS,
         "Cluster mode: Redis round trips of commits (pipelines and WAITs)."
+    );
+    describe_counter!(
+        REDIS_SCRIPT_LOADS,
+        "Cluster mode: commit pipelines sent again with the script body (a Redis master lacked it)."
     );
     describe_counter!(CLUSTER_COMMITS, "Cluster mode: batches committed.");
     describe_counter!(

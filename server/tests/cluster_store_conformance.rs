@@ -180,6 +180,46 @@ fn a_node_taken_over_is_fenced_in_both_engines(h: &mut Cluster) {
     assert_eq!(store_b.reserved_seq(device).unwrap(), 3);
 }
 
+/// Commits call `apply.lua` by hash (`EVALSHA`); a master that lost its
+/// script cache (restarted, or a replica just promoted) answers NOSCRIPT,
+/// and the commit goes through anyway, sending the body once.
+fn a_master_without_the_script_still_commits(h: &mut Cluster) {
+    use switchboard_server::store::{DeviceKey, Op, QueueOp, Queues};
+    let url = h.database(&format!("scripts_{}", h.opened.len())).unwrap();
+    let prefix = "scripts:";
+    let ownership = Arc::new(Ownership::new("scripts-node".into()));
+    let pg = PgDomains::open(&url, ownership.clone()).unwrap();
+    let membership = Membership::connect(
+        &h.redis.url(),
+        prefix,
+        ownership.clone(),
+        std::time::Duration::from_secs(3),
+        "127.0.0.1:1".into(),
+    )
+    .unwrap();
+    assert_eq!(membership.step(&pg).unwrap(), Standing::Serving);
+    let redis = RedisDomains::open(&h.redis.url(), prefix, 1, ownership, 2).unwrap();
+    // Users in many partitions, so every master is written.
+    let devices: Vec<DeviceKey> = (1..=40).map(|user| DeviceKey { user, device: 1 }).collect();
+    let reserve = |upto: u64| -> Vec<Op> {
+        devices
+            .iter()
+            .map(|&device| QueueOp::ReserveSeqs { device, upto }.into())
+            .collect()
+    };
+    h.redis.flush_scripts();
+    redis.apply(&reserve(5), true).unwrap();
+    assert_eq!(redis.script_loads(), 1, "NOSCRIPT once, then the body");
+    redis.apply(&reserve(6), true).unwrap();
+    assert_eq!(redis.script_loads(), 1, "cached now: by hash");
+    h.redis.flush_scripts();
+    redis.apply(&reserve(7), true).unwrap();
+    assert_eq!(redis.script_loads(), 2);
+    for &device in &devices {
+        assert_eq!(redis.reserved_seq(device).unwrap(), 7, "{device:?}");
+    }
+}
+
 /// The shard threads of a node call Redis side by side: while one call
 /// holds a connection (a commit waiting for its `WAIT`, a sweep), another
 /// takes the next connection instead of waiting for it. With one shared
@@ -284,6 +324,7 @@ fn the_cluster_store_passes_the_conformance_suite() {
     a_busy_connection_does_not_hold_up_other_calls(&harness);
     a_waiting_transaction_does_not_hold_up_other_calls(&mut harness);
     a_node_taken_over_is_fenced_in_both_engines(&mut harness);
+    a_master_without_the_script_still_commits(&mut harness);
     let failures = conformance::run(&mut harness);
     let report: Vec<String> = failures.iter().map(ToString::to_string).collect();
     assert!(

@@ -350,6 +350,16 @@ impl RedisCluster {
         panic!("no master serves slot {slot}:\n{nodes}")
     }
 
+    /// Empties every live node's script cache (`SCRIPT FLUSH`), as a
+    /// restart or a replica's promotion leaves a master.
+    pub fn flush_scripts(&self) {
+        for (port, child) in &self.nodes {
+            if child.is_some() {
+                assert!(cli(*port, &["script", "flush"]).contains("OK"));
+            }
+        }
+    }
+
     /// Whether every node reports `cluster_state:ok` and each master a
     /// connected replica.
     pub fn healthy(&self) -> bool {
