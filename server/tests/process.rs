@@ -82,6 +82,74 @@ async fn sigkill_while_idle_keeps_queues() {
     assert_eq!(b.drain().await.len(), 1);
 }
 
+/// A group payload every member acked is deleted by a commit the shard
+/// makes as soon as it is idle, not kept in memory until its next command:
+/// a SIGKILL a moment later finds it gone from the store.
+#[tokio::test]
+async fn a_released_group_payload_is_deleted_while_the_server_is_idle() {
+    use pb::client_frame::Body as In;
+    use switchboard_server::store::{EmbeddedStore, PayloadId, Payloads};
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = spawn(dir.path()).await;
+    let alice = register_at(&p.tcp, dir.path(), "+15550000231").await;
+    let bob = register_at(&p.tcp, dir.path(), "+15550000232").await;
+    let mut a = authed(&p.tcp, &alice).await;
+    a.drain().await;
+    let create = In::CreateGroup(pb::CreateGroup {
+        name: "idle".into(),
+        members: vec![bob.user_id],
+        ..Default::default()
+    });
+    let g = match a.request(create).await {
+        Out::GroupInfo(i) => i.group_id,
+        other => panic!("{other:?}"),
+    };
+    let post = In::SendGroup(pb::SendGroup {
+        group_id: g,
+        client_msg_id: "idle-1".into(),
+        payload: b"read by all".to_vec().into(),
+        first_attempt: true,
+    });
+    let seq = match a.request(post).await {
+        Out::SendOk(ok) => ok.group_seq,
+        other => panic!("{other:?}"),
+    };
+    // Bob gets and acks it: the last reference goes.
+    let mut b = authed(&p.tcp, &bob).await;
+    let got = b.drain().await;
+    assert!(
+        got.iter().any(|e| matches!(&e.body,
+            Some(pb::queue_entry::Body::GroupMessage(m)) if m.group_seq == seq)),
+        "{got:?}"
+    );
+    let started = std::time::Instant::now();
+    loop {
+        let (_, text) = http_get(&p.http, "/metrics").await;
+        let collected = metric(
+            &text,
+            "switchboard_group_payloads_collected_total{reason=\"released\"}",
+        );
+        if collected.unwrap_or_default() >= 1.0 {
+            break;
+        }
+        assert!(started.elapsed() < WAIT, "the payload was never released");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Nothing else happens; then SIGKILL.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    p.child.start_kill().unwrap();
+    p.child.wait().await.unwrap();
+    drop((a, b));
+    let store = EmbeddedStore::open(&dir.path().join("db")).unwrap();
+    assert!(
+        store
+            .payload(PayloadId { owner: g, seq })
+            .unwrap()
+            .is_none(),
+        "the payload every member acked is still stored"
+    );
+}
+
 #[tokio::test]
 async fn sigterm_shuts_down_cleanly() {
     let dir = tempfile::tempdir().unwrap();
