@@ -10,6 +10,14 @@
 //! herd alone). The engines come from `SWITCHBOARD_REDIS_URL` and
 //! `SWITCHBOARD_POSTGRES_URL` (`scripts/cluster.sh --nodes 0`); use fresh
 //! ones.
+//!
+//! `--bystanders N` (with `--victim serving`) also connects N other
+//! clients to a node that survives, the one that will take over
+//! (`--bystander-node survivor`) or a third node started for them
+//! (`third`): they must keep their connections. Each waits, on the
+//! connection it had, for the drain that follows its re-attachment to the
+//! new serving node (a second `UpToDate`); the bench reports how many kept
+//! their connection and how long re-attaching took.
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -44,6 +52,16 @@ pub enum Signal {
     Term,
 }
 
+/// Where the bystanders connect.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BystanderNode {
+    /// The node the victim's clients reconnect to.
+    Survivor,
+    /// A third node, started for them.
+    Third,
+}
+
 /// Options of `failover`.
 #[derive(clap::Args, Debug)]
 pub struct FailoverArgs {
@@ -56,6 +74,13 @@ pub struct FailoverArgs {
     /// How it dies.
     #[arg(long, value_enum, default_value_t = Signal::Kill)]
     signal: Signal,
+    /// Clients on a surviving node, which must keep their connections
+    /// (with `--victim serving`).
+    #[arg(long, default_value_t = 0)]
+    bystanders: usize,
+    /// Where the bystanders connect.
+    #[arg(long, value_enum, default_value_t = BystanderNode::Survivor)]
+    bystander_node: BystanderNode,
     /// The nodes' `cluster_lease_ms` (default: the server's default).
     #[arg(long)]
     lease_ms: Option<u64>,
@@ -86,6 +111,14 @@ struct Report {
     retries: u64,
     all_back_seconds: f64,
     time_to_back: Latency,
+    bystanders: usize,
+    bystander_node: BystanderNode,
+    /// Bystanders drained again on the connection they had.
+    bystanders_kept: usize,
+    /// Bystanders whose connection ended (or that never were re-attached).
+    bystanders_dropped: usize,
+    bystanders_all_seconds: f64,
+    time_to_reattach: Latency,
 }
 
 /// Runs the scenario; `Ok(true)` when every client got back.
@@ -94,6 +127,10 @@ pub async fn failover(a: FailoverArgs) -> Result<bool> {
         std::env::var_os("SWITCHBOARD_REDIS_URL").is_some()
             && std::env::var_os("SWITCHBOARD_POSTGRES_URL").is_some(),
         "failover needs SWITCHBOARD_REDIS_URL and SWITCHBOARD_POSTGRES_URL (scripts/cluster.sh --nodes 0 starts engines and prints them)"
+    );
+    anyhow::ensure!(
+        a.bystanders == 0 || a.victim == Victim::Serving,
+        "--bystanders needs --victim serving (only then do the survivors' connections change node)"
     );
     let bin = locate(a.server_bin.clone())?;
     let dir = tempfile::tempdir().context("temp dir")?;
@@ -108,15 +145,22 @@ pub async fn failover(a: FailoverArgs) -> Result<bool> {
     // Node 0 serves (it starts first); node 1 forwards to it.
     let serving = ServerProc::start(&bin, &data_of(0), &args_of(0)).await?;
     let forwarding = ServerProc::start_node(&bin, &data_of(1), &args_of(1)).await?;
-    let users = register_users(
+    let third = match (a.bystanders, a.bystander_node) {
+        (1.., BystanderNode::Third) => {
+            Some(ServerProc::start_node(&bin, &data_of(2), &args_of(2)).await?)
+        }
+        _ => None,
+    };
+    let mut users = register_users(
         &serving.tcp,
         &data_of(0),
         // Fresh numbers per run: the engines may hold earlier runs'.
         7_000_000 + rand::random::<u32>() % 1_000_000,
-        a.clients,
+        a.clients + a.bystanders,
         REGISTER_CONCURRENCY,
     )
     .await?;
+    let bystander_users = users.split_off(a.clients);
     let (victim, survivor) = match a.victim {
         Victim::Serving => (serving, forwarding),
         Victim::Forwarding => (forwarding, serving),
@@ -164,7 +208,46 @@ pub async fn failover(a: FailoverArgs) -> Result<bool> {
             }
         }));
     }
-    let n = u32::try_from(a.clients).context("too many clients")?;
+    let bystander_tcp = match &third {
+        Some(t) => t.tcp.clone(),
+        None => survivor_tcp.clone(),
+    };
+    let mut watchers = Vec::with_capacity(bystander_users.len());
+    for u in bystander_users {
+        let tcp = bystander_tcp.clone();
+        let (killed_at, connected, gate) = (killed_at.clone(), connected.clone(), gate.clone());
+        watchers.push(tokio::spawn(async move {
+            let mut conn = {
+                let _permit = gate.acquire().await?;
+                connect_drained(&tcp, &u, "failover-bystander").await?
+            };
+            connected.add_permits(1);
+            // On the same connection: the drain after re-attachment.
+            let kept = tokio::time::timeout(GIVE_UP, async {
+                loop {
+                    match conn.next_frame().await {
+                        Ok(f) => match f.body {
+                            Some(Out::UpToDate(_)) if killed_at.get().is_some() => return true,
+                            Some(Out::Deliver(d)) => {
+                                let seqs: Vec<u64> = d.entries.iter().map(|e| e.seq).collect();
+                                if conn.ack(&seqs).await.is_err() {
+                                    return false;
+                                }
+                            }
+                            Some(Out::Goodbye(_)) => return false,
+                            _ => {}
+                        },
+                        Err(_) => return false,
+                    }
+                }
+            })
+            .await
+            .unwrap_or(false);
+            let at = killed_at.get().map_or(Duration::ZERO, Instant::elapsed);
+            Ok::<_, anyhow::Error>((kept.then_some(conn), at))
+        }));
+    }
+    let n = u32::try_from(a.clients + a.bystanders).context("too many clients")?;
     connected
         .acquire_many(n)
         .await
@@ -196,6 +279,19 @@ pub async fn failover(a: FailoverArgs) -> Result<bool> {
     }
     bar.finish_and_clear();
     let all_back_seconds = h.max() as f64 / 1e6;
+    let mut reattach = histogram()?;
+    let (mut kept, mut dropped) = (0usize, 0usize);
+    for t in watchers {
+        let (c, at) = t.await.context("bystander task")??;
+        match c {
+            Some(c) => {
+                kept += 1;
+                let _ = reattach.record(at.as_micros().max(1) as u64);
+                conns.push(c);
+            }
+            None => dropped += 1,
+        }
+    }
     let report = Report {
         scenario: "failover",
         clients: a.clients,
@@ -207,9 +303,18 @@ pub async fn failover(a: FailoverArgs) -> Result<bool> {
         retries,
         all_back_seconds,
         time_to_back: latency(&h),
+        bystanders: a.bystanders,
+        bystander_node: a.bystander_node,
+        bystanders_kept: kept,
+        bystanders_dropped: dropped,
+        bystanders_all_seconds: reattach.max() as f64 / 1e6,
+        time_to_reattach: latency(&reattach),
     };
     drop(conns);
     survivor.stop().await?;
+    if let Some(t) = third {
+        t.stop().await?;
+    }
     if a.json {
         print_json(&report)?;
     } else {
@@ -224,6 +329,17 @@ pub async fn failover(a: FailoverArgs) -> Result<bool> {
             retries,
             report.time_to_back
         );
+        if a.bystanders > 0 {
+            println!(
+                "bystanders: {} on the {:?} node → {} kept their connection and were drained again on it, all within {:.2}s ({} dropped); per client {}",
+                a.bystanders,
+                a.bystander_node,
+                kept,
+                report.bystanders_all_seconds,
+                dropped,
+                report.time_to_reattach
+            );
+        }
     }
-    Ok(failed == 0)
+    Ok(failed == 0 && dropped == 0)
 }

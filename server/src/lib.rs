@@ -147,7 +147,7 @@ pub async fn run_with_store(
 ) -> Result<(), ServerError> {
     run_stack(
         config,
-        Backend::Store { store, links: None },
+        Backend::Store { store },
         tcp,
         http,
         shutdown,
@@ -174,20 +174,102 @@ async fn shared_limits(config: &Config) -> Result<Option<limits::shared::Shared>
     Ok(Some(shared))
 }
 
-/// What a server's router works on.
+/// What a server runs on.
 pub enum Backend {
-    /// Shards of its own on `store` (the embedded server; a cluster node
-    /// serving the partitions). With `links`, it also takes node links
-    /// there: commands forwarded by the cluster's other nodes.
+    /// Shards of its own on `store` (the embedded server).
     Store {
         /// The store.
         store: Arc<dyn Store>,
-        /// The `cluster_listen` listener of a serving cluster node.
-        links: Option<TcpListener>,
     },
-    /// No shards: every command goes over the forwarder's link to the node
-    /// serving the partitions (a cluster node that does not serve them).
-    Forward(Arc<router::Forwarder>),
+    /// A cluster node: it forwards every command over `forwarder`'s link
+    /// to the node serving the partitions until `promote` resolves `true`
+    /// (this node took them over). Then it starts shards of its own on
+    /// `store`, hands them its connections (they stay open,
+    /// [`Router::serve_locally`]), takes the other nodes' links on `links`
+    /// and calls `on_serving`.
+    Cluster {
+        /// The link to the serving node.
+        forwarder: Arc<router::Forwarder>,
+        /// The cluster store.
+        store: Arc<dyn Store>,
+        /// The `cluster_listen` listener.
+        links: TcpListener,
+        /// Resolves `true` when this node serves (`false`: it never will).
+        promote: std::pin::Pin<Box<dyn Future<Output = bool> + Send>>,
+        /// Called once it serves.
+        on_serving: Box<dyn FnOnce(&Ready) + Send>,
+    },
+}
+
+/// What a server holds only once it serves: its shards and what works on
+/// them.
+struct Serving {
+    threads: router::ShardThreads,
+    store: Arc<dyn Store>,
+    upkeep: tokio::task::JoinHandle<()>,
+    links: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Sweeps, upkeep and queue-age gauges of a serving node's shards until
+/// `cancel`.
+fn spawn_upkeep(
+    config: &Config,
+    router: Router,
+    store: Arc<dyn Store>,
+    metrics_handle: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    cancel: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let sweep_every = Duration::from_secs(config.sweep_interval_secs);
+    let shards = config.shard_count();
+    let queue_age_every = Duration::from_secs(config.queue_age_interval_secs);
+    telemetry::set_oldest_entry_ages(&vec![None; shards], 0);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(sweep_every);
+        let mut upkeep = tokio::time::interval(telemetry::UPKEEP_INTERVAL);
+        // The first measurement after one interval (the gauges start at 0).
+        let mut ages = tokio::time::interval_at(
+            tokio::time::Instant::now() + queue_age_every,
+            queue_age_every,
+        );
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                _ = tick.tick() => router.sweep(),
+                _ = upkeep.tick() => {
+                    if let Some(h) = &metrics_handle {
+                        h.run_upkeep();
+                    }
+                    metrics::gauge!(telemetry::QUEUED_ENTRIES)
+                        .set(store.approximate_queue_entries() as f64);
+                    router.tick();
+                }
+                _ = ages.tick() => {
+                    // One seek per stored queue, on a thread of its own at
+                    // the lowest priority: measuring must not delay messages.
+                    let store = store.clone();
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    let spawned = std::thread::Builder::new()
+                        .name("queue-age".into())
+                        .spawn(move || {
+                            if let Err(e) = os::lower_own_priority(QUEUE_AGE_NICE) {
+                                tracing::debug!(error = %e, "cannot lower the queue-age thread's priority");
+                            }
+                            let _ = tx.send(store.oldest_entries(shards, &|user| {
+                                router::shard_of_user(user, shards)
+                            }));
+                        });
+                    match spawned.map(|_| rx) {
+                        Ok(rx) => match rx.await {
+                            Ok(Ok(oldest)) => telemetry::set_oldest_entry_ages(&oldest, clock::now_ms()),
+                            Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the queues' oldest entries"),
+                            Err(_) => tracing::warn!("the queue-age thread ended without an answer"),
+                        },
+                        Err(e) => tracing::warn!(error = %e, "cannot start the queue-age thread"),
+                    }
+                }
+            }
+        }
+    })
 }
 
 /// Runs a server on already-bound listeners with `backend` until
@@ -213,17 +295,22 @@ pub async fn run_stack(
         config.data_dir.display()
     )))?;
     let key = server_key::load_or_create(&config.data_dir)?;
-    let (router, threads, store, links) = match backend {
-        Backend::Store { store, links } => {
+    let (router, started, cluster) = match backend {
+        Backend::Store { store } => {
             let (router, threads) = Router::start(store.clone(), config.router())
                 .map_err(io_err("cannot start shard threads"))?;
-            (router, Some(threads), Some(store), links)
+            (router, Some((threads, store)), None)
         }
-        Backend::Forward(forwarder) => (
+        Backend::Cluster {
+            forwarder,
+            store,
+            links,
+            promote,
+            on_serving,
+        } => (
             Router::forwarding(forwarder, config.router().request_deadline),
             None,
-            None,
-            None,
+            Some((store, links, promote, on_serving)),
         ),
     };
     let code_sender = code_sender(&config)?;
@@ -261,15 +348,66 @@ pub async fn run_stack(
     // once the shards have applied what the other nodes forwarded, so
     // those nodes see this one gone (its link refused) when it is done.
     let links_cancel = CancellationToken::new();
-    let links_task = links.map(|listener| {
-        tokio::spawn(router::serve_links(
-            listener,
-            router.clone(),
-            link_key,
-            push_capacity,
-            links_cancel.clone(),
-        ))
-    });
+    // Set when taking the partitions over failed: the node stops.
+    let promotion_failed = CancellationToken::new();
+    let (serving, promotion) = match (started, cluster) {
+        (Some((threads, store)), _) => {
+            let upkeep = spawn_upkeep(
+                &config,
+                router.clone(),
+                store.clone(),
+                metrics_handle.clone(),
+                cancel.clone(),
+            );
+            let serving = Serving {
+                threads,
+                store,
+                upkeep,
+                links: None,
+            };
+            (Some(serving), None)
+        }
+        (None, Some((store, links, promote, on_serving))) => {
+            let (config, router, ready) = (config.clone(), router.clone(), ready.clone());
+            let (cancel, links_cancel) = (cancel.clone(), links_cancel.clone());
+            let (failed, metrics_handle) = (promotion_failed.clone(), metrics_handle.clone());
+            let task = tokio::spawn(async move {
+                tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => return None,
+                    serves = promote => if !serves {
+                        return None;
+                    },
+                }
+                let (local, threads) = match Router::start(store.clone(), config.router()) {
+                    Ok(started) => started,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start shard threads to serve");
+                        failed.cancel();
+                        return None;
+                    }
+                };
+                router.serve_locally(&local);
+                let links = tokio::spawn(router::serve_links(
+                    links,
+                    local.clone(),
+                    link_key,
+                    push_capacity,
+                    links_cancel,
+                ));
+                let upkeep = spawn_upkeep(&config, local, store.clone(), metrics_handle, cancel);
+                on_serving(&ready);
+                Some(Serving {
+                    threads,
+                    store,
+                    upkeep,
+                    links: Some(links),
+                })
+            });
+            (None, Some(task))
+        }
+        (None, None) => unreachable!("a backend has a store or a forwarder"),
+    };
     let tcp_task = tokio::spawn(gateway::serve_tcp(
         tcp,
         gw.clone(),
@@ -293,59 +431,6 @@ pub async fn run_stack(
         .with_graceful_shutdown(async move { http_cancel.cancelled().await })
         .await
     });
-    let sweep_router = router.clone();
-    let sweep_every = Duration::from_secs(config.sweep_interval_secs);
-    let sweep_cancel = cancel.clone();
-    let shards = config.shard_count();
-    let queue_age_every = Duration::from_secs(config.queue_age_interval_secs);
-    telemetry::set_oldest_entry_ages(&vec![None; shards], 0);
-    let sweep_task = store.clone().map(|gauge_store| tokio::spawn(async move {
-        let mut tick = tokio::time::interval(sweep_every);
-        let mut upkeep = tokio::time::interval(telemetry::UPKEEP_INTERVAL);
-        // The first measurement after one interval (the gauges start at 0).
-        let mut ages = tokio::time::interval_at(
-            tokio::time::Instant::now() + queue_age_every,
-            queue_age_every,
-        );
-        loop {
-            tokio::select! {
-                () = sweep_cancel.cancelled() => break,
-                _ = tick.tick() => sweep_router.sweep(),
-                _ = upkeep.tick() => {
-                    if let Some(h) = &metrics_handle {
-                        h.run_upkeep();
-                    }
-                    metrics::gauge!(telemetry::QUEUED_ENTRIES)
-                        .set(gauge_store.approximate_queue_entries() as f64);
-                    sweep_router.tick();
-                }
-                _ = ages.tick() => {
-                    // One seek per stored queue, on a thread of its own at
-                    // the lowest priority: measuring must not delay messages.
-                    let store = gauge_store.clone();
-                    let (tx, rx) = tokio::sync::oneshot::channel();
-                    let spawned = std::thread::Builder::new()
-                        .name("queue-age".into())
-                        .spawn(move || {
-                            if let Err(e) = os::lower_own_priority(QUEUE_AGE_NICE) {
-                                tracing::debug!(error = %e, "cannot lower the queue-age thread's priority");
-                            }
-                            let _ = tx.send(store.oldest_entries(shards, &|user| {
-                                router::shard_of_user(user, shards)
-                            }));
-                        });
-                    match spawned.map(|_| rx) {
-                        Ok(rx) => match rx.await {
-                            Ok(Ok(oldest)) => telemetry::set_oldest_entry_ages(&oldest, clock::now_ms()),
-                            Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the queues' oldest entries"),
-                            Err(_) => tracing::warn!("the queue-age thread ended without an answer"),
-                        },
-                        Err(e) => tracing::warn!(error = %e, "cannot start the queue-age thread"),
-                    }
-                }
-            }
-        }
-    }));
 
     ready_flag.store(true, Ordering::Relaxed);
     tracing::info!(
@@ -357,7 +442,10 @@ pub async fn run_stack(
     );
     on_ready(&ready);
 
-    shutdown.await;
+    tokio::select! {
+        () = shutdown => {}
+        () = promotion_failed.cancelled() => {}
+    }
     tracing::info!("shutting down: closing listeners and connections");
     ready_flag.store(false, Ordering::Relaxed);
     gw.begin_shutdown();
@@ -365,10 +453,16 @@ pub async fn run_stack(
     // authenticated ones (which no longer watch the token: a poll of it per
     // wake-up was a lock and a cache miss).
     cancel.cancel();
+    // A node still waiting to serve stops waiting (the token); one that
+    // has just taken over finishes starting its shards first.
+    let mut serving = match promotion {
+        Some(task) => task.await.ok().flatten(),
+        None => serving,
+    };
     router.closing().await;
     let _ = tcp_task.await;
-    if let Some(task) = sweep_task {
-        let _ = task.await;
+    if let Some(s) = serving.as_mut() {
+        let _ = (&mut s.upkeep).await;
     }
     tracker.close();
     let grace = Duration::from_millis(config.shutdown_grace_ms);
@@ -382,15 +476,19 @@ pub async fn run_stack(
         tracing::warn!("HTTP server did not stop within the grace period");
     }
     drop(gw);
-    if let Some(threads) = threads {
-        router.shutdown(threads).await;
+    if let Some(s) = serving {
+        router.shutdown(s.threads).await;
+        links_cancel.cancel();
+        if let Some(task) = s.links {
+            let _ = task.await;
+        }
+        s.store.flush()?;
     }
-    links_cancel.cancel();
-    if let Some(task) = links_task {
-        let _ = task.await;
-    }
-    if let Some(store) = store {
-        store.flush()?;
+    if promotion_failed.is_cancelled() {
+        return Err(ServerError::Io {
+            what: "taking the partitions over".into(),
+            source: std::io::Error::other("cannot start shard threads"),
+        });
     }
     tracing::info!("shutdown complete");
     Ok(())

@@ -39,6 +39,11 @@ pub const REDIS_SCRIPT_LOADS: &str = "switchboard_cluster_redis_script_loads_tot
 pub const CLUSTER_COMMITS: &str = "switchboard_cluster_commits_total";
 /// Cluster mode: commands a node forwarded to the serving node.
 pub const FORWARDED_COMMANDS: &str = "switchboard_cluster_forwarded_total";
+/// Cluster mode: connections of this node attached again to the node now
+/// serving (or to this node's own shards) after their link ended, by how:
+/// `reattached`, or `kicked` (no serving node within the grace, or the new
+/// owner refused the device).
+pub const REATTACHED_CONNECTIONS: &str = "switchboard_cluster_reattached_total";
 /// Cluster mode: node links up (on a forwarding node 0 or 1, its link to
 /// the serving node; on the serving node, the links it serves).
 pub const NODE_LINKS: &str = "switchboard_cluster_links";
@@ -175,6 +180,9 @@ fn register_labelled_at_zero() {
     for reason in ["released", "expired"] {
         metrics::counter!(GROUP_PAYLOADS_COLLECTED, "reason" => reason).increment(0);
     }
+    for outcome in ["reattached", "kicked"] {
+        metrics::counter!(REATTACHED_CONNECTIONS, "outcome" => outcome).increment(0);
+    }
     // Every wire error code the schema defines (new codes included).
     for code in
         (1..=u8::MAX).filter_map(|n| switchboard_proto::pb::ErrorCode::try_from(i32::from(n)).ok())
@@ -230,6 +238,10 @@ fn describe() {
         "Cluster mode: commands forwarded to the serving node."
     );
     describe_gauge!(NODE_LINKS, "Cluster mode: node links up.");
+    describe_counter!(
+        REATTACHED_CONNECTIONS,
+        "Cluster mode: connections whose link ended, by outcome (reattached, kicked)."
+    );
     describe_gauge!(SHARD_INBOX_DEPTH, "Commands waiting in a shard inbox.");
     describe_histogram!(
         SHARD_INBOX_WAIT_SECONDS,

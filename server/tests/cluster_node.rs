@@ -434,27 +434,139 @@ async fn clients_of_a_forwarding_node_chat_with_clients_of_the_serving_node() {
     let got = drained_messages(&mut bob_at_b).await;
     assert_eq!(got, (20..30).map(|i| format!("m{i}")).collect::<Vec<_>>());
 
-    // The serving node dies: B's forwarded connection ends (the client
-    // reconnects), B takes over and serves Bob what Alice sent before.
+    // The serving node dies: B takes over on the same sockets, and Bob's
+    // connection to B stays open: B hands it to its own shards, which
+    // drain to it what Alice sent before.
     let out = alice_at_a.send_text(&bob_info, "last", "x").await;
     assert!(matches!(out, Out::SendOk(_)), "{out:?}");
     a.child.start_kill().unwrap();
     a.child.wait().await.unwrap();
-    let _ = tokio::time::timeout(WAIT, bob_at_b.until_closed())
-        .await
-        .expect("a connection forwarded to a dead node stayed open");
-    let at_b = b.ready(WAIT).await.expect("B never took over");
-    let mut bob_at_b = authed(&at_b.tcp, &bob).await;
-    let got = drained_messages(&mut bob_at_b).await;
+    let now_b = b.ready(WAIT).await.expect("B never took over");
+    assert_eq!(now_b.tcp, at_b.tcp, "B serves where it forwarded");
+    let got = messages_until(&mut bob_at_b, "last").await;
     // Before "last", at most redeliveries of m20..m29: their acks are
     // posts, and one still on its way when A died was never applied (the
     // client drops what it already has by id).
-    let (last, before) = got
-        .split_last()
-        .expect("nothing drained after the takeover");
-    assert_eq!(last, "last", "{got:?}");
     let earlier: Vec<String> = (20..30).map(|i| format!("m{i}")).collect();
-    assert!(before.iter().all(|m| earlier.contains(m)), "{got:?}");
+    assert!(got.iter().all(|m| earlier.contains(m)), "{got:?}");
+}
+
+/// The plain messages a connection receives up to `last` (not included),
+/// acking them, across however many drains.
+async fn messages_until(c: &mut Raw, last: &str) -> Vec<String> {
+    let mut got = Vec::new();
+    loop {
+        let e = c.next_entry().await;
+        if !matches!(e.body, Some(pb::queue_entry::Body::Message(_))) {
+            continue;
+        }
+        let id = message_id(&e);
+        if id == last {
+            return got;
+        }
+        got.push(id);
+    }
+}
+
+/// Sends until the send is acknowledged: while a connection waits for the
+/// node that takes over, its requests fail as retryable.
+async fn send_retrying(c: &mut Raw, to: &pb::UserInfo, id: &str) {
+    let start = Instant::now();
+    loop {
+        match c.send_text(to, id, "x").await {
+            Out::SendOk(_) => return,
+            Out::Error(e)
+                if matches!(
+                    e.code(),
+                    pb::ErrorCode::StorageUnavailable | pb::ErrorCode::Overloaded
+                ) =>
+            {
+                assert!(start.elapsed() < WAIT, "never acknowledged: {e:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => panic!("send {id} failed: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_dies_ends_only_its_own_connections() {
+    let (pg, redis) = engines().await;
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let spawn = |i: usize, name: &str| Node::spawn(dirs[i].path(), &redis.url(), &pg.url(), name);
+    let mut a = spawn(0, "node-a");
+    let at_a = a.ready(WAIT).await.expect("node A never served");
+    let mut b = spawn(1, "node-b");
+    let at_b = b.forwarding().await;
+    let mut c = spawn(2, "node-c");
+    let at_c = c.forwarding().await;
+    let alice = register_at(&at_a.tcp, dirs[0].path(), "+15550000601").await;
+    let carol = register_at(&at_a.tcp, dirs[0].path(), "+15550000602").await;
+    let bob = register_at(&at_a.tcp, dirs[0].path(), "+15550000603").await;
+    // Alice on B (which will take over), Carol on C (a third node), Bob on
+    // A (which will die).
+    let mut alice_at_b = authed(&at_b.tcp, &alice).await;
+    let mut carol_at_c = authed(&at_c.tcp, &carol).await;
+    let mut bob_at_a = authed(&at_a.tcp, &bob).await;
+    assert!(alice_at_b.drain().await.is_empty());
+    assert!(carol_at_c.drain().await.is_empty());
+    assert!(bob_at_a.drain().await.is_empty());
+    let carol_info = alice_at_b.lookup(&carol.phone).await;
+    let alice_info = carol_at_c.lookup(&alice.phone).await;
+    send_retrying(&mut alice_at_b, &carol_info, "before").await;
+    assert_eq!(message_id(&carol_at_c.next_entry().await), "before");
+
+    a.child.start_kill().unwrap();
+    a.child.wait().await.unwrap();
+    // Only A's own connections end.
+    let _ = tokio::time::timeout(WAIT, bob_at_a.until_closed())
+        .await
+        .expect("a connection to the dead node stayed open");
+    // B and C both saw A's link refused; whichever claims first serves,
+    // on the sockets it forwarded on, and the other forwards to it.
+    let (winner, serving) = tokio::select! {
+        Some(s) = b.ready(WAIT) => ("B", s),
+        Some(s) = c.ready(WAIT) => ("C", s),
+        else => panic!("neither B nor C took over"),
+    };
+    let forwarded_on = if winner == "B" { &at_b.tcp } else { &at_c.tcp };
+    assert_eq!(
+        &serving.tcp, forwarded_on,
+        "{winner} serves where it forwarded"
+    );
+
+    // Alice and Carol chat on the connections they had: nothing told them
+    // to reconnect. One of them is now served by its own node's shards,
+    // the other through its node's new link.
+    send_retrying(&mut alice_at_b, &carol_info, "after").await;
+    let got = messages_until(&mut carol_at_c, "after").await;
+    assert!(got.iter().all(|m| m == "before"), "{got:?}");
+    let delivered = async |c: &mut Raw, id: &str| loop {
+        let e = c.next_entry().await;
+        if let Some(pb::queue_entry::Body::Receipt(r)) = &e.body
+            && r.kind() == pb::ReceiptKind::Delivered
+            && r.client_msg_ids.iter().any(|m| m == id)
+        {
+            return;
+        }
+    };
+    tokio::time::timeout(WAIT, delivered(&mut alice_at_b, "after"))
+        .await
+        .expect("no ✓✓ for Alice's message after the takeover");
+    send_retrying(&mut carol_at_c, &alice_info, "reply").await;
+    assert!(messages_until(&mut alice_at_b, "reply").await.is_empty());
+    tokio::time::timeout(WAIT, delivered(&mut carol_at_c, "reply"))
+        .await
+        .expect("no ✓✓ for Carol's reply after the takeover");
+
+    for (node, http) in [("B", &at_b.http), ("C", &at_c.http)] {
+        let (_, text) = http_get(http, "/metrics").await;
+        let reattached = metric(
+            &text,
+            "switchboard_cluster_reattached_total{outcome=\"reattached\"}",
+        );
+        assert_eq!(reattached, Some(1.0), "node {node}");
+    }
 }
 
 /// Lookups by one user, `n` of them: how many were answered (the rest must
@@ -543,14 +655,19 @@ async fn a_serving_node_that_is_gone_is_taken_over_before_its_lease_ends() {
     let mut a = spawn(0, "node-a");
     let at_a = a.ready(WAIT).await.expect("node A never served");
     let mut b = spawn(1, "node-b");
-    b.forwarding().await;
+    let b_tcp = b.forwarding().await.tcp;
     let alice = register_at(&at_a.tcp, dirs[0].path(), "+15550000501").await;
     let bob = register_at(&at_a.tcp, dirs[0].path(), "+15550000502").await;
+    let dave = register_at(&at_a.tcp, dirs[0].path(), "+15550000503").await;
     let mut alice_at_a = authed(&at_a.tcp, &alice).await;
     let bob_info = alice_at_a.lookup(&bob.phone).await;
+    let dave_info = alice_at_a.lookup(&dave.phone).await;
     let out = alice_at_a.send_text(&bob_info, "m1", "x").await;
     assert!(matches!(out, Out::SendOk(_)), "{out:?}");
     drop(alice_at_a);
+    // Dave is connected to B while A stops.
+    let mut dave_at_b = authed(&b_tcp, &dave).await;
+    assert!(dave_at_b.drain().await.is_empty());
 
     // A clean stop: A hands over and exits successfully (not "fenced").
     a.signal("-TERM");
@@ -568,6 +685,11 @@ async fn a_serving_node_that_is_gone_is_taken_over_before_its_lease_ends() {
     let mut alice_at_b = authed(&at_b.tcp, &alice).await;
     let out = alice_at_b.send_text(&bob_info, "m2", "x").await;
     assert!(matches!(out, Out::SendOk(_)), "{out:?}");
+    // A's clean stop ended Dave's connection through it only for A (its
+    // shards said "shutting down"): B kept it and gave it to its shards.
+    let out = alice_at_b.send_text(&dave_info, "d1", "x").await;
+    assert!(matches!(out, Out::SendOk(_)), "{out:?}");
+    assert_eq!(message_id(&dave_at_b.next_entry().await), "d1");
     drop(alice_at_b);
 
     // A crash: its link refuses connections at once.

@@ -731,6 +731,22 @@ async fn a_payload_is_deleted_once_every_member_device_has_acked_it() {
         let mut c = online(&server, acct).await;
         read_until(&mut c, g2, read).await;
     }
+    // Each member's ack sends the sender a delivery receipt once it is
+    // applied: with all three in, every ack has reached its shard (the
+    // metric below is the process's, which other tests here move too).
+    let mut receipts = 0;
+    while receipts < 3 {
+        let e = tokio::time::timeout(WAIT, a.next_entry())
+            .await
+            .expect("a member's delivery receipt never came");
+        if let Some(pb::queue_entry::Body::Receipt(r)) = &e.body
+            && r.group_id == g2
+            && r.kind() == pb::ReceiptKind::Delivered
+            && r.client_msg_ids.iter().any(|m| m == "read")
+        {
+            receipts += 1;
+        }
+    }
     // Its payload goes once the last ack's removal commits.
     let started = std::time::Instant::now();
     while collected(&server).await < 1.0 {

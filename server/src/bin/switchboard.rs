@@ -179,11 +179,9 @@ async fn serve_cluster(
     use switchboard_server::router::Forwarder;
 
     let tcp = switchboard_server::listen(config.tcp_listen)
-        .with_context(|| format!("cannot listen on {} (tcp_listen)", config.tcp_listen))?
-        .into_std()?;
+        .with_context(|| format!("cannot listen on {} (tcp_listen)", config.tcp_listen))?;
     let http = switchboard_server::listen(config.http_listen)
-        .with_context(|| format!("cannot listen on {} (http_listen)", config.http_listen))?
-        .into_std()?;
+        .with_context(|| format!("cannot listen on {} (http_listen)", config.http_listen))?;
     let links = switchboard_server::listen(config.cluster_listen).with_context(|| {
         format!(
             "cannot listen on {} (cluster_listen)",
@@ -194,10 +192,14 @@ async fn serve_cluster(
     let open_config = config.clone();
     let node = Arc::new(blocking(move || Node::open(&cluster, &open_config, link_addr)).await??);
 
-    // Forwarding, until this node serves.
+    // Forwarding until this node serves, then serving in the same stack:
+    // its clients stay connected through the takeover.
     // The recorder first: the forwarder takes its metric handles at once.
     switchboard_server::telemetry::install();
-    let forwarder = Forwarder::new(switchboard_server::load_server_key(&config)?);
+    // A connection whose link ends waits this long for the next serving
+    // node: the dead node's lease and a standby's step, with room.
+    let grace = std::time::Duration::from_millis(2 * config.cluster_lease_ms + 1_000);
+    let forwarder = Forwarder::new(switchboard_server::load_server_key(&config)?, grace);
     let (target_tx, target_rx) = tokio::sync::watch::channel(None);
     let link_cancel = tokio_util::sync::CancellationToken::new();
     let maintain = tokio::spawn(forwarder.clone().maintain(target_rx, link_cancel.clone()));
@@ -214,8 +216,6 @@ async fn serve_cluster(
                 },
                 || watching.refused(),
             );
-            // The lease is kept from this moment: the forwarding stack's
-            // shutdown, which comes first, may take longer than a lease.
             let lease = serving
                 .then(|| {
                     waiting.keep_lease(move || {
@@ -223,7 +223,11 @@ async fn serve_cluster(
                     })
                 })
                 .transpose();
-            let _ = serving_tx.send(lease);
+            // Not taken (the node is stopping): the lease thread is joined
+            // here, once the node has stopped waiting.
+            if let Err(Ok(Some(lease))) = serving_tx.send(lease) {
+                let _ = lease.join();
+            }
         })
         .context("cannot start a thread")?;
     // A refused link wakes the standby: it takes over at once.
@@ -231,23 +235,46 @@ async fn serve_cluster(
     forwarder.on_refused(move || standby.unpark());
     let lease = Arc::new(std::sync::Mutex::new(None));
     let lease_slot = lease.clone();
-    let stop_forwarding = async move {
-        tokio::select! {
-            r = serving_rx => {
-                if let Ok(started) = r {
-                    *lease_slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(started);
-                }
+    let promote = Box::pin(async move {
+        match serving_rx.await {
+            Ok(Ok(Some(lease))) => {
+                *lease_slot
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Ok(lease));
+                true
             }
+            Ok(Err(e)) => {
+                // Its lease then expires, and another node takes over.
+                tracing::error!(error = %e, "cannot start the lease thread: this node stays a forwarding node");
+                *lease_slot
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Err(e));
+                false
+            }
+            _ => false,
+        }
+    });
+    let fenced = Arc::new(AtomicBool::new(false));
+    let fenced_flag = fenced.clone();
+    let stop = async move {
+        tokio::select! {
             () = shutdown_signal() => {}
+            Ok(()) = fenced_rx => fenced_flag.store(true, Ordering::Relaxed),
         }
     };
     let data_dir = config.data_dir.clone();
-    switchboard_server::run_stack(
+    let result = switchboard_server::run_stack(
         config.clone(),
-        Backend::Forward(forwarder),
-        phase_listener(&tcp)?,
-        phase_listener(&http)?,
-        stop_forwarding,
+        Backend::Cluster {
+            forwarder,
+            store: node.store(),
+            links,
+            promote,
+            on_serving: Box::new(ready_line(&config)),
+        },
+        tcp,
+        http,
+        stop,
         move |ready: &switchboard_server::Ready| {
             say(&format!(
                 "switchboard forwarding tcp={} http={} data_dir={} server_key={} link={link_addr}",
@@ -258,71 +285,39 @@ async fn serve_cluster(
             ));
         },
     )
-    .await?;
+    .await;
     link_cancel.cancel();
     let _ = maintain.await;
+    // The lease thread ends first: a step of it must not claim again what
+    // resigning gives back.
+    node.stop_waiting();
+    waiter.thread().unpark();
     let lease = lease
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .take();
     let lease = match lease {
-        Some(Ok(Some(lease))) => lease,
-        Some(Err(e)) => return Err(e).context("cannot start the lease thread"),
-        _ => {
-            node.stop_waiting();
-            waiter.thread().unpark();
-            let resigning = node.clone();
-            blocking(move || {
-                let _ = waiter.join();
-                resigning.resign();
-            })
-            .await?;
-            return Ok(());
+        Some(Ok(lease)) => Some(lease),
+        Some(Err(e)) => {
+            let _ = blocking(move || waiter.join()).await;
+            return Err(e).context("cannot start the lease thread");
         }
+        None => None,
     };
-    let _ = blocking(move || waiter.join()).await;
-
-    // Serving.
-    let fenced = Arc::new(AtomicBool::new(false));
-    let fenced_flag = fenced.clone();
-    let stop = async move {
-        tokio::select! {
-            () = shutdown_signal() => {}
-            Ok(()) = fenced_rx => fenced_flag.store(true, Ordering::Relaxed),
+    blocking(move || {
+        if let Some(lease) = lease {
+            lease.thread().unpark();
+            let _ = lease.join();
         }
-    };
-    let result = switchboard_server::run_stack(
-        config.clone(),
-        Backend::Store {
-            store: node.store(),
-            links: Some(links),
-        },
-        phase_listener(&tcp)?,
-        phase_listener(&http)?,
-        stop,
-        ready_line(&config),
-    )
-    .await;
-    // The lease thread ends first: a step of it must not claim again what
-    // resigning gives back.
-    node.stop_waiting();
-    lease.thread().unpark();
-    let _ = blocking(move || lease.join()).await;
+        let _ = waiter.join();
+    })
+    .await?;
     let resigning = node.clone();
     blocking(move || resigning.resign()).await?;
     if fenced.load(Ordering::Relaxed) {
         anyhow::bail!("stopped: another node took this node's partitions over (fenced)");
     }
     Ok(result?)
-}
-
-/// A listener for one phase of a cluster node, sharing `listener`'s socket
-/// (connections waiting in its backlog between phases are served by the
-/// next).
-fn phase_listener(listener: &std::net::TcpListener) -> anyhow::Result<tokio::net::TcpListener> {
-    let l = listener.try_clone().context("cannot share a listener")?;
-    l.set_nonblocking(true)?;
-    Ok(tokio::net::TcpListener::from_std(l)?)
 }
 
 /// The line printed on stdout when the server is ready (logs go to stderr).

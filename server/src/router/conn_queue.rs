@@ -121,6 +121,12 @@ impl ConnTx {
         Ok(())
     }
 
+    /// Whether the connection is gone (nothing pushed would be read).
+    #[must_use]
+    pub fn is_gone(&self) -> bool {
+        self.0.lock().receiver_gone
+    }
+
     /// Ends the connection: it receives [`Received::Kicked`] next, before
     /// anything still queued.
     pub fn kick(self, reason: KickReason) {

@@ -26,16 +26,26 @@
 //! order, so a connection's sends keep their order across the link.
 //!
 //! Failure: when a link ends, the forwarding node fails every request
-//! waiting on it (STORAGE_UNAVAILABLE, retryable) and ends every connection
-//! served through it (`Unavailable`): clients reconnect, to this node or
-//! another, and drain their queues; nothing acknowledged was only in the
-//! link. Connection ids are random per node process (`Gateway`), so
-//! connections of different nodes never share an id on the serving node.
+//! waiting on it (STORAGE_UNAVAILABLE, retryable; nothing acknowledged was
+//! only in the link) but keeps the connections served through it, with the
+//! device and credential each authenticated with. The next link, to
+//! whichever node serves then, first carries an `Authenticate` for each of
+//! them, with the connection's own push queue: the new owner drains their
+//! queues into them as it would for a client that reconnected (entries the
+//! client already had come again; clients drop them by message id). When
+//! this node itself takes the partitions over, it hands them to its own
+//! shards the same way ([`Forwarder::hand_over`]). A connection kicked with
+//! `ShuttingDown` by the serving node (its clean stop) is kept the same
+//! way. Connections with no link for longer than the grace (twice the
+//! lease and a second) are ended (`Unavailable`), and so is one whose
+//! device the new owner refuses. Connection ids are random per node
+//! process (`Gateway`), so connections of different nodes never share an
+//! id on the serving node.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use prost::Message;
@@ -43,14 +53,14 @@ use switchboard_proto::noise::{Handshake, Keypair};
 use switchboard_proto::{ProtoError, Session, record};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::remote::{self, AnswerSlot};
 use super::shard::{Command, Queued};
-use super::{ConnRx, ConnTx, KickReason, Received, RouteError, Router, TrySendError};
+use super::{ConnLink, ConnRx, ConnTx, KickReason, Received, RouteError, Router, TrySendError};
 use crate::FastMap;
-use crate::store::StoreError;
+use crate::store::{DeviceKey, StoreError};
 use crate::telemetry as tm;
 
 /// Largest frame on a link: a forwarded command carries at most one client
@@ -237,7 +247,99 @@ where
 struct Waiting {
     closed: bool,
     answers: FastMap<u64, AnswerSlot>,
-    conns: FastMap<u64, ConnTx>,
+    conns: FastMap<u64, Attached>,
+}
+
+/// A connection served through a link: its push queue, and what it
+/// authenticated with, to attach it again over another link.
+struct Attached {
+    push: ConnTx,
+    device: DeviceKey,
+    credential: Box<[u8]>,
+}
+
+impl Attached {
+    /// The command that attaches this connection to a node's shard.
+    fn authenticate(
+        self,
+        conn_id: u64,
+    ) -> (
+        Command,
+        oneshot::Receiver<Result<super::AuthInfo, RouteError>>,
+    ) {
+        let (reply, answer) = oneshot::channel();
+        let cmd = Command::Authenticate {
+            device: self.device,
+            credential: self.credential.into_vec(),
+            link: ConnLink {
+                conn_id,
+                push: self.push,
+            },
+            reply,
+        };
+        (cmd, answer)
+    }
+}
+
+/// Connections whose link ended, waiting for the next one (or for this
+/// node's own shards), each with the time it lost its link.
+#[derive(Default)]
+struct Orphans {
+    conns: FastMap<u64, (Instant, Attached)>,
+    /// This node's own shards, once it serves: connections are handed to
+    /// them from then on.
+    local: Option<Router>,
+}
+
+/// Keeps `conns` (their link ended) for the next link, or hands them to
+/// this node's shards if it serves. Connections already gone are dropped.
+fn orphan(pool: &Mutex<Orphans>, conns: impl IntoIterator<Item = (u64, Attached)>) {
+    let mut conns = conns
+        .into_iter()
+        .filter(|(_, a)| !a.push.is_gone())
+        .peekable();
+    if conns.peek().is_none() {
+        return;
+    }
+    let mut p = lock(pool);
+    if let Some(local) = p.local.clone() {
+        drop(p);
+        attach_locally(local, conns.collect());
+        return;
+    }
+    let now = Instant::now();
+    p.conns.extend(conns.map(|(id, a)| (id, (now, a))));
+}
+
+/// Attaches `conns` to this node's own shards (`local`), in the
+/// background. A connection its shard refuses (or cannot take) ends: the
+/// shard drops its queue.
+fn attach_locally(local: Router, conns: Vec<(u64, Attached)>) {
+    use futures_util::StreamExt as _;
+    /// Authentications in flight at once.
+    const AT_ONCE: usize = 64;
+    tokio::spawn(async move {
+        futures_util::stream::iter(conns)
+            .for_each_concurrent(AT_ONCE, |(conn_id, a)| {
+                let local = local.clone();
+                async move {
+                    let link = ConnLink {
+                        conn_id,
+                        push: a.push,
+                    };
+                    let outcome = match local
+                        .authenticate(a.device, a.credential.into_vec(), link)
+                        .await
+                    {
+                        Ok(_) => "reattached",
+                        Err(_) => "kicked",
+                    };
+                    metrics::counter!(tm::REATTACHED_CONNECTIONS, "outcome" => outcome)
+                        .increment(1);
+                }
+            })
+            .await;
+    });
 }
 
 /// One link of a forwarding node to the serving node.
@@ -247,11 +349,14 @@ struct Peer {
     waiting: Mutex<Waiting>,
     next_id: AtomicU64,
     ended: CancellationToken,
+    /// The forwarder's connections without a link.
+    orphans: Arc<Mutex<Orphans>>,
 }
 
 impl Peer {
-    /// Ends the link's requests and connections.
-    fn fail_all(&self, reason: KickReason) {
+    /// Fails the link's requests and keeps its connections for the next
+    /// link.
+    fn fail_all(&self) {
         let (answers, conns) = {
             let mut w = lock(&self.waiting);
             w.closed = true;
@@ -260,10 +365,16 @@ impl Peer {
         for (_, slot) in answers {
             slot(Err(unavailable()));
         }
-        for (_, conn) in conns {
-            conn.kick(reason);
-        }
+        orphan(&self.orphans, conns);
         self.ended.cancel();
+    }
+
+    /// Ends a connection served through this link.
+    fn kick(&self, conn_id: u64, reason: KickReason) {
+        let removed = lock(&self.waiting).conns.remove(&conn_id);
+        if let Some(a) = removed {
+            a.push.kick(reason);
+        }
     }
 
     /// A frame from the serving node.
@@ -295,19 +406,27 @@ impl Peer {
         match received {
             Received::Item(item) => {
                 let full = match w.conns.get(&conn_id) {
-                    Some(conn) => matches!(conn.try_send(item), Err(TrySendError::Full)),
+                    Some(conn) => matches!(conn.push.try_send(item), Err(TrySendError::Full)),
                     None => false,
                 };
                 if full && let Some(conn) = w.conns.remove(&conn_id) {
                     // As a shard does: the connection's entries stay in its
                     // durable queue; the serving node learns of the end
                     // when the connection says it is disconnected.
-                    conn.kick(KickReason::SlowReader);
+                    conn.push.kick(KickReason::SlowReader);
+                }
+            }
+            Received::Kicked(KickReason::ShuttingDown) => {
+                // The serving node stops, not this one: the connection
+                // waits for the node that takes over.
+                if let Some(conn) = w.conns.remove(&conn_id) {
+                    drop(w);
+                    orphan(&self.orphans, [(conn_id, conn)]);
                 }
             }
             Received::Kicked(reason) => {
                 if let Some(conn) = w.conns.remove(&conn_id) {
-                    conn.kick(reason);
+                    conn.push.kick(reason);
                 }
             }
             Received::Closed => {
@@ -322,6 +441,13 @@ impl Peer {
 pub struct Forwarder {
     key: Keypair,
     peer: Mutex<Option<Arc<Peer>>>,
+    /// Connections whose link ended, until the next link or the grace.
+    orphans: Arc<Mutex<Orphans>>,
+    /// How long a connection may wait without a link.
+    grace: Duration,
+    /// Cancelled when this node's own shards take the connections over
+    /// ([`Forwarder::hand_over`]): no more links.
+    handed_over: CancellationToken,
     /// The serving node's address when its last connection attempt was
     /// refused (its process is gone), until a link is up again.
     refused: Mutex<Option<SocketAddr>>,
@@ -340,12 +466,16 @@ impl std::fmt::Debug for Forwarder {
 }
 
 impl Forwarder {
-    /// A forwarder that links with the cluster's server `key`.
+    /// A forwarder that links with the cluster's server `key`; a
+    /// connection whose link ends waits up to `grace` for the next.
     #[must_use]
-    pub fn new(key: Keypair) -> Arc<Self> {
+    pub fn new(key: Keypair, grace: Duration) -> Arc<Self> {
         Arc::new(Self {
             key,
             peer: Mutex::new(None),
+            orphans: Arc::new(Mutex::new(Orphans::default())),
+            grace,
+            handed_over: CancellationToken::new(),
             refused: Mutex::new(None),
             on_refused: Mutex::new(None),
             forwarded: metrics::counter!(tm::FORWARDED_COMMANDS),
@@ -387,14 +517,16 @@ impl Forwarder {
         cancel: CancellationToken,
     ) {
         let mut failing = None;
+        let mut expiry = tokio::time::interval(RECONNECT_PAUSE);
         loop {
+            self.expire_orphans();
             let want = *target.borrow_and_update();
             let current = self.current();
             let ended = match (&current, want) {
                 (Some(peer), Some(addr)) if peer.addr == addr => Some(peer.ended.clone()),
                 _ => {
                     if let Some(old) = lock(&self.peer).take() {
-                        old.fail_all(KickReason::Unavailable);
+                        old.fail_all();
                     }
                     metrics::gauge!(tm::NODE_LINKS).set(0.0);
                     match want {
@@ -404,6 +536,9 @@ impl Forwarder {
                                 *lock(&self.refused) = None;
                                 tracing::info!(%addr, "linked to the serving node");
                                 metrics::gauge!(tm::NODE_LINKS).set(1.0);
+                                // Before any other command: the connections
+                                // the last link left are attached first.
+                                self.attach_orphans(&peer).await;
                                 let ended = peer.ended.clone();
                                 *lock(&self.peer) = Some(peer);
                                 Some(ended)
@@ -431,6 +566,7 @@ impl Forwarder {
             };
             tokio::select! {
                 () = cancel.cancelled() => break,
+                () = self.handed_over.cancelled() => break,
                 changed = target.changed() => {
                     if changed.is_err() {
                         break;
@@ -442,10 +578,129 @@ impl Forwarder {
                         None => tokio::time::sleep(RECONNECT_PAUSE).await,
                     }
                 } => {}
+                // Orphans expire while a link is up, too.
+                _ = expiry.tick(), if ended.is_some() => {}
             }
         }
         if let Some(old) = lock(&self.peer).take() {
-            old.fail_all(KickReason::ShuttingDown);
+            old.fail_all();
+        }
+        metrics::gauge!(tm::NODE_LINKS).set(0.0);
+    }
+
+    /// Ends the connections that have waited longer than the grace for a
+    /// link.
+    fn expire_orphans(&self) {
+        let expired: Vec<Attached> = {
+            let mut p = lock(&self.orphans);
+            if p.conns.is_empty() {
+                return;
+            }
+            let grace = self.grace;
+            let ids: Vec<u64> = p
+                .conns
+                .iter()
+                .filter(|(_, (since, _))| since.elapsed() >= grace)
+                .map(|(id, _)| *id)
+                .collect();
+            ids.iter()
+                .filter_map(|id| p.conns.remove(id))
+                .map(|(_, a)| a)
+                .collect()
+        };
+        if expired.is_empty() {
+            return;
+        }
+        tracing::info!(
+            connections = expired.len(),
+            "no serving node within the grace: ending the connections that waited for one"
+        );
+        metrics::counter!(tm::REATTACHED_CONNECTIONS, "outcome" => "kicked")
+            .increment(expired.len() as u64);
+        for a in expired {
+            a.push.kick(KickReason::Unavailable);
+        }
+    }
+
+    /// Attaches the connections the last link left to `peer`: one
+    /// `Authenticate` each, queued on the link before anything else. One
+    /// the new owner refuses is ended.
+    async fn attach_orphans(&self, peer: &Arc<Peer>) {
+        let orphans: Vec<(u64, Attached)> = {
+            let mut p = lock(&self.orphans);
+            if p.local.is_some() {
+                return;
+            }
+            p.conns.drain().map(|(id, (_, a))| (id, a)).collect()
+        };
+        if orphans.is_empty() {
+            return;
+        }
+        tracing::info!(
+            connections = orphans.len(),
+            addr = %peer.addr,
+            "attaching this node's connections to the serving node"
+        );
+        let mut answers = futures_util::stream::FuturesUnordered::new();
+        for (conn_id, a) in orphans {
+            if a.push.is_gone() {
+                continue;
+            }
+            let (cmd, answer) = a.authenticate(conn_id);
+            if self.forward_on(peer, cmd, CONNECT_TIMEOUT).await.is_err() {
+                // The new link failed at once; its connection went with the
+                // command (the rest wait for the next link).
+                metrics::counter!(tm::REATTACHED_CONNECTIONS, "outcome" => "kicked").increment(1);
+                continue;
+            }
+            answers.push(async move { (conn_id, answer.await) });
+        }
+        let peer = peer.clone();
+        tokio::spawn(async move {
+            use futures_util::StreamExt as _;
+            while let Some((conn_id, answer)) = answers.next().await {
+                match answer {
+                    Ok(Ok(_)) => {
+                        metrics::counter!(tm::REATTACHED_CONNECTIONS, "outcome" => "reattached")
+                            .increment(1);
+                    }
+                    // The link ended first: the connection is an orphan again.
+                    Ok(Err(_)) | Err(_) if peer.ended.is_cancelled() => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!(conn_id, error = %e, "the serving node refused a connection attached again");
+                        metrics::counter!(tm::REATTACHED_CONNECTIONS, "outcome" => "kicked")
+                            .increment(1);
+                        peer.kick(conn_id, KickReason::Unavailable);
+                    }
+                    Err(_) => peer.kick(conn_id, KickReason::Unavailable),
+                }
+            }
+        });
+    }
+
+    /// Hands every connection of this node to its own shards (`local`):
+    /// the node serves now. Links end; a connection whose link ends later
+    /// goes to `local` at once.
+    pub fn hand_over(&self, local: Router) {
+        lock(&self.orphans).local = Some(local.clone());
+        self.handed_over.cancel();
+        let mut conns: Vec<(u64, Attached)> = match self.current() {
+            Some(peer) => lock(&peer.waiting).conns.drain().collect(),
+            None => Vec::new(),
+        };
+        conns.extend(
+            lock(&self.orphans)
+                .conns
+                .drain()
+                .map(|(id, (_, a))| (id, a)),
+        );
+        conns.retain(|(_, a)| !a.push.is_gone());
+        if !conns.is_empty() {
+            tracing::info!(
+                connections = conns.len(),
+                "handing this node's connections to its own shards"
+            );
+            attach_locally(local, conns);
         }
     }
 
@@ -468,6 +723,7 @@ impl Forwarder {
             waiting: Mutex::new(Waiting::default()),
             next_id: AtomicU64::new(1),
             ended: CancellationToken::new(),
+            orphans: self.orphans.clone(),
         });
         let writer_session = session.clone();
         let writer_peer = peer.clone();
@@ -475,7 +731,7 @@ impl Forwarder {
             if let Err(e) = write_frames(write, writer_session, rx).await {
                 tracing::debug!(error = %e, "node link writer ended");
             }
-            writer_peer.fail_all(KickReason::Unavailable);
+            writer_peer.fail_all();
         });
         let reader_peer = peer.clone();
         tokio::spawn(async move {
@@ -490,7 +746,7 @@ impl Forwarder {
             if let Err(e) = end {
                 tracing::info!(error = %e, "node link ended");
             }
-            reader_peer.fail_all(KickReason::Unavailable);
+            reader_peer.fail_all();
         });
         Ok(peer)
     }
@@ -505,6 +761,23 @@ impl Forwarder {
     pub(super) async fn forward(&self, cmd: Command, deadline: Duration) -> Result<(), RouteError> {
         let Some(peer) = self.current() else {
             return Err(unavailable());
+        };
+        self.forward_on(&peer, cmd, deadline).await
+    }
+
+    /// [`Forwarder::forward`] on the link `peer`.
+    async fn forward_on(
+        &self,
+        peer: &Peer,
+        cmd: Command,
+        deadline: Duration,
+    ) -> Result<(), RouteError> {
+        // Kept with the connection, to attach it again over another link.
+        let auth = match &cmd {
+            Command::Authenticate {
+                device, credential, ..
+            } => Some((*device, credential.clone().into_boxed_slice())),
+            _ => None,
         };
         let out = match remote::encode_command(cmd) {
             Ok(out) => out,
@@ -525,8 +798,15 @@ impl Forwarder {
             if let Some(slot) = out.answer {
                 w.answers.insert(id, slot);
             }
-            if let Some(link) = out.link {
-                w.conns.insert(link.conn_id, link.push);
+            if let (Some(link), Some((device, credential))) = (out.link, auth) {
+                w.conns.insert(
+                    link.conn_id,
+                    Attached {
+                        push: link.push,
+                        device,
+                        credential,
+                    },
+                );
             }
         }
         let frame = LinkFrame {
@@ -560,13 +840,18 @@ impl Forwarder {
         sent
     }
 
-    /// Ends every connection served through the link (at shutdown).
+    /// Ends every connection served through the link or waiting for one
+    /// (at shutdown).
     pub fn close_connections(&self, reason: KickReason) {
         if let Some(peer) = self.current() {
             let conns = std::mem::take(&mut lock(&peer.waiting).conns);
             for (_, conn) in conns {
-                conn.kick(reason);
+                conn.push.kick(reason);
             }
+        }
+        let orphans = std::mem::take(&mut lock(&self.orphans).conns);
+        for (_, (_, conn)) in orphans {
+            conn.push.kick(reason);
         }
     }
 }

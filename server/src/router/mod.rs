@@ -23,7 +23,7 @@ pub use order::HeldBy;
 use shard::Queued;
 pub use shard::{KickReason, Notice, OwedReceipt, ToConn};
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 
 use switchboard_proto::pb;
@@ -267,10 +267,16 @@ pub(super) fn joint_answer(
 /// partitions).
 #[derive(Clone)]
 pub struct Router {
-    shards: Arc<[mpsc::Sender<Queued>]>,
+    /// The shards of this node: set at the start, or (a forwarding router)
+    /// once the node takes the partitions over ([`Router::serve_locally`]);
+    /// every clone sees them at once.
+    shards: Arc<OnceLock<Arc<[mpsc::Sender<Queued>]>>>,
     deadline: std::time::Duration,
     forward: Option<Arc<Forwarder>>,
 }
+
+/// No shards (a forwarding router before it serves).
+const NO_SHARDS: &[mpsc::Sender<Queued>] = &[];
 
 /// Where a command goes: a shard of this node, or over the link to the
 /// serving node.
@@ -342,7 +348,7 @@ impl Router {
         }
         Ok((
             Self {
-                shards: senders,
+                shards: Arc::new(OnceLock::from(senders)),
                 deadline: cfg.request_deadline,
                 forward: None,
             },
@@ -351,45 +357,82 @@ impl Router {
     }
 
     /// A router with no shards of its own: every command goes over
-    /// `forwarder`'s link to the serving node.
+    /// `forwarder`'s link to the serving node, until
+    /// [`Router::serve_locally`].
     #[must_use]
     pub fn forwarding(forwarder: Arc<Forwarder>, request_deadline: std::time::Duration) -> Self {
         Self {
-            shards: Arc::from(Vec::new()),
+            shards: Arc::new(OnceLock::new()),
             deadline: request_deadline,
             forward: Some(forwarder),
+        }
+    }
+
+    /// From now on this forwarding router sends every command to
+    /// `local`'s shards (this node took the partitions over), and the
+    /// connections it forwarded are attached to them, without ending.
+    /// Does nothing on a router that already has shards.
+    pub fn serve_locally(&self, local: &Router) {
+        let Some(forwarder) = &self.forward else {
+            return;
+        };
+        let Some(shards) = local.shards.get() else {
+            return;
+        };
+        if self.shards.set(shards.clone()).is_ok() {
+            forwarder.hand_over(local.clone());
+        }
+    }
+
+    /// This node's shards (none while it forwards).
+    fn local(&self) -> &[mpsc::Sender<Queued>] {
+        self.shards.get().map_or(NO_SHARDS, |s| s)
+    }
+
+    /// The forwarder, while this router forwards.
+    fn forwarder(&self) -> Option<&Forwarder> {
+        match self.shards.get() {
+            Some(_) => None,
+            None => self.forward.as_deref(),
         }
     }
 
     /// Whether this router forwards to another node.
     #[must_use]
     pub fn is_forwarding(&self) -> bool {
-        self.forward.is_some()
+        self.forwarder().is_some()
     }
 
     fn user_shard(&self, user: UserId) -> Dest<'_> {
-        match &self.forward {
+        match self.forwarder() {
             Some(f) => Dest::Remote(f),
-            None => Dest::Shard(&self.shards[shard_of_user(user, self.shards.len())]),
+            None => {
+                let shards = self.local();
+                Dest::Shard(&shards[shard_of_user(user, shards.len())])
+            }
         }
     }
 
     fn phone_shard(&self, phone: &str) -> Dest<'_> {
-        match &self.forward {
+        match self.forwarder() {
             Some(f) => Dest::Remote(f),
-            None => Dest::Shard(&self.shards[shard_of_phone(phone, self.shards.len())]),
+            None => {
+                let shards = self.local();
+                Dest::Shard(&shards[shard_of_phone(phone, shards.len())])
+            }
         }
     }
 
     /// The shard of a key, for a command forwarded by another node.
     fn key_shard(&self, key: &remote::RouteKey) -> Option<&mpsc::Sender<Queued>> {
-        let n = self.shards.len();
+        let shards = self.local();
+        let n = shards.len();
         if n == 0 {
             return None;
         }
         match key {
-            remote::RouteKey::Id(id) => self.shards.get(shard_of_user(*id, n)),
-            remote::RouteKey::Str(s) => self.shards.get(shard_of_phone(s, n)),
+            remote::RouteKey::Id(id) => shards.get(shard_of_user(*id, n)),
+            remote::RouteKey::Str(s) => shards.get(shard_of_phone(s, n)),
         }
     }
 
@@ -455,14 +498,14 @@ impl Router {
         if let Some(f) = &self.forward {
             f.close_connections(KickReason::ShuttingDown);
         }
-        for shard in self.shards.iter() {
+        for shard in self.local() {
             let _ = shard.send(Queued::new(Command::Closing)).await;
         }
     }
 
     /// Stops the shards once each has applied what is in its inbox.
     pub async fn shutdown(&self, threads: ShardThreads) {
-        for shard in self.shards.iter() {
+        for shard in self.local() {
             let _ = shard.send(Queued::new(Command::Shutdown)).await;
         }
         let _ = tokio::task::spawn_blocking(move || {

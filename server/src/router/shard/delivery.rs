@@ -310,12 +310,12 @@ mod router_side {
             released: Vec<(u64, (crate::store::GroupId, u64))>,
             owed: Vec<OwedReceipt>,
         ) -> Vec<OwedReceipt> {
-            let (local, remote): (Vec<_>, Vec<_>) = if self.forward.is_some() {
+            let (local, remote): (Vec<_>, Vec<_>) = if self.is_forwarding() {
                 // The serving node's shard count is not known here: every
                 // receipt goes back to the caller, queued as its own request.
                 (Vec::new(), owed)
             } else {
-                let n = self.shards.len();
+                let n = self.local().len();
                 let mine = shard_of_user(device.user, n);
                 owed.into_iter()
                     .partition(|o| shard_of_user(o.to_user, n) == mine)

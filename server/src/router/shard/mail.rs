@@ -302,7 +302,7 @@ mod router_side {
         /// Asks every shard for its periodic upkeep (mail not yet delivered is
         /// posted again; skipped by busy shards).
         pub fn tick(&self) {
-            for shard in self.shards.iter() {
+            for shard in self.local() {
                 let _ = shard.try_send(Queued::new(Command::Tick));
             }
         }

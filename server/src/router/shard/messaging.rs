@@ -457,11 +457,11 @@ mod router_side {
             copies: Option<SendRequest>,
             to: AnswerTo,
         ) -> Result<Option<SendTicket>, RouteError> {
-            let n = self.shards.len();
+            let n = self.local().len();
             let shard = self.user_shard(req.to_user);
             // Forwarded sends always take the two-part path: the serving
             // node's shard count is not known here.
-            if self.forward.is_none()
+            if !self.is_forwarding()
                 && shard_of_user(req.from.user, n) == shard_of_user(req.to_user, n)
             {
                 self.enqueue(

@@ -80,7 +80,7 @@ mod router_side {
     impl crate::router::Router {
         /// Asks every shard to run its expiry sweep (skipped by busy shards).
         pub fn sweep(&self) {
-            for shard in self.shards.iter() {
+            for shard in self.local() {
                 // Overflow policy: a full inbox means the shard is busy; the
                 // sweep simply waits for the next tick.
                 let _ = shard.try_send(Queued::new(Command::Sweep));
