@@ -317,7 +317,7 @@ fn orphan(pool: &Mutex<Orphans>, conns: impl IntoIterator<Item = (u64, Attached)
 fn attach_locally(local: Router, conns: Vec<(u64, Attached)>) {
     use futures_util::StreamExt as _;
     /// Authentications in flight at once.
-    const AT_ONCE: usize = 64;
+    const AT_ONCE: usize = 1024;
     tokio::spawn(async move {
         futures_util::stream::iter(conns)
             .for_each_concurrent(AT_ONCE, |(conn_id, a)| {
