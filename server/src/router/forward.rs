@@ -1121,6 +1121,61 @@ mod tests {
         (responder.await.unwrap(), initiator)
     }
 
+    /// A connection's queue ends as an orphan would hold it.
+    fn attached(user: u64) -> (Attached, ConnRx) {
+        let (push, rx) = super::super::conn_queue(4);
+        let a = Attached {
+            push,
+            device: DeviceKey { user, device: 1 },
+            credential: vec![7; 32].into_boxed_slice(),
+        };
+        (a, rx)
+    }
+
+    #[tokio::test]
+    async fn connections_without_a_link_wait_out_the_grace_then_end() {
+        let grace = Duration::from_millis(150);
+        let f = Forwarder::new(generate_keypair().unwrap(), grace);
+        let (waiting, mut waiting_rx) = attached(1);
+        let (gone, gone_rx) = attached(2);
+        drop(gone_rx);
+        orphan(&f.orphans, [(1, waiting), (2, gone)]);
+        // A connection already gone is not kept.
+        assert_eq!(lock(&f.orphans).conns.len(), 1);
+
+        // Within the grace nothing happens to it.
+        f.expire_orphans();
+        assert_eq!(lock(&f.orphans).conns.len(), 1);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), waiting_rx.recv())
+                .await
+                .is_err(),
+            "an orphan was ended within the grace"
+        );
+
+        // Past it, it is ended as unavailable: its client reconnects.
+        tokio::time::sleep(grace).await;
+        f.expire_orphans();
+        assert!(lock(&f.orphans).conns.is_empty());
+        assert!(matches!(
+            waiting_rx.recv().await,
+            Received::Kicked(KickReason::Unavailable)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_node_stopping_ends_the_connections_waiting_for_a_link() {
+        let f = Forwarder::new(generate_keypair().unwrap(), Duration::from_secs(60));
+        let (a, mut rx) = attached(1);
+        orphan(&f.orphans, [(1, a)]);
+        f.close_connections(KickReason::ShuttingDown);
+        assert!(lock(&f.orphans).conns.is_empty());
+        assert!(matches!(
+            rx.recv().await,
+            Received::Kicked(KickReason::ShuttingDown)
+        ));
+    }
+
     #[tokio::test]
     async fn a_link_needs_the_cluster_key_on_both_ends() {
         let cluster = generate_keypair().unwrap();
