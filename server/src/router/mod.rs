@@ -444,7 +444,11 @@ impl Router {
                 let _ = shard.send(Queued::new(cmd)).await;
             }
             Dest::Remote(f) => {
-                if let Err(e) = f.forward(cmd, self.deadline).await {
+                // Boxed: every connection task's future is as large as its
+                // largest state, and forwarding's (the command, its encoding)
+                // would otherwise be part of every connection, forwarded or
+                // not, for its whole life.
+                if let Err(e) = Box::pin(f.forward(cmd, self.deadline)).await {
                     tracing::debug!(error = %e, "a forwarded ack or disconnect was not sent");
                 }
             }
@@ -457,7 +461,8 @@ impl Router {
     async fn enqueue(&self, dest: Dest<'_>, cmd: Command) -> Result<(), RouteError> {
         let shard = match dest {
             Dest::Shard(shard) => shard,
-            Dest::Remote(f) => return f.forward(cmd, self.deadline).await,
+            // Boxed, as in `post`.
+            Dest::Remote(f) => return Box::pin(f.forward(cmd, self.deadline)).await,
         };
         let deadline = std::time::Instant::now() + self.deadline;
         // Usually there is room: take it without arming a timer.
