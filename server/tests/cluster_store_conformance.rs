@@ -31,6 +31,24 @@ struct Cluster {
 type Opened = (String, String, Weak<dyn Store>, Arc<Membership>);
 
 impl Cluster {
+    /// A node's membership on this cluster's Redis under `prefix`, with
+    /// `lease`, holding `ownership`'s token (its link address is never
+    /// dialled here).
+    fn member(
+        &self,
+        prefix: &str,
+        ownership: Arc<Ownership>,
+        lease: std::time::Duration,
+    ) -> Result<Membership, StoreError> {
+        Membership::connect(
+            &self.redis.url(),
+            prefix,
+            ownership,
+            lease,
+            "127.0.0.1:1".into(),
+        )
+    }
+
     /// Opens a store as a node of its own that takes over every
     /// partition (the previous node on the same data resigned).
     fn open(
@@ -41,13 +59,8 @@ impl Cluster {
         let token = format!("conformance-{}", self.opened.len());
         let ownership = Arc::new(Ownership::new(token));
         let pg = PgDomains::open(url, ownership.clone())?;
-        let membership = Membership::connect(
-            &self.redis.url(),
-            prefix,
-            ownership.clone(),
-            std::time::Duration::from_secs(3),
-            "127.0.0.1:1".into(),
-        )?;
+        let membership =
+            self.member(prefix, ownership.clone(), std::time::Duration::from_secs(3))?;
         let standing = membership.step(&pg)?;
         if standing != Standing::Serving {
             return Err(StoreError::Engine(format!(
@@ -116,14 +129,7 @@ fn a_node_taken_over_is_fenced_in_both_engines(h: &mut Cluster) {
     let node = |name: &str| {
         let ownership = Arc::new(Ownership::new(name.to_owned()));
         let pg = PgDomains::open(&url, ownership.clone()).unwrap();
-        let membership = Membership::connect(
-            &h.redis.url(),
-            prefix,
-            ownership.clone(),
-            lease,
-            "127.0.0.1:1".into(),
-        )
-        .unwrap();
+        let membership = h.member(prefix, ownership.clone(), lease).unwrap();
         (pg, membership, ownership)
     };
     let (pg_a, member_a, own_a) = node("node-a");
@@ -189,14 +195,9 @@ fn a_master_without_the_script_still_commits(h: &mut Cluster) {
     let prefix = "scripts:";
     let ownership = Arc::new(Ownership::new("scripts-node".into()));
     let pg = PgDomains::open(&url, ownership.clone()).unwrap();
-    let membership = Membership::connect(
-        &h.redis.url(),
-        prefix,
-        ownership.clone(),
-        std::time::Duration::from_secs(3),
-        "127.0.0.1:1".into(),
-    )
-    .unwrap();
+    let membership = h
+        .member(prefix, ownership.clone(), std::time::Duration::from_secs(3))
+        .unwrap();
     assert_eq!(membership.step(&pg).unwrap(), Standing::Serving);
     let redis = RedisDomains::open(&h.redis.url(), prefix, 1, ownership, 2).unwrap();
     // Users in many partitions, so every master is written.
@@ -248,14 +249,9 @@ fn a_waiting_transaction_does_not_hold_up_other_calls(h: &mut Cluster) {
     let url = h.database(&format!("pool_{}", h.opened.len())).unwrap();
     let ownership = Arc::new(Ownership::new("pool-node".into()));
     let pg = PgDomains::open_with(&url, ownership.clone(), 2).unwrap();
-    let membership = Membership::connect(
-        &h.redis.url(),
-        "pool:",
-        ownership,
-        std::time::Duration::from_secs(3),
-        "127.0.0.1:1".into(),
-    )
-    .unwrap();
+    let membership = h
+        .member("pool:", ownership, std::time::Duration::from_secs(3))
+        .unwrap();
     assert_eq!(membership.step(&pg).unwrap(), Standing::Serving);
     // Another session holds every partition owner's row: a transaction's
     // owner check (FOR SHARE) waits for it.
