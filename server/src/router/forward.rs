@@ -1132,6 +1132,13 @@ mod tests {
         (a, rx)
     }
 
+    /// No orphan is left, and `rx`'s connection was ended for `reason`.
+    async fn no_orphan_and_ended(f: &Forwarder, rx: &mut ConnRx, reason: KickReason) {
+        assert!(lock(&f.orphans).conns.is_empty());
+        let got = rx.recv().await;
+        assert!(matches!(got, Received::Kicked(r) if r == reason), "{got:?}");
+    }
+
     #[tokio::test]
     async fn connections_without_a_link_wait_out_the_grace_then_end() {
         let grace = Duration::from_millis(150);
@@ -1156,11 +1163,7 @@ mod tests {
         // Past it, it is ended as unavailable: its client reconnects.
         tokio::time::sleep(grace).await;
         f.expire_orphans();
-        assert!(lock(&f.orphans).conns.is_empty());
-        assert!(matches!(
-            waiting_rx.recv().await,
-            Received::Kicked(KickReason::Unavailable)
-        ));
+        no_orphan_and_ended(&f, &mut waiting_rx, KickReason::Unavailable).await;
     }
 
     #[tokio::test]
@@ -1169,11 +1172,7 @@ mod tests {
         let (a, mut rx) = attached(1);
         orphan(&f.orphans, [(1, a)]);
         f.close_connections(KickReason::ShuttingDown);
-        assert!(lock(&f.orphans).conns.is_empty());
-        assert!(matches!(
-            rx.recv().await,
-            Received::Kicked(KickReason::ShuttingDown)
-        ));
+        no_orphan_and_ended(&f, &mut rx, KickReason::ShuttingDown).await;
     }
 
     #[tokio::test]
