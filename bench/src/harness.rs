@@ -90,13 +90,7 @@ impl Sut {
 
     /// The server's resident memory, if we started it.
     pub fn rss_bytes(&self) -> Option<u64> {
-        let pid = self.pid()?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map(|kb| kb * 1024)
+        rss_of(self.pid()?)
     }
 
     /// The server's process id, if we started it.
@@ -111,6 +105,16 @@ impl Sut {
         }
         Ok(())
     }
+}
+
+/// The resident memory of process `pid`, from /proc.
+pub fn rss_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
 }
 
 /// Pins this load generator to `--load-cpus`, if given.

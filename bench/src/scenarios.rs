@@ -15,7 +15,7 @@ use switchboard_client::{Connection, Credentials};
 
 use crate::harness::{
     CpuMeter, CpuUse, Latency, Sut, Target, connect_drained, histogram, latency, pin_load,
-    print_json, progress, register_users, start_relay, tcp_mem_bytes,
+    print_json, progress, register_users, rss_of, start_relay, tcp_mem_bytes,
 };
 use crate::link::{Link, Plain};
 use crate::plot;
@@ -38,6 +38,16 @@ pub struct IdleArgs {
     /// Seconds to sit idle before measuring.
     #[arg(long, default_value_t = 5)]
     settle_secs: u64,
+    /// First digits of the users' phone numbers, so that two runs against
+    /// one server (one holding its connections while the other measures
+    /// the memory each further connection adds) register different users.
+    #[arg(long, default_value_t = 2_000_000)]
+    phone_prefix: u32,
+    /// Also measure these processes (repeatable): with `--server` pointed
+    /// at a cluster's forwarding node, the node serving the partitions
+    /// (and the forwarding node itself, which this tool did not start).
+    #[arg(long = "rss-pid")]
+    rss_pids: Vec<u32>,
 }
 
 #[derive(Serialize)]
@@ -49,6 +59,17 @@ struct IdleReport {
     server_rss_per_connection_bytes: Option<f64>,
     kernel_tcp_mem_per_connection_bytes: Option<f64>,
     connect_seconds: f64,
+    /// The processes named by `--rss-pid`: RSS before and after, and per
+    /// connection.
+    other_processes: Vec<ProcessRss>,
+}
+
+#[derive(Serialize)]
+struct ProcessRss {
+    pid: u32,
+    rss_before_bytes: Option<u64>,
+    rss_after_bytes: Option<u64>,
+    rss_per_connection_bytes: Option<f64>,
 }
 
 pub async fn idle(a: IdleArgs) -> Result<bool> {
@@ -56,7 +77,7 @@ pub async fn idle(a: IdleArgs) -> Result<bool> {
     let users = register_users(
         &sut.tcp,
         &sut.data_dir,
-        2_000_000,
+        a.phone_prefix,
         a.connections,
         REGISTER_CONCURRENCY,
     )
@@ -64,6 +85,7 @@ pub async fn idle(a: IdleArgs) -> Result<bool> {
     .context("registering users")?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_before = sut.rss_bytes();
+    let others_before: Vec<Option<u64>> = a.rss_pids.iter().map(|p| rss_of(*p)).collect();
     let tcp_before = tcp_mem_bytes();
     let started = Instant::now();
     let mut conns = Vec::with_capacity(users.len());
@@ -87,19 +109,37 @@ pub async fn idle(a: IdleArgs) -> Result<bool> {
     let rss_after = sut.rss_bytes();
     let tcp_after = tcp_mem_bytes();
     let n = conns.len() as f64;
+    let per_connection = |before: Option<u64>, after: Option<u64>| {
+        before
+            .zip(after)
+            .map(|(b, a)| a.saturating_sub(b) as f64 / n)
+    };
+    let other_processes: Vec<ProcessRss> = a
+        .rss_pids
+        .iter()
+        .zip(others_before)
+        .map(|(&pid, before)| {
+            let after = rss_of(pid);
+            ProcessRss {
+                pid,
+                rss_before_bytes: before,
+                rss_after_bytes: after,
+                rss_per_connection_bytes: per_connection(before, after),
+            }
+        })
+        .collect();
     let report = IdleReport {
         scenario: "idle",
         connections: conns.len(),
         server_rss_before_bytes: rss_before,
         server_rss_after_bytes: rss_after,
-        server_rss_per_connection_bytes: rss_before
-            .zip(rss_after)
-            .map(|(b, a)| a.saturating_sub(b) as f64 / n),
+        server_rss_per_connection_bytes: per_connection(rss_before, rss_after),
         // Both ends of each connection are on this machine: halve it.
         kernel_tcp_mem_per_connection_bytes: tcp_before
             .zip(tcp_after)
             .map(|(b, a)| a.saturating_sub(b) as f64 / n / 2.0),
         connect_seconds,
+        other_processes,
     };
     if a.target.json {
         print_json(&report)?;
@@ -115,6 +155,15 @@ pub async fn idle(a: IdleArgs) -> Result<bool> {
                 .kernel_tcp_mem_per_connection_bytes
                 .unwrap_or(f64::NAN)
         );
+        for p in &report.other_processes {
+            println!(
+                "  process {}: RSS {:?} -> {:?} = {:.0} bytes/connection",
+                p.pid,
+                p.rss_before_bytes,
+                p.rss_after_bytes,
+                p.rss_per_connection_bytes.unwrap_or(f64::NAN)
+            );
+        }
     }
     drop(conns);
     sut.stop().await?;

@@ -22,10 +22,27 @@ fn run(args: &[&str]) -> serde_json::Value {
 
 #[test]
 fn idle_reports_memory_per_connection() {
-    let r = run(&["idle", "--connections", "50", "--settle-secs", "1"]);
+    // `--rss-pid` measures another process too (a cluster's other node;
+    // here this test's own process, which is surely alive).
+    let me = std::process::id().to_string();
+    let r = run(&[
+        "idle",
+        "--connections",
+        "50",
+        "--settle-secs",
+        "1",
+        "--phone-prefix",
+        "2100000",
+        "--rss-pid",
+        &me,
+    ]);
     assert_eq!(r["scenario"], "idle");
     assert_eq!(r["connections"], 50);
     assert!(r["server_rss_per_connection_bytes"].as_f64().is_some());
+    let other = &r["other_processes"][0];
+    assert_eq!(other["pid"].as_u64(), Some(u64::from(std::process::id())));
+    assert!(other["rss_before_bytes"].as_u64().is_some_and(|b| b > 0));
+    assert!(other["rss_per_connection_bytes"].as_f64().is_some());
 }
 
 #[test]

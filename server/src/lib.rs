@@ -201,6 +201,18 @@ pub enum Backend {
     },
 }
 
+/// What [`run_stack`] started from its [`Backend`]: shards of its own, or
+/// a forwarding router that starts them if the node takes over.
+enum Started {
+    Shards(router::ShardThreads, Arc<dyn Store>),
+    Forwarding {
+        store: Arc<dyn Store>,
+        links: TcpListener,
+        promote: std::pin::Pin<Box<dyn Future<Output = bool> + Send>>,
+        on_serving: Box<dyn FnOnce(&Ready) + Send>,
+    },
+}
+
 /// What a server holds only once it serves: its shards and what works on
 /// them.
 struct Serving {
@@ -295,11 +307,11 @@ pub async fn run_stack(
         config.data_dir.display()
     )))?;
     let key = server_key::load_or_create(&config.data_dir)?;
-    let (router, started, cluster) = match backend {
+    let (router, backend) = match backend {
         Backend::Store { store } => {
             let (router, threads) = Router::start(store.clone(), config.router())
                 .map_err(io_err("cannot start shard threads"))?;
-            (router, Some((threads, store)), None)
+            (router, Started::Shards(threads, store))
         }
         Backend::Cluster {
             forwarder,
@@ -309,8 +321,12 @@ pub async fn run_stack(
             on_serving,
         } => (
             Router::forwarding(forwarder, config.router().request_deadline),
-            None,
-            Some((store, links, promote, on_serving)),
+            Started::Forwarding {
+                store,
+                links,
+                promote,
+                on_serving,
+            },
         ),
     };
     let code_sender = code_sender(&config)?;
@@ -350,8 +366,8 @@ pub async fn run_stack(
     let links_cancel = CancellationToken::new();
     // Set when taking the partitions over failed: the node stops.
     let promotion_failed = CancellationToken::new();
-    let (serving, promotion) = match (started, cluster) {
-        (Some((threads, store)), _) => {
+    let (serving, promotion) = match backend {
+        Started::Shards(threads, store) => {
             let upkeep = spawn_upkeep(
                 &config,
                 router.clone(),
@@ -367,7 +383,12 @@ pub async fn run_stack(
             };
             (Some(serving), None)
         }
-        (None, Some((store, links, promote, on_serving))) => {
+        Started::Forwarding {
+            store,
+            links,
+            promote,
+            on_serving,
+        } => {
             let (config, router, ready) = (config.clone(), router.clone(), ready.clone());
             let (cancel, links_cancel) = (cancel.clone(), links_cancel.clone());
             let (failed, metrics_handle) = (promotion_failed.clone(), metrics_handle.clone());
@@ -406,7 +427,6 @@ pub async fn run_stack(
             });
             (None, Some(task))
         }
-        (None, None) => unreachable!("a backend has a store or a forwarder"),
     };
     let tcp_task = tokio::spawn(gateway::serve_tcp(
         tcp,

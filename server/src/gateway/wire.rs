@@ -165,13 +165,18 @@ pub fn route_error(err: &RouteError) -> pb::Error {
             if let Some(more) = STORAGE_LOG.admit() {
                 tracing::error!(error = %e, similar_before = more, "storage failure answered as STORAGE_UNAVAILABLE");
             }
-            pb::Error {
-                retry_after_ms: STORAGE_RETRY_AFTER_MS,
-                ..error(
-                    ErrorCode::StorageUnavailable,
-                    "storage unavailable; not acknowledged, retry with the same id",
-                )
+            storage_unavailable()
+        }
+        RouteError::NoServingNode => {
+            // Expected while another node takes the partitions over: a
+            // warning, not an error, and one line a second at most.
+            if let Some(more) = STORAGE_LOG.admit() {
+                tracing::warn!(
+                    similar_before = more,
+                    "no serving node yet: answered STORAGE_UNAVAILABLE"
+                );
             }
+            storage_unavailable()
         }
         RouteError::CodeDelivery(e) => {
             tracing::error!(error = %e, "code delivery failed");
@@ -242,6 +247,17 @@ pub fn error_frame(id: u32, err: pb::Error) -> pb::ServerFrame {
     }
 }
 
+/// STORAGE_UNAVAILABLE, retryable: nothing was acknowledged.
+fn storage_unavailable() -> pb::Error {
+    pb::Error {
+        retry_after_ms: STORAGE_RETRY_AFTER_MS,
+        ..error(
+            ErrorCode::StorageUnavailable,
+            "storage unavailable; not acknowledged, retry with the same id",
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,5 +272,18 @@ mod tests {
         t.last_ms
             .fetch_sub(1_000, std::sync::atomic::Ordering::Relaxed);
         assert_eq!(t.admit(), Some(2));
+    }
+
+    #[test]
+    fn no_serving_node_is_a_retryable_storage_unavailable() {
+        let e = route_error(&RouteError::NoServingNode);
+        assert_eq!(e.code(), ErrorCode::StorageUnavailable);
+        assert_eq!(e.retry_after_ms, STORAGE_RETRY_AFTER_MS);
+        assert_eq!(
+            route_error(&RouteError::Storage(crate::store::StoreError::Engine(
+                "disk".into()
+            ))),
+            e
+        );
     }
 }

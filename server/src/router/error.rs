@@ -107,6 +107,11 @@ pub enum RouteError {
     /// The store failed; nothing was acknowledged.
     #[error("storage unavailable: {0}")]
     Storage(#[from] StoreError),
+    /// A forwarding cluster node has no link to the node serving the
+    /// partitions (it died or stopped, and another is taking over);
+    /// nothing was done. Clients see it as STORAGE_UNAVAILABLE.
+    #[error("no link to the node serving the partitions")]
+    NoServingNode,
     /// The code could not be delivered.
     #[error("could not deliver the code: {0}")]
     CodeDelivery(String),

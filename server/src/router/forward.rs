@@ -60,7 +60,7 @@ use super::remote::{self, AnswerSlot};
 use super::shard::{Command, Queued};
 use super::{ConnLink, ConnRx, ConnTx, KickReason, Received, RouteError, Router, TrySendError};
 use crate::FastMap;
-use crate::store::{DeviceKey, StoreError};
+use crate::store::DeviceKey;
 use crate::telemetry as tm;
 
 /// Largest frame on a link: a forwarded command carries at most one client
@@ -126,9 +126,7 @@ pub enum LinkError {
 
 /// The error a request gets when no link to the serving node is up.
 fn unavailable() -> RouteError {
-    RouteError::Storage(StoreError::Engine(
-        "no link to the node serving the partitions".into(),
-    ))
+    RouteError::NoServingNode
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -1826,6 +1826,9 @@ fn error_to_wire(e: &RouteError) -> wire::Error {
             what: (*what).to_owned(),
             ..with_text(code::STORAGE, detail)
         },
+        RouteError::NoServingNode => {
+            with_text(code::STORAGE, &RouteError::NoServingNode.to_string())
+        }
         RouteError::CodeDelivery(m) => with_text(code::CODE_DELIVERY, m),
         RouteError::CodeSenderUnavailable { retry_after_ms } => {
             with_retry(code::CODE_SENDER_UNAVAILABLE, *retry_after_ms)
