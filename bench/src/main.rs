@@ -76,13 +76,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
-    if matches!(cli.command, Command::Relay(_)) {
-        // The baseline is scheduled as the server is.
-        builder.event_interval(relay::EVENT_INTERVAL);
-    }
-    let runtime = match builder.build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("switchboard-bench: cannot start the runtime: {e}");

@@ -40,12 +40,6 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
-/// Tasks a runtime worker runs between two looks at the sockets: the
-/// server's setting (`switchboard_server::RUNTIME_EVENT_INTERVAL`), so that
-/// the relay, like the server, writes what it has accepted before it reads
-/// more, and the two are compared on the same scheduling.
-pub const EVENT_INTERVAL: u32 = 1024;
-
 /// Encoded frames waiting for one connection's writer.
 const OUTBOUND_FRAMES: usize = 1024;
 /// Most bytes gathered into one write.

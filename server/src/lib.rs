@@ -174,33 +174,6 @@ async fn shared_limits(config: &Config) -> Result<Option<limits::shared::Shared>
     Ok(Some(shared))
 }
 
-/// How many tasks a worker of the server's runtime runs between two looks
-/// at the sockets (tokio's `event_interval`; its default is 61).
-///
-/// A shard's pushes (a ✓, a delivery) wake connection tasks from outside the
-/// runtime; socket readiness wakes them from inside it, and those run
-/// first. With the default, a 1,024-member group message's deliveries were
-/// interleaved with the members' acks of the first ones, so the last member
-/// waited for both: delivery to the last member at 1 msg/s took p50 16.4 ms,
-/// now 11 ms (the relay's is 8 ms). Work already accepted now goes out
-/// before new requests are read, which also took 1:1 CPU per message down
-/// 7% at 9,000 msgs/s (fewer `epoll` rounds) and halved its p99
-/// (docs/BENCHMARKS.md, session 23). 1,024 covers a whole group's fan-out;
-/// under saturation a socket is looked at again after at most that many
-/// task polls (a few milliseconds), and an idle worker looks at once.
-pub const RUNTIME_EVENT_INTERVAL: u32 = 1024;
-
-/// The multi-threaded runtime `switchboard serve` runs on.
-///
-/// # Errors
-/// The runtime could not start (threads, the I/O driver).
-pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .event_interval(RUNTIME_EVENT_INTERVAL)
-        .build()
-}
-
 /// What a server runs on.
 pub enum Backend {
     /// Shards of its own on `store` (the embedded server).

@@ -414,7 +414,9 @@ fn main() -> ExitCode {
                 if let Err(e) = switchboard_server::os::disable_transparent_huge_pages() {
                     tracing::warn!(error = %e, "cannot turn transparent huge pages off");
                 }
-                switchboard_server::runtime()
+                tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build()
                     .context("cannot start the async runtime")
                     .and_then(|rt| rt.block_on(serve(config)))
             }
