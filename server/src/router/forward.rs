@@ -124,11 +124,6 @@ pub enum LinkError {
     Timeout,
 }
 
-/// The error a request gets when no link to the serving node is up.
-fn unavailable() -> RouteError {
-    RouteError::NoServingNode
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Nothing panics while holding these locks.
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -361,7 +356,7 @@ impl Peer {
             (std::mem::take(&mut w.answers), std::mem::take(&mut w.conns))
         };
         for (_, slot) in answers {
-            slot(Err(unavailable()));
+            slot(Err(RouteError::NoServingNode));
         }
         orphan(&self.orphans, conns);
         self.ended.cancel();
@@ -758,7 +753,7 @@ impl Forwarder {
     /// queue stays full for `deadline`.
     pub(super) async fn forward(&self, cmd: Command, deadline: Duration) -> Result<(), RouteError> {
         let Some(peer) = self.current() else {
-            return Err(unavailable());
+            return Err(RouteError::NoServingNode);
         };
         self.forward_on(&peer, cmd, deadline).await
     }
@@ -791,7 +786,7 @@ impl Forwarder {
         {
             let mut w = lock(&peer.waiting);
             if w.closed {
-                return Err(unavailable());
+                return Err(RouteError::NoServingNode);
             }
             if let Some(slot) = out.answer {
                 w.answers.insert(id, slot);
@@ -815,14 +810,14 @@ impl Forwarder {
         self.forwarded.increment(1);
         let sent = match peer.tx.try_send(frame) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(unavailable()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(RouteError::NoServingNode),
             Err(mpsc::error::TrySendError::Full(frame)) => {
                 match peer.tx.send_timeout(frame, deadline).await {
                     Ok(()) => Ok(()),
                     Err(mpsc::error::SendTimeoutError::Timeout(_)) => Err(RouteError::Overloaded {
                         retry_after_ms: super::shard::OVERLOADED_RETRY_AFTER_MS,
                     }),
-                    Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(unavailable()),
+                    Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(RouteError::NoServingNode),
                 }
             }
         };
@@ -978,7 +973,7 @@ async fn take_command(
                 .send(LinkFrame {
                     kind: kind::ERROR,
                     id: frame.id,
-                    body: remote::encode_error(&unavailable()),
+                    body: remote::encode_error(&RouteError::NoServingNode),
                 })
                 .await;
         }
