@@ -705,6 +705,11 @@ mod wire {
         /// ... of this kind.
         #[prost(string, tag = "10")]
         pub(super) what: String,
+        /// `NoServingNode`, sent as `Storage` with this set: a node of the
+        /// previous version ignores the field and sees the `Storage` error
+        /// it always did.
+        #[prost(bool, tag = "11")]
+        pub(super) no_serving_node: bool,
     }
 
     // ---------------------------------------------------------- pushes
@@ -1826,9 +1831,10 @@ fn error_to_wire(e: &RouteError) -> wire::Error {
             what: (*what).to_owned(),
             ..with_text(code::STORAGE, detail)
         },
-        RouteError::NoServingNode => {
-            with_text(code::STORAGE, &RouteError::NoServingNode.to_string())
-        }
+        RouteError::NoServingNode => wire::Error {
+            no_serving_node: true,
+            ..with_text(code::STORAGE, &RouteError::NoServingNode.to_string())
+        },
         RouteError::CodeDelivery(m) => with_text(code::CODE_DELIVERY, m),
         RouteError::CodeSenderUnavailable { retry_after_ms } => {
             with_retry(code::CODE_SENDER_UNAVAILABLE, *retry_after_ms)
@@ -1881,6 +1887,7 @@ fn error_from_wire(w: wire::Error) -> Result<RouteError, WireError> {
         code::NOT_GROUP_MEMBER => RouteError::NotGroupMember,
         // Every store error is STORAGE_UNAVAILABLE on the wire; the text is
         // kept for the logs.
+        code::STORAGE if w.no_serving_node => RouteError::NoServingNode,
         code::STORAGE if w.corrupt => RouteError::Storage(StoreError::Corrupt {
             what: REMOTE_CORRUPT_WHAT,
             detail: format!("{}: {}", w.what, w.text),
@@ -2887,6 +2894,7 @@ mod tests {
             RouteError::GroupFull,
             RouteError::NotGroupMember,
             RouteError::Storage(StoreError::Engine("disk full".into())),
+            RouteError::NoServingNode,
             RouteError::CodeDelivery("sms gateway 503".into()),
             RouteError::CodeSenderUnavailable {
                 retry_after_ms: 30_000,
@@ -2925,6 +2933,22 @@ mod tests {
             // Debug shows the variant and every field: equal Debug, equal
             // wire error (`gateway::wire::route_error` reads nothing else).
             assert_eq!(format!("{back:?}"), format!("{e:?}"));
+        }
+    }
+
+    #[test]
+    fn no_serving_node_reads_as_a_storage_error_on_a_node_of_the_previous_version() {
+        let body = encode_error(&RouteError::NoServingNode);
+        // The previous version's schema: `Error` without field 11.
+        let old = wire::Error::decode(body.as_slice()).map(|mut w| {
+            w.no_serving_node = false;
+            w
+        });
+        match error_from_wire(old.unwrap()).unwrap() {
+            RouteError::Storage(StoreError::Engine(text)) => {
+                assert_eq!(text, RouteError::NoServingNode.to_string());
+            }
+            other => panic!("decoded as {other:?}"),
         }
     }
 
