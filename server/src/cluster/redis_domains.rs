@@ -14,7 +14,7 @@
 //! | `P:owner` | string | the owning node's token (fencing) |
 //! | `P:q:U:D` | sorted set | device D of user U's queue: score seq, member 16 hex digits of `server_ts_ms` then the encoded entry |
 //! | `P:n:U:D` | string | the highest reserved seq |
-//! | `P:use:U` | hash | `e<D>` entries, `b<D>` bytes of each queue |
+//! | `P:use:U` | hash | `b<D>`: the bytes of device D's queue (its entries are the queue's `ZCARD`) |
 //! | `P:d:T:U:D:<client id>` | string | a dedup record (T: the recipient user or group) |
 //! | `P:mail:O` | hash | mail id → mail record |
 //! | `P:p:O:<seq>` | string | a payload |
@@ -781,12 +781,16 @@ impl Queues for RedisDomains {
     }
 
     fn queue_usage(&self, device: DeviceKey) -> Result<(u64, u64), StoreError> {
-        let mut c = redis::cmd("HMGET");
-        c.arg(self.keys.usage(device.user))
-            .arg(format!("e{}", device.device))
+        // Both keys are in the device's partition: one slot, one round trip.
+        let mut pipe = cluster_pipe();
+        pipe.cmd("ZCARD").arg(self.keys.queue(device));
+        pipe.cmd("HGET")
+            .arg(self.keys.usage(device.user))
             .arg(format!("b{}", device.device));
-        let (entries, bytes): (Option<u64>, Option<u64>) = self.query(&c)?;
-        Ok((entries.unwrap_or(0), bytes.unwrap_or(0)))
+        let (entries, bytes): (u64, Option<u64>) = pipe
+            .query(&mut self.conn.lock())
+            .map_err(|e| self.conn.fail(e))?;
+        Ok((entries, bytes.unwrap_or(0)))
     }
 
     fn expired_entries(

@@ -366,7 +366,31 @@ fn queues_keep_order_and_counters(h: &mut dyn Harness) -> Outcome {
     check_eq!(seqs(&*s, d, 0, 100)?, vec![2, 4, 5]);
     // Removing what is not there is harmless.
     commit(&*s, vec![QueueOp::Dequeue { device: d, seq: 99 }.into()])?;
-    check_eq!(e(s.queue_usage(d))?.0, 3);
+    let size = |seq: u64, ts: u64| entry(seq, ts).bytes.len() as u64;
+    let (s2, s4, s5) = (size(2, 1_002), size(4, 1_004), size(5, 1_005));
+    check_eq!(e(s.queue_usage(d))?, (3, s2 + s4 + s5));
+    // A commit sent again (its answer was lost) changes nothing more.
+    commit(&*s, vec![enqueue(d, 4, 1_004)])?;
+    check_eq!(e(s.queue_usage(d))?, (3, s2 + s4 + s5));
+    // An entry put again under its seq replaces the old one.
+    commit(&*s, vec![enqueue(d, 4, 10_000_000_000)])?;
+    check_eq!(seqs(&*s, d, 0, 100)?, vec![2, 4, 5]);
+    let s4_new = size(4, 10_000_000_000);
+    check!(s4_new != s4, "the replacing entry has the same size");
+    check_eq!(e(s.queue_usage(d))?, (3, s2 + s4_new + s5));
+    // One commit that adds to and takes from the same queue, an entry
+    // added and removed within it included.
+    commit(
+        &*s,
+        vec![
+            enqueue(d, 6, 1_006),
+            QueueOp::Dequeue { device: d, seq: 2 }.into(),
+            enqueue(d, 7, 1_007),
+            QueueOp::Dequeue { device: d, seq: 6 }.into(),
+        ],
+    )?;
+    check_eq!(seqs(&*s, d, 0, 100)?, vec![4, 5, 7]);
+    check_eq!(e(s.queue_usage(d))?, (3, s4_new + s5 + size(7, 1_007)));
     // A reservation never goes down by itself.
     check_eq!(e(s.reserved_seq(d))?, 64);
     Ok(())
@@ -391,6 +415,23 @@ fn queue_drop_is_per_device(h: &mut dyn Harness) -> Outcome {
     commit(&*s, vec![QueueOp::DropQueue(a1).into()])?;
     check_eq!(seqs(&*s, a1, 0, 10)?, Vec::<u64>::new());
     check_eq!(e(s.reserved_seq(a1))?, 0);
+    check_eq!(e(s.queue_usage(a1))?, (0, 0));
+    // Entries put in the commit that drops the queue go with it; those put
+    // after the drop in the same commit stay.
+    commit(
+        &*s,
+        vec![
+            enqueue(a1, 3, 1_003),
+            QueueOp::DropQueue(a1).into(),
+            enqueue(a1, 4, 1_004),
+        ],
+    )?;
+    check_eq!(seqs(&*s, a1, 0, 10)?, vec![4]);
+    check_eq!(
+        e(s.queue_usage(a1))?,
+        (1, entry(4, 1_004).bytes.len() as u64)
+    );
+    check_eq!(e(s.queue_usage(a2))?.0, 2);
     check_eq!(seqs(&*s, a2, 0, 10)?, vec![1, 2]);
     check_eq!(seqs(&*s, b1, 0, 10)?, vec![1, 2]);
     check_eq!(e(s.reserved_seq(a2))?, 10);
