@@ -174,6 +174,32 @@ async fn shared_limits(config: &Config) -> Result<Option<limits::shared::Shared>
     Ok(Some(shared))
 }
 
+/// How many tasks a worker of the server's runtime runs between two looks
+/// at the sockets (tokio's `event_interval`; its default is 61).
+///
+/// Work already accepted (a shard's pushes: ✓s, deliveries) wakes
+/// connection tasks from outside the runtime, socket readiness from inside
+/// it; looking at the sockets less often lets accepted work go out before
+/// new requests are read, with fewer `epoll` rounds. Measured at 9,000 1:1
+/// msgs/s: CPU per message 49.0 → 42.0 µs (median of 3 runs each), p99
+/// send→delivered 4.7–7.4 → 4.4–5.2 ms; the sustained 1,024-member group
+/// fan-out (57 msgs/s) and the knee (19,920/s) unchanged. 1,024 gained more
+/// group latency but cut the saturated group fan-out to 7–38 msgs/s: a
+/// worker then ran ~17 ms of tasks between looks (docs/BENCHMARKS.md,
+/// sessions 23 and 24).
+pub const RUNTIME_EVENT_INTERVAL: u32 = 256;
+
+/// The multi-threaded runtime `switchboard serve` runs on.
+///
+/// # Errors
+/// The runtime could not start (threads, the I/O driver).
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .event_interval(RUNTIME_EVENT_INTERVAL)
+        .build()
+}
+
 /// What a server runs on.
 pub enum Backend {
     /// Shards of its own on `store` (the embedded server).

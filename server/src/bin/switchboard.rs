@@ -414,9 +414,7 @@ fn main() -> ExitCode {
                 if let Err(e) = switchboard_server::os::disable_transparent_huge_pages() {
                     tracing::warn!(error = %e, "cannot turn transparent huge pages off");
                 }
-                tokio::runtime::Builder::new_multi_thread()
-                    .enable_all()
-                    .build()
+                switchboard_server::runtime()
                     .context("cannot start the async runtime")
                     .and_then(|rt| rt.block_on(serve(config)))
             }
