@@ -33,8 +33,9 @@ end
 -- partition counter (each in first-seen order, so replicas and the AOF see
 -- the same commands in the same order every time).
 local bytes, byte_keys, counts, count_keys = {}, {}, {}, {}
+local function bytes_key(use, field) return use .. '\0' .. field end
 local function add_bytes(use, field, n)
-  local k = use .. '\0' .. field
+  local k = bytes_key(use, field)
   if not bytes[k] then bytes[k] = { use, field, 0 }; byte_keys[#byte_keys + 1] = k end
   bytes[k][3] = bytes[k][3] + n
 end
@@ -75,7 +76,7 @@ while ai < #ARGV do
     redis.call('DEL', q, n)
     -- e<D> is the entry count of earlier versions, which kept one.
     redis.call('HDEL', use, 'e' .. dev, 'b' .. dev)
-    local k = use .. '\0b' .. dev
+    local k = bytes_key(use, 'b' .. dev)
     if bytes[k] then bytes[k][3] = 0 end
     touch(q, ix, m)
   elseif op == 'res' then
