@@ -28,6 +28,9 @@ fn sql(id: u64) -> i64 {
     id.cast_signed()
 }
 
+/// A row of [`PgDomains::rows`]: an id, an optional second key and a record.
+type RecordRow = (i64, Option<i32>, Vec<u8>);
+
 /// A `bigint` column back to the u64 id it holds.
 fn id(v: i64) -> u64 {
     v.cast_unsigned()
@@ -181,6 +184,24 @@ impl PgDomains {
             tracing::info!("reconnected to PostgreSQL");
         }
         Ok(client)
+    }
+
+    /// The rows of a query that selects an id (`bigint`), an optional
+    /// `integer` and a `bytea` record, in that order.
+    fn rows(
+        &self,
+        query: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<RecordRow>, StoreError> {
+        let client = self.client()?;
+        let rows = self
+            .rt()
+            .block_on(client.query(query, params))
+            .map_err(engine)?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+            .collect::<Result<_, tokio_postgres::Error>>()
+            .map_err(engine)
     }
 
     /// One optional `bytea` value of a single-row query.
@@ -452,6 +473,20 @@ impl Accounts for PgDomains {
             .transpose()
     }
 
+    fn users(&self, users: &[UserId]) -> Result<Vec<(UserId, UserRecord)>, StoreError> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<i64> = users.iter().map(|&u| sql(u)).collect();
+        self.rows(
+            "SELECT user_id, NULL::integer, record FROM users WHERE user_id = ANY($1)",
+            &[&ids],
+        )?
+        .into_iter()
+        .map(|(user, _, record)| Ok((id(user), decode("user", &record)?)))
+        .collect()
+    }
+
     fn phone(&self, phone: &str) -> Result<Option<UserId>, StoreError> {
         let client = self.client()?;
         let row = self
@@ -495,6 +530,32 @@ impl Keys for PgDomains {
         )?
         .map(|b| decode("device keys", &b))
         .transpose()
+    }
+
+    fn many_device_keys(
+        &self,
+        devices: &[DeviceKey],
+    ) -> Result<Vec<(DeviceKey, DeviceKeysRecord)>, StoreError> {
+        if devices.is_empty() {
+            return Ok(Vec::new());
+        }
+        let users: Vec<i64> = devices.iter().map(|d| sql(d.user)).collect();
+        let ids: Vec<i32> = devices.iter().map(|d| d.device.cast_signed()).collect();
+        self.rows(
+            "SELECT k.user_id, k.device_id, k.record FROM device_keys k \
+             JOIN unnest($1::bigint[], $2::integer[]) AS d(user_id, device_id) \
+             ON k.user_id = d.user_id AND k.device_id = d.device_id",
+            &[&users, &ids],
+        )?
+        .into_iter()
+        .map(|(user, device, record)| {
+            let device = DeviceKey {
+                user: id(user),
+                device: device.unwrap_or_default().cast_unsigned(),
+            };
+            Ok((device, decode("device keys", &record)?))
+        })
+        .collect()
     }
 
     fn first_one_time_key(

@@ -36,6 +36,9 @@ impl Accounts for ClusterStore {
     fn user(&self, user: UserId) -> Result<Option<UserRecord>, StoreError> {
         self.pg.user(user)
     }
+    fn users(&self, users: &[UserId]) -> Result<Vec<(UserId, UserRecord)>, StoreError> {
+        self.pg.users(users)
+    }
     fn phone(&self, phone: &str) -> Result<Option<UserId>, StoreError> {
         self.pg.phone(phone)
     }
@@ -53,6 +56,12 @@ impl Accounts for ClusterStore {
 impl Keys for ClusterStore {
     fn device_keys(&self, device: DeviceKey) -> Result<Option<DeviceKeysRecord>, StoreError> {
         self.pg.device_keys(device)
+    }
+    fn many_device_keys(
+        &self,
+        devices: &[DeviceKey],
+    ) -> Result<Vec<(DeviceKey, DeviceKeysRecord)>, StoreError> {
+        self.pg.many_device_keys(devices)
     }
     fn first_one_time_key(
         &self,

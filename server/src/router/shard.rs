@@ -672,9 +672,8 @@ impl Shard {
                     }
                 }
             };
-            let mut applied: usize = 1;
-            stopping = self.take(first);
-            self.take_waiting(&mut inbox, &mut applied, &mut stopping);
+            let mut applied: usize = 0;
+            self.take_waiting(Some(first), &mut inbox, &mut applied, &mut stopping);
             // Pacing: a shard that synced less than an interval ago waits
             // out the rest and takes in what arrived meanwhile, so under
             // load one fsync (and one wake-up of this thread) covers many
@@ -690,7 +689,7 @@ impl Shard {
                     .filter(|rest| !rest.is_zero())
             {
                 std::thread::sleep(rest);
-                self.take_waiting(&mut inbox, &mut applied, &mut stopping);
+                self.take_waiting(None, &mut inbox, &mut applied, &mut stopping);
             }
             if self.ops.iter().any(Op::needs_sync) {
                 last_sync = Some(Instant::now());
@@ -713,20 +712,84 @@ impl Shard {
         }
     }
 
-    /// Applies the commands already waiting in `inbox`, without blocking,
-    /// until the batch holds `max_batch_commands` or a shutdown is seen.
+    /// Applies `first` and the commands already waiting in `inbox`, without
+    /// blocking, until the batch holds `max_batch_commands` or a shutdown is
+    /// seen. The records their authentications need are read first, in one
+    /// go ([`Shard::read_ahead`]).
     fn take_waiting(
         &mut self,
+        first: Option<Queued>,
         inbox: &mut mpsc::Receiver<Queued>,
         applied: &mut usize,
         stopping: &mut bool,
     ) {
-        while !*stopping && *applied < self.cfg.max_batch_commands {
+        if *stopping {
+            return;
+        }
+        let mut taken: Vec<Queued> = first.into_iter().collect();
+        while *applied + taken.len() < self.cfg.max_batch_commands
+            && !taken
+                .last()
+                .is_some_and(|q| matches!(*q.cmd, Command::Shutdown))
+        {
             let Ok(queued) = inbox.try_recv() else {
-                return;
+                break;
             };
+            taken.push(queued);
+        }
+        self.read_ahead(&taken);
+        for queued in taken {
             *applied += 1;
-            *stopping = self.take(queued);
+            if self.take(queued) {
+                *stopping = true;
+                return;
+            }
+        }
+    }
+
+    /// Reads into the caches, in one query per kind, the users and device
+    /// keys that the authentications among `taken` will look up and that
+    /// are not cached: after a takeover or a restart, thousands of
+    /// connections authenticate at once with a cold cache, and in cluster
+    /// mode each read alone is a PostgreSQL round trip. The store holds
+    /// everything earlier batches staged (each was committed), so what is
+    /// read is what each command would have read. A failure is left to the
+    /// commands, which read again and answer it.
+    fn read_ahead(&mut self, taken: &[Queued]) {
+        let devices: Vec<DeviceKey> = taken
+            .iter()
+            .filter_map(|q| match &*q.cmd {
+                Command::Authenticate { device, .. } => Some(*device),
+                _ => None,
+            })
+            .collect();
+        if devices.len() < 2 {
+            return;
+        }
+        let mut users: Vec<UserId> = devices
+            .iter()
+            .map(|d| d.user)
+            .filter(|u| !self.users.contains_key(u))
+            .collect();
+        users.sort_unstable();
+        users.dedup();
+        if !users.is_empty() {
+            match self.store.users(&users) {
+                Ok(found) => self.users.extend(found),
+                Err(e) => tracing::debug!(error = %e, "reading users ahead failed"),
+            }
+        }
+        let mut keys: Vec<DeviceKey> = devices
+            .into_iter()
+            .filter(|d| !self.keys.contains_key(d))
+            .collect();
+        keys.sort_unstable_by_key(|d| (d.user, d.device));
+        keys.dedup();
+        if !keys.is_empty() {
+            match self.store.many_device_keys(&keys) {
+                Ok(found) => self.keys.extend(found),
+                Err(e) => tracing::debug!(error = %e, "reading device keys ahead failed"),
+            }
         }
     }
 

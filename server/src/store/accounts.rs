@@ -14,6 +14,23 @@ pub trait Accounts {
     /// [`StoreError`] on engine failure or corruption.
     fn user(&self, user: UserId) -> Result<Option<UserRecord>, StoreError>;
 
+    /// The records of those of `users` that exist, in any order: what
+    /// [`Accounts::user`] gives for each, read in one go where the engine
+    /// can (a shard reads ahead the users a batch of authentications
+    /// needs).
+    ///
+    /// # Errors
+    /// [`StoreError`] on engine failure or corruption.
+    fn users(&self, users: &[UserId]) -> Result<Vec<(UserId, UserRecord)>, StoreError> {
+        let mut found = Vec::with_capacity(users.len());
+        for &user in users {
+            if let Some(rec) = self.user(user)? {
+                found.push((user, rec));
+            }
+        }
+        Ok(found)
+    }
+
     /// The user a phone number belongs to.
     ///
     /// # Errors

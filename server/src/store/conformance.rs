@@ -222,6 +222,23 @@ fn accounts_round_trip(h: &mut dyn Harness) -> Outcome {
     )?;
     check_eq!(e(s.user(ALICE))?.map(|u| u.devices.len()), Some(3usize));
     check_eq!(e(s.user(BOB))?, None);
+    // Read together: what exists, each as read alone, the rest left out.
+    commit(
+        &*s,
+        vec![AccountOp::PutUser(user_record(BOB + 1, "+15550003", 2)).into()],
+    )?;
+    let mut many = e(s.users(&[BOB, BOB + 1, ALICE]))?;
+    many.sort_by_key(|(id, _)| *id);
+    let mut alone = Vec::new();
+    for id in [ALICE, BOB + 1] {
+        if let Some(rec) = e(s.user(id))? {
+            alone.push((id, rec));
+        }
+    }
+    alone.sort_by_key(|(id, _)| *id);
+    check_eq!(many.len(), 2);
+    check_eq!(many, alone);
+    check_eq!(e(s.users(&[]))?, Vec::new());
     Ok(())
 }
 
@@ -293,8 +310,15 @@ fn keys_and_one_time_keys(h: &mut dyn Harness) -> Outcome {
             otk(a2, 0),
         ],
     )?;
-    check_eq!(e(s.device_keys(a1))?, Some(record));
+    check_eq!(e(s.device_keys(a1))?, Some(record.clone()));
     check_eq!(e(s.device_keys(a2))?, None);
+    // Read together: only the devices with keys; a device of another user
+    // with the same id is not confused with it.
+    check_eq!(
+        e(s.many_device_keys(&[a2, dev(BOB, 1), a1]))?,
+        vec![(a1, record.clone())]
+    );
+    check_eq!(e(s.many_device_keys(&[]))?, Vec::new());
     check_eq!(
         e(s.first_one_time_key(a1, 0))?,
         Some((0, Bytes::from(vec![0u8; 4])))

@@ -16,6 +16,25 @@ pub trait Keys {
     /// [`StoreError`] on engine failure or corruption.
     fn device_keys(&self, device: DeviceKey) -> Result<Option<DeviceKeysRecord>, StoreError>;
 
+    /// The published keys of those of `devices` that have any, in any
+    /// order: what [`Keys::device_keys`] gives for each, read in one go
+    /// where the engine can.
+    ///
+    /// # Errors
+    /// [`StoreError`] on engine failure or corruption.
+    fn many_device_keys(
+        &self,
+        devices: &[DeviceKey],
+    ) -> Result<Vec<(DeviceKey, DeviceKeysRecord)>, StoreError> {
+        let mut found = Vec::with_capacity(devices.len());
+        for &device in devices {
+            if let Some(rec) = self.device_keys(device)? {
+                found.push((device, rec));
+            }
+        }
+        Ok(found)
+    }
+
     /// The device's one-time key with the lowest index `>= from`.
     ///
     /// # Errors
