@@ -714,8 +714,11 @@ impl Shard {
 
     /// Applies `first` and the commands already waiting in `inbox`, without
     /// blocking, until the batch holds `max_batch_commands` or a shutdown is
-    /// seen. The records their authentications need are read first, in one
-    /// go ([`Shard::read_ahead`]).
+    /// seen. At the start of a batch (`first` given), the records their
+    /// authentications need are read first, in one go
+    /// ([`Shard::read_ahead`]); later in a batch the store may lag what the
+    /// batch staged (a device's keys dropped but not yet committed), so the
+    /// commands read for themselves as before.
     fn take_waiting(
         &mut self,
         first: Option<Queued>,
@@ -726,6 +729,7 @@ impl Shard {
         if *stopping {
             return;
         }
+        let batch_start = first.is_some();
         let mut taken: Vec<Queued> = first.into_iter().collect();
         while *applied + taken.len() < self.cfg.max_batch_commands
             && !taken
@@ -737,7 +741,9 @@ impl Shard {
             };
             taken.push(queued);
         }
-        self.read_ahead(&taken);
+        if batch_start {
+            self.read_ahead(&taken);
+        }
         for queued in taken {
             *applied += 1;
             if self.take(queued) {
@@ -751,10 +757,12 @@ impl Shard {
     /// keys that the authentications among `taken` will look up and that
     /// are not cached: after a takeover or a restart, thousands of
     /// connections authenticate at once with a cold cache, and in cluster
-    /// mode each read alone is a PostgreSQL round trip. The store holds
-    /// everything earlier batches staged (each was committed), so what is
-    /// read is what each command would have read. A failure is left to the
-    /// commands, which read again and answer it.
+    /// mode each read alone is a PostgreSQL round trip. Called before a
+    /// batch stages anything of its own: every earlier batch was committed
+    /// (the ops an idle shard keeps between batches are payload releases,
+    /// not accounts or keys), so what is read is what each command would
+    /// have read. A failure is left to the commands, which read again and
+    /// answer it.
     fn read_ahead(&mut self, taken: &[Queued]) {
         let devices: Vec<DeviceKey> = taken
             .iter()
